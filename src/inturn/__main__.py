@@ -1,0 +1,7 @@
+"""``python -m inturn``: the same as the ``inturn`` command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,259 @@
+"""The gate: one object per application that hands out turns of keys."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import itertools
+import urllib.parse
+from collections.abc import Awaitable
+from typing import Any
+
+from ._backend import Backend, SyncBackend
+from ._errors import ConfigurationError
+from ._keys import normalize_key
+from ._policy import (
+    OnLost,
+    check_lease,
+    check_max_hold,
+    check_on_lost,
+    check_timeout,
+)
+from ._timers import TimerThread
+from ._turn import (
+    CLEANUP_TIMEOUT,
+    SyncTurnRequest,
+    TurnRequest,
+    TurnSettings,
+    _log_cleanup_failure,
+)
+
+__all__ = ["SCHEMES", "Gate"]
+
+SCHEMES: dict[str, str] = {
+    "memory": "inturn._memory",
+}
+"""URL scheme -> module with a ``from_url(url, *, namespace)`` factory, loaded on first use."""
+
+_gate_ids = itertools.count(1)
+_timers = TimerThread()
+
+
+class Gate:
+    """Hands out turns: for one key, one holder at a time, in the order they asked.
+
+    A gate wraps one backend (``memory://`` by default) and serves coroutines
+    and threads alike: ``gate.turn(key)`` / ``gate.turn_nowait(key)`` for
+    ``async with``, ``gate.turn_sync(key)`` / ``gate.turn_nowait_sync(key)`` for
+    ``with``. The same key from both sides shares one line.
+
+    ``lease`` (seconds) is how long a holder keeps the turn without renewing;
+    renewal runs in the background while the body runs. ``max_hold`` (seconds,
+    default None) stops renewal so a hung body cannot hold a key forever.
+    ``on_lost`` says what a lost lease does to the body: ``"warn"`` (default:
+    ``turn.lost`` is set, a WARNING is logged, the body runs on and leaving
+    the block does not raise) or ``"cancel"`` (the body is cancelled and the
+    block raises :class:`~inturn.LeaseLost`).
+    """
+
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        *,
+        sync_backend: SyncBackend | None = None,
+        lease: float = 30.0,
+        max_hold: float | None = None,
+        on_lost: OnLost = "warn",
+    ) -> None:
+        if backend is None:
+            from ._memory import MemoryBackend
+
+            backend = MemoryBackend()
+        if not isinstance(backend, Backend):
+            raise ConfigurationError(f"{backend!r} does not provide the inturn Backend protocol")
+        self.backend: Backend = backend
+        """The async backend."""
+        self._sync_backend = sync_backend
+        self._settings = TurnSettings(
+            lease=check_lease(lease),
+            max_hold=check_max_hold(max_hold),
+            on_lost=check_on_lost(on_lost),
+        )
+        self.id = next(_gate_ids)
+        """A number unique to this gate in this process."""
+        self._background: set[asyncio.Future[Any]] = set()
+        self._timers = _timers
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str = "memory://",
+        *,
+        namespace: str = "default",
+        lease: float = 30.0,
+        max_hold: float | None = None,
+        on_lost: OnLost = "warn",
+    ) -> Gate:
+        """Build a gate on the backend that ``url`` names.
+
+        Accepted schemes are the keys of :data:`SCHEMES`; an unknown scheme or a
+        malformed URL raises :class:`~inturn.ConfigurationError` naming them.
+        ``namespace`` separates independent applications on one server.
+        """
+        if not isinstance(url, str):
+            raise ConfigurationError(f"url must be a str, not {type(url).__name__}")
+        scheme = urllib.parse.urlsplit(url).scheme.lower() if "://" in url else ""
+        if scheme not in SCHEMES:
+            accepted = ", ".join(f"{name}://" for name in sorted(SCHEMES))
+            raise ConfigurationError(
+                f"unsupported backend URL {url!r}: accepted schemes are {accepted}"
+            )
+        if not isinstance(namespace, str) or not namespace:
+            raise ConfigurationError("namespace must be a non-empty str")
+        module = importlib.import_module(SCHEMES[scheme])
+        backend = module.from_url(url, namespace=namespace)
+        return cls(backend, lease=lease, max_hold=max_hold, on_lost=on_lost)
+
+    @property
+    def sync_backend(self) -> SyncBackend:
+        """The sync twin of :attr:`backend` (made on first use)."""
+        if self._sync_backend is None:
+            self._sync_backend = self.backend.sync_twin()
+        return self._sync_backend
+
+    def _request_settings(
+        self, lease: float | None, max_hold: float | None, on_lost: OnLost | None
+    ) -> TurnSettings:
+        base = self._settings
+        if lease is None and max_hold is None and on_lost is None:
+            return base
+        return TurnSettings(
+            lease=base.lease if lease is None else check_lease(lease),
+            max_hold=base.max_hold if max_hold is None else check_max_hold(max_hold),
+            on_lost=base.on_lost if on_lost is None else check_on_lost(on_lost),
+        )
+
+    def turn(
+        self,
+        key: str | int,
+        *,
+        timeout: float | None = None,
+        lease: float | None = None,
+        max_hold: float | None = None,
+        on_lost: OnLost | None = None,
+    ) -> TurnRequest:
+        """Wait in line for ``key``'s turn: ``async with gate.turn(key) as turn: ...``.
+
+        FIFO: requests for one key are granted in the order they joined the
+        line, and a release hands the turn straight to the next one. With
+        ``timeout`` (seconds) the request leaves the line and raises
+        :class:`~inturn.TurnTimeout` when it has not been granted in time; a
+        cancelled request leaves the line too. A task that already holds the
+        key's turn gets the same turn back (re-entrant per task).
+        ``lease``, ``max_hold`` and ``on_lost`` override the gate's defaults.
+        """
+        return TurnRequest(
+            self,
+            normalize_key(key),
+            timeout=check_timeout(timeout),
+            nowait=False,
+            settings=self._request_settings(lease, max_hold, on_lost),
+        )
+
+    def turn_nowait(
+        self,
+        key: str | int,
+        *,
+        lease: float | None = None,
+        max_hold: float | None = None,
+        on_lost: OnLost | None = None,
+    ) -> TurnRequest:
+        """Take ``key``'s turn only if it is free and nobody waits, else raise ``Busy``."""
+        return TurnRequest(
+            self,
+            normalize_key(key),
+            timeout=None,
+            nowait=True,
+            settings=self._request_settings(lease, max_hold, on_lost),
+        )
+
+    def turn_sync(
+        self,
+        key: str | int,
+        *,
+        timeout: float | None = None,
+        lease: float | None = None,
+        max_hold: float | None = None,
+        on_lost: OnLost | None = None,
+    ) -> SyncTurnRequest:
+        """The thread twin of :meth:`turn`: ``with gate.turn_sync(key) as turn: ...``.
+
+        Same line, same guarantees; it blocks the calling thread while it
+        waits. Renewal runs in a shared background thread. With
+        ``on_lost="cancel"`` the block raises :class:`~inturn.LeaseLost` when it
+        exits (a thread cannot be interrupted).
+        """
+        return SyncTurnRequest(
+            self,
+            normalize_key(key),
+            timeout=check_timeout(timeout),
+            nowait=False,
+            settings=self._request_settings(lease, max_hold, on_lost),
+        )
+
+    def turn_nowait_sync(
+        self,
+        key: str | int,
+        *,
+        lease: float | None = None,
+        max_hold: float | None = None,
+        on_lost: OnLost | None = None,
+    ) -> SyncTurnRequest:
+        """The thread twin of :meth:`turn_nowait`."""
+        return SyncTurnRequest(
+            self,
+            normalize_key(key),
+            timeout=None,
+            nowait=True,
+            settings=self._request_settings(lease, max_hold, on_lost),
+        )
+
+    async def is_busy(self, key: str | int) -> bool:
+        """True if ``key``'s turn is held or has a line (a snapshot)."""
+        return await self.backend.is_busy(normalize_key(key))
+
+    def _spawn(self, call: Awaitable[object], key: str, what: str) -> None:
+        """Run a cleanup call in the background, bounded in time; a failure is logged."""
+
+        async def run() -> None:
+            try:
+                async with asyncio.timeout(CLEANUP_TIMEOUT):
+                    await call
+            except Exception as exc:
+                _log_cleanup_failure(what, key, exc)
+
+        task = asyncio.ensure_future(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        """Wait for pending cleanups, then close the backend(s)."""
+        if self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        if self._sync_backend is not None:
+            self._sync_backend.close()
+        await self.backend.aclose()
+
+    def close(self) -> None:
+        """Close the sync backend (for programs that never run an event loop)."""
+        if self._sync_backend is not None:
+            self._sync_backend.close()
+
+    async def __aenter__(self) -> Gate:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<Gate {type(self.backend).__name__} lease={self._settings.lease:g}s>"

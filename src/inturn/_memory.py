@@ -1,0 +1,312 @@
+"""The in-memory backend (``memory://``, the default): one process, no server.
+
+Guarantees, within one process: strict FIFO with direct hand-off (release
+grants the turn to the first waiter in the line and wakes exactly that waiter;
+nobody polls, nobody barges); fences strictly increasing per key (one counter
+per backend); leases emulated on the monotonic clock (a holder that stops
+renewing loses the turn ``lease`` seconds after its last renewal, and the head
+waiter is woken by a timer set to that instant); no entry kept for an idle key.
+Nothing survives a restart of the process.
+
+One backend serves every thread and event loop of the process: its state sits
+behind one ``threading.Lock``, and a waiter is woken on its own loop (or its own
+thread, for the sync twin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ._backend import Grant
+
+__all__ = ["MemoryBackend", "SyncMemoryBackend"]
+
+Clock = Callable[[], float]
+
+
+class _Waiter:
+    """One token in a key's line, woken on the loop or thread that waits."""
+
+    __slots__ = ("_event", "_future", "_loop", "grant", "key", "lease")
+
+    def __init__(self, key: str, lease: float, *, sync: bool) -> None:
+        self.key = key
+        self.lease = lease
+        self.grant: Grant | None = None
+        self._event: threading.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._future: asyncio.Future[None] | None = None
+        if sync:
+            self._event = threading.Event()
+        else:
+            self._loop = asyncio.get_running_loop()
+            self._future = self._loop.create_future()
+
+    def wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            return
+        assert self._loop is not None
+        assert self._future is not None
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            _resolve(self._future)
+        else:
+            # A closed loop raises RuntimeError: its waiter is gone with it.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_resolve, self._future)
+
+    async def sleep(self, seconds: float) -> None:
+        assert self._future is not None
+        if not self._future.done():
+            # asyncio.wait does not cancel the future on timeout or cancellation.
+            await asyncio.wait((self._future,), timeout=None if seconds == math.inf else seconds)
+
+    def sleep_sync(self, seconds: float) -> None:
+        assert self._event is not None
+        self._event.wait(None if seconds == math.inf else seconds)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+@dataclass(slots=True)
+class _Key:
+    holder: str | None = None
+    expires_at: float = 0.0
+    line: dict[str, _Waiter] = field(default_factory=dict)
+
+
+class _MemoryCore:
+    """The shared state and every atomic operation, under one lock."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._keys: dict[str, _Key] = {}
+        self._waiters: dict[str, _Waiter] = {}
+        self._fences = itertools.count(1)
+
+    # -- helpers, called with the lock held ----------------------------------------------
+
+    def _grant(self, entry: _Key, token: str, lease: float, now: float) -> Grant:
+        entry.holder = token
+        entry.expires_at = now + lease
+        return Grant(fence=next(self._fences), granted_at=time.monotonic())
+
+    def _hand_off(self, key: str, entry: _Key, now: float) -> None:
+        """Give the turn to the head of the line, or drop the idle entry."""
+        if entry.line:
+            token = next(iter(entry.line))
+            waiter = entry.line.pop(token)
+            waiter.grant = self._grant(entry, token, waiter.lease, now)
+            waiter.wake()
+        else:
+            entry.holder = None
+            del self._keys[key]
+
+    def _live(self, key: str, now: float) -> _Key | None:
+        """The key's entry after expiring a lapsed holder, or None when idle."""
+        entry = self._keys.get(key)
+        if entry is not None and entry.holder is not None and now >= entry.expires_at:
+            self._hand_off(key, entry, now)
+            entry = self._keys.get(key)
+        return entry
+
+    # -- operations --------------------------------------------------------------------
+
+    def join(self, key: str, token: str, lease: float, *, sync: bool) -> Grant | None:
+        with self._lock:
+            now = self._clock()
+            entry = self._live(key, now)
+            if entry is None:
+                entry = self._keys[key] = _Key()
+                return self._grant(entry, token, lease, now)
+            waiter = _Waiter(key, lease, sync=sync)
+            entry.line[token] = waiter
+            self._waiters[token] = waiter
+            return None
+
+    def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
+        with self._lock:
+            now = self._clock()
+            if self._live(key, now) is not None:
+                return None
+            entry = self._keys[key] = _Key()
+            return self._grant(entry, token, lease, now)
+
+    def poll(self, token: str) -> tuple[_Waiter | None, Grant | None, float]:
+        """Check a waiter: its grant if it has one, else how long it may sleep.
+
+        The sleep ends when the holder's lease would lapse, so a stalled
+        holder is replaced on time without anyone polling.
+        """
+        with self._lock:
+            waiter = self._waiters.get(token)
+            if waiter is None:
+                return None, None, 0.0
+            now = self._clock()
+            if waiter.grant is None:
+                entry = self._live(waiter.key, now)
+                if waiter.grant is None:
+                    assert entry is not None  # a waiter is always in a line
+                    return waiter, None, max(0.0, entry.expires_at - now)
+            del self._waiters[token]
+            return waiter, waiter.grant, 0.0
+
+    def renew(self, key: str, token: str, lease: float) -> bool:
+        with self._lock:
+            now = self._clock()
+            entry = self._live(key, now)
+            if entry is None or entry.holder != token:
+                return False
+            entry.expires_at = now + lease
+            return True
+
+    def release(self, key: str, token: str) -> None:
+        with self._lock:
+            entry = self._keys.get(key)
+            if entry is not None and entry.holder == token:
+                self._hand_off(key, entry, self._clock())
+
+    def leave(self, key: str, token: str) -> Grant | None:
+        with self._lock:
+            waiter = self._waiters.pop(token, None)
+            entry = self._keys.get(key)
+            if entry is not None and entry.line.pop(token, None) is not None:
+                if entry.holder is None and not entry.line:
+                    del self._keys[key]
+                return None
+            if waiter is not None and entry is not None and entry.holder == token:
+                return waiter.grant
+            return None
+
+    def is_held(self, key: str, token: str) -> bool:
+        with self._lock:
+            entry = self._live(key, self._clock())
+            return entry is not None and entry.holder == token
+
+    def is_busy(self, key: str) -> bool:
+        with self._lock:
+            return self._live(key, self._clock()) is not None
+
+    def footprint(self) -> int:
+        with self._lock:
+            return len(self._keys) + len(self._waiters)
+
+
+class MemoryBackend:
+    """The async face of the in-memory backend. See the module docstring for guarantees.
+
+    ``clock`` (default ``time.monotonic``) judges leases; tests inject their own.
+    """
+
+    def __init__(self, *, clock: Clock = time.monotonic) -> None:
+        self._core = _MemoryCore(clock)
+        self._twin: SyncMemoryBackend | None = None
+
+    async def join(self, key: str, token: str, lease: float) -> Grant | None:
+        return self._core.join(key, token, lease, sync=False)
+
+    async def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
+        return self._core.try_acquire(key, token, lease)
+
+    async def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while True:
+            waiter, grant, lapse_in = self._core.poll(token)
+            if waiter is None or grant is not None:
+                return grant
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await waiter.sleep(min(left, lapse_in))
+
+    async def renew(self, key: str, token: str, lease: float) -> bool:
+        return self._core.renew(key, token, lease)
+
+    async def release(self, key: str, token: str) -> None:
+        self._core.release(key, token)
+
+    async def leave(self, key: str, token: str) -> Grant | None:
+        return self._core.leave(key, token)
+
+    async def is_held(self, key: str, token: str) -> bool:
+        return self._core.is_held(key, token)
+
+    async def is_busy(self, key: str) -> bool:
+        return self._core.is_busy(key)
+
+    async def footprint(self) -> int:
+        return self._core.footprint()
+
+    def sync_twin(self) -> SyncMemoryBackend:
+        if self._twin is None:
+            self._twin = SyncMemoryBackend(self._core)
+        return self._twin
+
+    async def aclose(self) -> None:
+        return None
+
+
+class SyncMemoryBackend:
+    """The sync twin of :class:`MemoryBackend`; get it with ``MemoryBackend.sync_twin()``."""
+
+    def __init__(self, core: _MemoryCore) -> None:
+        self._core = core
+
+    def join(self, key: str, token: str, lease: float) -> Grant | None:
+        return self._core.join(key, token, lease, sync=True)
+
+    def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
+        return self._core.try_acquire(key, token, lease)
+
+    def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while True:
+            waiter, grant, lapse_in = self._core.poll(token)
+            if waiter is None or grant is not None:
+                return grant
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            waiter.sleep_sync(min(left, lapse_in))
+
+    def renew(self, key: str, token: str, lease: float) -> bool:
+        return self._core.renew(key, token, lease)
+
+    def release(self, key: str, token: str) -> None:
+        self._core.release(key, token)
+
+    def leave(self, key: str, token: str) -> Grant | None:
+        return self._core.leave(key, token)
+
+    def is_held(self, key: str, token: str) -> bool:
+        return self._core.is_held(key, token)
+
+    def is_busy(self, key: str) -> bool:
+        return self._core.is_busy(key)
+
+    def footprint(self) -> int:
+        return self._core.footprint()
+
+    def close(self) -> None:
+        return None
+
+
+def from_url(url: str, *, namespace: str) -> MemoryBackend:
+    """Build the backend for ``memory://`` (each call gets its own, isolated state)."""
+    del url, namespace  # one process, one state per gate: nothing to configure
+    return MemoryBackend()
