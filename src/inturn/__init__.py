@@ -29,6 +29,21 @@ from ._turn import SyncTurn, SyncTurnRequest, Turn, TurnRequest
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "RedisBackend": "inturn._redis",
+    "SyncRedisBackend": "inturn._redis",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Backends with third-party drivers load on first use (``import inturn`` stays light)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'inturn' has no attribute {name!r}")
+
+
 __all__ = [
     "MAX_KEY_BYTES",
     "Backend",
@@ -41,8 +56,10 @@ __all__ = [
     "InvalidKey",
     "LeaseLost",
     "MemoryBackend",
+    "RedisBackend",
     "SyncBackend",
     "SyncMemoryBackend",
+    "SyncRedisBackend",
     "SyncTurn",
     "SyncTurnRequest",
     "Turn",

@@ -32,6 +32,11 @@ __all__ = ["SCHEMES", "Gate"]
 
 SCHEMES: dict[str, str] = {
     "memory": "inturn._memory",
+    "redis": "inturn._redis",
+    "rediss": "inturn._redis",
+    "unix": "inturn._redis",
+    "redis+sentinel": "inturn._redis",
+    "redis+cluster": "inturn._redis",
 }
 """URL scheme -> module with a ``from_url(url, *, namespace)`` factory, loaded on first use."""
 

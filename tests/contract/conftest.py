@@ -7,6 +7,7 @@ test in this folder then runs against it, in both modes.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,13 +20,17 @@ from inturn.testing import History
 
 T = TypeVar("T")
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 MODES = ["async", "sync"]
 
 
 def make_gate(request: pytest.FixtureRequest, backend: str, **options: float) -> inturn.Gate:
     if backend == "memory":
         return inturn.Gate.from_url("memory://", **options)  # type: ignore[arg-type]
+    if backend == "redis":
+        url = request.getfixturevalue("redis_url")
+        namespace = f"t{secrets.token_hex(4)}"
+        return inturn.Gate.from_url(url, namespace=namespace, **options)  # type: ignore[arg-type]
     raise AssertionError(f"unknown backend {backend}")
 
 

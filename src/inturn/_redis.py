@@ -1,0 +1,760 @@
+"""The Redis backend: FIFO turns across processes and machines.
+
+URLs: ``redis://``, ``rediss://`` (TLS), ``unix://``, ``redis+sentinel://`` and
+``redis+cluster://``; or inject a redis-py client (``RedisBackend(client,
+sync_client=...)``).
+
+How it keeps the contract (the scripts are in :mod:`._redis_lua`):
+
+- every operation is one Lua script, one round trip, on the four keys of one
+  user, which share a hash tag (one Cluster slot);
+- a key's line is a Redis list; release hands the turn to the first *live*
+  waiter in the same script and PUBLISHes the grant on that waiter's process
+  channel. Each process holds **one** subscribed connection per event loop
+  (and one for its threads): thousands of waiters share it;
+- a waiter sleeps until that push. Behind the push is a bounded re-check (at
+  most every ``recheck`` seconds, and when the holder's lease would lapse):
+  it refreshes the waiter's liveness mark (dead waiters are skipped) and hands
+  a lapsed holder's turn to the head of the line. It is a safety net for a
+  lost push or a killed holder, never the main wake-up;
+- JOIN, RENEW, RELEASE, LEAVE and REFRESH are idempotent, so redis-py retries
+  them after a dropped connection without queueing a token twice.
+
+What it does not promise: a Redis primary that fails over to a replica that
+missed the last writes, or restarts without persistence, can lose a lease
+(two holders for a while). Fences stay increasing then (they follow the
+server clock), so a sink that checks fences stays safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import urllib.parse
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._backend import Grant
+from ._errors import BackendUnavailable, ConfigurationError
+from ._redis_keys import KeySpace
+from ._redis_lua import JOIN, LEAVE, REFRESH, RELEASE, RENEW
+
+try:
+    import redis
+    import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.cluster
+    import redis.exceptions
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigurationError(
+        "the Redis backend needs redis-py: pip install 'inturn[redis]'"
+    ) from exc
+
+__all__ = ["RedisBackend", "SyncRedisBackend", "from_url"]
+
+logger = logging.getLogger("inturn")
+
+RECHECK_MAX = 2.0
+"""Longest sleep (seconds) of a waiter between two re-checks (the safety net)."""
+
+CONNECT_TIMEOUT = 5.0
+MAX_CONNECTIONS = 32
+"""Connections per pool (per event loop, and one pool for threads) made by from_url."""
+SOCKET_TIMEOUT = 10.0
+IDLE_READ = 5.0
+"""How long the listener blocks on one read before it checks its connection again."""
+
+_TRANSPORT_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+)
+
+_SCRIPTS = {"join": JOIN, "release": RELEASE, "renew": RENEW, "leave": LEAVE, "refresh": REFRESH}
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _recheck(lease: float) -> float:
+    return min(RECHECK_MAX, max(0.05, lease / 3))
+
+
+def _alive_ms(lease: float) -> int:
+    """A waiter is declared dead when it missed three re-checks."""
+    return _ms(_recheck(lease) * 3)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _grant(reply: Sequence[Any], sent_at: float, lease: float) -> Grant:
+    """A grant from a script's ``{1, fence, pttl_ms}`` reply, with a safe lease start.
+
+    The lease is known to last until ``sent_at + pttl``; counting it from
+    ``sent_at + pttl - lease`` never overestimates what is left.
+    """
+    pttl = int(reply[2]) / 1000
+    return Grant(fence=int(reply[1]), granted_at=sent_at + min(pttl, lease) - lease)
+
+
+def _next_check(reply: Sequence[Any], lease: float) -> float:
+    """When a waiter should re-check: at its re-check interval or the holder's lapse."""
+    interval = _recheck(lease)
+    pttl = int(reply[1]) / 1000 if len(reply) > 1 else -1
+    if pttl > 0:
+        interval = min(interval, pttl + 0.002)
+    return time.monotonic() + interval
+
+
+def _unavailable(exc: BaseException, what: str) -> BackendUnavailable:
+    return BackendUnavailable(f"Redis did not answer ({what}): {exc}")
+
+
+def _is_oom(exc: redis.exceptions.ResponseError) -> bool:
+    return str(exc).startswith("OOM")
+
+
+@dataclass(slots=True)
+class _Waiter:
+    key: str
+    lease: float
+    next_check: float = 0.0
+    future: asyncio.Future[Grant] | None = None
+    event: threading.Event | None = None
+    grant: Grant | None = None
+
+
+@dataclass(slots=True)
+class _LoopState:
+    """What the async backend keeps per event loop (redis-py async clients are loop-bound)."""
+
+    client: Any
+    scripts: dict[str, Any]
+    waiters: dict[str, _Waiter] = field(default_factory=dict)
+    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
+    broken: BaseException | None = None
+    listener: asyncio.Task[None] | None = None
+
+
+class _Common:
+    """Configuration shared by the async backend and its sync twin."""
+
+    def __init__(self, keyspace: KeySpace, channel: str) -> None:
+        self.keys = keyspace
+        self.channel = channel
+        self.checked_eviction = False
+
+    def deliver(self, data: bytes | str, waiters: dict[str, _Waiter]) -> _Waiter | None:
+        """Match a push ("<token>|<fence>") to a waiter of this loop or thread."""
+        token, _, fence = _text(data).partition("|")
+        waiter = waiters.get(token)
+        if waiter is not None and waiter.grant is None:
+            waiter.grant = Grant(fence=int(fence), granted_at=time.monotonic())
+            return waiter
+        return None
+
+    def warn_eviction(self, policy: object) -> None:
+        self.checked_eviction = True
+        if isinstance(policy, dict):
+            value = policy.get("maxmemory-policy", policy.get(b"maxmemory-policy"))
+            value = _text(value) if value is not None else None
+            if value is not None and value != "noeviction":
+                logger.warning(
+                    "inturn: this Redis evicts keys (maxmemory-policy=%s); an evicted turn "
+                    "key breaks mutual exclusion: set maxmemory-policy noeviction",
+                    value,
+                )
+
+
+class RedisBackend:
+    """The async Redis backend. See the module docstring for what it guarantees.
+
+    ``client`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``;
+    ``sync_client`` (``redis.Redis`` / ``redis.cluster.RedisCluster``) serves the
+    sync twin (``gate.turn_sync``). With :meth:`from_url` both are made for you,
+    one async client per event loop.
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        sync_client: Any = None,
+        namespace: str = "default",
+        _factory: Any = None,
+        _sync_factory: Any = None,
+    ) -> None:
+        if client is None and _factory is None:
+            raise ConfigurationError("RedisBackend needs a redis-py client (or use from_url)")
+        process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._common = _Common(KeySpace(namespace), KeySpace(namespace).channel(process))
+        self._client = client
+        self._factory = _factory
+        self._sync_client = sync_client
+        self._sync_factory = _sync_factory
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._twin: SyncRedisBackend | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str = "default") -> RedisBackend:
+        """Build the backend from a ``redis://``, ``rediss://``, ``unix://``,
+        ``redis+sentinel://`` or ``redis+cluster://`` URL."""
+        make_async, make_sync = _factories(url)
+        return cls(namespace=namespace, _factory=make_async, _sync_factory=make_sync)
+
+    # -- per-loop state -------------------------------------------------------------
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None:
+            client = self._client if self._client is not None else self._factory()
+            scripts = {name: client.register_script(lua) for name, lua in _SCRIPTS.items()}
+            state = self._states[loop] = _LoopState(client=client, scripts=scripts)
+        return state
+
+    async def _listening(self) -> _LoopState:
+        """The loop's state, once its wake-up channel is subscribed."""
+        state = self._state()
+        if state.listener is None or state.listener.done():
+            state.listener = asyncio.ensure_future(self._listen(state))
+        if not state.subscribed.is_set():
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await state.subscribed.wait()
+            except TimeoutError as exc:
+                raise _unavailable(state.broken or exc, "subscribe") from state.broken
+        return state
+
+    async def _listen(self, state: _LoopState) -> None:
+        """Read wake-ups for this loop's waiters; reconnect with backoff."""
+        common = self._common
+        backoff = 0.05
+        first = True
+        while True:
+            pubsub = state.client.pubsub()
+            try:
+                await pubsub.subscribe(common.channel)
+                while True:  # the subscription is confirmed by its first message
+                    message = await pubsub.get_message(timeout=CONNECT_TIMEOUT)
+                    if message is not None and message["type"] == "subscribe":
+                        break
+                if not common.checked_eviction:
+                    await self._check_eviction(state)
+                state.broken = None
+                state.subscribed.set()
+                backoff = 0.05
+                if not first:  # pushes may have been lost while disconnected: re-check all
+                    for waiter in state.waiters.values():
+                        waiter.next_check = 0.0
+                        _wake(waiter)
+                first = False
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=IDLE_READ
+                    )
+                    if message is not None and message["type"] == "message":
+                        granted = common.deliver(message["data"], state.waiters)
+                        if granted is not None:
+                            _wake(granted)
+            except asyncio.CancelledError:
+                # aclose(), or asyncio.run() shutting this loop down: close our client
+                # while its loop still runs (its connections cannot outlive the loop).
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pubsub.aclose())
+                    if self._client is None:
+                        await asyncio.shield(state.client.aclose(close_connection_pool=True))
+                self._states.pop(asyncio.get_running_loop(), None)
+                raise
+            except Exception as exc:
+                state.subscribed.clear()
+                state.broken = exc
+                logger.warning("inturn: Redis wake-up channel lost (%r); reconnecting", exc)
+                for waiter in state.waiters.values():
+                    _wake(waiter)  # they re-check, and fail fast while Redis is away
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pubsub.aclose())
+
+    async def _check_eviction(self, state: _LoopState) -> None:
+        try:
+            policy = await state.client.config_get("maxmemory-policy")
+        except Exception as exc:  # CONFIG may be disabled (managed Redis): say nothing
+            logger.debug("inturn: could not read maxmemory-policy: %r", exc)
+            self._common.checked_eviction = True
+            return
+        self._common.warn_eviction(policy)
+
+    async def _run(self, state: _LoopState, name: str, key: str, args: list[Any]) -> Any:
+        try:
+            return await state.scripts[name](keys=self._common.keys.turn_keys(key), args=args)
+        except _TRANSPORT_ERRORS as exc:
+            raise _unavailable(exc, name) from exc
+        except redis.exceptions.ResponseError as exc:
+            if _is_oom(exc):
+                raise BackendUnavailable(f"Redis is out of memory ({name}): {exc}") from exc
+            raise
+
+    # -- the Backend protocol -----------------------------------------------------------
+
+    async def join(self, key: str, token: str, lease: float) -> Grant | None:
+        state = await self._listening()
+        loop = asyncio.get_running_loop()
+        # Registered before the script runs: the push can arrive before its reply.
+        waiter = state.waiters[token] = _Waiter(key, lease, future=loop.create_future())
+        sent = time.monotonic()
+        args = [token, _ms(lease), _alive_ms(lease), self._common.channel, "join"]
+        try:
+            reply = await self._run(state, "join", key, args)
+        except BaseException:
+            state.waiters.pop(token, None)
+            raise
+        if reply[0] == 1:
+            state.waiters.pop(token, None)
+            return _grant(reply, sent, lease)
+        waiter.next_check = _next_check(reply, lease)
+        return None
+
+    async def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
+        state = self._state()
+        sent = time.monotonic()
+        args = [token, _ms(lease), _alive_ms(lease), self._common.channel, "try"]
+        reply = await self._run(state, "join", key, args)
+        return _grant(reply, sent, lease) if reply[0] == 1 else None
+
+    async def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
+        state = self._state()
+        waiter = state.waiters.get(token)
+        if waiter is None or waiter.future is None:
+            raise RuntimeError(f"token {token!r} is not waiting for key {key!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if waiter.grant is not None:
+                state.waiters.pop(token, None)
+                return waiter.grant
+            now = time.monotonic()
+            if now >= waiter.next_check:
+                grant = await self._recheck(state, key, token, waiter)
+                if grant is not None:
+                    state.waiters.pop(token, None)
+                    return grant
+                continue
+            if deadline is not None and now >= deadline:
+                return None
+            sleep = waiter.next_check - now
+            if deadline is not None:
+                sleep = min(sleep, deadline - now)
+            if waiter.future.done():  # a wake-up without a grant: re-check now
+                waiter.future = asyncio.get_running_loop().create_future()
+                waiter.next_check = 0.0
+                continue
+            await asyncio.wait((waiter.future,), timeout=sleep)
+
+    async def _recheck(
+        self, state: _LoopState, key: str, token: str, waiter: _Waiter
+    ) -> Grant | None:
+        sent = time.monotonic()
+        reply = await self._run(state, "refresh", key, [token, _alive_ms(waiter.lease)])
+        if reply[0] == -1:  # we were declared dead (a long pause): join again, at the end
+            args = [token, _ms(waiter.lease), _alive_ms(waiter.lease), self._common.channel, "join"]
+            reply = await self._run(state, "join", key, args)
+        if reply[0] == 1:
+            return _grant(reply, sent, waiter.lease)
+        waiter.next_check = _next_check(reply, waiter.lease)
+        return None
+
+    async def renew(self, key: str, token: str, lease: float) -> bool:
+        reply = await self._run(self._state(), "renew", key, [token, _ms(lease)])
+        return bool(reply)
+
+    async def release(self, key: str, token: str) -> None:
+        await self._run(self._state(), "release", key, [token])
+
+    async def leave(self, key: str, token: str) -> Grant | None:
+        state = self._state()
+        waiter = state.waiters.pop(token, None)
+        sent = time.monotonic()
+        reply = await self._run(state, "leave", key, [token])
+        if reply[0] == 1:
+            return _grant(reply, sent, waiter.lease if waiter else int(reply[2]) / 1000)
+        return None
+
+    async def is_held(self, key: str, token: str) -> bool:
+        owner = self._common.keys.turn_keys(key)[0]
+        try:
+            value = await self._state().client.get(owner)
+        except _TRANSPORT_ERRORS as exc:
+            raise _unavailable(exc, "is_held") from exc
+        return value is not None and _text(value).partition("|")[0] == token
+
+    async def is_busy(self, key: str) -> bool:
+        owner, line, _, _ = self._common.keys.turn_keys(key)
+        try:
+            return bool(await self._state().client.exists(owner, line))
+        except _TRANSPORT_ERRORS as exc:
+            raise _unavailable(exc, "is_busy") from exc
+
+    async def footprint(self) -> int:
+        keys = self._common.keys
+        count = 0
+        async for name in self._state().client.scan_iter(match=keys.prefix + "*", count=1000):
+            if not keys.is_fence_floor(_text(name)):
+                count += 1
+        return count
+
+    def sync_twin(self) -> SyncRedisBackend:
+        if self._twin is None:
+            client = self._sync_client
+            if client is None:
+                if self._sync_factory is None:
+                    raise ConfigurationError(
+                        "the sync twin of an injected async Redis client needs "
+                        "RedisBackend(client, sync_client=redis.Redis(...))"
+                    )
+                client = self._sync_factory()
+            self._twin = SyncRedisBackend(client, self._common, owned=self._sync_client is None)
+        return self._twin
+
+    async def aclose(self) -> None:
+        """Close this loop's listener and client (and the sync twin's).
+
+        The state of other event loops is dropped: their connections belong to
+        those loops (closed ones cannot be closed again).
+        """
+        state = self._states.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            if state.listener is not None and not state.listener.done():
+                state.listener.cancel()  # it closes the client on its way out
+                with contextlib.suppress(BaseException):
+                    await state.listener
+            elif self._client is None:
+                await state.client.aclose(close_connection_pool=True)
+        self._states.clear()
+        if self._twin is not None:
+            self._twin.close()
+
+
+def _wake(waiter: _Waiter) -> None:
+    if waiter.future is not None and not waiter.future.done():
+        waiter.future.set_result(waiter.grant)  # type: ignore[arg-type]
+    if waiter.event is not None:
+        waiter.event.set()
+
+
+class SyncRedisBackend:
+    """The sync twin of :class:`RedisBackend`: one listener thread per process for wake-ups."""
+
+    def __init__(self, client: Any, common: _Common, *, owned: bool = False) -> None:
+        self._client = client
+        self._common = common
+        self._owned = owned
+        self._scripts = {name: client.register_script(lua) for name, lua in _SCRIPTS.items()}
+        self._lock = threading.Lock()
+        self._waiters: dict[str, _Waiter] = {}
+        self._subscribed = threading.Event()
+        self._broken: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = -1
+        self._stop = threading.Event()
+
+    def _listening(self) -> None:
+        with self._lock:
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+                self._pid = os.getpid()  # threads do not survive fork: start our own
+                self._subscribed.clear()
+                self._thread = threading.Thread(
+                    target=self._listen, name="inturn-redis-wakeups", daemon=True
+                )
+                self._thread.start()
+        if not self._subscribed.wait(CONNECT_TIMEOUT):
+            raise _unavailable(self._broken or TimeoutError("no answer"), "subscribe")
+
+    def _listen(self) -> None:
+        common = self._common
+        backoff = 0.05
+        first = True
+        pid = os.getpid()
+        while not self._stop.is_set() and pid == os.getpid():
+            pubsub = self._client.pubsub()
+            try:
+                pubsub.subscribe(common.channel)
+                while True:
+                    message = pubsub.get_message(timeout=CONNECT_TIMEOUT)
+                    if message is not None and message["type"] == "subscribe":
+                        break
+                if not common.checked_eviction:
+                    try:
+                        common.warn_eviction(self._client.config_get("maxmemory-policy"))
+                    except Exception as exc:
+                        logger.debug("inturn: could not read maxmemory-policy: %r", exc)
+                        common.checked_eviction = True
+                self._broken = None
+                self._subscribed.set()
+                backoff = 0.05
+                if not first:
+                    with self._lock:
+                        for waiter in self._waiters.values():
+                            waiter.next_check = 0.0
+                            _wake(waiter)
+                first = False
+                while not self._stop.is_set():
+                    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=IDLE_READ)
+                    if message is not None and message["type"] == "message":
+                        with self._lock:
+                            granted = common.deliver(message["data"], self._waiters)
+                        if granted is not None:
+                            _wake(granted)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                self._subscribed.clear()
+                self._broken = exc
+                logger.warning("inturn: Redis wake-up channel lost (%r); reconnecting", exc)
+                with self._lock:
+                    for waiter in self._waiters.values():
+                        _wake(waiter)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+
+    def _run(self, name: str, key: str, args: list[Any]) -> Any:
+        try:
+            return self._scripts[name](keys=self._common.keys.turn_keys(key), args=args)
+        except _TRANSPORT_ERRORS as exc:
+            raise _unavailable(exc, name) from exc
+        except redis.exceptions.ResponseError as exc:
+            if _is_oom(exc):
+                raise BackendUnavailable(f"Redis is out of memory ({name}): {exc}") from exc
+            raise
+
+    def join(self, key: str, token: str, lease: float) -> Grant | None:
+        self._listening()
+        waiter = _Waiter(key, lease, event=threading.Event())
+        with self._lock:
+            self._waiters[token] = waiter
+        sent = time.monotonic()
+        args = [token, _ms(lease), _alive_ms(lease), self._common.channel, "join"]
+        try:
+            reply = self._run("join", key, args)
+        except BaseException:
+            with self._lock:
+                self._waiters.pop(token, None)
+            raise
+        if reply[0] == 1:
+            with self._lock:
+                self._waiters.pop(token, None)
+            return _grant(reply, sent, lease)
+        waiter.next_check = _next_check(reply, lease)
+        return None
+
+    def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
+        sent = time.monotonic()
+        args = [token, _ms(lease), _alive_ms(lease), self._common.channel, "try"]
+        reply = self._run("join", key, args)
+        return _grant(reply, sent, lease) if reply[0] == 1 else None
+
+    def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
+        with self._lock:
+            waiter = self._waiters.get(token)
+        if waiter is None or waiter.event is None:
+            raise RuntimeError(f"token {token!r} is not waiting for key {key!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if waiter.grant is not None:
+                with self._lock:
+                    self._waiters.pop(token, None)
+                return waiter.grant
+            now = time.monotonic()
+            if now >= waiter.next_check:
+                sent = now
+                reply = self._run("refresh", key, [token, _alive_ms(waiter.lease)])
+                if reply[0] == -1:
+                    args = [token, _ms(waiter.lease), _alive_ms(waiter.lease)]
+                    reply = self._run("join", key, [*args, self._common.channel, "join"])
+                if reply[0] == 1:
+                    with self._lock:
+                        self._waiters.pop(token, None)
+                    return _grant(reply, sent, waiter.lease)
+                waiter.next_check = _next_check(reply, waiter.lease)
+                continue
+            if deadline is not None and now >= deadline:
+                return None
+            sleep = waiter.next_check - now
+            if deadline is not None:
+                sleep = min(sleep, deadline - now)
+            if waiter.event.wait(sleep) and waiter.grant is None:
+                waiter.event.clear()  # woken without a grant (reconnect): re-check now
+                waiter.next_check = 0.0
+
+    def renew(self, key: str, token: str, lease: float) -> bool:
+        return bool(self._run("renew", key, [token, _ms(lease)]))
+
+    def release(self, key: str, token: str) -> None:
+        self._run("release", key, [token])
+
+    def leave(self, key: str, token: str) -> Grant | None:
+        with self._lock:
+            waiter = self._waiters.pop(token, None)
+        sent = time.monotonic()
+        reply = self._run("leave", key, [token])
+        if reply[0] == 1:
+            return _grant(reply, sent, waiter.lease if waiter else int(reply[2]) / 1000)
+        return None
+
+    def is_held(self, key: str, token: str) -> bool:
+        try:
+            value = self._client.get(self._common.keys.turn_keys(key)[0])
+        except _TRANSPORT_ERRORS as exc:
+            raise _unavailable(exc, "is_held") from exc
+        return value is not None and _text(value).partition("|")[0] == token
+
+    def is_busy(self, key: str) -> bool:
+        owner, line, _, _ = self._common.keys.turn_keys(key)
+        try:
+            return bool(self._client.exists(owner, line))
+        except _TRANSPORT_ERRORS as exc:
+            raise _unavailable(exc, "is_busy") from exc
+
+    def footprint(self) -> int:
+        keys = self._common.keys
+        return sum(
+            1
+            for name in self._client.scan_iter(match=keys.prefix + "*", count=1000)
+            if not keys.is_fence_floor(_text(name))
+        )
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._owned:
+            self._client.close()
+            self._client.connection_pool.disconnect()
+
+
+# -- URLs -------------------------------------------------------------------------------
+
+
+def _client_options() -> dict[str, Any]:
+    return {
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    }
+
+
+def _hosts(netloc: str, scheme: str) -> tuple[str | None, list[tuple[str, int]]]:
+    password = None
+    if "@" in netloc:
+        auth, _, netloc = netloc.rpartition("@")
+        password = urllib.parse.unquote(auth.partition(":")[2] or auth) or None
+    hosts = []
+    for part in netloc.split(","):
+        host, _, port = part.rpartition(":") if ":" in part else (part, "", "")
+        if not host:
+            raise ConfigurationError(f"{scheme}:// needs host:port[,host:port...], got {part!r}")
+        try:
+            hosts.append((host.strip("[]"), int(port or (26379 if "sentinel" in scheme else 6379))))
+        except ValueError as exc:
+            raise ConfigurationError(f"bad port in {part!r}") from exc
+    return password, hosts
+
+
+def _factories(url: str) -> tuple[Any, Any]:
+    """Two zero-argument factories (async client, sync client) for a URL."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    options = _client_options()
+    if scheme in ("redis", "rediss", "unix"):
+        try:
+            redis.Redis.from_url(url)  # validate now, not on first use
+        except ValueError as exc:
+            raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
+
+        # Blocking pools: a burst of requests waits for one of MAX_CONNECTIONS connections
+        # instead of failing ("Too many connections"); waiting itself holds no connection.
+        def make_async_client() -> Any:
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                url, max_connections=MAX_CONNECTIONS, timeout=CONNECT_TIMEOUT, **options
+            )
+            return redis.asyncio.Redis(connection_pool=pool)
+
+        def make_sync_client() -> Any:
+            pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=MAX_CONNECTIONS, timeout=CONNECT_TIMEOUT, **options
+            )
+            return redis.Redis(connection_pool=pool)
+
+        return make_async_client, make_sync_client
+    if scheme == "redis+cluster":
+        password, hosts = _hosts(parts.netloc, scheme)
+        cluster_options = {k: v for k, v in options.items() if k != "health_check_interval"}
+
+        def make_async() -> Any:
+            nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in hosts]
+            return redis.asyncio.cluster.RedisCluster(
+                startup_nodes=nodes, password=password, **cluster_options
+            )
+
+        def make_sync() -> Any:
+            nodes = [redis.cluster.ClusterNode(h, p) for h, p in hosts]  # type: ignore[no-untyped-call]
+            return redis.cluster.RedisCluster(
+                startup_nodes=nodes, password=password, **cluster_options
+            )
+
+        return make_async, make_sync
+    if scheme == "redis+sentinel":
+        password, hosts = _hosts(parts.netloc, scheme)
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ConfigurationError(
+                "redis+sentinel:// needs a service name: redis+sentinel://host:26379/mymaster[/db]"
+            )
+        service = path[0]
+        db = int(path[1]) if len(path) > 1 else 0
+
+        def make_async_sentinel() -> Any:
+            import redis.asyncio.sentinel
+
+            sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+                hosts, socket_connect_timeout=CONNECT_TIMEOUT
+            )
+            return sentinel.master_for(service, db=db, password=password, **options)
+
+        def make_sync_sentinel() -> Any:
+            import redis.sentinel
+
+            sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+                hosts, socket_connect_timeout=CONNECT_TIMEOUT
+            )
+            return sentinel.master_for(  # type: ignore[no-untyped-call]
+                service, db=db, password=password, **options
+            )
+
+        return make_async_sentinel, make_sync_sentinel
+    raise ConfigurationError(f"not a Redis URL: {url!r}")
+
+
+def from_url(url: str, *, namespace: str) -> RedisBackend:
+    """Build the backend for a Redis URL (the gate's scheme registry calls this)."""
+    return RedisBackend.from_url(url, namespace=namespace)

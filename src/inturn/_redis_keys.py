@@ -1,0 +1,55 @@
+"""Redis key names, built in one place.
+
+    inturn:<namespace>:{<user key>}:o   owner      (see _redis_lua for each key's shape)
+    inturn:<namespace>:{<user key>}:q   line
+    inturn:<namespace>:{<user key>}:w   waiters
+    inturn:<namespace>:{<user key>}:f   fence floor
+    inturn:<namespace>:wake:<process>   a process's wake-up channel (Pub/Sub, not a key)
+
+The user key and the namespace are percent-encoded: ``%``, ``{``, ``}``, ``:``,
+spaces, control characters and DEL become ``%XX`` of their UTF-8 bytes, every
+other character stays as it is. That is injective (``%`` itself is escaped),
+and no user key can close the hash tag early or open another, so all four keys
+of one user hash to one Cluster slot.
+"""
+
+from __future__ import annotations
+
+__all__ = ["KeySpace", "encode"]
+
+_ESCAPE = {"%", "{", "}", ":"}
+
+
+def _escape_char(char: str) -> str:
+    if char in _ESCAPE or char <= " " or char == "\x7f":
+        return "".join(f"%{b:02X}" for b in char.encode("utf-8"))
+    return char
+
+
+def encode(text: str) -> str:
+    """Encode a key or namespace injectively, with no ``{``, ``}`` or ``:`` left in it."""
+    if text.isalnum() and text.isascii():  # the common case: user ids
+        return text
+    return "".join(_escape_char(char) for char in text)
+
+
+class KeySpace:
+    """The key names of one namespace."""
+
+    __slots__ = ("namespace", "prefix")
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.prefix = f"inturn:{encode(namespace)}:"
+
+    def turn_keys(self, key: str) -> list[str]:
+        """owner, line, waiters, fence: the KEYS of every turn script."""
+        base = f"{self.prefix}{{{encode(key)}}}:"
+        return [base + "o", base + "q", base + "w", base + "f"]
+
+    def channel(self, process: str) -> str:
+        """The Pub/Sub channel on which a process is woken."""
+        return f"{self.prefix}wake:{process}"
+
+    def is_fence_floor(self, name: str) -> bool:
+        return name.endswith("}:f")

@@ -1,0 +1,203 @@
+"""The Redis backend's Lua scripts: one atomic round trip per operation.
+
+Every script touches the four keys of one user, which share a hash tag (one
+Cluster slot):
+
+    KEYS[1]  owner    string "<token>|<fence>", PX = the holder's lease
+    KEYS[2]  line     list of waiting tokens, oldest first
+    KEYS[3]  waiters  hash token -> "<alive_until_ms>|<lease_ms>|<wake channel>"
+    KEYS[4]  fence    string, the last fence granted (the fence floor), EX FENCE_TTL
+
+A waiter refreshes ``alive_until`` while it waits; a waiter whose mark has
+lapsed is dead and skipped by the hand-off. The hand-off grants the turn to
+the first live waiter inside the script that released (or found the holder's
+lease lapsed) and PUBLISHes "<token>|<fence>" on that waiter's process channel:
+one push, to exactly that waiter. PUBLISH takes no key, so it is allowed in a
+Cluster script and reaches a subscriber on any node.
+
+Fences: ``max(previous + 1, server TIME in microseconds)``. They grow strictly
+while the fence key lives, and after it expired or the server restarted empty
+they still exceed every earlier fence as long as the server clock has not gone
+back. ~1.8e15 today: exact in Lua's doubles (below 2^53) until the year 2255.
+
+Scripts that release, renew, leave or re-check carry ``flags=allow-oom``: a
+server at ``maxmemory`` with ``noeviction`` refuses new work (JOIN) but never
+strands a held turn.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FENCE_TTL", "JOIN", "LEAVE", "REFRESH", "RELEASE", "RENEW"]
+
+FENCE_TTL = 30 * 24 * 3600
+"""Seconds an idle key's fence floor is kept (fences stay increasing after it expires)."""
+
+_PRELUDE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function int(x)
+  return string.format('%.0f', x)
+end
+
+local function next_fence()
+  local t = redis.call('TIME')
+  local clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local fence = math.max(tonumber(redis.call('GET', KEYS[4]) or '0') + 1, clock)
+  redis.call('SET', KEYS[4], int(fence), 'EX', FENCE_TTL)
+  return fence
+end
+
+local function holder(value)
+  local bar = string.find(value, '|', 1, true)
+  return string.sub(value, 1, bar - 1), tonumber(string.sub(value, bar + 1))
+end
+
+local function grant(token, lease_ms)
+  local fence = next_fence()
+  redis.call('SET', KEYS[1], token .. '|' .. int(fence), 'PX', lease_ms)
+  return fence
+end
+
+-- Grant the turn to the first live waiter and push it the news; false if none is alive.
+local function hand_off(now)
+  while true do
+    local token = redis.call('LPOP', KEYS[2])
+    if not token then
+      redis.call('DEL', KEYS[3])
+      return false
+    end
+    local info = redis.call('HGET', KEYS[3], token)
+    if info then
+      redis.call('HDEL', KEYS[3], token)
+      local alive, lease, channel = string.match(info, '^(%d+)|(%d+)|(.*)$')
+      if tonumber(alive) > now then
+        local fence = grant(token, lease)
+        redis.call('PUBLISH', channel, token .. '|' .. int(fence))
+        return token
+      end
+    end
+  end
+end
+
+local function mine(token)
+  local value = redis.call('GET', KEYS[1])
+  if value then
+    local who, fence = holder(value)
+    if who == token then
+      return {1, fence, redis.call('PTTL', KEYS[1])}
+    end
+  end
+  return nil
+end
+
+local function mark_alive(token, alive_ms, lease_ms, channel, now)
+  redis.call('HSET', KEYS[3], token, int(now + alive_ms) .. '|' .. lease_ms .. '|' .. channel)
+  redis.call('PEXPIRE', KEYS[2], alive_ms * 2)
+  redis.call('PEXPIRE', KEYS[3], alive_ms * 2)
+end
+""".replace("FENCE_TTL", str(FENCE_TTL))
+
+JOIN = (
+    "#!lua\n"
+    + _PRELUDE
+    + """
+-- JOIN: take the turn if free, else join the line's end (mode "join") or not (mode "try").
+-- ARGV[1]: token  ARGV[2]: lease_ms  ARGV[3]: alive_ms  ARGV[4]: wake channel  ARGV[5]: mode
+-- returns: {1, fence, pttl_ms} granted | {0, owner_pttl_ms} queued (or busy, for "try")
+-- Idempotent: a retried JOIN of the same token neither queues it twice nor grants twice.
+local token, lease, alive = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local granted = mine(token)
+if granted then return granted end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  -- Free. If a line is left (its holder's lease lapsed), its head goes first: no barging.
+  if redis.call('LLEN', KEYS[2]) == 0 or not hand_off(now_ms()) then
+    return {1, grant(token, lease), tonumber(lease)}
+  end
+end
+if ARGV[5] == 'try' then return {0, redis.call('PTTL', KEYS[1])} end
+if redis.call('HEXISTS', KEYS[3], token) == 0 then
+  redis.call('RPUSH', KEYS[2], token)
+end
+mark_alive(token, alive, lease, ARGV[4], now_ms())
+return {0, redis.call('PTTL', KEYS[1])}
+"""
+)
+
+RELEASE = (
+    "#!lua flags=allow-oom\n"
+    + _PRELUDE
+    + """
+-- RELEASE: if ARGV[1] holds the turn, hand it to the next live waiter (or free the key).
+-- ARGV[1]: token
+-- returns: 1 released | 0 not the holder (nothing done)
+local value = redis.call('GET', KEYS[1])
+if not value or holder(value) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+hand_off(now_ms())
+return 1
+"""
+)
+
+RENEW = (
+    "#!lua flags=allow-oom\n"
+    + _PRELUDE
+    + """
+-- RENEW: extend the holder's lease.
+-- ARGV[1]: token  ARGV[2]: lease_ms
+-- returns: 1 renewed | 0 not the holder
+if mine(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+)
+
+LEAVE = (
+    "#!lua flags=allow-oom\n"
+    + _PRELUDE
+    + """
+-- LEAVE: take a token out of the line; if it was granted meanwhile, say so (still held).
+-- ARGV[1]: token
+-- returns: {1, fence, pttl_ms} the token holds the turn | {0} it left the line
+local granted = mine(ARGV[1])
+if granted then return granted end
+redis.call('LREM', KEYS[2], 1, ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if redis.call('LLEN', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[3])
+elseif redis.call('EXISTS', KEYS[1]) == 0 then
+  hand_off(now_ms())  -- the holder lapsed while we waited: move the line on
+end
+return {0}
+"""
+)
+
+REFRESH = (
+    "#!lua flags=allow-oom\n"
+    + _PRELUDE
+    + """
+-- REFRESH: a waiter's bounded re-check (the safety net behind the push) and liveness mark.
+-- Hands a lapsed holder's turn to the head of the line.
+-- ARGV[1]: token  ARGV[2]: alive_ms
+-- returns: {1, fence, pttl_ms} granted | {0, owner_pttl_ms} still waiting
+--          | {-1} not in the line any more (declared dead): join again
+local token, alive = ARGV[1], tonumber(ARGV[2])
+local granted = mine(token)
+if granted then return granted end
+local info = redis.call('HGET', KEYS[3], token)
+if not info then return {-1} end
+local _, lease, channel = string.match(info, '^(%d+)|(%d+)|(.*)$')
+local now = now_ms()
+mark_alive(token, alive, lease, channel, now)
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  hand_off(now)
+  granted = mine(token)
+  if granted then return granted end
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"""
+)
