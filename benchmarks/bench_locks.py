@@ -38,6 +38,7 @@ import math
 import multiprocessing
 import os
 import platform
+import queue
 import secrets
 import shlex
 import shutil
@@ -52,8 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import redis
-import redis.asyncio
+import redis.asyncio  # binds `redis` too; one line, whichever section isort files it in
 
 Role = Literal["inturn", "peer", "bound"]
 Scenario = Literal["cycle", "contention", "handoff"]
@@ -397,9 +397,15 @@ class ContentionRun:
     mode: Mode
     records: list[list[Record]]  # per contender
     censored: list[float]  # waits still open when the drain time ran out
-    window: float
-    hold: float
-    error: str | None = None
+    started: float  # on time.monotonic(); the window is [started, started + plan.window)
+    plan: Plan
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def error(self) -> str | None:
+        """The most telling error: a contender's own, not a barrier broken because of it."""
+        ranked = sorted(self.errors, key=lambda e: e.startswith("BrokenBarrierError"))
+        return ranked[0] if ranked else None
 
 
 @dataclass(frozen=True)
@@ -424,8 +430,8 @@ class ContentionStats:
     def of(cls, run: ContentionRun) -> ContentionStats:
         n = len(run.records)
         flat = sorted((r for per in run.records for r in per), key=lambda r: r[1])
-        start = min((r[0] for r in flat), default=0.0)
-        deadline = start + run.window
+        window = run.plan.window
+        deadline = run.started + window
         counts = [sum(1 for r in per if r[1] < deadline) for per in run.records]
         waits = [r[1] - r[0] for r in flat] + run.censored
         holds = [r[2] - r[1] for r in flat]
@@ -440,7 +446,7 @@ class ContentionStats:
             role=run.role,
             mode=run.mode,
             acquisitions=sum(counts),
-            per_second=sum(counts) / run.window,
+            per_second=sum(counts) / window,
             wait_p50=percentile(waits, 50),
             wait_p99=percentile(waits, 99),
             wait_max=max(waits, default=math.nan),
@@ -536,6 +542,11 @@ async def _contend_async(
     return records
 
 
+def _censored(asking: Sequence[float], stuck: Sequence[int], now: float) -> list[float]:
+    """The waits of contenders still in line when the drain time ran out, counted until now."""
+    return [now - asking[i] for i in stuck if asking[i]]
+
+
 async def run_contention_async(
     contender: AsyncContender, target: Target, plan: Plan
 ) -> ContentionRun:
@@ -545,7 +556,8 @@ async def run_contention_async(
     try:
         makers = [session.lock_for(key) for _ in range(n)]
         asking = [0.0] * n
-        deadline = time.monotonic() + plan.window
+        started = time.monotonic()
+        deadline = started + plan.window
         tasks = [
             asyncio.create_task(_contend_async(make, deadline, plan.hold, asking, i))
             for i, make in enumerate(makers)
@@ -553,14 +565,19 @@ async def run_contention_async(
         # Whoever is in line at the deadline still gets (and records) its turn, so a starved
         # waiter shows in the wait figures; one still waiting after the drain time is censored.
         done, pending = await asyncio.wait(tasks, timeout=plan.window + plan.drain)
-        now = time.monotonic()
-        censored = [now - asking[i] for i, task in enumerate(tasks) if task in pending]
+        stuck = [i for i, task in enumerate(tasks) if task in pending]
+        censored = _censored(asking, stuck, time.monotonic())
         for task in pending:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        records = [task.result() if task in done else [] for task in tasks]
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        records = [out if isinstance(out, list) else [] for out in outcomes]
+        errors = [
+            _error(out)
+            for task, out in zip(tasks, outcomes, strict=True)
+            if task in done and isinstance(out, BaseException)
+        ]
         return ContentionRun(
-            contender.name, contender.role, "async", records, censored, plan.window, plan.hold
+            contender.name, contender.role, "async", records, censored, started, plan, errors
         )
     finally:
         await session.aclose()
@@ -578,65 +595,88 @@ class _Box:
 class _BarrierLike(Protocol):
     def wait(self, timeout: float | None = None) -> int: ...
 
+    def abort(self) -> None: ...
+
 
 class _EventLike(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
+    def set(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Lines the contenders up: all ready (barrier), then all go at `at` on the shared clock.
+
+    `time.monotonic()` is one clock for every process on Linux (CLOCK_MONOTONIC), so start
+    times, deadlines and records compare across processes.
+    """
+
+    barrier: _BarrierLike
+    go: _EventLike
+    at: _Shared
+
+    def release(self) -> float:
+        self.barrier.wait(timeout=60)
+        self.at.value = time.monotonic() + 0.05  # every contender is awake before the start
+        self.go.set()
+        return self.at.value
+
+    def wait(self) -> float:
+        self.barrier.wait(timeout=60)
+        self.go.wait(timeout=60)
+        time.sleep(max(0.0, self.at.value - time.monotonic()))
+        return self.at.value
+
 
 def _contend_sync(
     make: SyncCM,
-    window: float,
-    hold: float,
-    start: tuple[_BarrierLike, _EventLike, _Shared],
+    plan: Plan,
+    start: _Start,
     asking: MutableSequence[float],
     index: int,
 ) -> list[Record]:
-    barrier, go, start_at = start
-    barrier.wait(timeout=60)
-    go.wait(timeout=60)
-    time.sleep(max(0.0, start_at.value - time.monotonic()))
-    deadline = start_at.value + window
-    records: list[Record] = []
-    while (asked := time.monotonic()) < deadline:
-        asking[index] = asked
-        with make():
-            granted = time.monotonic()
-            asking[index] = 0.0
-            time.sleep(hold)
-            released = time.monotonic()
-        records.append((asked, granted, released))
-    return records
+    try:
+        deadline = start.wait() + plan.window
+        records: list[Record] = []
+        while (asked := time.monotonic()) < deadline:
+            asking[index] = asked
+            with make():
+                granted = time.monotonic()
+                asking[index] = 0.0
+                time.sleep(plan.hold)
+                released = time.monotonic()
+            records.append((asked, granted, released))
+        return records
+    except BaseException:
+        start.barrier.abort()  # nobody waits 60 s for a contender that is gone
+        raise
 
 
 def _contender_process(
     name: str,
     target: Target,
     key: str,
-    window: float,
-    hold: float,
-    start: tuple[_BarrierLike, _EventLike, _Shared],
+    plan: Plan,
+    start: _Start,
     asking: MutableSequence[float],
     index: int,
     results: Any,
 ) -> None:
     """One contender in its own process, with its own client (or gate)."""
     try:
-        session = SYNC_BY_NAME[name].open(target)
         try:
-            records = _contend_sync(session.lock_for(key), window, hold, start, asking, index)
+            session = SYNC_BY_NAME[name].open(target)
+        except BaseException:
+            start.barrier.abort()
+            raise
+        try:
+            records = _contend_sync(session.lock_for(key), plan, start, asking, index)
         finally:
             session.close()
         results.put((index, records, None))
     except BaseException as exc:
-        results.put((index, [], f"{type(exc).__name__}: {exc}"))
-
-
-def _release_start(
-    barrier: _BarrierLike, go: Any, start_at: _Shared, *, timeout: float = 60
-) -> None:
-    barrier.wait(timeout=timeout)
-    start_at.value = time.monotonic() + 0.05  # every contender is awake before the start
-    go.set()
+        results.put((index, [], _error(exc)))
 
 
 def run_contention_sync(contender: SyncContender, target: Target, plan: Plan) -> ContentionRun:
@@ -647,17 +687,16 @@ def run_contention_sync(contender: SyncContender, target: Target, plan: Plan) ->
     n = plan.contenders
     session = contender.open(target)
     try:
-        barrier, go, start_at = threading.Barrier(n + 1), threading.Event(), _Box()
+        start = _Start(threading.Barrier(n + 1), threading.Event(), _Box())
         asking = [0.0] * n
         records: list[list[Record]] = [[] for _ in range(n)]
         errors: list[str] = []
 
         def run(index: int, make: SyncCM) -> None:
-            start = (barrier, go, start_at)
             try:
-                records[index] = _contend_sync(make, plan.window, plan.hold, start, asking, index)
+                records[index] = _contend_sync(make, plan, start, asking, index)
             except BaseException as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
+                errors.append(_error(exc))
 
         threads = [
             threading.Thread(target=run, args=(i, session.lock_for(key)), daemon=True)
@@ -665,40 +704,43 @@ def run_contention_sync(contender: SyncContender, target: Target, plan: Plan) ->
         ]
         for thread in threads:
             thread.start()
-        _release_start(barrier, go, start_at)
-        end = start_at.value + plan.window + plan.drain
+        started = start.release()
+        end = started + plan.window + plan.drain
         for thread in threads:
             thread.join(timeout=max(0.0, end - time.monotonic()))
-        now = time.monotonic()
         # A thread cannot be stopped: one still waiting is censored and left to finish alone.
-        censored = [now - asking[i] for i, t in enumerate(threads) if t.is_alive()]
+        stuck = [i for i, thread in enumerate(threads) if thread.is_alive()]
+        censored = _censored(asking, stuck, time.monotonic())
         return ContentionRun(
-            contender.name,
-            contender.role,
-            mode,
-            records,
-            censored,
-            plan.window,
-            plan.hold,
-            errors[0] if errors else None,
+            contender.name, contender.role, mode, records, censored, started, plan, errors
         )
     finally:
         session.close()
+
+
+def _process_context() -> Any:
+    """Contender processes fork from a clean single-threaded server that has the drivers loaded.
+
+    Forking this process (threads, sockets, an event loop's leftovers) is unsafe, and a plain
+    spawn costs seconds per run here: 8 interpreters importing redis at once on few cores.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["redis", "redis.asyncio", "redis_lock", "pottery", "inturn"])
+    return ctx
 
 
 def _contention_processes(
     contender: SyncContender, target: Target, plan: Plan, key: str
 ) -> ContentionRun:
     n = plan.contenders
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and sockets
-    barrier, go, start_at = ctx.Barrier(n + 1), ctx.Event(), ctx.Value("d", 0.0)
+    ctx = _process_context()
+    start = _Start(ctx.Barrier(n + 1), ctx.Event(), ctx.Value("d", 0.0))
     asking = ctx.Array("d", n)
     results = ctx.Queue()
-    start = (barrier, go, start_at)
     procs = [
         ctx.Process(
             target=_contender_process,
-            args=(contender.name, target, key, plan.window, plan.hold, start, asking, i, results),
+            args=(contender.name, target, key, plan, start, asking, i, results),
             daemon=True,
         )
         for i in range(n)
@@ -708,24 +750,25 @@ def _contention_processes(
     records: list[list[Record]] = [[] for _ in range(n)]
     errors: list[str] = []
     censored: list[float] = []
+    started = math.nan
     try:
         try:
-            _release_start(barrier, go, start_at)
+            started = start.release()
+            end = started + plan.window + plan.drain
         except threading.BrokenBarrierError:
-            errors.append("a contender process did not get ready within 60 s")
-        end = start_at.value + plan.window + plan.drain
+            end = time.monotonic() + 5  # a contender failed to start: collect the reasons
         received: set[int] = set()
-        while len(received) < n and not errors:
+        while len(received) < n:
             try:
                 index, recs, error = results.get(timeout=max(0.01, end - time.monotonic()))
-            except Exception:  # queue.Empty: the drain time ran out
+            except queue.Empty:  # the drain time ran out
                 break
             received.add(index)
             records[index] = recs
             if error:
                 errors.append(error)
-        now = time.monotonic()
-        censored = [now - asking[i] for i in range(n) if i not in received and asking[i]]
+        stuck = [i for i in range(n) if i not in received]
+        censored = _censored(asking, stuck, time.monotonic())
     finally:
         for proc in procs:
             proc.join(timeout=2)
@@ -733,14 +776,7 @@ def _contention_processes(
                 proc.kill()
                 proc.join()
     return ContentionRun(
-        contender.name,
-        contender.role,
-        "processes",
-        records,
-        censored,
-        plan.window,
-        plan.hold,
-        errors[0] if errors else None,
+        contender.name, contender.role, "processes", records, censored, started, plan, errors
     )
 
 
@@ -797,8 +833,13 @@ async def run_handoff_async(contender: AsyncContender, target: Target, plan: Pla
             finally:
                 started[me].set()
 
-        await asyncio.gather(player(0), player(1))
-        return HandoffResult(contender.name, contender.role, "async", relay.samples)
+        error = None
+        try:
+            async with asyncio.timeout(plan.handoff_seconds + plan.drain):
+                await asyncio.gather(player(0), player(1))
+        except TimeoutError:
+            error = f"stalled: a player still waited {plan.drain:g} s after the time was up"
+        return HandoffResult(contender.name, contender.role, "async", relay.samples, error)
     finally:
         await session.aclose()
 
@@ -831,8 +872,11 @@ def run_handoff_sync(contender: SyncContender, target: Target, plan: Plan) -> Ha
         threads = [threading.Thread(target=player, args=(me,), daemon=True) for me in (0, 1)]
         for thread in threads:
             thread.start()
+        end = time.monotonic() + plan.handoff_seconds + plan.drain
         for thread in threads:
-            thread.join(timeout=plan.handoff_seconds + plan.drain)
+            thread.join(timeout=max(0.0, end - time.monotonic()))
+        if any(thread.is_alive() for thread in threads):
+            errors.append(f"stalled: a player still waited {plan.drain:g} s after the time was up")
         error = errors[0] if errors else None
         return HandoffResult(contender.name, contender.role, "threads", relay.samples, error)
     finally:
@@ -847,7 +891,7 @@ def _error(exc: BaseException) -> str:
 
 
 def _failed_run(name: str, role: Role, mode: Mode, plan: Plan, exc: BaseException) -> ContentionRun:
-    return ContentionRun(name, role, mode, [], [], plan.window, plan.hold, _error(exc))
+    return ContentionRun(name, role, mode, [], [], math.nan, plan, [_error(exc)])
 
 
 @dataclass
@@ -1209,7 +1253,9 @@ def render_markdown(
     results: Results, facts: list[tuple[str, str]], target: Target, plan: Plan
 ) -> str:
     lines = ["# Lock benchmark: inturn and its peers", ""]
-    lines += [f"- **{key}**: `{value}`" for key, value in facts]
+    lines += [
+        f"- **{key}**: " + (f"`{value}`" if key == "command" else value) for key, value in facts
+    ]
     lines += [f"- **skipped**: {reason}" for reason in results.skipped]
     parts = ["\n".join(lines)]
     parts += [table.markdown() for table in build_tables(results, target, plan)]

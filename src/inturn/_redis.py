@@ -246,8 +246,10 @@ class RedisBackend:
         common = self._common
         backoff = 0.05
         first = True
+        attempt = 0
         while True:
-            pubsub = state.client.pubsub()
+            attempt += 1
+            pubsub, node_client = await self._open_pubsub(state, attempt)
             try:
                 await pubsub.subscribe(common.channel)
                 while True:  # the subscription is confirmed by its first message
@@ -277,6 +279,8 @@ class RedisBackend:
                 # while its loop still runs (its connections cannot outlive the loop).
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())
+                    if node_client is not None:
+                        await asyncio.shield(node_client.aclose(close_connection_pool=True))
                     if self._client is None:
                         await asyncio.shield(state.client.aclose(close_connection_pool=True))
                 self._states.pop(asyncio.get_running_loop(), None)
@@ -284,7 +288,7 @@ class RedisBackend:
             except Exception as exc:
                 state.subscribed.clear()
                 state.broken = exc
-                logger.warning("inturn: Redis wake-up channel lost (%r); reconnecting", exc)
+                _log_channel_lost(exc, backoff)
                 for waiter in state.waiters.values():
                     _wake(waiter)  # they re-check, and fail fast while Redis is away
                 await asyncio.sleep(backoff)
@@ -292,6 +296,27 @@ class RedisBackend:
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())
+                    if node_client is not None:
+                        await asyncio.shield(node_client.aclose(close_connection_pool=True))
+
+    @staticmethod
+    async def _open_pubsub(state: _LoopState, attempt: int) -> tuple[Any, Any]:
+        """A Pub/Sub object, and the client made for it (Cluster only) to close after.
+
+        On a Cluster, classic PUBLISH reaches subscribers on every node, so the
+        listener subscribes on one node (another one after each failure).
+        """
+        client = state.client
+        if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+            return client.pubsub(), None
+        await client.initialize()
+        nodes = client.get_nodes()
+        node = nodes[attempt % len(nodes)]
+        pool = redis.asyncio.ConnectionPool(
+            connection_class=node.connection_class, max_connections=2, **node.connection_kwargs
+        )
+        node_client = redis.asyncio.Redis(connection_pool=pool)
+        return node_client.pubsub(), node_client
 
     async def _check_eviction(self, state: _LoopState) -> None:
         try:
@@ -451,6 +476,12 @@ class RedisBackend:
             self._twin.close()
 
 
+def _log_channel_lost(exc: BaseException, backoff: float) -> None:
+    """WARNING on the first failure, DEBUG while the reconnection keeps failing."""
+    level = logging.WARNING if backoff <= 0.05 else logging.DEBUG
+    logger.log(level, "inturn: Redis wake-up channel lost (%r); reconnecting", exc)
+
+
 def _wake(waiter: _Waiter) -> None:
     if waiter.future is not None and not waiter.future.done():
         waiter.future.set_result(waiter.grant)  # type: ignore[arg-type]
@@ -491,8 +522,16 @@ class SyncRedisBackend:
         backoff = 0.05
         first = True
         pid = os.getpid()
+        attempt = 0
         while not self._stop.is_set() and pid == os.getpid():
-            pubsub = self._client.pubsub()
+            attempt += 1
+            try:
+                pubsub = self._open_pubsub(attempt)
+            except Exception as exc:
+                self._broken = exc
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
             try:
                 pubsub.subscribe(common.channel)
                 while True:
@@ -526,7 +565,7 @@ class SyncRedisBackend:
                     return
                 self._subscribed.clear()
                 self._broken = exc
-                logger.warning("inturn: Redis wake-up channel lost (%r); reconnecting", exc)
+                _log_channel_lost(exc, backoff)
                 with self._lock:
                     for waiter in self._waiters.values():
                         _wake(waiter)
@@ -535,6 +574,13 @@ class SyncRedisBackend:
             finally:
                 with contextlib.suppress(Exception):
                     pubsub.close()
+
+    def _open_pubsub(self, attempt: int) -> Any:
+        client = self._client
+        if isinstance(client, redis.cluster.RedisCluster):  # see RedisBackend._open_pubsub
+            nodes = client.get_nodes()  # type: ignore[no-untyped-call]
+            client = nodes[attempt % len(nodes)].redis_connection
+        return client.pubsub()
 
     def _run(self, name: str, key: str, args: list[Any]) -> Any:
         try:
@@ -646,7 +692,9 @@ class SyncRedisBackend:
         self._stop.set()
         if self._owned:
             self._client.close()
-            self._client.connection_pool.disconnect()
+            pool = getattr(self._client, "connection_pool", None)  # a Cluster has one per node
+            if pool is not None:
+                pool.disconnect()
 
 
 # -- URLs -------------------------------------------------------------------------------
