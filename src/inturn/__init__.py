@@ -12,25 +12,41 @@ lease renewed in the background. Different keys run in parallel.
 import their drivers when first used.
 """
 
-from ._backend import Backend, Grant, SyncBackend
+from ._backend import (
+    Backend,
+    ClaimResult,
+    DedupBackend,
+    Grant,
+    SupersedeBackend,
+    SyncBackend,
+    SyncDedupBackend,
+    SyncSupersedeBackend,
+)
+from ._dedup import Claim, Deduplicator, content_id
 from ._errors import (
     BackendUnavailable,
     Busy,
     ConfigurationError,
+    Duplicate,
     InturnError,
     InvalidKey,
     LeaseLost,
+    Skipped,
+    Superseded,
     TurnTimeout,
 )
 from ._gate import Gate
 from ._keys import MAX_KEY_BYTES
 from ._memory import MemoryBackend, SyncMemoryBackend
+from ._serialize import Serializer
 from ._turn import SyncTurn, SyncTurnRequest, Turn, TurnRequest
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "PostgresBackend": "inturn._postgres",
     "RedisBackend": "inturn._redis",
+    "SyncPostgresBackend": "inturn._postgres",
     "SyncRedisBackend": "inturn._redis",
 }
 
@@ -49,7 +65,12 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "Busy",
+    "Claim",
+    "ClaimResult",
     "ConfigurationError",
+    "DedupBackend",
+    "Deduplicator",
+    "Duplicate",
     "Gate",
     "Grant",
     "InturnError",
@@ -57,13 +78,20 @@ __all__ = [
     "LeaseLost",
     "MemoryBackend",
     "RedisBackend",
+    "Serializer",
+    "Skipped",
+    "SupersedeBackend",
+    "Superseded",
     "SyncBackend",
+    "SyncDedupBackend",
     "SyncMemoryBackend",
     "SyncRedisBackend",
+    "SyncSupersedeBackend",
     "SyncTurn",
     "SyncTurnRequest",
     "Turn",
     "TurnRequest",
     "TurnTimeout",
     "__version__",
+    "content_id",
 ]

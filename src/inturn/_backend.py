@@ -12,10 +12,20 @@ and is granted, renewed, released or leaves that line.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
-__all__ = ["Backend", "Grant", "SyncBackend"]
+__all__ = [
+    "Backend",
+    "ClaimResult",
+    "DedupBackend",
+    "Grant",
+    "SupersedeBackend",
+    "SyncBackend",
+    "SyncDedupBackend",
+    "SyncSupersedeBackend",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,3 +122,105 @@ class SyncBackend(Protocol):
     def footprint(self) -> int: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """What a dedup claim found: ``new`` (the caller now runs it), ``done`` or ``in_progress``.
+
+    ``result`` is the JSON text stored when the first run finished, if any.
+    """
+
+    state: Literal["new", "done", "in_progress"]
+    result: str | None = None
+
+
+@runtime_checkable
+class DedupBackend(Protocol):
+    """Dedup marks: one record per (key, scope, id), kept for the dedup window.
+
+    A mark is *in progress* from a successful claim until ``finish`` (then
+    *done* for ``window`` seconds) or ``abandon`` (deleted: a retry may run).
+    An in-progress mark is taken over by a new claim when its ``lease`` has
+    lapsed, or when the new claim carries a greater ``fence`` (its claimant
+    holds the key's turn now, so the old one lost it).
+    """
+
+    async def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult: ...
+
+    async def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None: ...
+
+    async def abandon(self, key: str, scope: str, id: str, token: str) -> None: ...
+
+
+@runtime_checkable
+class SyncDedupBackend(Protocol):
+    """The sync twin of :class:`DedupBackend`."""
+
+    def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult: ...
+
+    def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None: ...
+
+    def abandon(self, key: str, scope: str, id: str, token: str) -> None: ...
+
+
+@runtime_checkable
+class SupersedeBackend(Protocol):
+    """Newest-call-wins across processes (``on_busy="latest"``/``"cancel"``).
+
+    Optional: without it a gate supersedes only calls of its own process (exact
+    for ``memory://``, which has no other processes).
+    """
+
+    async def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int:
+        """Become the newest call of (key, scope); return its generation.
+
+        With ``cancel_running``, ask the running call of (key, scope), in
+        whatever process, to cancel itself.
+        """
+        ...
+
+    async def is_newest(self, key: str, scope: str, generation: int) -> bool:
+        """True while no newer call of (key, scope) has superseded ``generation``."""
+        ...
+
+    async def start_running(
+        self, key: str, scope: str, token: str, on_cancel: Callable[[], None]
+    ) -> None:
+        """Announce the running call so a newer one can cancel it: ``on_cancel`` is called."""
+        ...
+
+    async def stop_running(self, key: str, scope: str, token: str) -> None: ...
+
+
+@runtime_checkable
+class SyncSupersedeBackend(Protocol):
+    """The sync twin of :class:`SupersedeBackend` (no running-call cancellation: threads)."""
+
+    def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int: ...
+
+    def is_newest(self, key: str, scope: str, generation: int) -> bool: ...

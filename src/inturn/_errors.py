@@ -6,9 +6,12 @@ __all__ = [
     "BackendUnavailable",
     "Busy",
     "ConfigurationError",
+    "Duplicate",
     "InturnError",
     "InvalidKey",
     "LeaseLost",
+    "Skipped",
+    "Superseded",
     "TurnTimeout",
 ]
 
@@ -63,3 +66,40 @@ class LeaseLost(InturnError):
 
 class BackendUnavailable(InturnError, ConnectionError):
     """The backend's server could not be reached in time."""
+
+
+class Duplicate(InturnError):
+    """A message id was already processed (``state="done"``) or is being processed
+    (``state="in_progress"``) within its dedup window.
+
+    ``result`` is the stored JSON result of the first run when ``has_result``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str,
+        id: str,
+        state: str,
+        result: object = None,
+        has_result: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.key = key
+        self.id = id
+        self.state = state
+        self.result = result
+        self.has_result = has_result
+
+
+class Skipped(Busy):
+    """``on_busy="skip"``: the key was busy (held, queued, or its mailbox draining)."""
+
+
+class Superseded(InturnError):
+    """A newer call for the same key took this call's place (``on_busy="latest"``/``"cancel"``)."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key

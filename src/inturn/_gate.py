@@ -6,10 +6,11 @@ import asyncio
 import importlib
 import itertools
 import urllib.parse
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._backend import Backend, SyncBackend
+from ._dedup import DEFAULT_WINDOW, Deduplicator
 from ._errors import ConfigurationError
 from ._keys import normalize_key
 from ._policy import (
@@ -19,6 +20,7 @@ from ._policy import (
     check_on_lost,
     check_timeout,
 )
+from ._serialize import OnBusy, Serializer, _Registry
 from ._timers import TimerThread
 from ._turn import (
     CLEANUP_TIMEOUT,
@@ -37,6 +39,8 @@ SCHEMES: dict[str, str] = {
     "unix": "inturn._redis",
     "redis+sentinel": "inturn._redis",
     "redis+cluster": "inturn._redis",
+    "postgresql": "inturn._postgres",
+    "postgres": "inturn._postgres",
 }
 """URL scheme -> module with a ``from_url(url, *, namespace)`` factory, loaded on first use."""
 
@@ -87,6 +91,7 @@ class Gate:
         self.id = next(_gate_ids)
         """A number unique to this gate in this process."""
         self._background: set[asyncio.Future[Any]] = set()
+        self._registry = _Registry()
         self._timers = _timers
 
     @classmethod
@@ -118,6 +123,48 @@ class Gate:
         module = importlib.import_module(SCHEMES[scheme])
         backend = module.from_url(url, namespace=namespace)
         return cls(backend, lease=lease, max_hold=max_hold, on_lost=on_lost)
+
+    @property
+    def lease(self) -> float:
+        """The default lease (seconds) of this gate's turns."""
+        return self._settings.lease
+
+    def dedup(self, scope: str, *, window: float = DEFAULT_WINDOW) -> Deduplicator:
+        """Claims of message ids for ``scope`` (a function or mailbox name), kept ``window`` s.
+
+        See :class:`~inturn.Deduplicator`; ``@gate.serialize(dedup=...)`` uses it for you.
+        """
+        return Deduplicator(self, scope, window=window)
+
+    def serialize(
+        self,
+        *,
+        key: str | Callable[..., object],
+        dedup: str | Callable[..., object] | None = None,
+        on_busy: OnBusy = "wait",
+        timeout: float | None = None,
+        window: float = DEFAULT_WINDOW,
+        name: str | None = None,
+    ) -> Serializer:
+        """Decorate an ``async def`` or a ``def`` so its calls run in turn per key.
+
+        ``key``/``dedup`` name a parameter or take a callable of the call's
+        arguments. ``on_busy``: ``"wait"`` (FIFO), ``"skip"`` (raise
+        ``Skipped``), ``"latest"`` (older waiting calls raise ``Superseded``) or
+        ``"cancel"`` (also cancel the running call; async only). ``name``
+        scopes dedup ids (default: the function's qualified name). A
+        ``fence`` parameter the caller leaves out gets the turn's fence.
+        See ``docs/serialize.md``.
+        """
+        return Serializer(
+            self,
+            key=key,
+            dedup=dedup,
+            on_busy=on_busy,
+            timeout=check_timeout(timeout),
+            window=window,
+            name=name,
+        )
 
     @property
     def sync_backend(self) -> SyncBackend:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ._backend import Grant
+from ._backend import ClaimResult, Grant
 
 __all__ = ["MemoryBackend", "SyncMemoryBackend"]
 
@@ -83,6 +83,18 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 @dataclass(slots=True)
+class _Mark:
+    """A dedup mark: in progress (with a lease) or done (with an optional result)."""
+
+    done: bool
+    token: str
+    fence: int | None
+    lease_until: float
+    expires_at: float
+    result: str | None = None
+
+
+@dataclass(slots=True)
 class _Key:
     holder: str | None = None
     expires_at: float = 0.0
@@ -98,6 +110,8 @@ class _MemoryCore:
         self._keys: dict[str, _Key] = {}
         self._waiters: dict[str, _Waiter] = {}
         self._fences = itertools.count(1)
+        self._marks: dict[tuple[str, str, str], _Mark] = {}
+        self._purge_at = 1024
 
     # -- helpers, called with the lock held ----------------------------------------------
 
@@ -206,6 +220,66 @@ class _MemoryCore:
         with self._lock:
             return len(self._keys) + len(self._waiters)
 
+    # -- dedup marks -------------------------------------------------------------------
+
+    def _purge_marks(self, now: float) -> None:
+        """Drop marks past their window; amortised O(1) per claim."""
+        if len(self._marks) >= self._purge_at:
+            for name in [n for n, m in self._marks.items() if now >= m.expires_at]:
+                del self._marks[name]
+            self._purge_at = max(1024, 2 * len(self._marks))
+
+    def claim(
+        self,
+        name: tuple[str, str, str],
+        token: str,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult:
+        with self._lock:
+            now = self._clock()
+            self._purge_marks(now)
+            mark = self._marks.get(name)
+            if mark is not None and now >= mark.expires_at:
+                mark = None
+            if mark is not None:
+                if mark.done:
+                    return ClaimResult("done", mark.result)
+                taken_over = (
+                    now >= mark.lease_until
+                    or mark.token == token
+                    or (fence is not None and mark.fence is not None and fence > mark.fence)
+                )
+                if not taken_over:
+                    return ClaimResult("in_progress")
+            self._marks[name] = _Mark(False, token, fence, now + lease, now + window)
+            return ClaimResult("new")
+
+    def finish(
+        self, name: tuple[str, str, str], token: str, result: str | None, window: float
+    ) -> None:
+        with self._lock:
+            mark = self._marks.get(name)
+            if mark is not None and mark.token == token and not mark.done:
+                mark.done = True
+                mark.result = result
+                mark.expires_at = self._clock() + window
+
+    def abandon(self, name: tuple[str, str, str], token: str) -> None:
+        with self._lock:
+            mark = self._marks.get(name)
+            if mark is not None and mark.token == token and not mark.done:
+                del self._marks[name]
+
+    def marks(self) -> int:
+        """Dedup marks still inside their window (after dropping expired ones)."""
+        with self._lock:
+            now = self._clock()
+            for name in [n for n, m in self._marks.items() if now >= m.expires_at]:
+                del self._marks[name]
+            return len(self._marks)
+
 
 class MemoryBackend:
     """The async face of the in-memory backend. See the module docstring for guarantees.
@@ -251,6 +325,27 @@ class MemoryBackend:
 
     async def footprint(self) -> int:
         return self._core.footprint()
+
+    async def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult:
+        return self._core.claim((key, scope, id), token, fence, lease, window)
+
+    async def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None:
+        self._core.finish((key, scope, id), token, result, window)
+
+    async def abandon(self, key: str, scope: str, id: str, token: str) -> None:
+        self._core.abandon((key, scope, id), token)
 
     def sync_twin(self) -> SyncMemoryBackend:
         if self._twin is None:
@@ -301,6 +396,27 @@ class SyncMemoryBackend:
 
     def footprint(self) -> int:
         return self._core.footprint()
+
+    def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult:
+        return self._core.claim((key, scope, id), token, fence, lease, window)
+
+    def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None:
+        self._core.finish((key, scope, id), token, result, window)
+
+    def abandon(self, key: str, scope: str, id: str, token: str) -> None:
+        self._core.abandon((key, scope, id), token)
 
     def close(self) -> None:
         return None

@@ -38,14 +38,25 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._backend import Grant
+from ._backend import ClaimResult, Grant
 from ._errors import BackendUnavailable, ConfigurationError
 from ._redis_keys import KeySpace
-from ._redis_lua import JOIN, LEAVE, REFRESH, RELEASE, RENEW
+from ._redis_lua import (
+    ABANDON,
+    CLAIM,
+    FINISH,
+    JOIN,
+    LEAVE,
+    REFRESH,
+    RELEASE,
+    RENEW,
+    STOP_RUNNING,
+    SUPERSEDE,
+)
 
 try:
     import redis
@@ -80,7 +91,21 @@ _TRANSPORT_ERRORS = (
     OSError,
 )
 
-_SCRIPTS = {"join": JOIN, "release": RELEASE, "renew": RENEW, "leave": LEAVE, "refresh": REFRESH}
+_SCRIPTS = {
+    "join": JOIN,
+    "release": RELEASE,
+    "renew": RENEW,
+    "leave": LEAVE,
+    "refresh": REFRESH,
+    "claim": CLAIM,
+    "finish": FINISH,
+    "abandon": ABANDON,
+    "supersede": SUPERSEDE,
+    "stop_running": STOP_RUNNING,
+}
+
+SUPERSEDE_KEEP = 3600.0
+"""Seconds a (user, function) generation counter and running-call record outlive their use."""
 
 
 def _ms(seconds: float) -> int:
@@ -119,6 +144,13 @@ def _next_check(reply: Sequence[Any], lease: float) -> float:
     return time.monotonic() + interval
 
 
+def _claimed(reply: Sequence[Any]) -> ClaimResult:
+    state = _text(reply[0])
+    if state == "done":
+        return ClaimResult("done", _text(reply[1]) if reply[1] else None)
+    return ClaimResult("new" if state == "new" else "in_progress")
+
+
 def _unavailable(exc: BaseException, what: str) -> BackendUnavailable:
     return BackendUnavailable(f"Redis did not answer ({what}): {exc}")
 
@@ -147,6 +179,7 @@ class _LoopState:
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
     broken: BaseException | None = None
     listener: asyncio.Task[None] | None = None
+    cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
 
 
 class _Common:
@@ -271,7 +304,13 @@ class RedisBackend:
                         ignore_subscribe_messages=True, timeout=IDLE_READ
                     )
                     if message is not None and message["type"] == "message":
-                        granted = common.deliver(message["data"], state.waiters)
+                        data = _text(message["data"])
+                        if data.startswith("cancel|"):
+                            on_cancel = state.cancels.get(data[7:])
+                            if on_cancel is not None:
+                                on_cancel()
+                            continue
+                        granted = common.deliver(data, state.waiters)
                         if granted is not None:
                             _wake(granted)
             except asyncio.CancelledError:
@@ -280,9 +319,9 @@ class RedisBackend:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())
                     if node_client is not None:
-                        await asyncio.shield(node_client.aclose(close_connection_pool=True))
+                        await asyncio.shield(_aclose(node_client))
                     if self._client is None:
-                        await asyncio.shield(state.client.aclose(close_connection_pool=True))
+                        await asyncio.shield(_aclose(state.client))
                 self._states.pop(asyncio.get_running_loop(), None)
                 raise
             except Exception as exc:
@@ -297,7 +336,7 @@ class RedisBackend:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())
                     if node_client is not None:
-                        await asyncio.shield(node_client.aclose(close_connection_pool=True))
+                        await asyncio.shield(_aclose(node_client))
 
     @staticmethod
     async def _open_pubsub(state: _LoopState, attempt: int) -> tuple[Any, Any]:
@@ -327,9 +366,12 @@ class RedisBackend:
             return
         self._common.warn_eviction(policy)
 
-    async def _run(self, state: _LoopState, name: str, key: str, args: list[Any]) -> Any:
+    async def _run(
+        self, state: _LoopState, name: str, key: str, args: list[Any], keys: list[str] | None = None
+    ) -> Any:
+        keys = self._common.keys.turn_keys(key) if keys is None else keys
         try:
-            return await state.scripts[name](keys=self._common.keys.turn_keys(key), args=args)
+            return await state.scripts[name](keys=keys, args=args)
         except _TRANSPORT_ERRORS as exc:
             raise _unavailable(exc, name) from exc
         except redis.exceptions.ResponseError as exc:
@@ -440,9 +482,68 @@ class RedisBackend:
         keys = self._common.keys
         count = 0
         async for name in self._state().client.scan_iter(match=keys.prefix + "*", count=1000):
-            if not keys.is_fence_floor(_text(name)):
+            if keys.is_turn_state(_text(name)):
                 count += 1
         return count
+
+    async def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult:
+        mark = [self._common.keys.mark_key(key, scope, id)]
+        args = [token, "" if fence is None else fence, _ms(lease), _ms(window)]
+        return _claimed(await self._run(self._state(), "claim", key, args, mark))
+
+    async def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None:
+        mark = [self._common.keys.mark_key(key, scope, id)]
+        args = [token, _ms(window)] + ([] if result is None else [result])
+        await self._run(self._state(), "finish", key, args, mark)
+
+    async def abandon(self, key: str, scope: str, id: str, token: str) -> None:
+        mark = [self._common.keys.mark_key(key, scope, id)]
+        await self._run(self._state(), "abandon", key, [token], mark)
+
+    async def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int:
+        state = await self._listening() if cancel_running else self._state()
+        keys = self._common.keys.supersede_keys(key, scope)
+        args = ["1" if cancel_running else "0", _ms(SUPERSEDE_KEEP)]
+        return int(await self._run(state, "supersede", key, args, keys))
+
+    async def is_newest(self, key: str, scope: str, generation: int) -> bool:
+        counter = self._common.keys.supersede_keys(key, scope)[0]
+        try:
+            current = await self._state().client.get(counter)
+        except _TRANSPORT_ERRORS as exc:
+            raise _unavailable(exc, "is_newest") from exc
+        return current is None or int(current) <= generation
+
+    async def start_running(
+        self, key: str, scope: str, token: str, on_cancel: Callable[[], None]
+    ) -> None:
+        state = await self._listening()
+        state.cancels[token] = on_cancel
+        running = self._common.keys.supersede_keys(key, scope)[1]
+        value = f"{token}|{self._common.channel}"
+        try:
+            await state.client.set(running, value, px=_ms(SUPERSEDE_KEEP))
+        except _TRANSPORT_ERRORS as exc:
+            state.cancels.pop(token, None)
+            raise _unavailable(exc, "start_running") from exc
+
+    async def stop_running(self, key: str, scope: str, token: str) -> None:
+        state = self._state()
+        state.cancels.pop(token, None)
+        running = self._common.keys.supersede_keys(key, scope)[1:]
+        await self._run(state, "stop_running", key, [token], running)
 
     def sync_twin(self) -> SyncRedisBackend:
         if self._twin is None:
@@ -470,10 +571,18 @@ class RedisBackend:
                 with contextlib.suppress(BaseException):
                     await state.listener
             elif self._client is None:
-                await state.client.aclose(close_connection_pool=True)
+                await _aclose(state.client)
         self._states.clear()
         if self._twin is not None:
             self._twin.close()
+
+
+async def _aclose(client: Any) -> None:
+    """Close a client made here, with its connection pool(s)."""
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        await client.aclose()  # closes every node's connections
+    else:
+        await client.aclose(close_connection_pool=True)
 
 
 def _log_channel_lost(exc: BaseException, backoff: float) -> None:
@@ -504,6 +613,7 @@ class SyncRedisBackend:
         self._thread: threading.Thread | None = None
         self._pid = -1
         self._stop = threading.Event()
+        self._pubsub: Any = None
 
     def _listening(self) -> None:
         with self._lock:
@@ -526,7 +636,7 @@ class SyncRedisBackend:
         while not self._stop.is_set() and pid == os.getpid():
             attempt += 1
             try:
-                pubsub = self._open_pubsub(attempt)
+                pubsub = self._pubsub = self._open_pubsub(attempt)
             except Exception as exc:
                 self._broken = exc
                 time.sleep(backoff)
@@ -582,9 +692,10 @@ class SyncRedisBackend:
             client = nodes[attempt % len(nodes)].redis_connection
         return client.pubsub()
 
-    def _run(self, name: str, key: str, args: list[Any]) -> Any:
+    def _run(self, name: str, key: str, args: list[Any], keys: list[str] | None = None) -> Any:
+        keys = self._common.keys.turn_keys(key) if keys is None else keys
         try:
-            return self._scripts[name](keys=self._common.keys.turn_keys(key), args=args)
+            return self._scripts[name](keys=keys, args=args)
         except _TRANSPORT_ERRORS as exc:
             raise _unavailable(exc, name) from exc
         except redis.exceptions.ResponseError as exc:
@@ -685,16 +796,60 @@ class SyncRedisBackend:
         return sum(
             1
             for name in self._client.scan_iter(match=keys.prefix + "*", count=1000)
-            if not keys.is_fence_floor(_text(name))
+            if keys.is_turn_state(_text(name))
         )
+
+    def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult:
+        mark = [self._common.keys.mark_key(key, scope, id)]
+        args = [token, "" if fence is None else fence, _ms(lease), _ms(window)]
+        return _claimed(self._run("claim", key, args, mark))
+
+    def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None:
+        mark = [self._common.keys.mark_key(key, scope, id)]
+        self._run("finish", key, [token, _ms(window)] + ([] if result is None else [result]), mark)
+
+    def abandon(self, key: str, scope: str, id: str, token: str) -> None:
+        self._run("abandon", key, [token], [self._common.keys.mark_key(key, scope, id)])
+
+    def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int:
+        keys = self._common.keys.supersede_keys(key, scope)
+        args = ["1" if cancel_running else "0", _ms(SUPERSEDE_KEEP)]
+        return int(self._run("supersede", key, args, keys))
+
+    def is_newest(self, key: str, scope: str, generation: int) -> bool:
+        try:
+            current = self._client.get(self._common.keys.supersede_keys(key, scope)[0])
+        except _TRANSPORT_ERRORS as exc:
+            raise _unavailable(exc, "is_newest") from exc
+        return current is None or int(current) <= generation
 
     def close(self) -> None:
         self._stop.set()
+        pubsub = self._pubsub
+        if pubsub is not None:  # wakes the listener's blocked read: it sees _stop and ends
+            with contextlib.suppress(Exception):
+                pubsub.close()
         if self._owned:
-            self._client.close()
-            pool = getattr(self._client, "connection_pool", None)  # a Cluster has one per node
-            if pool is not None:
-                pool.disconnect()
+            client = self._client
+            if isinstance(client, redis.cluster.RedisCluster):  # one pool per node
+                for node in client.get_nodes():  # type: ignore[no-untyped-call]
+                    if node.redis_connection is not None:
+                        node.redis_connection.connection_pool.disconnect()
+            else:
+                client.connection_pool.disconnect()
+            client.close()
 
 
 # -- URLs -------------------------------------------------------------------------------

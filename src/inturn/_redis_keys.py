@@ -47,9 +47,19 @@ class KeySpace:
         base = f"{self.prefix}{{{encode(key)}}}:"
         return [base + "o", base + "q", base + "w", base + "f"]
 
+    def mark_key(self, key: str, scope: str, id: str) -> str:
+        """The dedup mark of message ``id`` of ``scope`` (a function or mailbox) for ``key``."""
+        return f"{self.prefix}{{{encode(key)}}}:d:{encode(scope)}:{encode(id)}"
+
+    def supersede_keys(self, key: str, scope: str) -> list[str]:
+        """The generation counter and the running-call record of (key, scope)."""
+        base = f"{self.prefix}{{{encode(key)}}}:"
+        return [f"{base}g:{encode(scope)}", f"{base}r:{encode(scope)}"]
+
     def channel(self, process: str) -> str:
         """The Pub/Sub channel on which a process is woken."""
         return f"{self.prefix}wake:{process}"
 
-    def is_fence_floor(self, name: str) -> bool:
-        return name.endswith("}:f")
+    def is_turn_state(self, name: str) -> bool:
+        """True for the keys a turn keeps while held or queued (not fences, not marks)."""
+        return name.endswith(("}:o", "}:q", "}:w"))

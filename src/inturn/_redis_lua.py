@@ -27,7 +27,19 @@ strands a held turn.
 
 from __future__ import annotations
 
-__all__ = ["FENCE_TTL", "JOIN", "LEAVE", "REFRESH", "RELEASE", "RENEW"]
+__all__ = [
+    "ABANDON",
+    "CLAIM",
+    "FENCE_TTL",
+    "FINISH",
+    "JOIN",
+    "LEAVE",
+    "REFRESH",
+    "RELEASE",
+    "RENEW",
+    "STOP_RUNNING",
+    "SUPERSEDE",
+]
 
 FENCE_TTL = 30 * 24 * 3600
 """Seconds an idle key's fence floor is kept (fences stay increasing after it expires)."""
@@ -201,3 +213,94 @@ end
 return {0, redis.call('PTTL', KEYS[1])}
 """
 )
+
+# -- dedup marks: KEYS[1] is one hash per (user, scope, id), in the user's hash tag ------
+# fields: s = "p" (in progress) | "d" (done); t = claimant token; f = its fence ("" if none);
+#         x = lease end (server ms, while in progress); r = the result's JSON text (optional)
+
+_NOW = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+CLAIM = (
+    "#!lua\n"
+    + _NOW
+    + """
+-- CLAIM: start processing a message id unless it is done or in progress elsewhere.
+-- ARGV[1]: token  ARGV[2]: fence or ""  ARGV[3]: lease_ms  ARGV[4]: window_ms
+-- returns: {"new"} | {"done", result or false} | {"in_progress"}
+local now = now_ms()
+local mark = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'x', 'r')
+if mark[1] == 'd' then return {'done', mark[5] or false} end
+if mark[1] == 'p' then
+  local newer = ARGV[2] ~= '' and mark[3] ~= '' and tonumber(ARGV[2]) > tonumber(mark[3])
+  if not (newer or mark[2] == ARGV[1] or now >= tonumber(mark[4])) then
+    return {'in_progress'}
+  end
+end
+redis.call('DEL', KEYS[1])
+local lease_end = string.format('%.0f', now + tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 's', 'p', 't', ARGV[1], 'f', ARGV[2], 'x', lease_end)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {'new'}
+"""
+)
+
+FINISH = """#!lua flags=allow-oom
+-- FINISH: mark a claimed id done for the window, with the result's JSON text if any.
+-- ARGV[1]: token  ARGV[2]: window_ms  ARGV[3]: result JSON text (absent: no result)
+-- returns: 1 done | 0 the claim was not ours any more
+if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] or redis.call('HGET', KEYS[1], 's') ~= 'p' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 's', 'd')
+redis.call('HDEL', KEYS[1], 'x')
+if ARGV[3] then redis.call('HSET', KEYS[1], 'r', ARGV[3]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+ABANDON = """#!lua flags=allow-oom
+-- ABANDON: the run failed; forget our in-progress claim so a retry can run.
+-- ARGV[1]: token
+-- returns: 1 forgotten | 0 not ours (or already done)
+if redis.call('HGET', KEYS[1], 't') == ARGV[1] and redis.call('HGET', KEYS[1], 's') == 'p' then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# -- newest call wins: KEYS[1] generation counter, KEYS[2] running call "<token>|<channel>" ----
+
+SUPERSEDE = """#!lua
+-- SUPERSEDE: become the newest call of (user, scope); optionally cancel the running one.
+-- ARGV[1]: "1" to push a cancel to the running call  ARGV[2]: keep_ms for both keys
+-- returns: the new generation
+local generation = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[1] == '1' then
+  local running = redis.call('GET', KEYS[2])
+  if running then
+    local bar = string.find(running, '|', 1, true)
+    local token, channel = string.sub(running, 1, bar - 1), string.sub(running, bar + 1)
+    redis.call('PUBLISH', channel, 'cancel|' .. token)
+  end
+end
+return generation
+"""
+
+STOP_RUNNING = """#!lua flags=allow-oom
+-- STOP_RUNNING: forget the running-call record if it is still ours.
+-- ARGV[1]: token
+-- returns: 1 forgotten | 0 not ours
+local running = redis.call('GET', KEYS[1])
+if running and string.sub(running, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""

@@ -39,7 +39,7 @@ from ._policy import Deadline, LeaseClock, OnLost
 if TYPE_CHECKING:
     from ._gate import Gate
 
-__all__ = ["SyncTurn", "SyncTurnRequest", "Turn", "TurnRequest"]
+__all__ = ["SyncTurn", "SyncTurnRequest", "Turn", "TurnRequest", "new_token"]
 
 logger = logging.getLogger("inturn")
 
@@ -181,7 +181,7 @@ class _Tokens:
         return f"{self._prefix}{next(self._counter):x}"
 
 
-_new_token = _Tokens()
+new_token = _Tokens()
 
 
 def _log_cleanup_failure(what: str, key: str, exc: BaseException) -> None:
@@ -330,7 +330,7 @@ class TurnRequest:
             self._reused = True
             self._turn = again
             return again
-        token = _new_token()
+        token = new_token()
         self._asked_at = time.monotonic()
         grant = await self._acquire(token, Deadline.after(self._timeout, self._asked_at))
         s = self._settings
@@ -567,7 +567,7 @@ class SyncTurnRequest:
             self._reused = True
             self._turn = again
             return again
-        token = _new_token()
+        token = new_token()
         self._asked_at = time.monotonic()
         grant = self._acquire(token, Deadline.after(self._timeout, self._asked_at))
         s = self._settings

@@ -43,9 +43,9 @@ def contend_sync(url: str, namespace: str, out: str, keys: int, threads: int, ro
     def thread(n: int) -> None:
         rng = random.Random(n * 7919 + os.getpid())
         for _ in range(rounds):
-            with gate.turn_sync(f"user:{rng.randrange(keys)}", timeout=60) as turn:
-                with history.span(turn, f"pid{os.getpid()}-t{n}"):
-                    time.sleep(rng.random() * 0.002)
+            request = gate.turn_sync(f"user:{rng.randrange(keys)}", timeout=60)
+            with request as turn, history.span(turn, f"pid{os.getpid()}-t{n}"):
+                time.sleep(rng.random() * 0.002)
 
     workers = [threading.Thread(target=thread, args=(n,)) for n in range(threads)]
     for w in workers:

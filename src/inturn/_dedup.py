@@ -1,0 +1,217 @@
+"""Dedup windows: a message id is processed at most once within its window.
+
+    dedup = gate.dedup("replies", window=300)
+    async with dedup.claim(user_id, update.update_id) as claim:
+        reply = await answer(...)
+        claim.result = reply          # optional: stored (JSON) for duplicates to return
+
+Each (namespace, scope, user key, id) has one mark, so one user can never
+suppress another user's message by reusing its id. A claim raises
+:class:`~inturn.Duplicate` when the id is *done* (with the stored result, if
+any) or *in progress* elsewhere. A run that raises abandons its claim (a retry
+may run); a claimant that died is replaced once its claim's lease lapses, or
+at once by a claimant holding the key's turn with a greater fence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from ._backend import ClaimResult, DedupBackend, SyncDedupBackend
+from ._errors import ConfigurationError, Duplicate
+from ._keys import normalize_key
+
+if TYPE_CHECKING:
+    from ._gate import Gate
+
+__all__ = ["DEFAULT_WINDOW", "MAX_RESULT_BYTES", "Claim", "Deduplicator", "content_id"]
+
+DEFAULT_WINDOW = 300.0
+"""Seconds a processed id stays remembered (5 minutes, like SQS FIFO)."""
+
+MAX_RESULT_BYTES = 64 * 1024
+"""Results larger than this (as JSON) are not stored; duplicates then raise Duplicate."""
+
+_NO_RESULT = object()
+
+
+def content_id(*parts: object) -> str:
+    """A dedup id from content (the seed's SHA-256 approach): same parts, same id.
+
+    Prefer the platform's own ids (Telegram's ``update_id``/``message_id``):
+    two different messages with the same text are not duplicates.
+    """
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def encode_result(value: object) -> str | None:
+    """The JSON text to store for ``value``, or None when it would not come back equal."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    if len(text.encode()) > MAX_RESULT_BYTES or json.loads(text) != value:
+        return None
+    return text
+
+
+class Claim:
+    """A claimed message id; set :attr:`result` to store it for duplicates."""
+
+    __slots__ = ("fence", "id", "key", "result", "scope")
+
+    def __init__(self, key: str, scope: str, id: str, fence: int | None) -> None:
+        self.key = key
+        self.scope = scope
+        self.id = id
+        self.fence = fence
+        self.result: object = _NO_RESULT
+        """The value duplicates get back (JSON-serialisable, at most 64 KiB); unset: none."""
+
+
+def _duplicate(key: str, scope: str, id: str, found: ClaimResult) -> Duplicate:
+    if found.state == "done":
+        has = found.result is not None
+        return Duplicate(
+            f"message {id!r} of key {key!r} ({scope}) was already processed",
+            key=key,
+            id=id,
+            state="done",
+            result=json.loads(found.result) if found.result is not None else None,
+            has_result=has,
+        )
+    return Duplicate(
+        f"message {id!r} of key {key!r} ({scope}) is being processed elsewhere",
+        key=key,
+        id=id,
+        state="in_progress",
+    )
+
+
+class Deduplicator:
+    """Claims message ids for one scope (a function or mailbox name). See module docs."""
+
+    def __init__(self, gate: Gate, scope: str, *, window: float = DEFAULT_WINDOW) -> None:
+        if not isinstance(scope, str) or not scope:
+            raise ConfigurationError("a dedup scope must be a non-empty str")
+        if isinstance(window, bool) or not isinstance(window, int | float):
+            raise ConfigurationError(f"window must be seconds, not {window!r}")
+        if not (0 < window < math.inf):
+            raise ConfigurationError(f"window must be positive and finite, not {window!r}")
+        self.gate = gate
+        self.scope = scope
+        self.window = float(window)
+
+    def _store(self) -> DedupBackend:
+        backend = self.gate.backend
+        if not isinstance(backend, DedupBackend):
+            raise ConfigurationError(f"{type(backend).__name__} does not keep dedup marks")
+        return backend
+
+    def _sync_store(self) -> SyncDedupBackend:
+        backend = self.gate.sync_backend
+        if not isinstance(backend, SyncDedupBackend):
+            raise ConfigurationError(f"{type(backend).__name__} does not keep dedup marks")
+        return backend
+
+    def claim(
+        self, key: str | int, id: str | int, *, fence: int | None = None, lease: float | None = None
+    ) -> ClaimRequest:
+        """``async with`` this to process message ``id`` of ``key`` at most once.
+
+        ``fence``: the fence of the key's turn the caller holds, if any (a
+        newer turn takes over a stale in-progress claim at once). ``lease``:
+        how long an in-progress claim blocks duplicates if its claimant dies
+        (default: the gate's lease).
+        """
+        return ClaimRequest(self, normalize_key(key), normalize_key(id), fence, lease)
+
+    def claim_sync(
+        self, key: str | int, id: str | int, *, fence: int | None = None, lease: float | None = None
+    ) -> SyncClaimRequest:
+        """The thread twin of :meth:`claim`."""
+        return SyncClaimRequest(self, normalize_key(key), normalize_key(id), fence, lease)
+
+
+class _ClaimBase:
+    __slots__ = ("_claim", "_lease", "_owner", "_token")
+
+    def __init__(
+        self, owner: Deduplicator, key: str, id: str, fence: int | None, lease: float | None
+    ) -> None:
+        from ._turn import new_token
+
+        self._owner = owner
+        self._token = new_token()
+        self._lease = owner.gate.lease if lease is None else lease
+        self._claim = Claim(key, owner.scope, id, fence)
+
+    def _found(self, found: ClaimResult) -> Claim:
+        if found.state != "new":
+            c = self._claim
+            raise _duplicate(c.key, c.scope, c.id, found)
+        return self._claim
+
+    def _outcome(self, exc: BaseException | None) -> tuple[bool, str | None]:
+        """(finished?, result text): an exception abandons the claim."""
+        if exc is not None:
+            return False, None
+        result = self._claim.result
+        return True, None if result is _NO_RESULT else encode_result(result)
+
+
+class ClaimRequest(_ClaimBase):
+    """``async with dedup.claim(key, id) as claim`` (see :meth:`Deduplicator.claim`)."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Claim:
+        c, o = self._claim, self._owner
+        found = await o._store().claim(
+            c.key, c.scope, c.id, self._token, fence=c.fence, lease=self._lease, window=o.window
+        )
+        return self._found(found)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        c, store = self._claim, self._owner._store()
+        finished, text = self._outcome(exc)
+        if finished:
+            await store.finish(c.key, c.scope, c.id, self._token, text, window=self._owner.window)
+        else:
+            await store.abandon(c.key, c.scope, c.id, self._token)
+
+
+class SyncClaimRequest(_ClaimBase):
+    """``with dedup.claim_sync(key, id) as claim`` (see :meth:`Deduplicator.claim_sync`)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Claim:
+        c, o = self._claim, self._owner
+        found = o._sync_store().claim(
+            c.key, c.scope, c.id, self._token, fence=c.fence, lease=self._lease, window=o.window
+        )
+        return self._found(found)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        c, store = self._claim, self._owner._sync_store()
+        finished, text = self._outcome(exc)
+        if finished:
+            store.finish(c.key, c.scope, c.id, self._token, text, window=self._owner.window)
+        else:
+            store.abandon(c.key, c.scope, c.id, self._token)
