@@ -190,12 +190,21 @@ class _Common:
         self.channel = channel
         self.checked_eviction = False
 
-    def deliver(self, data: bytes | str, waiters: dict[str, _Waiter]) -> _Waiter | None:
-        """Match a push ("<token>|<fence>") to a waiter of this loop or thread."""
+    def deliver(
+        self, data: bytes | str, waiters: dict[str, _Waiter], granted_at: float | None = None
+    ) -> _Waiter | None:
+        """Match a grant ("<token>|<fence>") to a waiter of this loop or thread.
+
+        ``granted_at``: a time before the grant, when known (the release that
+        handed off was sent then). A push does not say when the grant was made;
+        its arrival time is used, which is late by the push's transit (well
+        inside the two thirds of a lease that renewal leaves as margin).
+        """
         token, _, fence = _text(data).partition("|")
         waiter = waiters.get(token)
         if waiter is not None and waiter.grant is None:
-            waiter.grant = Grant(fence=int(fence), granted_at=time.monotonic())
+            when = time.monotonic() if granted_at is None else granted_at
+            waiter.grant = Grant(fence=int(fence), granted_at=when)
             return waiter
         return None
 
@@ -452,7 +461,14 @@ class RedisBackend:
         return bool(reply)
 
     async def release(self, key: str, token: str) -> None:
-        await self._run(self._state(), "release", key, [token])
+        state = self._state()
+        sent = time.monotonic()
+        reply = await self._run(state, "release", key, [token])
+        if len(reply) == 3:  # handed off: if to a waiter of ours, wake it now, not on the push
+            handed = f"{_text(reply[1])}|{reply[2]}"
+            granted = self._common.deliver(handed, state.waiters, sent)
+            if granted is not None:
+                _wake(granted)
 
     async def leave(self, key: str, token: str) -> Grant | None:
         state = self._state()
@@ -766,7 +782,14 @@ class SyncRedisBackend:
         return bool(self._run("renew", key, [token, _ms(lease)]))
 
     def release(self, key: str, token: str) -> None:
-        self._run("release", key, [token])
+        sent = time.monotonic()
+        reply = self._run("release", key, [token])
+        if len(reply) == 3:  # see RedisBackend.release
+            handed = f"{_text(reply[1])}|{reply[2]}"
+            with self._lock:
+                granted = self._common.deliver(handed, self._waiters, sent)
+            if granted is not None:
+                _wake(granted)
 
     def leave(self, key: str, token: str) -> Grant | None:
         with self._lock:

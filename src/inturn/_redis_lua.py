@@ -73,7 +73,8 @@ local function grant(token, lease_ms)
   return fence
 end
 
--- Grant the turn to the first live waiter and push it the news; false if none is alive.
+-- Grant the turn to the first live waiter and push it the news: its token and fence,
+-- or false if no waiter is alive.
 local function hand_off(now)
   while true do
     local token = redis.call('LPOP', KEYS[2])
@@ -88,7 +89,7 @@ local function hand_off(now)
       if tonumber(alive) > now then
         local fence = grant(token, lease)
         redis.call('PUBLISH', channel, token .. '|' .. int(fence))
-        return token
+        return token, fence
       end
     end
   end
@@ -144,12 +145,14 @@ RELEASE = (
     + """
 -- RELEASE: if ARGV[1] holds the turn, hand it to the next live waiter (or free the key).
 -- ARGV[1]: token
--- returns: 1 released | 0 not the holder (nothing done)
+-- returns: {1, next_token, next_fence} handed off | {1} freed | {0} not the holder (no-op)
+-- (The releasing process wakes next_token at once if it is one of its own waiters.)
 local value = redis.call('GET', KEYS[1])
-if not value or holder(value) ~= ARGV[1] then return 0 end
+if not value or holder(value) ~= ARGV[1] then return {0} end
 redis.call('DEL', KEYS[1])
-hand_off(now_ms())
-return 1
+local next_token, next_fence = hand_off(now_ms())
+if next_token then return {1, next_token, next_fence} end
+return {1}
 """
 )
 
