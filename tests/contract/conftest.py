@@ -20,7 +20,7 @@ from inturn.testing import History
 
 T = TypeVar("T")
 
-BACKENDS = ["memory", "redis"]
+BACKENDS = ["memory", "redis", "postgres"]
 MODES = ["async", "sync"]
 
 
@@ -31,6 +31,10 @@ def make_gate(request: pytest.FixtureRequest, backend: str, **options: float) ->
         url = request.getfixturevalue("redis_url")
         namespace = f"t{secrets.token_hex(4)}"
         return inturn.Gate.from_url(url, namespace=namespace, **options)  # type: ignore[arg-type]
+    if backend == "postgres":
+        dsn = request.getfixturevalue("postgres_dsn")
+        namespace = f"t{secrets.token_hex(4)}"
+        return inturn.Gate.from_url(dsn, namespace=namespace, **options)  # type: ignore[arg-type]
     raise AssertionError(f"unknown backend {backend}")
 
 
