@@ -17,6 +17,7 @@ from ._backend import (
     ClaimResult,
     DedupBackend,
     Grant,
+    MailboxBackend,
     SupersedeBackend,
     SyncBackend,
     SyncDedupBackend,
@@ -30,13 +31,16 @@ from ._errors import (
     Duplicate,
     InturnError,
     InvalidKey,
+    InvalidPayload,
     LeaseLost,
+    MailboxFull,
     Skipped,
     Superseded,
     TurnTimeout,
 )
 from ._gate import Gate
 from ._keys import MAX_KEY_BYTES
+from ._mailbox import DeadLetter, Mailbox, Message
 from ._memory import MemoryBackend, SyncMemoryBackend
 from ._serialize import Serializer
 from ._turn import SyncTurn, SyncTurnRequest, Turn, TurnRequest
@@ -68,6 +72,7 @@ __all__ = [
     "Claim",
     "ClaimResult",
     "ConfigurationError",
+    "DeadLetter",
     "DedupBackend",
     "Deduplicator",
     "Duplicate",
@@ -75,8 +80,13 @@ __all__ = [
     "Grant",
     "InturnError",
     "InvalidKey",
+    "InvalidPayload",
     "LeaseLost",
+    "Mailbox",
+    "MailboxBackend",
+    "MailboxFull",
     "MemoryBackend",
+    "Message",
     "RedisBackend",
     "Serializer",
     "Skipped",

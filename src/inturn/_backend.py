@@ -21,10 +21,12 @@ __all__ = [
     "ClaimResult",
     "DedupBackend",
     "Grant",
+    "MailboxBackend",
     "SupersedeBackend",
     "SyncBackend",
     "SyncDedupBackend",
     "SyncSupersedeBackend",
+    "Taken",
 ]
 
 
@@ -224,3 +226,80 @@ class SyncSupersedeBackend(Protocol):
     def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int: ...
 
     def is_newest(self, key: str, scope: str, generation: int) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What a drainer's ``mb_take`` got.
+
+    ``messages``: stored message texts, oldest first (redelivered ones first);
+    empty means the queue was empty and the drainer role was given up in the
+    same atomic step. ``lost_role``: another drainer owns the queue now.
+    ``wait``: seconds until the head message may be retried (nothing taken).
+    """
+
+    messages: tuple[str, ...] = ()
+    lost_role: bool = False
+    wait: float = 0.0
+
+
+@runtime_checkable
+class MailboxBackend(Protocol):
+    """Durable per-key queues with a drainer role (see ``inturn/_mailbox.py``).
+
+    Per (mailbox name, key): a queue, an in-flight list and a drainer role
+    with a lease. Every method is atomic on one key; ``mb_hint``/``mb_hinted``
+    keep a separate, idempotent index of keys that may need a sweeper.
+    """
+
+    async def mb_submit(
+        self,
+        name: str,
+        key: str,
+        message: str,
+        *,
+        max_pending: int,
+        drop_oldest: bool,
+        token: str,
+        lease: float,
+    ) -> tuple[int, int]:
+        """Store ``message``; returns (status, dropped).
+
+        status 1: stored and the caller is now the drainer (role taken with
+        ``token``); 0: stored, a drainer exists; -1: refused, the queue is full.
+        """
+        ...
+
+    async def mb_take(
+        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+    ) -> Taken:
+        """Renew the role, acknowledge what was in flight when ``ack``, then take up to
+        ``limit`` messages (or give the role up, atomically, if none is left)."""
+        ...
+
+    async def mb_done(self, name: str, key: str, token: str) -> None:
+        """Acknowledge everything in flight (it was processed or dead-lettered)."""
+        ...
+
+    async def mb_retry(self, name: str, key: str, token: str, messages: list[str]) -> None:
+        """Replace the in-flight messages by ``messages`` at the queue's head."""
+        ...
+
+    async def mb_claim(self, name: str, key: str, token: str, *, lease: float) -> int:
+        """Sweeper: 1 became drainer (in-flight messages go back to the head first);
+        0 a live drainer exists; -1 nothing left to drain."""
+        ...
+
+    async def mb_renew(self, name: str, key: str, token: str, *, lease: float) -> bool: ...
+
+    async def mb_pending(self, name: str, key: str) -> int: ...
+
+    async def mb_draining(self, name: str, key: str) -> bool: ...
+
+    async def mb_hint(self, name: str, key: str, present: bool) -> None: ...
+
+    async def mb_hinted(self, name: str) -> list[str]: ...
+
+    async def mb_dead(self, name: str, entries: list[str]) -> None: ...
+
+    async def mb_dead_letters(self, name: str, limit: int) -> list[str]: ...

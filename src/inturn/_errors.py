@@ -9,7 +9,9 @@ __all__ = [
     "Duplicate",
     "InturnError",
     "InvalidKey",
+    "InvalidPayload",
     "LeaseLost",
+    "MailboxFull",
     "Skipped",
     "Superseded",
     "TurnTimeout",
@@ -103,3 +105,16 @@ class Superseded(InturnError):
     def __init__(self, message: str, *, key: str) -> None:
         super().__init__(message)
         self.key = key
+
+
+class MailboxFull(InturnError):
+    """A key's mailbox queue holds ``max_pending`` messages (``overflow="reject"``)."""
+
+    def __init__(self, message: str, *, key: str, mailbox: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.mailbox = mailbox
+
+
+class InvalidPayload(InturnError, ValueError):
+    """A mailbox payload is not JSON or is larger than ``max_payload_bytes``."""

@@ -13,6 +13,7 @@ from ._backend import Backend, SyncBackend
 from ._dedup import DEFAULT_WINDOW, Deduplicator
 from ._errors import ConfigurationError
 from ._keys import normalize_key
+from ._mailbox import Handler, Mailbox
 from ._policy import (
     OnLost,
     check_lease,
@@ -92,6 +93,7 @@ class Gate:
         """A number unique to this gate in this process."""
         self._background: set[asyncio.Future[Any]] = set()
         self._registry = _Registry()
+        self._mailboxes: dict[str, Mailbox] = {}
         self._timers = _timers
 
     @classmethod
@@ -135,6 +137,26 @@ class Gate:
         See :class:`~inturn.Deduplicator`; ``@gate.serialize(dedup=...)`` uses it for you.
         """
         return Deduplicator(self, scope, window=window)
+
+    def mailbox(self, name: str, *, handler: Handler, **options: Any) -> Mailbox:
+        """A durable per-key queue that drains itself: see :class:`~inturn.Mailbox`.
+
+        ``options``: ``batch``, ``max_batch``, ``max_pending``, ``overflow``,
+        ``max_payload_bytes``, ``drain``, ``debounce``, ``debounce_max``,
+        ``max_attempts``, ``backoff``, ``dedup_window``. One name per gate.
+        """
+        if name in self._mailboxes:
+            raise ConfigurationError(f"this gate already has a mailbox named {name!r}")
+        box = Mailbox(self, name, handler, **options)
+        self._mailboxes[name] = box
+        return box
+
+    async def _mailbox_draining(self, key: str) -> bool:
+        """True if any of this gate's mailboxes is draining ``key`` (for ``on_busy="skip"``)."""
+        for box in self._mailboxes.values():
+            if await box.is_draining(key):
+                return True
+        return False
 
     def serialize(
         self,
@@ -289,7 +311,9 @@ class Gate:
         task.add_done_callback(self._background.discard)
 
     async def aclose(self) -> None:
-        """Wait for pending cleanups, then close the backend(s)."""
+        """Stop mailboxes, wait for pending cleanups, then close the backend(s)."""
+        for box in self._mailboxes.values():
+            await box.aclose()
         if self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         if self._sync_backend is not None:

@@ -18,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ._backend import ClaimResult, Grant
+from ._backend import ClaimResult, Grant, Taken
 
 __all__ = ["MemoryBackend", "SyncMemoryBackend"]
 
@@ -95,6 +97,22 @@ class _Mark:
 
 
 @dataclass(slots=True)
+class _Box:
+    """One key's queue in one mailbox."""
+
+    queue: deque[str] = field(default_factory=deque)
+    inflight: list[str] = field(default_factory=list)
+    drainer: str | None = None
+    drainer_until: float = 0.0
+
+
+def retry_wait(message: str, now_epoch: float) -> float:
+    """Seconds until a stored message may be retried (its "nb" field), 0 if now."""
+    not_before = json.loads(message).get("nb", 0)
+    return max(0.0, float(not_before) - now_epoch)
+
+
+@dataclass(slots=True)
 class _Key:
     holder: str | None = None
     expires_at: float = 0.0
@@ -112,6 +130,9 @@ class _MemoryCore:
         self._fences = itertools.count(1)
         self._marks: dict[tuple[str, str, str], _Mark] = {}
         self._purge_at = 1024
+        self._boxes: dict[tuple[str, str], _Box] = {}
+        self._hints: dict[str, set[str]] = {}
+        self._dead: dict[str, list[str]] = {}
 
     # -- helpers, called with the lock held ----------------------------------------------
 
@@ -218,7 +239,7 @@ class _MemoryCore:
 
     def footprint(self) -> int:
         with self._lock:
-            return len(self._keys) + len(self._waiters)
+            return len(self._keys) + len(self._waiters) + len(self._boxes)
 
     # -- dedup marks -------------------------------------------------------------------
 
@@ -271,6 +292,136 @@ class _MemoryCore:
             mark = self._marks.get(name)
             if mark is not None and mark.token == token and not mark.done:
                 del self._marks[name]
+
+    # -- mailboxes -----------------------------------------------------------------------
+
+    def _box_drainer(self, box: _Box, now: float) -> str | None:
+        if box.drainer is not None and now >= box.drainer_until:
+            box.drainer = None
+        return box.drainer
+
+    def _drop_idle_box(self, name: tuple[str, str], box: _Box) -> None:
+        if not box.queue and not box.inflight and box.drainer is None:
+            del self._boxes[name]
+
+    def mb_submit(
+        self,
+        name: tuple[str, str],
+        message: str,
+        max_pending: int,
+        drop_oldest: bool,
+        token: str,
+        lease: float,
+    ) -> tuple[int, int]:
+        with self._lock:
+            now = self._clock()
+            box = self._boxes.setdefault(name, _Box())
+            dropped = 0
+            if len(box.queue) >= max_pending:
+                if not drop_oldest:
+                    self._drop_idle_box(name, box)
+                    return -1, 0
+                box.queue.popleft()
+                dropped = 1
+            box.queue.append(message)
+            if self._box_drainer(box, now) is None:
+                box.drainer, box.drainer_until = token, now + lease
+                return 1, dropped
+            return 0, dropped
+
+    def mb_take(
+        self, name: tuple[str, str], token: str, limit: int, lease: float, ack: bool
+    ) -> Taken:
+        with self._lock:
+            now = self._clock()
+            box = self._boxes.get(name)
+            if box is None or self._box_drainer(box, now) != token:
+                return Taken(lost_role=True)
+            box.drainer_until = now + lease
+            if ack:
+                box.inflight.clear()
+            if box.inflight:
+                return Taken(messages=tuple(box.inflight))
+            if not box.queue:
+                box.drainer = None
+                self._drop_idle_box(name, box)
+                return Taken()
+            wait = retry_wait(box.queue[0], time.time())
+            if wait > 0:
+                return Taken(wait=wait)
+            while box.queue and len(box.inflight) < limit:
+                box.inflight.append(box.queue.popleft())
+            return Taken(messages=tuple(box.inflight))
+
+    def mb_done(self, name: tuple[str, str], token: str) -> None:
+        with self._lock:
+            box = self._boxes.get(name)
+            if box is not None and box.drainer == token:
+                box.inflight.clear()
+
+    def mb_retry(self, name: tuple[str, str], token: str, messages: list[str]) -> None:
+        with self._lock:
+            box = self._boxes.get(name)
+            if box is not None and box.drainer == token:
+                box.inflight.clear()
+                box.queue.extendleft(reversed(messages))
+
+    def mb_claim(self, name: tuple[str, str], token: str, lease: float) -> int:
+        with self._lock:
+            now = self._clock()
+            box = self._boxes.get(name)
+            if box is None:
+                return -1
+            if self._box_drainer(box, now) is not None:
+                return 0
+            if not box.queue and not box.inflight:
+                self._drop_idle_box(name, box)
+                return -1
+            box.queue.extendleft(reversed(box.inflight))  # redelivered first
+            box.inflight.clear()
+            box.drainer, box.drainer_until = token, now + lease
+            return 1
+
+    def mb_renew(self, name: tuple[str, str], token: str, lease: float) -> bool:
+        with self._lock:
+            now = self._clock()
+            box = self._boxes.get(name)
+            if box is None or self._box_drainer(box, now) != token:
+                return False
+            box.drainer_until = now + lease
+            return True
+
+    def mb_pending(self, name: tuple[str, str]) -> int:
+        with self._lock:
+            box = self._boxes.get(name)
+            return 0 if box is None else len(box.queue)
+
+    def mb_draining(self, name: tuple[str, str]) -> bool:
+        with self._lock:
+            box = self._boxes.get(name)
+            return box is not None and self._box_drainer(box, self._clock()) is not None
+
+    def mb_hint(self, mailbox: str, key: str, present: bool) -> None:
+        with self._lock:
+            hints = self._hints.setdefault(mailbox, set())
+            if present:
+                hints.add(key)
+            else:
+                hints.discard(key)
+                if not hints:
+                    del self._hints[mailbox]
+
+    def mb_hinted(self, mailbox: str) -> list[str]:
+        with self._lock:
+            return sorted(self._hints.get(mailbox, ()))
+
+    def mb_dead(self, mailbox: str, entries: list[str]) -> None:
+        with self._lock:
+            self._dead.setdefault(mailbox, []).extend(entries)
+
+    def mb_dead_letters(self, mailbox: str, limit: int) -> list[str]:
+        with self._lock:
+            return list(self._dead.get(mailbox, ())[:limit])
 
     def marks(self) -> int:
         """Dedup marks still inside their window (after dropping expired ones)."""
@@ -346,6 +497,54 @@ class MemoryBackend:
 
     async def abandon(self, key: str, scope: str, id: str, token: str) -> None:
         self._core.abandon((key, scope, id), token)
+
+    async def mb_submit(
+        self,
+        name: str,
+        key: str,
+        message: str,
+        *,
+        max_pending: int,
+        drop_oldest: bool,
+        token: str,
+        lease: float,
+    ) -> tuple[int, int]:
+        return self._core.mb_submit((name, key), message, max_pending, drop_oldest, token, lease)
+
+    async def mb_take(
+        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+    ) -> Taken:
+        return self._core.mb_take((name, key), token, limit, lease, ack)
+
+    async def mb_done(self, name: str, key: str, token: str) -> None:
+        self._core.mb_done((name, key), token)
+
+    async def mb_retry(self, name: str, key: str, token: str, messages: list[str]) -> None:
+        self._core.mb_retry((name, key), token, messages)
+
+    async def mb_claim(self, name: str, key: str, token: str, *, lease: float) -> int:
+        return self._core.mb_claim((name, key), token, lease)
+
+    async def mb_renew(self, name: str, key: str, token: str, *, lease: float) -> bool:
+        return self._core.mb_renew((name, key), token, lease)
+
+    async def mb_pending(self, name: str, key: str) -> int:
+        return self._core.mb_pending((name, key))
+
+    async def mb_draining(self, name: str, key: str) -> bool:
+        return self._core.mb_draining((name, key))
+
+    async def mb_hint(self, name: str, key: str, present: bool) -> None:
+        self._core.mb_hint(name, key, present)
+
+    async def mb_hinted(self, name: str) -> list[str]:
+        return self._core.mb_hinted(name)
+
+    async def mb_dead(self, name: str, entries: list[str]) -> None:
+        self._core.mb_dead(name, entries)
+
+    async def mb_dead_letters(self, name: str, limit: int) -> list[str]:
+        return self._core.mb_dead_letters(name, limit)
 
     def sync_twin(self) -> SyncMemoryBackend:
         if self._twin is None:

@@ -38,11 +38,11 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._backend import ClaimResult, Grant
+from ._backend import ClaimResult, Grant, Taken
 from ._errors import BackendUnavailable, ConfigurationError
 from ._redis_keys import KeySpace
 from ._redis_lua import (
@@ -51,6 +51,11 @@ from ._redis_lua import (
     FINISH,
     JOIN,
     LEAVE,
+    MB_CLAIM,
+    MB_RENEW,
+    MB_RETRY,
+    MB_SUBMIT,
+    MB_TAKE,
     REFRESH,
     RELEASE,
     RENEW,
@@ -102,6 +107,11 @@ _SCRIPTS = {
     "abandon": ABANDON,
     "supersede": SUPERSEDE,
     "stop_running": STOP_RUNNING,
+    "mb_submit": MB_SUBMIT,
+    "mb_take": MB_TAKE,
+    "mb_retry": MB_RETRY,
+    "mb_claim": MB_CLAIM,
+    "mb_renew": MB_RENEW,
 }
 
 SUPERSEDE_KEEP = 3600.0
@@ -142,6 +152,15 @@ def _next_check(reply: Sequence[Any], lease: float) -> float:
     if pttl > 0:
         interval = min(interval, pttl + 0.002)
     return time.monotonic() + interval
+
+
+def _taken(reply: Sequence[Any]) -> Taken:
+    status = int(reply[0])
+    if status == 1:
+        return Taken(messages=tuple(_text(m) for m in reply[1:]))
+    if status == 2:
+        return Taken(wait=float(_text(reply[1])))
+    return Taken(lost_role=status == -1)
 
 
 def _claimed(reply: Sequence[Any]) -> ClaimResult:
@@ -560,6 +579,78 @@ class RedisBackend:
         state.cancels.pop(token, None)
         running = self._common.keys.supersede_keys(key, scope)[1:]
         await self._run(state, "stop_running", key, [token], running)
+
+    # -- mailboxes ----------------------------------------------------------------------
+
+    async def _call(self, what: str, command: Callable[[Any], Awaitable[Any]]) -> Any:
+        try:
+            return await command(self._state().client)
+        except _TRANSPORT_ERRORS as exc:
+            raise _unavailable(exc, what) from exc
+
+    async def mb_submit(
+        self,
+        name: str,
+        key: str,
+        message: str,
+        *,
+        max_pending: int,
+        drop_oldest: bool,
+        token: str,
+        lease: float,
+    ) -> tuple[int, int]:
+        keys = self._common.keys.mailbox_keys(name, key)
+        args = [message, max_pending, "1" if drop_oldest else "0", token, _ms(lease)]
+        reply = await self._run(self._state(), "mb_submit", key, args, keys)
+        return int(reply[0]), int(reply[1])
+
+    async def mb_take(
+        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+    ) -> Taken:
+        keys = self._common.keys.mailbox_keys(name, key)
+        args = [token, limit, _ms(lease), "1" if ack else "0", repr(time.time())]
+        return _taken(await self._run(self._state(), "mb_take", key, args, keys))
+
+    async def mb_done(self, name: str, key: str, token: str) -> None:
+        await self.mb_retry(name, key, token, [])
+
+    async def mb_retry(self, name: str, key: str, token: str, messages: list[str]) -> None:
+        keys = self._common.keys.mailbox_keys(name, key)
+        await self._run(self._state(), "mb_retry", key, [token, *messages], keys)
+
+    async def mb_claim(self, name: str, key: str, token: str, *, lease: float) -> int:
+        keys = self._common.keys.mailbox_keys(name, key)
+        return int(await self._run(self._state(), "mb_claim", key, [token, _ms(lease)], keys))
+
+    async def mb_renew(self, name: str, key: str, token: str, *, lease: float) -> bool:
+        role = self._common.keys.mailbox_keys(name, key)[2:]
+        return bool(await self._run(self._state(), "mb_renew", key, [token, _ms(lease)], role))
+
+    async def mb_pending(self, name: str, key: str) -> int:
+        queue = self._common.keys.mailbox_keys(name, key)[0]
+        return int(await self._call("mb_pending", lambda c: c.llen(queue)))
+
+    async def mb_draining(self, name: str, key: str) -> bool:
+        role = self._common.keys.mailbox_keys(name, key)[2]
+        return bool(await self._call("mb_draining", lambda c: c.exists(role)))
+
+    async def mb_hint(self, name: str, key: str, present: bool) -> None:
+        hint = self._common.keys.mailbox_index(name)[0]
+        await self._call("mb_hint", lambda c: c.sadd(hint, key) if present else c.srem(hint, key))
+
+    async def mb_hinted(self, name: str) -> list[str]:
+        hint = self._common.keys.mailbox_index(name)[0]
+        return sorted(_text(k) for k in await self._call("mb_hinted", lambda c: c.smembers(hint)))
+
+    async def mb_dead(self, name: str, entries: list[str]) -> None:
+        dead = self._common.keys.mailbox_index(name)[1]
+        await self._call("mb_dead", lambda c: c.rpush(dead, *entries))
+
+    async def mb_dead_letters(self, name: str, limit: int) -> list[str]:
+        dead = self._common.keys.mailbox_index(name)[1]
+        return [
+            _text(e) for e in await self._call("mb_dead", lambda c: c.lrange(dead, 0, limit - 1))
+        ]
 
     def sync_twin(self) -> SyncRedisBackend:
         if self._twin is None:

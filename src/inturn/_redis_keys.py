@@ -56,10 +56,19 @@ class KeySpace:
         base = f"{self.prefix}{{{encode(key)}}}:"
         return [f"{base}g:{encode(scope)}", f"{base}r:{encode(scope)}"]
 
+    def mailbox_keys(self, name: str, key: str) -> list[str]:
+        """queue, in flight, drainer role: the KEYS of the mailbox scripts."""
+        base = f"{self.prefix}{{{encode(key)}}}:m:{encode(name)}:"
+        return [base + "q", base + "f", base + "d"]
+
+    def mailbox_index(self, name: str) -> tuple[str, str]:
+        """The sweeper's hint set and the dead-letter list of a mailbox (their own slots)."""
+        return f"{self.prefix}mb:{encode(name)}:hint", f"{self.prefix}mb:{encode(name)}:dead"
+
     def channel(self, process: str) -> str:
         """The Pub/Sub channel on which a process is woken."""
         return f"{self.prefix}wake:{process}"
 
     def is_turn_state(self, name: str) -> bool:
         """True for the keys a turn keeps while held or queued (not fences, not marks)."""
-        return name.endswith(("}:o", "}:q", "}:w"))
+        return name.endswith(("}:o", "}:q", "}:w")) or ":m:" in name

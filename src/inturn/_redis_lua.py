@@ -34,6 +34,11 @@ __all__ = [
     "FINISH",
     "JOIN",
     "LEAVE",
+    "MB_CLAIM",
+    "MB_RENEW",
+    "MB_RETRY",
+    "MB_SUBMIT",
+    "MB_TAKE",
     "REFRESH",
     "RELEASE",
     "RENEW",
@@ -303,6 +308,88 @@ STOP_RUNNING = """#!lua flags=allow-oom
 local running = redis.call('GET', KEYS[1])
 if running and string.sub(running, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
   redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# -- mailboxes: KEYS[1] queue (list), KEYS[2] in flight (list), KEYS[3] drainer role ----------
+# All three share the user's hash tag; queue and in-flight lists have no TTL (durable).
+
+MB_SUBMIT = """#!lua
+-- MB_SUBMIT: store a message; become the drainer if there is none.
+-- ARGV[1]: message  ARGV[2]: max_pending  ARGV[3]: "1" drop oldest when full
+-- ARGV[4]: token  ARGV[5]: role lease_ms
+-- returns: {1, dropped} stored, caller drains | {0, dropped} stored | {-1, 0} full
+local dropped = 0
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then
+  if ARGV[3] ~= '1' then return {-1, 0} end
+  redis.call('LPOP', KEYS[1])
+  dropped = 1
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+  return {1, dropped}
+end
+return {0, dropped}
+"""
+
+MB_TAKE = """#!lua flags=allow-oom
+-- MB_TAKE: renew the role, acknowledge the last batch, take the next one (or give up the role).
+-- ARGV[1]: token  ARGV[2]: limit  ARGV[3]: role lease_ms  ARGV[4]: "1" acknowledge in-flight
+-- ARGV[5]: the caller's clock (seconds), for retry delays
+-- returns: {1, message...} taken (in-flight ones first) | {0} empty, role given up
+--          | {2, seconds} the head waits for its retry | {-1} not the drainer
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {-1} end
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
+local inflight = redis.call('LRANGE', KEYS[2], 0, -1)
+if #inflight > 0 then return {1, unpack(inflight)} end
+local head = redis.call('LINDEX', KEYS[1], 0)
+if not head then
+  redis.call('DEL', KEYS[3])
+  return {0}
+end
+local ok, decoded = pcall(cjson.decode, head)
+local not_before = ok and tonumber(decoded['nb']) or 0
+if not_before > tonumber(ARGV[5]) then return {2, tostring(not_before - tonumber(ARGV[5]))} end
+local taken = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+redis.call('LTRIM', KEYS[1], #taken, -1)
+redis.call('RPUSH', KEYS[2], unpack(taken))
+return {1, unpack(taken)}
+"""
+
+MB_RETRY = """#!lua flags=allow-oom
+-- MB_RETRY: put the in-flight messages back at the queue's head (updated attempt counts).
+-- ARGV[1]: token  ARGV[2..]: the messages, oldest first
+-- returns: 1 | 0 not the drainer (the sweeper will redeliver them)
+local role = redis.call('GET', KEYS[3])
+if role and role ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+for i = #ARGV, 2, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+return 1
+"""
+
+MB_CLAIM = """#!lua
+-- MB_CLAIM: the sweeper takes a queue whose drainer died; in-flight messages go first.
+-- ARGV[1]: token  ARGV[2]: role lease_ms
+-- returns: 1 claimed | 0 a live drainer exists | -1 nothing to drain
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('LLEN', KEYS[1]) == 0 and redis.call('LLEN', KEYS[2]) == 0 then return -1 end
+local inflight = redis.call('LRANGE', KEYS[2], 0, -1)
+for i = #inflight, 1, -1 do redis.call('LPUSH', KEYS[1], inflight[i]) end
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+MB_RENEW = """#!lua flags=allow-oom
+-- MB_RENEW: extend the drainer role if it is still ours.
+-- KEYS[1]: the drainer role  ARGV[1]: token  ARGV[2]: lease_ms
+-- returns: 1 renewed | 0 not ours
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0

@@ -242,6 +242,8 @@ class _Plan:
     async def _turn_async(self, call: _Bound) -> Any:
         gate, key = self.gate, call.key
         if self.on_busy == "skip":
+            if await gate._mailbox_draining(str(key)):
+                raise Skipped(f"key {key!r} has a mailbox draining: call skipped", key=str(key))
             try:
                 async with gate.turn_nowait(key) as turn:
                     return await self._body_async(call, turn.fence)
