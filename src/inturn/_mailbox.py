@@ -115,7 +115,8 @@ class Mailbox:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError("a mailbox name must be a non-empty str")
-        if not inspect.iscoroutinefunction(handler):
+        call = getattr(handler, "__call__", None)  # noqa: B004 - an object with async __call__
+        if not (inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)):
             raise ConfigurationError("a mailbox handler must be an async def")
         if overflow not in ("reject", "drop_oldest"):
             raise ConfigurationError(
@@ -220,10 +221,15 @@ class Mailbox:
         """True while a live drainer owns ``key``'s queue."""
         return await self._store.mb_draining(self.name, normalize_key(key))
 
-    async def drained(self) -> None:
-        """Wait until this process's background drains are finished (tests, shutdown)."""
+    async def drained(self, timeout: float | None = None) -> bool:
+        """Wait until this process's background drains are finished; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self._drains:
-            await asyncio.gather(*list(self._drains), return_exceptions=True)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            await asyncio.wait(list(self._drains), timeout=left)
+        return True
 
     # -- draining ---------------------------------------------------------------------
 
@@ -425,13 +431,20 @@ class Mailbox:
             )
         return letters
 
-    async def aclose(self) -> None:
-        """Stop the sweeper and wait for this process's drains."""
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Stop the sweeper; let drains finish for ``timeout`` s, then cancel the rest.
+
+        A cancelled drain leaves its messages stored (the one in flight too): the
+        sweeper of another process, or of the next start, delivers them.
+        """
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(BaseException):
                 await self._sweeper
-        await self.drained()
+        if not await self.drained(timeout):
+            for task in list(self._drains):
+                task.cancel()
+            await asyncio.gather(*list(self._drains), return_exceptions=True)
 
 
 class _Handled(Exception):
