@@ -311,11 +311,17 @@ class Gate:
         task.add_done_callback(self._background.discard)
 
     async def aclose(self) -> None:
-        """Stop mailboxes, wait for pending cleanups, then close the backend(s)."""
+        """Stop mailboxes, wait (at most a second) for pending cleanups, close the backend(s)."""
         for box in self._mailboxes.values():
             await box.aclose()
         if self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+            # Cleanups (leave, release) are idempotent and their leases lapse anyway:
+            # give them a moment, not the full CLEANUP_TIMEOUT of a stalled server.
+            pending = list(self._background)
+            _, late = await asyncio.wait(pending, timeout=1.0)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._sync_backend is not None:
             self._sync_backend.close()
         await self.backend.aclose()

@@ -558,6 +558,9 @@ class MemoryBackend:
 class SyncMemoryBackend:
     """The sync twin of :class:`MemoryBackend`; get it with ``MemoryBackend.sync_twin()``."""
 
+    never_blocks = True
+    """Its calls return at once (only ``wait`` sleeps, bounded by its timeout)."""
+
     def __init__(self, core: _MemoryCore) -> None:
         self._core = core
 

@@ -175,7 +175,8 @@ def _unavailable(exc: BaseException, what: str) -> BackendUnavailable:
 
 
 def _is_oom(exc: redis.exceptions.ResponseError) -> bool:
-    return str(exc).startswith("OOM")
+    # redis-py parses "-OOM ..." into OutOfMemoryError and drops the code from the text.
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM")
 
 
 @dataclass(slots=True)
@@ -199,6 +200,7 @@ class _LoopState:
     broken: BaseException | None = None
     listener: asyncio.Task[None] | None = None
     cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
+    closing: bool = False
 
 
 class _Common:
@@ -303,17 +305,31 @@ class RedisBackend:
         return state
 
     async def _listen(self, state: _LoopState) -> None:
-        """Read wake-ups for this loop's waiters; reconnect with backoff."""
+        """Read wake-ups for this loop's waiters; reconnect with backoff.
+
+        Ends when cancelled (``aclose()``, or ``asyncio.run()`` shutting the loop
+        down) or when ``state.closing`` is set; either way it closes our client
+        while its loop still runs (its connections cannot outlive the loop).
+        """
+        try:
+            await self._listen_until_closed(state)
+        finally:
+            self._states.pop(asyncio.get_running_loop(), None)
+            if self._client is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(_aclose(state.client))
+
+    async def _listen_until_closed(self, state: _LoopState) -> None:
         common = self._common
         backoff = 0.05
         first = True
         attempt = 0
-        while True:
+        while not state.closing:
             attempt += 1
             pubsub, node_client = await self._open_pubsub(state, attempt)
             try:
                 await pubsub.subscribe(common.channel)
-                while True:  # the subscription is confirmed by its first message
+                while not state.closing:  # the subscription is confirmed by its first message
                     message = await pubsub.get_message(timeout=CONNECT_TIMEOUT)
                     if message is not None and message["type"] == "subscribe":
                         break
@@ -327,30 +343,13 @@ class RedisBackend:
                         waiter.next_check = 0.0
                         _wake(waiter)
                 first = False
-                while True:
+                while not state.closing:
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=IDLE_READ
                     )
                     if message is not None and message["type"] == "message":
-                        data = _text(message["data"])
-                        if data.startswith("cancel|"):
-                            on_cancel = state.cancels.get(data[7:])
-                            if on_cancel is not None:
-                                on_cancel()
-                            continue
-                        granted = common.deliver(data, state.waiters)
-                        if granted is not None:
-                            _wake(granted)
+                        self._dispatch(state, _text(message["data"]))
             except asyncio.CancelledError:
-                # aclose(), or asyncio.run() shutting this loop down: close our client
-                # while its loop still runs (its connections cannot outlive the loop).
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())
-                    if node_client is not None:
-                        await asyncio.shield(_aclose(node_client))
-                    if self._client is None:
-                        await asyncio.shield(_aclose(state.client))
-                self._states.pop(asyncio.get_running_loop(), None)
                 raise
             except Exception as exc:
                 state.subscribed.clear()
@@ -365,6 +364,17 @@ class RedisBackend:
                     await asyncio.shield(pubsub.aclose())
                     if node_client is not None:
                         await asyncio.shield(_aclose(node_client))
+
+    def _dispatch(self, state: _LoopState, data: str) -> None:
+        """A push: a grant for one of this loop's waiters, or a cancel for a running call."""
+        if data.startswith("cancel|"):
+            on_cancel = state.cancels.get(data[7:])
+            if on_cancel is not None:
+                on_cancel()
+            return
+        granted = self._common.deliver(data, state.waiters)
+        if granted is not None:
+            _wake(granted)
 
     @staticmethod
     async def _open_pubsub(state: _LoopState, attempt: int) -> tuple[Any, Any]:
@@ -673,10 +683,22 @@ class RedisBackend:
         """
         state = self._states.pop(asyncio.get_running_loop(), None)
         if state is not None:
-            if state.listener is not None and not state.listener.done():
-                state.listener.cancel()  # it closes the client on its way out
-                with contextlib.suppress(BaseException):
-                    await state.listener
+            state.closing = True
+            listener = state.listener
+            if listener is not None and not listener.done():
+                # It closes the client on its way out. A cancel that lands while
+                # redis-py waits on a stalled handshake can be swallowed; then closing
+                # the client's connections under it ends its read.
+                listener.cancel()
+                done, _ = await asyncio.wait({listener}, timeout=0.5)
+                if not done and self._client is None:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(1.0):
+                            await _aclose(state.client)
+                    listener.cancel()
+                    done, _ = await asyncio.wait({listener}, timeout=1.0)
+                if not done:
+                    logger.warning("inturn: the Redis wake-up listener did not stop")
             elif self._client is None:
                 await _aclose(state.client)
         self._states.clear()

@@ -18,6 +18,7 @@ time-bounded), so nobody behind is ever blocked by a caller that went away.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import itertools
 import logging
@@ -48,6 +49,8 @@ T = TypeVar("T")
 _RAISE = object()
 
 CLEANUP_TIMEOUT = 5.0
+LEAVE_GRACE = 0.5
+"""How long past its deadline a timed-out waiter checks whether it was granted meanwhile."""
 """Upper bound (seconds) for leaving a line or releasing a turn during cleanup."""
 
 
@@ -159,6 +162,18 @@ class _TurnBase:
             _REASONS[reason],
             extra={"inturn_key": self.key, "inturn_fence": self.fence},
         )
+
+
+_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+
+def _bounded_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Worker threads for deadline-bounded sync calls (made anew after a fork)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        executor = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="inturn-call")
+        _pool = (os.getpid(), executor)
+    return _pool[1]
 
 
 class _Tokens:
@@ -404,24 +419,31 @@ class TurnRequest:
             return grant
         except BaseException as exc:
             # Also after a failed or cancelled join: its request may have reached the server.
-            # A grant that came at the last moment is kept on a timeout, released otherwise.
-            got = await self._leave(token, keep=isinstance(exc, TurnTimeout))
-            if got is not None:
-                return got
+            if isinstance(exc, TurnTimeout):
+                # A grant that came at the last moment is kept rather than timed out; the
+                # check may overrun the deadline by LEAVE_GRACE at most.
+                got = await self._leave(token, keep=True, limit=LEAVE_GRACE)
+                if got is not None:
+                    return got
+            else:  # cancelled, or the backend failed: leave in the background, raise now
+                self._gate._spawn(self._leave_once(token, keep=False), key, "leave the line")
             raise
 
-    async def _leave(self, token: str, *, keep: bool) -> Grant | None:
+    async def _leave_once(self, token: str, *, keep: bool) -> Grant | None:
         """Leave the line; release a grant that raced in unless ``keep``."""
-        backend, key = self._gate.backend, self._key
+        got = await self._gate.backend.leave(self._key, token)
+        if got is not None and not keep:
+            await self._gate.backend.release(self._key, token)
+            return None
+        return got
 
-        async def leave(keep: bool) -> Grant | None:
-            got = await backend.leave(key, token)
-            if got is not None and not keep:
-                await backend.release(key, token)
-                return None
-            return got
-
-        return await self._cleanup(lambda: leave(keep), lambda: leave(False), "leave the line")
+    async def _leave(self, token: str, *, keep: bool, limit: float) -> Grant | None:
+        return await self._cleanup(
+            lambda: self._leave_once(token, keep=keep),
+            lambda: self._leave_once(token, keep=False),
+            "leave the line",
+            limit=limit,
+        )
 
     def _timed_out(self, deadline: Deadline) -> TurnTimeout:
         waited = self._timeout or 0.0
@@ -457,19 +479,25 @@ class TurnRequest:
         call: Callable[[], Awaitable[T]],
         retry: Callable[[], Awaitable[object]],
         what: str,
+        *,
+        limit: float = CLEANUP_TIMEOUT,
     ) -> T | None:
         """Run a cleanup call to completion, even if this task is cancelled meanwhile.
 
         Leaving and releasing are idempotent (they act only while the token is
-        in line or holds the turn), so a call interrupted by cancellation is
-        simply run again, whole, in a background task: ``retry``.
+        in line or holds the turn), so a call interrupted by cancellation, or
+        not done within ``limit`` seconds, is simply run again, whole, in a
+        background task: ``retry``.
         """
         try:
-            async with asyncio.timeout(CLEANUP_TIMEOUT):
+            async with asyncio.timeout(limit):
                 return await call()
         except asyncio.CancelledError:
             self._gate._spawn(retry(), self._key, what)
             raise
+        except TimeoutError:
+            self._gate._spawn(retry(), self._key, what)
+            return None
         except Exception as exc:
             _log_cleanup_failure(what, self._key, exc)
             return None
@@ -609,16 +637,18 @@ class SyncTurnRequest:
         key = self._key
         lease = self._settings.first_lease
         if self._nowait:
-            grant = backend.try_acquire(key, token, lease)
+            try:
+                grant = self._bounded(lambda: backend.try_acquire(key, token, lease), deadline)
+            except BaseException:
+                self._leave_later(token)  # the request may have got through
+                raise
             self._joined_at = time.monotonic()
             if grant is None:
                 raise Busy(f"the turn of key {key!r} is held or has a line", key=key)
             return grant
-        grant = backend.join(key, token, lease)
-        self._joined_at = time.monotonic()
-        if grant is not None:
-            return grant
         try:
+            grant = self._bounded(lambda: backend.join(key, token, lease), deadline)
+            self._joined_at = time.monotonic()
             while grant is None:
                 remaining = deadline.remaining(time.monotonic())
                 if remaining == 0:
@@ -631,12 +661,45 @@ class SyncTurnRequest:
                 grant = backend.wait(key, token, remaining)
             return grant
         except BaseException as exc:
-            got = self._cleanup(lambda: backend.leave(key, token), "leave the line")
-            if got is not None:
-                if isinstance(exc, TurnTimeout):
+            if isinstance(exc, TurnTimeout):  # keep a grant that came at the last moment
+                got = self._cleanup(lambda: self._leave_once(token, keep=True), "leave the line")
+                if got is not None:
                     return got
-                self._cleanup(lambda: backend.release(key, token), "release")
+            else:  # the backend failed: leave in the background, raise now
+                self._leave_later(token)
             raise
+
+    def _leave_once(self, token: str, *, keep: bool) -> Grant | None:
+        backend = self._gate.sync_backend
+        got = backend.leave(self._key, token)
+        if got is not None and not keep:
+            backend.release(self._key, token)
+            return None
+        return got
+
+    def _leave_later(self, token: str) -> None:
+        def leave() -> None:
+            self._cleanup(lambda: self._leave_once(token, keep=False), "leave the line")
+
+        threading.Thread(target=leave, name="inturn-leave", daemon=True).start()
+
+    def _bounded(self, call: Callable[[], T], deadline: Deadline) -> T:
+        """Run a backend call, but give up at the request's deadline (BackendUnavailable).
+
+        A backend whose calls can block (a paused server) runs them in a worker
+        thread so the caller is free at its deadline; the call itself finishes
+        or times out on its own, and the line is left in the background.
+        """
+        remaining = deadline.remaining(time.monotonic())
+        if remaining is None or getattr(self._gate.sync_backend, "never_blocks", False):
+            return call()
+        future = _bounded_pool().submit(call)
+        try:
+            return future.result(timeout=remaining)
+        except concurrent.futures.TimeoutError as exc:
+            raise BackendUnavailable(
+                f"the backend did not answer within the timeout for key {self._key!r}"
+            ) from exc
 
     def _cleanup(self, call: Callable[[], T], what: str) -> T | None:
         try:
