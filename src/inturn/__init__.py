@@ -42,6 +42,7 @@ from ._gate import Gate
 from ._keys import MAX_KEY_BYTES
 from ._mailbox import DeadLetter, Mailbox, Message
 from ._memory import MemoryBackend, SyncMemoryBackend
+from ._metrics import InProcessMetrics, MetricsSink, Summary
 from ._serialize import Serializer
 from ._turn import SyncTurn, SyncTurnRequest, Turn, TurnRequest
 
@@ -78,6 +79,7 @@ __all__ = [
     "Duplicate",
     "Gate",
     "Grant",
+    "InProcessMetrics",
     "InturnError",
     "InvalidKey",
     "InvalidPayload",
@@ -87,9 +89,11 @@ __all__ = [
     "MailboxFull",
     "MemoryBackend",
     "Message",
+    "MetricsSink",
     "RedisBackend",
     "Serializer",
     "Skipped",
+    "Summary",
     "SupersedeBackend",
     "Superseded",
     "SyncBackend",

@@ -154,6 +154,7 @@ class _ClaimBase:
     def _found(self, found: ClaimResult) -> Claim:
         if found.state != "new":
             c = self._claim
+            self._owner.gate.metrics.count("dedup_duplicates", scope=c.scope)
             raise _duplicate(c.key, c.scope, c.id, found)
         return self._claim
 

@@ -14,6 +14,7 @@ from ._dedup import DEFAULT_WINDOW, Deduplicator
 from ._errors import ConfigurationError
 from ._keys import normalize_key
 from ._mailbox import Handler, Mailbox
+from ._metrics import InProcessMetrics, MetricsSink
 from ._policy import (
     OnLost,
     check_lease,
@@ -74,6 +75,7 @@ class Gate:
         lease: float = 30.0,
         max_hold: float | None = None,
         on_lost: OnLost = "warn",
+        metrics: MetricsSink | None = None,
     ) -> None:
         if backend is None:
             from ._memory import MemoryBackend
@@ -84,6 +86,8 @@ class Gate:
         self.backend: Backend = backend
         """The async backend."""
         self._sync_backend = sync_backend
+        self.metrics: MetricsSink = InProcessMetrics() if metrics is None else metrics
+        """Where this gate reports counts and timings (see ``inturn._metrics``)."""
         self._settings = TurnSettings(
             lease=check_lease(lease),
             max_hold=check_max_hold(max_hold),
@@ -105,6 +109,7 @@ class Gate:
         lease: float = 30.0,
         max_hold: float | None = None,
         on_lost: OnLost = "warn",
+        metrics: MetricsSink | None = None,
     ) -> Gate:
         """Build a gate on the backend that ``url`` names.
 
@@ -124,7 +129,11 @@ class Gate:
             raise ConfigurationError("namespace must be a non-empty str")
         module = importlib.import_module(SCHEMES[scheme])
         backend = module.from_url(url, namespace=namespace)
-        return cls(backend, lease=lease, max_hold=max_hold, on_lost=on_lost)
+        return cls(backend, lease=lease, max_hold=max_hold, on_lost=on_lost, metrics=metrics)
+
+    def _granted(self, waited: float) -> None:
+        self.metrics.count("turns_granted")
+        self.metrics.observe("turn_wait_seconds", waited)
 
     @property
     def lease(self) -> float:

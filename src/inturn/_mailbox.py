@@ -188,12 +188,15 @@ class Mailbox:
             lease=self.gate.lease,
         )
         if status == -1:
+            self.gate.metrics.count("mailbox_rejected", mailbox=self.name)
             raise MailboxFull(
                 f"mailbox {self.name!r} holds {self.max_pending} messages for key {key!r}",
                 key=key,
                 mailbox=self.name,
             )
+        self.gate.metrics.count("mailbox_submitted", mailbox=self.name)
         if dropped:
+            self.gate.metrics.count("mailbox_dropped", mailbox=self.name)
             logger.warning(
                 "inturn: mailbox %r dropped the oldest message of key %r (max_pending=%d)",
                 self.name,
@@ -332,9 +335,15 @@ class Mailbox:
                 except Duplicate:
                     continue  # processed before (a redelivery or a resubmit): effect once
                 fresh.append(message)
+            metrics, now = self.gate.metrics, time.time()
+            for message in fresh:
+                metrics.observe(
+                    "mailbox_latency_seconds", now - message.enqueued_at, mailbox=self.name
+                )
             try:
                 if fresh:
                     await self.handler(fresh if self.batch else fresh[0])
+                    metrics.count("mailbox_handled", len(fresh), mailbox=self.name)
             except Exception as exc:
                 dead = await self._failed(key, token, stored, exc)
                 raise _Handled(dead) from exc  # abandons the claims: a retry may run
@@ -345,6 +354,7 @@ class Mailbox:
         """Retry (False) or dead-letter (True) a failed message or batch."""
         attempts = stored[0]["a"] + 1
         error = f"{type(exc).__name__}: {exc}"
+        self.gate.metrics.count("mailbox_failures", mailbox=self.name)
         if attempts < self.max_attempts:
             pause = self.backoff[min(attempts, len(self.backoff)) - 1]
             logger.warning(
@@ -374,6 +384,7 @@ class Mailbox:
         now = time.time()
         dead = [json.dumps({"m": s, "e": error, "at": now, "n": attempts}) for s in stored]
         await self._store.mb_dead(self.name, dead)
+        self.gate.metrics.count("mailbox_dead_letters", len(dead), mailbox=self.name)
         return True
 
     # -- sweeping and inspecting ------------------------------------------------------

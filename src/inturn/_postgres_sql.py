@@ -166,8 +166,9 @@ AUDIT_OPEN = "SELECT count(*) FROM {schema}.grants WHERE namespace = %(ns)s AND 
 
 # -- schema -------------------------------------------------------------------------
 
-SCHEMA_VERSION = 1
-"""The newest migration; dedup and mailbox tables will be versions 2 and 3."""
+SCHEMA_VERSION = 3
+"""The newest migration: 1 fences and audit, 2 dedup marks and supersede generations,
+3 mailboxes."""
 
 MIGRATIONS: dict[int, str] = {
     1: """

@@ -211,6 +211,14 @@ class _Plan:
         self.dedup = None if s.dedup is None else s.gate.dedup(self.scope, window=s.window)
         self.wants_fence = "fence" in sig.parameters
 
+    def _skipped(self, message: str, *, key: str) -> Skipped:
+        self.gate.metrics.count("calls_skipped", scope=self.scope)
+        return Skipped(message, key=key)
+
+    def _superseded(self, message: str, *, key: str) -> Superseded:
+        self.gate.metrics.count("calls_superseded", scope=self.scope)
+        return Superseded(message, key=key)
+
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Bound:
         bound = self.sig.bind(*args, **kwargs)
         inject_fence = self.wants_fence and "fence" not in bound.arguments
@@ -243,14 +251,18 @@ class _Plan:
         gate, key = self.gate, call.key
         if self.on_busy == "skip":
             if await gate._mailbox_draining(str(key)):
-                raise Skipped(f"key {key!r} has a mailbox draining: call skipped", key=str(key))
+                raise self._skipped(
+                    f"key {key!r} has a mailbox draining: call skipped", key=str(key)
+                )
             try:
                 async with gate.turn_nowait(key) as turn:
                     return await self._body_async(call, turn.fence)
             except Busy as busy:
                 if isinstance(busy, Skipped):
                     raise
-                raise Skipped(f"key {busy.key!r} is busy: call skipped", key=busy.key) from None
+                raise self._skipped(
+                    f"key {busy.key!r} is busy: call skipped", key=busy.key
+                ) from None
         if self.on_busy == "wait":
             async with gate.turn(key, timeout=self.timeout) as turn:
                 return await self._body_async(call, turn.fence)
@@ -275,7 +287,9 @@ class _Plan:
                     and generation is not None
                     and not await backend.is_newest(str(key), self.scope, generation)
                 ):
-                    raise Superseded(f"a newer call for key {turn.key!r} took over", key=turn.key)
+                    raise self._superseded(
+                        f"a newer call for key {turn.key!r} took over", key=turn.key
+                    )
                 token = new_token()
                 if cancel and backend is not None:
                     await backend.start_running(turn.key, self.scope, token, call.supersede)
@@ -286,7 +300,9 @@ class _Plan:
                         await asyncio.shield(backend.stop_running(turn.key, self.scope, token))
         except asyncio.CancelledError:
             if call.superseded and task is not None and task.uncancel() == 0:
-                raise Superseded(f"a newer call for key {key!r} took over", key=str(key)) from None
+                raise self._superseded(
+                    f"a newer call for key {key!r} took over", key=str(key)
+                ) from None
             raise
         finally:
             call.active = False
@@ -320,7 +336,9 @@ class _Plan:
             except Busy as busy:
                 if isinstance(busy, Skipped):
                     raise
-                raise Skipped(f"key {busy.key!r} is busy: call skipped", key=busy.key) from None
+                raise self._skipped(
+                    f"key {busy.key!r} is busy: call skipped", key=busy.key
+                ) from None
         if self.on_busy == "wait":
             with gate.turn_sync(key, timeout=self.timeout) as turn:
                 return self._body_sync(call, turn.fence)
@@ -340,7 +358,9 @@ class _Plan:
                     and generation is not None
                     and not newest.is_newest(str(key), self.scope, generation)
                 ):
-                    raise Superseded(f"a newer call for key {turn.key!r} took over", key=turn.key)
+                    raise self._superseded(
+                        f"a newer call for key {turn.key!r} took over", key=turn.key
+                    )
                 return self._body_sync(call, turn.fence)
         finally:
             newer.active = False

@@ -255,6 +255,7 @@ class Turn(_TurnBase):
             self.lost_reason = reason
             self.lost.set()
             self._log_lost(reason)
+            self._gate.metrics.count("leases_lost", reason=reason)
 
 
 class SyncTurn(_TurnBase):
@@ -295,6 +296,7 @@ class SyncTurn(_TurnBase):
             self.lost_reason = reason
             self.lost.set()
             self._log_lost(reason)
+            self._gate.metrics.count("leases_lost", reason=reason)
 
 
 # -- async ------------------------------------------------------------------------------
@@ -353,6 +355,7 @@ class TurnRequest:
         asked = (self._asked_at, self._joined_at)
         turn = Turn(self._gate, self._key, token, grant, asked=asked, clock=clock)
         self._turn = turn
+        self._gate._granted(turn.waited)
         self._task = asyncio.current_task()
         self._held_token = _mark_held(self._gate.id, self._key, turn)
         self._schedule()
@@ -374,6 +377,7 @@ class TurnRequest:
             self._renewing.cancel()
         if self._held_token is not None:
             _unmark_held(self._gate.id, self._key, self._held_token)
+        self._gate.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
         try:
             release = partial(self._gate.backend.release, turn.key, turn._token)
             await self._cleanup(release, release, "release")
@@ -403,6 +407,7 @@ class TurnRequest:
                 raise
             self._joined_at = time.monotonic()
             if grant is None:
+                self._gate.metrics.count("turns_busy")
                 raise Busy(f"the turn of key {key!r} is held or has a line", key=key)
             return grant
         try:
@@ -411,6 +416,7 @@ class TurnRequest:
             while grant is None:
                 remaining = deadline.remaining(time.monotonic())
                 if remaining == 0:
+                    self._gate.metrics.count("turn_timeouts")
                     raise self._timed_out(deadline)
                 # The backend's wait honours `remaining` itself; the bound only guards a hang.
                 grant = await self._bounded(
@@ -603,6 +609,7 @@ class SyncTurnRequest:
         asked = (self._asked_at, self._joined_at)
         turn = SyncTurn(self._gate, self._key, token, grant, asked=asked, clock=clock)
         self._turn = turn
+        self._gate._granted(turn.waited)
         self._held_token = _mark_held(self._gate.id, self._key, turn)
         self._schedule()
         return turn
@@ -623,6 +630,7 @@ class SyncTurnRequest:
             handle.cancel()  # type: ignore[attr-defined]
         if self._held_token is not None:
             _unmark_held(self._gate.id, self._key, self._held_token)
+        self._gate.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
         self._cleanup(lambda: self._gate.sync_backend.release(turn.key, turn._token), "release")
         if turn.lost_reason is not None and self._settings.on_lost == "cancel":
             raise LeaseLost(
@@ -644,6 +652,7 @@ class SyncTurnRequest:
                 raise
             self._joined_at = time.monotonic()
             if grant is None:
+                self._gate.metrics.count("turns_busy")
                 raise Busy(f"the turn of key {key!r} is held or has a line", key=key)
             return grant
         try:
@@ -652,6 +661,7 @@ class SyncTurnRequest:
             while grant is None:
                 remaining = deadline.remaining(time.monotonic())
                 if remaining == 0:
+                    self._gate.metrics.count("turn_timeouts")
                     waited = self._timeout or 0.0
                     raise TurnTimeout(
                         f"waited {waited:g}s in line for the turn of key {key!r}",
