@@ -28,7 +28,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--url", default="memory://", help="backend URL (default: memory://)")
     demo.add_argument("--users", type=_positive, default=40, help="users in the burst")
     demo.add_argument("--messages", type=_positive, default=5, help="messages per user")
+    migrate = commands.add_parser(
+        "migrate",
+        help="create or upgrade inturn's tables in a PostgreSQL database (idempotent)",
+        description="Apply inturn's schema migrations to the database a postgresql:// URL names.",
+    )
+    migrate.add_argument("url", help="postgresql://user@host:port/dbname")
     return parser
+
+
+def _migrate(url: str) -> int:
+    from ._errors import InturnError
+    from ._gate import Gate
+
+    try:
+        gate = Gate.from_url(url)
+        migrate = getattr(gate.sync_backend, "migrate", None)
+        if migrate is None:
+            print(f"inturn migrate: {url.split('://')[0]}:// keeps no schema", file=sys.stderr)
+            return 2
+        migrate()
+        gate.close()
+    except InturnError as exc:
+        print(f"inturn migrate: {exc}", file=sys.stderr)
+        return 1
+    print("inturn migrate: schema up to date")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._demo import main as demo_main
 
         return demo_main(args.url, args.users, args.messages)
+    if args.command == "migrate":
+        return _migrate(args.url)
     raise AssertionError(args.command)  # argparse refuses unknown commands
 
 
