@@ -204,7 +204,7 @@ class Gate:
             self._sync_backend = self.backend.sync_twin()
         return self._sync_backend
 
-    def _request_settings(
+    def _settings_for(
         self, lease: float | None, max_hold: float | None, on_lost: OnLost | None
     ) -> TurnSettings:
         base = self._settings
@@ -235,12 +235,13 @@ class Gate:
         key's turn gets the same turn back (re-entrant per task).
         ``lease``, ``max_hold`` and ``on_lost`` override the gate's defaults.
         """
+        settings = self._settings_for(lease, max_hold, on_lost)
         return TurnRequest(
             self,
             normalize_key(key),
             timeout=check_timeout(timeout),
             nowait=False,
-            settings=self._request_settings(lease, max_hold, on_lost),
+            settings=settings,
         )
 
     def turn_nowait(
@@ -252,13 +253,8 @@ class Gate:
         on_lost: OnLost | None = None,
     ) -> TurnRequest:
         """Take ``key``'s turn only if it is free and nobody waits, else raise ``Busy``."""
-        return TurnRequest(
-            self,
-            normalize_key(key),
-            timeout=None,
-            nowait=True,
-            settings=self._request_settings(lease, max_hold, on_lost),
-        )
+        settings = self._settings_for(lease, max_hold, on_lost)
+        return TurnRequest(self, normalize_key(key), timeout=None, nowait=True, settings=settings)
 
     def turn_sync(
         self,
@@ -276,12 +272,13 @@ class Gate:
         ``on_lost="cancel"`` the block raises :class:`~inturn.LeaseLost` when it
         exits (a thread cannot be interrupted).
         """
+        settings = self._settings_for(lease, max_hold, on_lost)
         return SyncTurnRequest(
             self,
             normalize_key(key),
             timeout=check_timeout(timeout),
             nowait=False,
-            settings=self._request_settings(lease, max_hold, on_lost),
+            settings=settings,
         )
 
     def turn_nowait_sync(
@@ -293,12 +290,9 @@ class Gate:
         on_lost: OnLost | None = None,
     ) -> SyncTurnRequest:
         """The thread twin of :meth:`turn_nowait`."""
+        settings = self._settings_for(lease, max_hold, on_lost)
         return SyncTurnRequest(
-            self,
-            normalize_key(key),
-            timeout=None,
-            nowait=True,
-            settings=self._request_settings(lease, max_hold, on_lost),
+            self, normalize_key(key), timeout=None, nowait=True, settings=settings
         )
 
     async def is_busy(self, key: str | int) -> bool:

@@ -116,6 +116,7 @@ def _unmark_held(gate_id: int, key: str, token: contextvars.Token[object]) -> No
 class _TurnBase:
     __slots__ = (
         "_clock",
+        "_gate",
         "_token",
         "acquired_at",
         "asked_at",
@@ -126,8 +127,16 @@ class _TurnBase:
     )
 
     def __init__(
-        self, key: str, token: str, grant: Grant, *, asked: tuple[float, float], clock: LeaseClock
+        self,
+        gate: Gate,
+        key: str,
+        token: str,
+        grant: Grant,
+        *,
+        asked: tuple[float, float],
+        clock: LeaseClock,
     ) -> None:
+        self._gate = gate
         self.key = key
         """The key, in its normal form (a ``str``)."""
         self.fence = grant.fence
@@ -154,7 +163,16 @@ class _TurnBase:
         state = "held" if self.lost_reason is None else f"lost ({self.lost_reason})"
         return f"<{type(self).__name__} key={self.key!r} fence={self.fence} {state}>"
 
-    def _log_lost(self, reason: str) -> None:
+    def _signal_lost(self) -> None:
+        raise NotImplementedError
+
+    def _set_lost(self, reason: str) -> None:
+        """Record the loss once: ``lost`` set, a WARNING with key and fence, a metric."""
+        if self.lost_reason is not None:
+            return
+        self.lost_reason = reason
+        self._signal_lost()
+        self._gate.metrics.count("leases_lost", reason=reason)
         logger.warning(
             "inturn: lost the turn of key %r (fence %d): %s",
             self.key,
@@ -224,7 +242,7 @@ class Turn(_TurnBase):
     Pass ``fence`` to any sink that can refuse stale writes.
     """
 
-    __slots__ = ("_gate", "lost")
+    __slots__ = ("lost",)
 
     def __init__(
         self,
@@ -236,10 +254,12 @@ class Turn(_TurnBase):
         asked: tuple[float, float],
         clock: LeaseClock,
     ) -> None:
-        super().__init__(key, token, grant, asked=asked, clock=clock)
-        self._gate = gate
+        super().__init__(gate, key, token, grant, asked=asked, clock=clock)
         self.lost = asyncio.Event()
         """Set when the lease is lost."""
+
+    def _signal_lost(self) -> None:
+        self.lost.set()
 
     async def check(self) -> bool:
         """Ask the backend whether this turn is still held (False once lost)."""
@@ -250,13 +270,6 @@ class Turn(_TurnBase):
             self._set_lost("taken")
         return held
 
-    def _set_lost(self, reason: str) -> None:
-        if self.lost_reason is None:
-            self.lost_reason = reason
-            self.lost.set()
-            self._log_lost(reason)
-            self._gate.metrics.count("leases_lost", reason=reason)
-
 
 class SyncTurn(_TurnBase):
     """A held turn of one key (threads). Get one from ``with gate.turn_sync(key) as turn``.
@@ -265,7 +278,7 @@ class SyncTurn(_TurnBase):
     with ``on_lost="cancel"`` the block raises :class:`LeaseLost` when it exits.
     """
 
-    __slots__ = ("_gate", "lost")
+    __slots__ = ("lost",)
 
     def __init__(
         self,
@@ -277,10 +290,12 @@ class SyncTurn(_TurnBase):
         asked: tuple[float, float],
         clock: LeaseClock,
     ) -> None:
-        super().__init__(key, token, grant, asked=asked, clock=clock)
-        self._gate = gate
+        super().__init__(gate, key, token, grant, asked=asked, clock=clock)
         self.lost = threading.Event()
         """Set when the lease is lost."""
+
+    def _signal_lost(self) -> None:
+        self.lost.set()
 
     def check(self) -> bool:
         """Ask the backend whether this turn is still held (False once lost)."""
@@ -290,13 +305,6 @@ class SyncTurn(_TurnBase):
         if not held:
             self._set_lost("taken")
         return held
-
-    def _set_lost(self, reason: str) -> None:
-        if self.lost_reason is None:
-            self.lost_reason = reason
-            self.lost.set()
-            self._log_lost(reason)
-            self._gate.metrics.count("leases_lost", reason=reason)
 
 
 # -- async ------------------------------------------------------------------------------
