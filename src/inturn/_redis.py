@@ -86,7 +86,8 @@ RECHECK_MAX = 2.0
 CONNECT_TIMEOUT = 5.0
 MAX_CONNECTIONS = 32
 """Connections per pool (per event loop, and one pool for threads) made by from_url."""
-SOCKET_TIMEOUT = 10.0
+SOCKET_TIMEOUT = 5.0
+"""Longest wait (seconds) for one reply; with the retries, a paused server is noticed in ~15 s."""
 IDLE_READ = 5.0
 """How long the listener blocks on one read before it checks its connection again."""
 
@@ -177,6 +178,40 @@ def _unavailable(exc: BaseException, what: str) -> BackendUnavailable:
 def _is_oom(exc: redis.exceptions.ResponseError) -> bool:
     # redis-py parses "-OOM ..." into OutOfMemoryError and drops the code from the text.
     return isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM")
+
+
+class _Outage:
+    """A waiter's re-checks that fail: retried with backoff while Redis may be restarting.
+
+    A waiter rides out a short outage (a restart, a failover) for up to
+    ``CONNECT_TIMEOUT`` seconds, never past its own deadline; then the last
+    error is raised.
+    """
+
+    __slots__ = ("error", "since", "tries")
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.error: BackendUnavailable | None = None
+        self.tries = 0
+
+    def failed(self, exc: BackendUnavailable, now: float, deadline: float | None) -> float:
+        """Record a failure; return when to try again, or raise when out of grace."""
+        if self.since is None:
+            self.since = now
+        self.error = exc
+        self.tries += 1
+        if now - self.since >= CONNECT_TIMEOUT or (deadline is not None and now >= deadline):
+            raise exc
+        retry_at = now + min(0.05 * 2.0**self.tries, 1.0)
+        return retry_at if deadline is None else min(retry_at, deadline)
+
+    def ok(self) -> None:
+        self.since, self.error, self.tries = None, None, 0
+
+    def raise_if_down(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 @dataclass(slots=True)
@@ -450,18 +485,25 @@ class RedisBackend:
         if waiter is None or waiter.future is None:
             raise RuntimeError(f"token {token!r} is not waiting for key {key!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
+        outage = _Outage()
         while True:
             if waiter.grant is not None:
                 state.waiters.pop(token, None)
                 return waiter.grant
             now = time.monotonic()
             if now >= waiter.next_check:
-                grant = await self._recheck(state, key, token, waiter)
+                try:
+                    grant = await self._recheck(state, key, token, waiter)
+                except BackendUnavailable as exc:
+                    waiter.next_check = outage.failed(exc, now, deadline)
+                    continue
+                outage.ok()
                 if grant is not None:
                     state.waiters.pop(token, None)
                     return grant
                 continue
             if deadline is not None and now >= deadline:
+                outage.raise_if_down()
                 return None
             sleep = waiter.next_check - now
             if deadline is not None:
@@ -864,6 +906,7 @@ class SyncRedisBackend:
         if waiter is None or waiter.event is None:
             raise RuntimeError(f"token {token!r} is not waiting for key {key!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
+        outage = _Outage()
         while True:
             if waiter.grant is not None:
                 with self._lock:
@@ -872,10 +915,15 @@ class SyncRedisBackend:
             now = time.monotonic()
             if now >= waiter.next_check:
                 sent = now
-                reply = self._run("refresh", key, [token, _alive_ms(waiter.lease)])
-                if reply[0] == -1:
-                    args = [token, _ms(waiter.lease), _alive_ms(waiter.lease)]
-                    reply = self._run("join", key, [*args, self._common.channel, "join"])
+                try:
+                    reply = self._run("refresh", key, [token, _alive_ms(waiter.lease)])
+                    if reply[0] == -1:
+                        args = [token, _ms(waiter.lease), _alive_ms(waiter.lease)]
+                        reply = self._run("join", key, [*args, self._common.channel, "join"])
+                except BackendUnavailable as exc:
+                    waiter.next_check = outage.failed(exc, now, deadline)
+                    continue
+                outage.ok()
                 if reply[0] == 1:
                     with self._lock:
                         self._waiters.pop(token, None)
@@ -883,6 +931,7 @@ class SyncRedisBackend:
                 waiter.next_check = _next_check(reply, waiter.lease)
                 continue
             if deadline is not None and now >= deadline:
+                outage.raise_if_down()
                 return None
             sleep = waiter.next_check - now
             if deadline is not None:
@@ -997,7 +1046,7 @@ def _client_options() -> dict[str, Any]:
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_keepalive": True,
         "health_check_interval": 30,
-        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     }
 

@@ -426,9 +426,10 @@ class TurnRequest:
                 if remaining == 0:
                     self._gate.metrics.count("turn_timeouts")
                     raise self._timed_out(deadline)
-                # The backend's wait honours `remaining` itself; the bound only guards a hang.
+                # The backend's wait honours `remaining` itself (and may report an outage
+                # at the deadline); the bound, a moment later, only guards a hang.
                 grant = await self._bounded(
-                    backend.wait(key, token, remaining), deadline, on_timeout=None
+                    backend.wait(key, token, remaining), deadline, on_timeout=None, grace=0.25
                 )
             return grant
         except BaseException as exc:
@@ -468,18 +469,23 @@ class TurnRequest:
         )
 
     async def _bounded(
-        self, call: Awaitable[T], deadline: Deadline, *, on_timeout: object = _RAISE
+        self,
+        call: Awaitable[T],
+        deadline: Deadline,
+        *,
+        on_timeout: object = _RAISE,
+        grace: float = 0.0,
     ) -> T:
-        """Await a backend call, but never past the request's deadline.
+        """Await a backend call, but never past the request's deadline (plus ``grace``).
 
-        At the deadline the call is abandoned: it raises BackendUnavailable, or
-        returns ``on_timeout`` when one is given.
+        Then the call is abandoned: it raises BackendUnavailable, or returns
+        ``on_timeout`` when one is given.
         """
         remaining = deadline.remaining(time.monotonic())
         if remaining is None:
             return await call
         try:
-            async with asyncio.timeout(remaining):
+            async with asyncio.timeout(remaining + grace):
                 return await call
         except TimeoutError as exc:
             if on_timeout is not _RAISE:
