@@ -16,7 +16,13 @@ import pytest
 import redis
 from psycopg import sql
 
-from tests.servers import MissingServerBinary, PostgresServer, RedisCluster, RedisServer
+from tests.servers import (
+    MissingServerBinary,
+    PostgresServer,
+    RedisCluster,
+    RedisSentinel,
+    RedisServer,
+)
 
 _T = TypeVar("_T")
 
@@ -94,3 +100,11 @@ def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(redis_server: RedisServer) -> Iterator[RedisSentinel]:
+    """A Sentinel monitoring the session `redis_server` as `mymaster`, started only if asked."""
+    sentinel = _start_or_skip(lambda: RedisSentinel(redis_server.port).start())
+    yield sentinel
+    sentinel.stop()

@@ -624,3 +624,92 @@ class PostgresServer:
         if self._pgid is not None:
             _kill_group(self._pgid)
             self._pgid = None
+
+
+class RedisSentinel(RedisServer):
+    """A Redis Sentinel on a free 127.0.0.1 port, monitoring one primary as `service`.
+
+    Runs `redis-sentinel` if installed, else `redis-server --sentinel`, with a config of its own
+    in a temp dir (Sentinel rewrites it). Quorum 1 and no replicas: a failover can never
+    happen, so the sentinel only answers where the primary is. `start()` returns once
+    `SENTINEL get-master-addr-by-name <service>` names the primary.
+    """
+
+    def __init__(
+        self,
+        primary_port: int,
+        *,
+        service: str = "mymaster",
+        startup_timeout: float = 15.0,
+    ) -> None:
+        binary = "redis-sentinel" if shutil.which("redis-sentinel") else "redis-server"
+        super().__init__(binary=binary, startup_timeout=startup_timeout)
+        self.primary_port = primary_port
+        self.service = service
+
+    @property
+    def url(self) -> str:
+        """The `redis+sentinel://` URL of the monitored primary, db 0."""
+        return f"redis+sentinel://{HOST}:{self.port}/{self.service}/0"
+
+    def master_addr(self, port: int | None = None) -> tuple[str, int] | None:
+        """The primary's address as the sentinel (on `port`, default ours) reports it, or None."""
+        args = ("SENTINEL", "get-master-addr-by-name", self.service)
+        payload = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
+        with socket.create_connection((HOST, port or self.port), timeout=1.0) as sock:
+            sock.sendall(payload.encode())
+            with sock.makefile("rb") as reader:
+                if not reader.readline().startswith(b"*2"):  # *-1: unknown service
+                    return None
+                host, primary_port = (
+                    reader.read(int(reader.readline()[1:]) + 2)[:-2] for _ in range(2)
+                )
+        return host.decode(), int(primary_port)
+
+    def client_count(self) -> int:
+        """Connections the sentinel has from clients, not counting the one that asks."""
+        info = _redis_call(self.port, "INFO", "clients").decode()
+        found = re.search(r"^connected_clients:(\d+)", info, re.MULTILINE)
+        if found is None:
+            raise ServerStartError(f"sentinel INFO clients has no connected_clients:\n{info}")
+        return int(found.group(1)) - 1
+
+    def __repr__(self) -> str:
+        return f"<RedisSentinel {self.url} running={self.running}>"
+
+    def _launch(self, port: int, bus_port: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "sentinel.conf"
+        conf.write_text(
+            f"bind {HOST}\nport {port}\ndir {self.dir}\nlogfile {self.log_path}\n"
+            "daemonize no\nprotected-mode no\n"
+            f"sentinel monitor {self.service} {HOST} {self.primary_port} 1\n"
+        )
+        self.log_path.unlink(missing_ok=True)
+        args = [self.binary, str(conf)]
+        if Path(self.binary).name != "redis-sentinel":
+            args.append("--sentinel")
+        self._proc = subprocess.Popen(
+            args,
+            cwd=self.dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _live[id(self)] = self.stop
+        self._wait_ready(port)  # PING, and INFO naming our pid (Sentinel answers both)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                if self.master_addr(port) == (HOST, self.primary_port):
+                    return
+            time.sleep(0.02)
+        self._terminate()
+        raise ServerStartError(
+            f"sentinel did not name {self.service} within {self.startup_timeout}s:\n"
+            f"{_log_tail(self.log_path)}"
+        )
+
+
+__all__ += ["RedisSentinel"]

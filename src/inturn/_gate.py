@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import itertools
+import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -86,6 +87,7 @@ class Gate:
         self.backend: Backend = backend
         """The async backend."""
         self._sync_backend = sync_backend
+        self._twin_lock = threading.Lock()
         self.metrics: MetricsSink = InProcessMetrics() if metrics is None else metrics
         """Where this gate reports counts and timings (see ``inturn._metrics``)."""
         self._settings = TurnSettings(
@@ -201,7 +203,9 @@ class Gate:
     def sync_backend(self) -> SyncBackend:
         """The sync twin of :attr:`backend` (made on first use)."""
         if self._sync_backend is None:
-            self._sync_backend = self.backend.sync_twin()
+            with self._twin_lock:  # threads may race to their first turn_sync
+                if self._sync_backend is None:
+                    self._sync_backend = self.backend.sync_twin()
         return self._sync_backend
 
     def _settings_for(

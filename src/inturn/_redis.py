@@ -307,6 +307,7 @@ class RedisBackend:
             weakref.WeakKeyDictionary()
         )
         self._twin: SyncRedisBackend | None = None
+        self._twin_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "default") -> RedisBackend:
@@ -705,6 +706,10 @@ class RedisBackend:
         ]
 
     def sync_twin(self) -> SyncRedisBackend:
+        with self._twin_lock:  # threads may race to their first turn_sync
+            return self._make_twin()
+
+    def _make_twin(self) -> SyncRedisBackend:
         if self._twin is None:
             client = self._sync_client
             if client is None:
@@ -749,11 +754,14 @@ class RedisBackend:
 
 
 async def _aclose(client: Any) -> None:
-    """Close a client made here, with its connection pool(s)."""
+    """Close a client made here, with its connection pool(s) and its Sentinel, if any."""
     if isinstance(client, redis.asyncio.cluster.RedisCluster):
         await client.aclose()  # closes every node's connections
     else:
         await client.aclose(close_connection_pool=True)
+    sentinel = getattr(client, "_inturn_sentinel", None)
+    if sentinel is not None:
+        await sentinel.aclose()
 
 
 def _log_channel_lost(exc: BaseException, backoff: float) -> None:
@@ -1035,6 +1043,9 @@ class SyncRedisBackend:
             else:
                 client.connection_pool.disconnect()
             client.close()
+            sentinel = getattr(client, "_inturn_sentinel", None)
+            if sentinel is not None:
+                sentinel.close()
 
 
 # -- URLs -------------------------------------------------------------------------------
@@ -1127,7 +1138,9 @@ def _factories(url: str) -> tuple[Any, Any]:
             sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
                 hosts, socket_connect_timeout=CONNECT_TIMEOUT
             )
-            return sentinel.master_for(service, db=db, password=password, **options)
+            client = sentinel.master_for(service, db=db, password=password, **options)
+            client._inturn_sentinel = sentinel  # closed with the client: see _aclose
+            return client
 
         def make_sync_sentinel() -> Any:
             import redis.sentinel
@@ -1135,9 +1148,11 @@ def _factories(url: str) -> tuple[Any, Any]:
             sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
                 hosts, socket_connect_timeout=CONNECT_TIMEOUT
             )
-            return sentinel.master_for(  # type: ignore[no-untyped-call]
+            client = sentinel.master_for(  # type: ignore[no-untyped-call]
                 service, db=db, password=password, **options
             )
+            client._inturn_sentinel = sentinel  # closed with the client: see close()
+            return client
 
         return make_async_sentinel, make_sync_sentinel
     raise ConfigurationError(f"not a Redis URL: {url!r}")
