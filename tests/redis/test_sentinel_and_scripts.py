@@ -6,7 +6,7 @@ import asyncio
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -55,7 +55,7 @@ async def _contend(gate: inturn.Gate, history: History, tag: str) -> int:
 
 
 @pytest.fixture
-async def sentinel_managers(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[Any]]:
+def sentinel_managers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Records every redis-py `Sentinel` the test makes (the gate must close them itself)."""
     made: list[Any] = []
 
@@ -71,7 +71,7 @@ async def sentinel_managers(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[li
 
     monkeypatch.setattr(redis.asyncio.sentinel, "Sentinel", AsyncRecorded)
     monkeypatch.setattr(redis.sentinel, "Sentinel", SyncRecorded)
-    yield made
+    return made
 
 
 async def test_sentinel_url_serves_turns_async_and_sync(
