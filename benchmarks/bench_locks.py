@@ -1,13 +1,17 @@
 """inturn's turn against Redis lock peers, side by side, in one run on one redis-server.
 
-    python benchmarks/bench_locks.py [--url-for-inturn URL] [--quick] [--markdown PATH]
+    python benchmarks/bench_locks.py [--url-for-inturn URL] [--no-postgres] [--quick]
+                                     [--markdown PATH]
 
 The script starts its own `redis-server` on a free 127.0.0.1 port in a temp dir
 (`tests.servers.RedisServer`), measures every lock against it, prints the tables and ratios,
 and stops the server. The inturn rows use that server too unless `--url-for-inturn` names
-another backend (`memory://` while the Redis backend is being written). Peers: redis-py's
+another backend (`memory://`, say). Beside them, inturn on PostgreSQL runs against a throwaway
+cluster the script starts too (`tests.servers.PostgresServer`; `--no-postgres` skips it).
+Peers: redis-py's
 `Lock` (asyncio and sync), python-redis-lock and pottery's `Redlock` (each skipped, with a
-note, when its package is missing). Bounds: two plain SETs with the same client, and a local
+note, when its package is missing). Bounds: two plain SETs with the same client, two
+`SELECT 1` round trips on one psycopg connection, and a local
 lock (`asyncio.Lock`, `threading.Lock`, `flock`) on the same schedule.
 
 Scenarios:
@@ -49,11 +53,11 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableSequence, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import redis.asyncio  # binds `redis` too; one line, whichever section isort files it in
+import redis.asyncio  # binds `redis` as well
 
 Role = Literal["inturn", "peer", "bound"]
 Scenario = Literal["cycle", "contention", "handoff"]
@@ -107,6 +111,7 @@ class Target:
     inturn_url: str
     flock_path: str
     run_id: str  # keeps this run's keys apart from anything else on the server
+    postgres_dsn: str | None = None  # the PostgreSQL cluster this script started, if any
 
     @property
     def inturn_scheme(self) -> str:
@@ -173,6 +178,18 @@ def _inturn_gate(target: Target) -> Any:
         ) from exc
 
 
+def _postgres_dsn(target: Target) -> str:
+    if target.postgres_dsn is None:
+        raise Unavailable("no PostgreSQL for this run (--no-postgres, or it did not start)")
+    return target.postgres_dsn
+
+
+def _inturn_postgres_gate(target: Target) -> Any:
+    import inturn
+
+    return inturn.Gate.from_url(_postgres_dsn(target), namespace="bench")
+
+
 def _static(lock: Any) -> Callable[[], Any]:
     return lambda: lock
 
@@ -201,6 +218,30 @@ class _SyncTwoSets:
         self._client.set(self._name, b"0")
 
 
+class _AsyncTwoSelects:
+    """The floor of a PostgreSQL turn: two round trips on one autocommit connection."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def __aenter__(self) -> None:
+        await self._conn.execute("SELECT 1")
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._conn.execute("SELECT 1")
+
+
+class _SyncTwoSelects:
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("SELECT 1")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._conn.execute("SELECT 1")
+
+
 class _Flock:
     """An exclusive `flock` on its own file description: a kernel lock across processes."""
 
@@ -222,11 +263,23 @@ async def _open_inturn_async(target: Target) -> AsyncSession:
     return AsyncSession(lambda key: lambda: gate.turn(key), gate.aclose)
 
 
+async def _open_inturn_postgres_async(target: Target) -> AsyncSession:
+    gate = _inturn_postgres_gate(target)
+    return AsyncSession(lambda key: lambda: gate.turn(key), gate.aclose)
+
+
+async def _open_two_selects_async(target: Target) -> AsyncSession:
+    psycopg = _import("psycopg", "psycopg")
+    conn = await psycopg.AsyncConnection.connect(_postgres_dsn(target), autocommit=True)
+    return AsyncSession(lambda key: _static(_AsyncTwoSelects(conn)), conn.close)
+
+
 async def _open_redis_py_async(target: Target) -> AsyncSession:
     client = redis.asyncio.Redis.from_url(target.redis_url)
     # `sleep=0.1` (the default) is how often a blocked acquire polls: part of what is measured.
     return AsyncSession(
-        lambda key: _static(client.lock(f"bench:redis-py:{key}", timeout=LEASE)), client.aclose
+        lambda key: _static(client.lock(f"bench:redis-py-async:{key}", timeout=LEASE)),
+        client.aclose,
     )
 
 
@@ -236,7 +289,9 @@ async def _open_pottery_async(target: Target) -> AsyncSession:
 
     def lock_for(key: str) -> AsyncCM:
         return _static(
-            pottery.AIORedlock(key=f"bench:{key}", masters={client}, auto_release_time=LEASE)
+            pottery.AIORedlock(
+                key=f"bench:pottery-async:{key}", masters={client}, auto_release_time=LEASE
+            )
         )
 
     return AsyncSession(lock_for, client.aclose)
@@ -245,7 +300,7 @@ async def _open_pottery_async(target: Target) -> AsyncSession:
 async def _open_two_sets_async(target: Target) -> AsyncSession:
     client = redis.asyncio.Redis.from_url(target.redis_url)
     return AsyncSession(
-        lambda key: _static(_AsyncTwoSets(client, f"bench:set:{key}")), client.aclose
+        lambda key: _static(_AsyncTwoSets(client, f"bench:set-async:{key}")), client.aclose
     )
 
 
@@ -263,6 +318,17 @@ def _open_inturn_sync(target: Target) -> SyncSession:
     return SyncSession(lambda key: lambda: gate.turn_sync(key), gate.close)
 
 
+def _open_inturn_postgres_sync(target: Target) -> SyncSession:
+    gate = _inturn_postgres_gate(target)
+    return SyncSession(lambda key: lambda: gate.turn_sync(key), gate.close)
+
+
+def _open_two_selects_sync(target: Target) -> SyncSession:
+    psycopg = _import("psycopg", "psycopg")
+    conn = psycopg.Connection.connect(_postgres_dsn(target), autocommit=True)
+    return SyncSession(lambda key: _static(_SyncTwoSelects(conn)), conn.close)
+
+
 def _open_redis_py_sync(target: Target) -> SyncSession:
     client = redis.Redis.from_url(target.redis_url)
     return SyncSession(
@@ -274,7 +340,8 @@ def _open_redis_lock(target: Target) -> SyncSession:
     redis_lock = _import("redis_lock", "python-redis-lock")
     client = redis.Redis.from_url(target.redis_url)
     return SyncSession(
-        lambda key: _static(redis_lock.Lock(client, f"bench:{key}", expire=LEASE)), client.close
+        lambda key: _static(redis_lock.Lock(client, f"bench:redis-lock:{key}", expire=LEASE)),
+        client.close,
     )
 
 
@@ -284,7 +351,7 @@ def _open_pottery_sync(target: Target) -> SyncSession:
 
     def lock_for(key: str) -> SyncCM:
         return _static(
-            pottery.Redlock(key=f"bench:{key}", masters={client}, auto_release_time=LEASE)
+            pottery.Redlock(key=f"bench:pottery:{key}", masters={client}, auto_release_time=LEASE)
         )
 
     return SyncSession(lock_for, client.close)
@@ -315,11 +382,18 @@ def _open_flock(target: Target) -> SyncSession:
     return SyncSession(lock_for, close)
 
 
+# inturn on PostgreSQL, beside inturn on `--url-for-inturn`; the suffix names its backend.
+PG_ASYNC = "inturn turn [postgresql]"
+PG_SYNC = "inturn turn_sync [postgresql]"
+POSTGRES_ROWS = frozenset({PG_ASYNC, PG_SYNC, "2 x SELECT 1 (bound)"})
+
 ASYNC_CONTENDERS: tuple[AsyncContender, ...] = (
     AsyncContender("inturn turn", "inturn", ALL, _open_inturn_async),
+    AsyncContender(PG_ASYNC, "inturn", ALL, _open_inturn_postgres_async),
     AsyncContender("redis-py asyncio Lock", "peer", ALL, _open_redis_py_async),
     AsyncContender("pottery AIORedlock", "peer", ALL, _open_pottery_async),
     AsyncContender("2 x SET (bound)", "bound", frozenset({"cycle"}), _open_two_sets_async),
+    AsyncContender("2 x SELECT 1 (bound)", "bound", frozenset({"cycle"}), _open_two_selects_async),
     AsyncContender("asyncio.Lock (bound)", "bound", ALL, _open_asyncio_lock),
 )
 
@@ -331,10 +405,12 @@ SYNC_CONTENDERS: tuple[SyncContender, ...] = (
         _open_inturn_sync,
         cross_process=lambda target: target.inturn_scheme != "memory",
     ),
+    SyncContender(PG_SYNC, "inturn", ALL, _open_inturn_postgres_sync),
     SyncContender("redis-py Lock", "peer", ALL, _open_redis_py_sync),
     SyncContender("python-redis-lock", "peer", ALL, _open_redis_lock),
     SyncContender("pottery Redlock", "peer", ALL, _open_pottery_sync),
     SyncContender("2 x SET (bound)", "bound", frozenset({"cycle"}), _open_two_sets_sync),
+    SyncContender("2 x SELECT 1 (bound)", "bound", frozenset({"cycle"}), _open_two_selects_sync),
     SyncContender(
         "threading.Lock (bound)", "bound", ALL, _open_threading_lock, lambda target: False
     ),
@@ -345,7 +421,9 @@ SYNC_BY_NAME = {contender.name: contender for contender in SYNC_CONTENDERS}
 
 
 def display_name(name: str, role: Role, target: Target) -> str:
-    return f"{name} [{target.inturn_scheme}]" if role == "inturn" else name
+    if role == "inturn" and not name.endswith("]"):
+        return f"{name} [{target.inturn_scheme}]"
+    return name
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -384,6 +462,7 @@ class CycleResult:
     name: str
     role: Role
     batches_us: list[float] = field(default_factory=list)
+    error: str | None = None
 
     @property
     def us(self) -> float:
@@ -497,9 +576,14 @@ async def run_cycles_async(
         results = [CycleResult(c.name, c.role) for c in contenders]
         for batch in range(plan.batches + 1):  # batch 0 warms connections and scripts up
             for make, result in zip(makers, results, strict=True):
-                us = await _cycles_async(make, plan.cycles)
-                if batch:
-                    result.batches_us.append(us)
+                if result.error is None:
+                    try:
+                        us = await _cycles_async(make, plan.cycles)
+                    except Exception as exc:
+                        result.error = _error(exc)
+                    else:
+                        if batch:
+                            result.batches_us.append(us)
         return results
     finally:
         for session in sessions:
@@ -515,9 +599,14 @@ def run_cycles_sync(
         results = [CycleResult(c.name, c.role) for c in contenders]
         for batch in range(plan.batches + 1):
             for make, result in zip(makers, results, strict=True):
-                us = _cycles_sync(make, plan.cycles)
-                if batch:
-                    result.batches_us.append(us)
+                if result.error is None:
+                    try:
+                        us = _cycles_sync(make, plan.cycles)
+                    except Exception as exc:
+                        result.error = _error(exc)
+                    else:
+                        if batch:
+                            result.batches_us.append(us)
         return results
     finally:
         for session in sessions:
@@ -725,7 +814,9 @@ def _process_context() -> Any:
     spawn costs seconds per run here: 8 interpreters importing redis at once on few cores.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["redis", "redis.asyncio", "redis_lock", "pottery", "inturn"])
+    ctx.set_forkserver_preload(
+        ["redis", "redis.asyncio", "redis_lock", "pottery", "psycopg", "psycopg_pool", "inturn"]
+    )
     return ctx
 
 
@@ -941,6 +1032,8 @@ def _probe_sync(contender: SyncContender, target: Target) -> str | None:
 async def run_async_part(target: Target, plan: Plan, results: Results) -> None:
     contenders = []
     for contender in ASYNC_CONTENDERS:
+        if contender.name in POSTGRES_ROWS and target.postgres_dsn is None:
+            continue  # main() notes why, once
         reason = await _probe_async(contender, target)
         if reason is None:
             contenders.append(contender)
@@ -972,6 +1065,8 @@ async def run_async_part(target: Target, plan: Plan, results: Results) -> None:
 def run_sync_part(target: Target, plan: Plan, results: Results) -> None:
     contenders = []
     for contender in SYNC_CONTENDERS:
+        if contender.name in POSTGRES_ROWS and target.postgres_dsn is None:
+            continue
         reason = _probe_sync(contender, target)
         if reason is None:
             contenders.append(contender)
@@ -1051,6 +1146,8 @@ def _ratio(value: float) -> str:
 
 def cycle_table(title: str, results: Sequence[CycleResult], target: Target) -> Table:
     table = Table(title, ["lock", "us/cycle", "min", "max", "cycles/s", "inturn speed-up"])
+    failed = [r for r in results if r.error]
+    results = [r for r in results if not r.error]
     inturn = next((r for r in results if r.role == "inturn"), None)
     for r in results:
         speedup = r.us / inturn.us if inturn else math.nan
@@ -1077,7 +1174,24 @@ def cycle_table(title: str, results: Sequence[CycleResult], target: Target) -> T
                     f"inturn vs the two-SET bound: throughput ratio {_ratio(r.us / inturn.us)} "
                     f"(inturn costs {inturn.us / r.us:.2f} x two plain round trips)"
                 )
+    postgres = next((r for r in results if r.role == "inturn" and r.name in POSTGRES_ROWS), None)
+    if postgres is not None:
+        if inturn is not None and inturn is not postgres:
+            table.notes.append(
+                f"inturn on PostgreSQL costs {postgres.us / inturn.us:.2f} x inturn on "
+                f"{target.inturn_scheme} per cycle"
+            )
+        for r in results:
+            if r.name.startswith("2 x SELECT 1"):
+                table.notes.append(
+                    f"inturn on PostgreSQL vs the two-SELECT bound: it costs "
+                    f"{postgres.us / r.us:.2f} x two plain round trips (one transaction: lock, "
+                    "fence, COMMIT)"
+                )
     table.notes.append("inturn speed-up = row's us/cycle / inturn's us/cycle (>1: inturn faster)")
+    for r in failed:
+        table.rows.append([display_name(r.name, r.role, target), "error", *["-"] * 4])
+        table.notes.append(f"{display_name(r.name, r.role, target)}: {r.error}")
     return table
 
 
@@ -1104,7 +1218,10 @@ def contention_table(
         ],
     )
     bound = 1 / plan.hold
-    local = {s.mode: s.per_second for s in stats if s.role == "bound" and not s.error}
+    local: dict[Mode, float] = {}  # the practical bound: the fastest local lock of each mode
+    for s in stats:
+        if s.role == "bound" and not s.error:
+            local[s.mode] = max(local.get(s.mode, 0.0), s.per_second)
     fallback = max(local.values(), default=math.nan)
     for s in stats:
         name = display_name(s.name, s.role, target)
@@ -1138,7 +1255,7 @@ def contention_table(
     table.notes += [
         f"{n} contenders on one key, each looping {{acquire; hold {plan.hold * 1000:g} ms; "
         f"release}} for {plan.window:g} s; bound 1/hold = {bound:g} acquisitions/s",
-        "% local: against the local lock row of the same mode (the practical bound)",
+        "% local: against the fastest local lock of the same mode (the practical bound)",
         "wait = ask -> body starts (ms), over every acquisition asked before the window closed; "
         "censored = still waiting when the drain time ran out (counted at that wait)",
         f"ideal = FIFO wait {n - 1} x (hold + hand-off) with this lock's own measured hold and "
@@ -1200,6 +1317,17 @@ def _command() -> str:
     return shlex.join(["python", str(script), *sys.argv[1:]])
 
 
+def _postgres_fact(target: Target) -> str:
+    if target.postgres_dsn is None:
+        return "not used"
+    import psycopg
+
+    with psycopg.connect(target.postgres_dsn) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    version = row[0] if row else "?"
+    return f"{version} on {target.postgres_dsn} (started here; fsync=off, synchronous_commit=off)"
+
+
 def machine_facts(target: Target) -> list[tuple[str, str]]:
     client = redis.Redis.from_url(target.redis_url)
     try:
@@ -1207,7 +1335,15 @@ def machine_facts(target: Target) -> list[tuple[str, str]]:
     finally:
         client.close()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-    packages = ("inturn", "redis", "hiredis", "python-redis-lock", "pottery")
+    packages = (
+        "inturn",
+        "redis",
+        "hiredis",
+        "python-redis-lock",
+        "pottery",
+        "psycopg",
+        "psycopg-pool",
+    )
     return [
         ("command", _command()),
         ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
@@ -1216,23 +1352,29 @@ def machine_facts(target: Target) -> list[tuple[str, str]]:
         ("os", platform.platform()),
         ("redis-server", f"{info.get('redis_version')} on {target.redis_url} (started here)"),
         ("inturn backend", target.inturn_url),
+        ("postgresql", _postgres_fact(target)),
         ("packages", ", ".join(f"{p} {_version(p)}" for p in packages)),
     ]
 
 
 def build_tables(results: Results, target: Target, plan: Plan) -> list[Table]:
     return [
-        cycle_table("1a. Uncontended cycle, async", results.cycles_async, target),
-        cycle_table("1b. Uncontended cycle, sync", results.cycles_sync, target),
+        cycle_table(
+            "1a. Uncontended acquire + release, async (us per cycle)", results.cycles_async, target
+        ),
+        cycle_table(
+            "1b. Uncontended acquire + release, sync (us per cycle)", results.cycles_sync, target
+        ),
         contention_table(
-            "2a. Contention, async: tasks on one event loop, one shared client",
+            "2a. Contention, async: tasks on one event loop, one shared client (times in ms)",
             results.contention_async,
             target,
             plan,
         ),
         contention_table(
             f"2b. Contention, sync: {plan.sync_mode}"
-            + (" with a client each" if plan.sync_mode == "processes" else ", one shared client"),
+            + (" with a client each" if plan.sync_mode == "processes" else ", one shared client")
+            + " (times in ms)",
             results.contention_sync,
             target,
             plan,
@@ -1266,7 +1408,8 @@ def render_markdown(
 
 
 class _Server(Protocol):
-    url: str
+    @property
+    def url(self) -> str: ...
 
     def stop(self) -> None: ...
 
@@ -1282,6 +1425,16 @@ def start_redis() -> _Server:
     return server
 
 
+def start_postgres() -> tuple[Any, str | None]:
+    """A throwaway PostgreSQL cluster of our own (server, None), or (None, why not)."""
+    from tests.servers import PostgresServer, ServerStartError
+
+    try:
+        return PostgresServer().start(), None
+    except ServerStartError as exc:  # includes MissingServerBinary
+        return None, f"PostgreSQL rows: the server did not start: {exc}"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument(
@@ -1289,7 +1442,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="URL",
         help="backend URL for the inturn rows (default: the redis-server this script starts)",
     )
-    parser.add_argument("--quick", action="store_true", help="shorter run (~40 s)")
+    parser.add_argument("--quick", action="store_true", help="shorter run (~60 s)")
+    parser.add_argument(
+        "--no-postgres",
+        action="store_true",
+        help="skip the inturn-on-PostgreSQL rows (and the PostgreSQL cluster they start)",
+    )
     parser.add_argument("--markdown", metavar="PATH", help="also write the results as markdown")
     parser.add_argument("--contenders", type=int, default=8, help="contenders on one key (8)")
     parser.add_argument("--hold-ms", type=float, default=2.0, help="hold time per turn (2 ms)")
@@ -1307,21 +1465,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = Plan.make(args)
     began = time.monotonic()
     server = start_redis()
+    postgres: Any = None
     workdir = tempfile.mkdtemp(prefix="inturn-bench-")
     try:
+        skipped: str | None = "PostgreSQL rows: --no-postgres"
+        if not args.no_postgres:
+            _progress("starting PostgreSQL (initdb + pg_ctl)")
+            postgres, skipped = start_postgres()
         target = Target(
             redis_url=server.url,
             inturn_url=args.url_for_inturn or server.url,
             flock_path=os.path.join(workdir, "flock"),
             run_id=secrets.token_hex(4),
+            postgres_dsn=postgres.dsn if postgres is not None else None,
         )
         print(
-            f"bench_locks: redis-server on {server.url}, inturn on {target.inturn_url}",
+            f"bench_locks: redis-server on {server.url}, inturn on {target.inturn_url}"
+            + (f" and {target.postgres_dsn}" if target.postgres_dsn else ""),
             file=sys.stderr,
         )
         results = Results()
-        asyncio.run(run_async_part(target, plan, results))
-        run_sync_part(target, plan, results)
+        if skipped:
+            results.skipped.append(skipped)
+        # Separate keys, so that nothing the async part left behind can block the sync part.
+        asyncio.run(run_async_part(replace(target, run_id=f"{target.run_id}-a"), plan, results))
+        run_sync_part(replace(target, run_id=f"{target.run_id}-s"), plan, results)
         facts = machine_facts(target)
         facts.append(("run time", f"{time.monotonic() - began:.1f} s"))
         print(render_text(results, facts, target, plan))
@@ -1329,6 +1497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(args.markdown).write_text(render_markdown(results, facts, target, plan))
             print(f"\nwrote {args.markdown}", file=sys.stderr)
     finally:
+        if postgres is not None:
+            postgres.stop()
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
