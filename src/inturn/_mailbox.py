@@ -244,26 +244,27 @@ class Mailbox:
             while True:
                 if self.debounce:
                     await self._settle(key)
-                async with self.gate.turn(key) as turn:
-                    taken = await self._store.mb_take(
-                        self.name, key, token, limit=self.max_batch, lease=self.gate.lease, ack=ack
+                # Taking needs only the drainer role; the key's turn is taken to process,
+                # so per message: MB_TAKE, the turn's JOIN and RELEASE (3 round trips).
+                taken = await self._store.mb_take(
+                    self.name, key, token, limit=self.max_batch, lease=self.gate.lease, ack=ack
+                )
+                ack = False
+                if taken.lost_role:
+                    logger.warning(
+                        "inturn: mailbox %r lost the drainer role of key %r",
+                        self.name,
+                        key,
+                        extra={"inturn_key": key},
                     )
-                    if taken.lost_role:
-                        logger.warning(
-                            "inturn: mailbox %r lost the drainer role of key %r",
-                            self.name,
-                            key,
-                            extra={"inturn_key": key},
-                        )
-                        return
-                    if taken.messages:
-                        ack = await self._process(key, token, taken.messages, turn.fence)
-                        continue
-                    ack = False
-                    if not taken.wait:
-                        await self._store.mb_hint(self.name, key, False)
-                        return  # empty: the role was given up in the same step
-                await asyncio.sleep(taken.wait)  # a retry's backoff, outside the turn
+                    return
+                if taken.wait:
+                    await asyncio.sleep(taken.wait)  # a retry's backoff
+                    continue
+                if not taken.messages:
+                    return  # empty: the role was given up in the same step
+                async with self.gate.turn(key) as turn:
+                    ack = await self._process(key, token, taken.messages, turn.fence)
         except asyncio.CancelledError:
             raise
         except Exception:

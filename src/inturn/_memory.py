@@ -131,7 +131,6 @@ class _MemoryCore:
         self._marks: dict[tuple[str, str, str], _Mark] = {}
         self._purge_at = 1024
         self._boxes: dict[tuple[str, str], _Box] = {}
-        self._hints: dict[str, set[str]] = {}
         self._dead: dict[str, list[str]] = {}
 
     # -- helpers, called with the lock held ----------------------------------------------
@@ -402,18 +401,11 @@ class _MemoryCore:
             return box is not None and self._box_drainer(box, self._clock()) is not None
 
     def mb_hint(self, mailbox: str, key: str, present: bool) -> None:
-        with self._lock:
-            hints = self._hints.setdefault(mailbox, set())
-            if present:
-                hints.add(key)
-            else:
-                hints.discard(key)
-                if not hints:
-                    del self._hints[mailbox]
+        """Nothing to do: the boxes themselves are the index (an idle key has none)."""
 
     def mb_hinted(self, mailbox: str) -> list[str]:
         with self._lock:
-            return sorted(self._hints.get(mailbox, ()))
+            return sorted(key for name, key in self._boxes if name == mailbox)
 
     def mb_dead(self, mailbox: str, entries: list[str]) -> None:
         with self._lock:

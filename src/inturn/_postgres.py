@@ -55,17 +55,18 @@ import hashlib
 import logging
 import math
 import os
+import secrets
 import socket
 import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _postgres_sql as q
-from ._backend import Grant
+from ._backend import ClaimResult, Grant, Taken
 from ._errors import BackendUnavailable, ConfigurationError
 
 try:
@@ -79,7 +80,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "the PostgreSQL backend needs psycopg 3 and psycopg-pool: pip install 'inturn[postgres]'"
     ) from exc
 
-__all__ = ["PostgresBackend", "SyncPostgresBackend", "from_url", "key_hash"]
+__all__ = ["PostgresBackend", "SyncPostgresBackend", "from_url", "key_hash", "mailbox_hash"]
 
 logger = logging.getLogger("inturn")
 
@@ -93,6 +94,15 @@ and its head waiter's), whatever the number of waiters.
 """
 TCP_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5}
 """libpq keepalives: a dead network is noticed in about 10 + 3 * 5 seconds."""
+
+SUPERSEDE_KEEP = 3600.0
+"""Seconds a (key, function) generation and running-call record outlive their last use."""
+PURGE_INTERVAL = 30.0
+"""At most this often (seconds) a process's dedup claims also delete expired rows."""
+PURGE_LIMIT = 1000
+"""Expired rows of each table deleted by one purge."""
+LISTEN_RETRY_MAX = 2.0
+"""Longest pause (seconds) before the cancel listener reconnects."""
 
 _OPTIONS = ("audit", "schema", "max_connections")
 _IDLE, _INTRANS, _INERROR = (
@@ -112,6 +122,20 @@ def key_hash(namespace: str, key: str) -> int:
     ns = namespace.encode()
     data = len(ns).to_bytes(4, "big") + ns + key.encode()
     digest = hashlib.blake2b(data, digest_size=8, person=b"inturn-turn").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def mailbox_hash(namespace: str, mailbox: str, key: str) -> int:
+    """The advisory lock id that serializes the mailbox operations of one key.
+
+    Length-prefixed namespace and mailbox name, then the key (injective before
+    hashing), personalised apart from :func:`key_hash`: never the id of a turn.
+    """
+    data = b""
+    for part in (namespace, mailbox):
+        raw = part.encode()
+        data += len(raw).to_bytes(4, "big") + raw
+    digest = hashlib.blake2b(data + key.encode(), digest_size=8, person=b"inturn-mbox").digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
@@ -324,6 +348,27 @@ class _Config:
         self.audit_grant = q.render(q.AUDIT_GRANT, schema=schema)
         self.audit_close = q.render(q.AUDIT_CLOSE, schema=schema)
         self.open_rows = q.render(q.AUDIT_OPEN, schema=schema)
+        self.sql = {name: q.render(getattr(q, name), schema=schema) for name in _STATEMENTS}
+        self.sql["PURGE"] = q.render(q.PURGE, schema=schema, limit=PURGE_LIMIT)
+        self.next_purge = 0.0
+
+    def purge_due(self) -> bool:
+        """True at most once per PURGE_INTERVAL (whichever twin asks first)."""
+        now = time.monotonic()
+        with self.core.lock:
+            if now < self.next_purge:
+                return False
+            self.next_purge = now + PURGE_INTERVAL
+            return True
+
+    def mark(self, key: str, scope: str, id: str, token: str) -> dict[str, Any]:
+        return {"ns": self.namespace, "key": key, "scope": scope, "id": id, "token": token}
+
+    def box(self, name: str, key: str) -> dict[str, Any]:
+        return {"ns": self.namespace, "mailbox": name, "key": key}
+
+    def locked_box(self, name: str, key: str) -> dict[str, Any]:
+        return {**self.box(name, key), "lock": mailbox_hash(self.namespace, name, key)}
 
     def begin(self, lease: float, lock_timeout: float | None) -> str:
         return q.render(
@@ -379,6 +424,52 @@ class _Config:
         return [s.strip().rstrip(";") for s in (start, *todo, "COMMIT")]
 
 
+_STATEMENTS = (
+    "DEDUP_CLAIM",
+    "DEDUP_FINISH",
+    "DEDUP_ABANDON",
+    "DEDUP_ROWS",
+    "SUPERSEDE",
+    "IS_NEWEST",
+    "START_RUNNING",
+    "STOP_RUNNING",
+    "MB_SUBMIT",
+    "MB_TAKE",
+    "MB_RETRY",
+    "MB_CLAIM",
+    "MB_RENEW",
+    "MB_PENDING",
+    "MB_DRAINING",
+    "MB_HINT",
+    "MB_UNHINT",
+    "MB_HINTED",
+    "MB_DEAD",
+    "MB_DEAD_LETTERS",
+    "MB_FOOTPRINT",
+)
+"""The statements of :mod:`._postgres_sql` rendered once per schema into ``_Config.sql``."""
+
+
+def _claimed(row: Any) -> ClaimResult:
+    state = str(row[0])
+    if state == "done":
+        return ClaimResult("done", row[1])
+    return ClaimResult("new" if state == "new" else "in_progress")
+
+
+def _taken(row: Any) -> Taken:
+    status = int(row[0])
+    if status == 1:
+        return Taken(messages=tuple(row[2] or ()))
+    if status == 2:
+        return Taken(wait=float(row[1]))
+    return Taken(lost_role=status == -1)
+
+
+def _newest(row: Any, generation: int) -> bool:
+    return row is None or int(row[0]) <= generation
+
+
 def _last_row(cur: Any) -> Any:
     """The first row of a multi-statement query's last result."""
     while cur.nextset():
@@ -402,6 +493,17 @@ def _connection_kwargs() -> dict[str, Any]:
         "connect_timeout": int(CONNECT_TIMEOUT),
         **TCP_KEEPALIVES,
     }
+
+
+@dataclass(slots=True)
+class _Listener:
+    """A loop's LISTEN connection for cancels of its running calls ("cancel|<token>")."""
+
+    channel: str
+    cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    broken: BaseException | None = None
+    task: asyncio.Task[None] | None = None
 
 
 @dataclass(slots=True)
@@ -446,6 +548,9 @@ class PostgresBackend:
             weakref.WeakKeyDictionary()
         )
         self._twin: SyncPostgresBackend | None = None
+        self._listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Listener] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "default") -> PostgresBackend:
@@ -776,7 +881,260 @@ class PostgresBackend:
         count += int((await self._run("footprint", q.FOOTPRINT, {"app": cfg.app}))[0])
         if cfg.audit and cfg.migrated:
             count += int((await self._run("footprint", cfg.open_rows, {"ns": cfg.namespace}))[0])
+        if cfg.migrated:
+            ns = {"ns": cfg.namespace}
+            count += int((await self._run("footprint", cfg.sql["MB_FOOTPRINT"], ns))[0])
         return count
+
+    async def _rows(self, what: str, sql: str, params: Mapping[str, Any]) -> list[Any]:
+        """One statement on a pooled connection; returns every row."""
+        await self._ready()
+        conn = await self._getconn()
+        try:
+            cur = await conn.execute(sql, params)
+            return list(await cur.fetchall())
+        except _TRANSPORT_ERRORS as exc:
+            raise _unavailable(exc, what) from exc
+        finally:
+            await self._putconn(conn)
+
+    async def _call(self, what: str, params: Mapping[str, Any]) -> Any:
+        """Run the named statement of ``_postgres_sql`` (schema ready); returns its first row."""
+        await self._ready()
+        return await self._run(what, self._config.sql[what], params)
+
+    # -- dedup marks (DedupBackend) -----------------------------------------------------
+
+    async def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult:
+        cfg = self._config
+        params = {
+            **cfg.mark(key, scope, id, token),
+            "fence": fence,
+            "lease_ms": _ms(lease),
+            "window_ms": _ms(window),
+        }
+        found = _claimed(await self._call("DEDUP_CLAIM", params))
+        if cfg.purge_due():
+            await self.purge()
+        return found
+
+    async def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None:
+        params = {**self._config.mark(key, scope, id, token), "result": result}
+        await self._call("DEDUP_FINISH", {**params, "window_ms": _ms(window)})
+
+    async def abandon(self, key: str, scope: str, id: str, token: str) -> None:
+        await self._call("DEDUP_ABANDON", self._config.mark(key, scope, id, token))
+
+    async def purge(self) -> None:
+        """Delete expired dedup marks and supersede rows (up to PURGE_LIMIT of each).
+
+        Claims call it by themselves at most every PURGE_INTERVAL seconds per
+        process; a failure is logged and left for the next time.
+        """
+        try:
+            await self._ready()
+            await self._run("purge", self._config.sql["PURGE"])
+        except Exception as exc:
+            logger.debug("inturn: purging expired dedup rows failed: %r", exc)
+
+    # -- newest call wins (SupersedeBackend) ---------------------------------------------
+
+    async def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int:
+        """Raise (key, scope)'s generation; with ``cancel_running``, NOTIFY its running call.
+
+        Not when that call runs in this backend (any of its loops): the gate's own
+        registry cancels it, and a second cancel of one task would turn its
+        ``Superseded`` into a bare ``CancelledError``.
+        """
+        params = {"ns": self._config.namespace, "key": key, "scope": scope}
+        local = [listener.channel for listener in list(self._listeners.values())]
+        row = await self._call(
+            "SUPERSEDE",
+            {
+                **params,
+                "cancel": cancel_running,
+                "keep_ms": _ms(SUPERSEDE_KEEP),
+                "local": local,
+            },
+        )
+        return int(row[0])
+
+    async def is_newest(self, key: str, scope: str, generation: int) -> bool:
+        params = {"ns": self._config.namespace, "key": key, "scope": scope}
+        return _newest(await self._call("IS_NEWEST", params), generation)
+
+    async def start_running(
+        self, key: str, scope: str, token: str, on_cancel: Callable[[], None]
+    ) -> None:
+        """Record the running call with this loop's NOTIFY channel; a newer call's
+        ``supersede(cancel_running=True)``, in any process, calls ``on_cancel``."""
+        listener = await self._listening()
+        listener.cancels[token] = on_cancel
+        params = {
+            "ns": self._config.namespace,
+            "key": key,
+            "scope": scope,
+            "token": token,
+            "channel": listener.channel,
+            "keep_ms": _ms(SUPERSEDE_KEEP),
+        }
+        try:
+            await self._call("START_RUNNING", params)
+        except BaseException:
+            listener.cancels.pop(token, None)
+            raise
+
+    async def stop_running(self, key: str, scope: str, token: str) -> None:
+        listener = self._listeners.get(asyncio.get_running_loop())
+        if listener is not None:
+            listener.cancels.pop(token, None)
+        params = {"ns": self._config.namespace, "key": key, "scope": scope, "token": token}
+        await self._call("STOP_RUNNING", params)
+
+    async def _listening(self) -> _Listener:
+        """This loop's cancel listener, once its LISTEN is in place."""
+        loop = asyncio.get_running_loop()
+        listener = self._listeners.get(loop)
+        if listener is None:
+            listener = self._listeners[loop] = _Listener(f"inturn_{secrets.token_hex(12)}")
+        if listener.task is None or listener.task.done():
+            listener.task = asyncio.ensure_future(self._listen(listener))
+        if not listener.ready.is_set():
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await listener.ready.wait()
+            except TimeoutError as exc:
+                broken = listener.broken or exc
+                raise _unavailable(broken, "listen") from broken
+        return listener
+
+    async def _listen(self, listener: _Listener) -> None:
+        """LISTEN on the loop's channel on a connection of its own; reconnect with backoff.
+
+        Runs until cancelled (``aclose()``, or the loop shutting down). While it
+        is disconnected, cancels sent to this loop's running calls are lost.
+        """
+        backoff = 0.05
+        while True:
+            conn = None
+            try:
+                conninfo = self._conninfo if self._conninfo is not None else self._pool.conninfo
+                conn = await psycopg.AsyncConnection.connect(conninfo, **_connection_kwargs())
+                await conn.execute(f'LISTEN "{listener.channel}"')  # our own [a-z0-9_] name
+                listener.broken = None
+                listener.ready.set()
+                backoff = 0.05
+                async for note in conn.notifies():
+                    token = note.payload.removeprefix("cancel|")
+                    on_cancel = listener.cancels.get(token)
+                    if on_cancel is not None:
+                        on_cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                listener.ready.clear()
+                listener.broken = exc
+                logger.warning(
+                    "inturn: the PostgreSQL cancel listener lost its connection (%r); "
+                    "retrying in %.2fs",
+                    exc,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, LISTEN_RETRY_MAX)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close())
+
+    # -- mailboxes (MailboxBackend) -----------------------------------------------------
+
+    async def mb_submit(
+        self,
+        name: str,
+        key: str,
+        message: str,
+        *,
+        max_pending: int,
+        drop_oldest: bool,
+        token: str,
+        lease: float,
+    ) -> tuple[int, int]:
+        params = {
+            **self._config.locked_box(name, key),
+            "body": message,
+            "max_pending": max_pending,
+            "drop_oldest": drop_oldest,
+            "token": token,
+            "lease_ms": _ms(lease),
+        }
+        status, dropped = await self._call("MB_SUBMIT", params)
+        return int(status), int(dropped)
+
+    async def mb_take(
+        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+    ) -> Taken:
+        params = {
+            **self._config.locked_box(name, key),
+            "token": token,
+            "limit": limit,
+            "lease_ms": _ms(lease),
+            "ack": ack,
+            "now": time.time(),
+        }
+        return _taken(await self._call("MB_TAKE", params))
+
+    async def mb_done(self, name: str, key: str, token: str) -> None:
+        await self.mb_retry(name, key, token, [])
+
+    async def mb_retry(self, name: str, key: str, token: str, messages: list[str]) -> None:
+        params = {**self._config.locked_box(name, key), "token": token, "bodies": messages}
+        await self._call("MB_RETRY", params)
+
+    async def mb_claim(self, name: str, key: str, token: str, *, lease: float) -> int:
+        params = {**self._config.locked_box(name, key), "token": token, "lease_ms": _ms(lease)}
+        return int((await self._call("MB_CLAIM", params))[0])
+
+    async def mb_renew(self, name: str, key: str, token: str, *, lease: float) -> bool:
+        params = {**self._config.box(name, key), "token": token, "lease_ms": _ms(lease)}
+        return await self._call("MB_RENEW", params) is not None
+
+    async def mb_pending(self, name: str, key: str) -> int:
+        return int((await self._call("MB_PENDING", self._config.box(name, key)))[0])
+
+    async def mb_draining(self, name: str, key: str) -> bool:
+        return bool((await self._call("MB_DRAINING", self._config.box(name, key)))[0])
+
+    async def mb_hint(self, name: str, key: str, present: bool) -> None:
+        await self._call("MB_HINT" if present else "MB_UNHINT", self._config.box(name, key))
+
+    async def mb_hinted(self, name: str) -> list[str]:
+        params = {"ns": self._config.namespace, "mailbox": name}
+        return [
+            str(r[0]) for r in await self._rows("mb_hinted", self._config.sql["MB_HINTED"], params)
+        ]
+
+    async def mb_dead(self, name: str, entries: list[str]) -> None:
+        if entries:
+            params = {"ns": self._config.namespace, "mailbox": name, "entries": entries}
+            await self._call("MB_DEAD", params)
+
+    async def mb_dead_letters(self, name: str, limit: int) -> list[str]:
+        params = {"ns": self._config.namespace, "mailbox": name, "limit": limit}
+        sql = self._config.sql["MB_DEAD_LETTERS"]
+        return [str(r[0]) for r in await self._rows("mb_dead_letters", sql, params)]
 
     def sync_twin(self) -> SyncPostgresBackend:
         if self._twin is None:
@@ -789,7 +1147,13 @@ class PostgresBackend:
         return self._twin
 
     async def aclose(self) -> None:
-        """Close this loop's pool (pools of other loops close when their loop ends)."""
+        """Close this loop's pool and cancel listener (those of other loops close when
+        their loop ends)."""
+        listener = self._listeners.pop(asyncio.get_running_loop(), None)
+        if listener is not None and listener.task is not None:
+            listener.task.cancel()
+            with contextlib.suppress(BaseException):
+                await listener.task
         entry = self._pools.pop(asyncio.get_running_loop(), None)
         if entry is not None and entry.keeper is not None:
             entry.keeper.cancel()
@@ -1103,7 +1467,66 @@ class SyncPostgresBackend:
         count += int(self._run("footprint", q.FOOTPRINT, {"app": cfg.app})[0])
         if cfg.audit and cfg.migrated:
             count += int(self._run("footprint", cfg.open_rows, {"ns": cfg.namespace})[0])
+        if cfg.migrated:
+            ns = {"ns": cfg.namespace}
+            count += int(self._run("footprint", cfg.sql["MB_FOOTPRINT"], ns)[0])
         return count
+
+    def _call(self, what: str, params: Mapping[str, Any]) -> Any:
+        self._ready()
+        return self._run(what, self._config.sql[what], params)
+
+    def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult:
+        cfg = self._config
+        params = {
+            **cfg.mark(key, scope, id, token),
+            "fence": fence,
+            "lease_ms": _ms(lease),
+            "window_ms": _ms(window),
+        }
+        found = _claimed(self._call("DEDUP_CLAIM", params))
+        if cfg.purge_due():
+            self.purge()
+        return found
+
+    def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None:
+        params = {**self._config.mark(key, scope, id, token), "result": result}
+        self._call("DEDUP_FINISH", {**params, "window_ms": _ms(window)})
+
+    def abandon(self, key: str, scope: str, id: str, token: str) -> None:
+        self._call("DEDUP_ABANDON", self._config.mark(key, scope, id, token))
+
+    def purge(self) -> None:
+        """See :meth:`PostgresBackend.purge`."""
+        try:
+            self._ready()
+            self._run("purge", self._config.sql["PURGE"])
+        except Exception as exc:
+            logger.debug("inturn: purging expired dedup rows failed: %r", exc)
+
+    def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int:
+        params = {"ns": self._config.namespace, "key": key, "scope": scope}
+        row = self._call(
+            "SUPERSEDE",
+            {**params, "cancel": cancel_running, "keep_ms": _ms(SUPERSEDE_KEEP), "local": []},
+        )
+        return int(row[0])
+
+    def is_newest(self, key: str, scope: str, generation: int) -> bool:
+        params = {"ns": self._config.namespace, "key": key, "scope": scope}
+        return _newest(self._call("IS_NEWEST", params), generation)
 
     def close(self) -> None:
         """Close the pool this twin made (an injected pool is its owner's to close)."""

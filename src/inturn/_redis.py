@@ -155,6 +155,10 @@ def _next_check(reply: Sequence[Any], lease: float) -> float:
     return time.monotonic() + interval
 
 
+def _is_cluster(client: Any) -> bool:
+    return isinstance(client, redis.asyncio.cluster.RedisCluster | redis.cluster.RedisCluster)
+
+
 def _taken(reply: Sequence[Any]) -> Taken:
     status = int(reply[0])
     if status == 1:
@@ -652,9 +656,12 @@ class RedisBackend:
         token: str,
         lease: float,
     ) -> tuple[int, int]:
+        state = self._state()
         keys = self._common.keys.mailbox_keys(name, key)
-        args = [message, max_pending, "1" if drop_oldest else "0", token, _ms(lease)]
-        reply = await self._run(self._state(), "mb_submit", key, args, keys)
+        if not _is_cluster(state.client):  # the hint set shares the script (see mb_hint)
+            keys.append(self._common.keys.mailbox_index(name)[0])
+        args = [message, max_pending, "1" if drop_oldest else "0", token, _ms(lease), key]
+        reply = await self._run(state, "mb_submit", key, args, keys)
         return int(reply[0]), int(reply[1])
 
     async def mb_take(
@@ -688,6 +695,8 @@ class RedisBackend:
         return bool(await self._call("mb_draining", lambda c: c.exists(role)))
 
     async def mb_hint(self, name: str, key: str, present: bool) -> None:
+        if present and not _is_cluster(self._state().client):
+            return  # MB_SUBMIT recorded it in the same step (one round trip less)
         hint = self._common.keys.mailbox_index(name)[0]
         await self._call("mb_hint", lambda c: c.sadd(hint, key) if present else c.srem(hint, key))
 

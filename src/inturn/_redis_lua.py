@@ -318,8 +318,9 @@ return 0
 
 MB_SUBMIT = """#!lua
 -- MB_SUBMIT: store a message; become the drainer if there is none.
+-- KEYS[4] (optional, not on Cluster: another slot): the mailbox's sweeper hint set
 -- ARGV[1]: message  ARGV[2]: max_pending  ARGV[3]: "1" drop oldest when full
--- ARGV[4]: token  ARGV[5]: role lease_ms
+-- ARGV[4]: token  ARGV[5]: role lease_ms  ARGV[6]: the user key (for the hint)
 -- returns: {1, dropped} stored, caller drains | {0, dropped} stored | {-1, 0} full
 local dropped = 0
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then
@@ -330,6 +331,7 @@ end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+  if KEYS[4] then redis.call('SADD', KEYS[4], ARGV[6]) end
   return {1, dropped}
 end
 return {0, dropped}
