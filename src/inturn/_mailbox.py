@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -36,7 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._backend import MailboxBackend
+from ._backend import MailboxBackend, Taken
 from ._dedup import DEFAULT_WINDOW
 from ._errors import ConfigurationError, Duplicate, InvalidPayload, MailboxFull
 from ._keys import normalize_key
@@ -239,17 +240,20 @@ class Mailbox:
     async def _drain(self, key: str, token: str) -> None:
         """Process ``key``'s queue until it is empty (role given up) or the role is lost."""
         renewer = asyncio.ensure_future(self._renew_role(key, token))
-        ack = False  # a batch is acknowledged by the next take: one round trip less
+        # The drainer needs only its role to take; it takes the key's turn to process.
+        # A batch is acknowledged by the next take, and where the backend can, that take
+        # rides on the turn's release: per message MB_SUBMIT, JOIN and MB_RELEASE_TAKE.
+        release_take = getattr(self._store, "mb_release_take", None) if not self.debounce else None
+        taken: Taken | None = None
+        ack = False
         try:
             while True:
-                if self.debounce:
-                    await self._settle(key)
-                # Taking needs only the drainer role; the key's turn is taken to process,
-                # so per message: MB_TAKE, the turn's JOIN and RELEASE (3 round trips).
-                taken = await self._store.mb_take(
-                    self.name, key, token, limit=self.max_batch, lease=self.gate.lease, ack=ack
-                )
-                ack = False
+                if taken is None:
+                    if self.debounce:
+                        await self._settle(key)
+                    taken = await self._store.mb_take(
+                        self.name, key, token, limit=self.max_batch, lease=self.gate.lease, ack=ack
+                    )
                 if taken.lost_role:
                     logger.warning(
                         "inturn: mailbox %r lost the drainer role of key %r",
@@ -260,17 +264,48 @@ class Mailbox:
                     return
                 if taken.wait:
                     await asyncio.sleep(taken.wait)  # a retry's backoff
+                    taken, ack = None, False
                     continue
                 if not taken.messages:
                     return  # empty: the role was given up in the same step
-                async with self.gate.turn(key) as turn:
-                    ack = await self._process(key, token, taken.messages, turn.fence)
+                batch, taken, ack = taken.messages, None, False
+                request = self.gate.turn(key)
+                step = _Step()
+                if release_take is not None:
+                    request.release_with = functools.partial(
+                        self._release_and_take, release_take, token, step
+                    )
+                async with request as turn:
+                    step.ack = await self._process(key, token, batch, turn.fence)
+                ack = step.ack
+                if release_take is not None:
+                    # If the combined call failed it may or may not have run: take again
+                    # without acknowledging (a redelivery, never a loss).
+                    taken, ack = step.taken, False
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("inturn: mailbox %r drain of key %r failed", self.name, key)
         finally:
             renewer.cancel()
+
+    async def _release_and_take(
+        self,
+        release_take: Callable[..., Awaitable[Taken]],
+        token: str,
+        step: _Step,
+        turn_key: str,
+        turn_token: str,
+    ) -> None:
+        step.taken = await release_take(
+            self.name,
+            turn_key,
+            token,
+            turn_token,
+            limit=self.max_batch,
+            lease=self.gate.lease,
+            ack=step.ack,
+        )
 
     async def _renew_role(self, key: str, token: str) -> None:
         lease = self.gate.lease
@@ -457,6 +492,14 @@ class Mailbox:
             for task in list(self._drains):
                 task.cancel()
             await asyncio.gather(*list(self._drains), return_exceptions=True)
+
+
+@dataclass(slots=True)
+class _Step:
+    """One drained batch: whether to acknowledge it, and the next batch taken on release."""
+
+    ack: bool = False
+    taken: Taken | None = None
 
 
 class _Handled(Exception):

@@ -508,6 +508,22 @@ class MemoryBackend:
     ) -> Taken:
         return self._core.mb_take((name, key), token, limit, lease, ack)
 
+    async def mb_release_take(
+        self,
+        name: str,
+        key: str,
+        token: str,
+        turn_token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+    ) -> Taken:
+        """Release the key's turn held by ``turn_token`` and take the next batch (see Redis)."""
+        taken = self._core.mb_take((name, key), token, limit, lease, ack)
+        self._core.release(key, turn_token)
+        return taken
+
     async def mb_done(self, name: str, key: str, token: str) -> None:
         self._core.mb_done((name, key), token)
 

@@ -52,6 +52,7 @@ from ._redis_lua import (
     JOIN,
     LEAVE,
     MB_CLAIM,
+    MB_RELEASE_TAKE,
     MB_RENEW,
     MB_RETRY,
     MB_SUBMIT,
@@ -113,6 +114,7 @@ _SCRIPTS = {
     "mb_retry": MB_RETRY,
     "mb_claim": MB_CLAIM,
     "mb_renew": MB_RENEW,
+    "mb_release_take": MB_RELEASE_TAKE,
 }
 
 SUPERSEDE_KEEP = 3600.0
@@ -670,6 +672,30 @@ class RedisBackend:
         keys = self._common.keys.mailbox_keys(name, key)
         args = [token, limit, _ms(lease), "1" if ack else "0", repr(time.time())]
         return _taken(await self._run(self._state(), "mb_take", key, args, keys))
+
+    async def mb_release_take(
+        self,
+        name: str,
+        key: str,
+        token: str,
+        turn_token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+    ) -> Taken:
+        """Release the key's turn held by ``turn_token`` (handing it on) and take the next
+        batch, in one round trip: a drained message costs JOIN + this (+ its submit)."""
+        state = self._state()
+        keys = self._common.keys.turn_keys(key) + self._common.keys.mailbox_keys(name, key)
+        args = [turn_token, token, limit, _ms(lease), "1" if ack else "0", repr(time.time())]
+        sent = time.monotonic()
+        reply = await self._run(state, "mb_release_take", key, args, keys)
+        if reply[1]:  # handed off: wake a local waiter now (see release)
+            granted = self._common.deliver(f"{_text(reply[1])}|{reply[2]}", state.waiters, sent)
+            if granted is not None:
+                _wake(granted)
+        return _taken(reply[0])
 
     async def mb_done(self, name: str, key: str, token: str) -> None:
         await self.mb_retry(name, key, token, [])

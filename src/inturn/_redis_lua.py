@@ -35,6 +35,7 @@ __all__ = [
     "JOIN",
     "LEAVE",
     "MB_CLAIM",
+    "MB_RELEASE_TAKE",
     "MB_RENEW",
     "MB_RETRY",
     "MB_SUBMIT",
@@ -337,30 +338,42 @@ end
 return {0, dropped}
 """
 
-MB_TAKE = """#!lua flags=allow-oom
--- MB_TAKE: renew the role, acknowledge the last batch, take the next one (or give up the role).
--- ARGV[1]: token  ARGV[2]: limit  ARGV[3]: role lease_ms  ARGV[4]: "1" acknowledge in-flight
--- ARGV[5]: the caller's clock (seconds), for retry delays
+_TAKE = """
+-- take(q, f, d, token, limit, lease_ms, ack, now): renew the drainer role, acknowledge the
+-- last batch if ack, take the next one, or give the role up when the queue is empty.
 -- returns: {1, message...} taken (in-flight ones first) | {0} empty, role given up
 --          | {2, seconds} the head waits for its retry | {-1} not the drainer
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {-1} end
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
-if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
-local inflight = redis.call('LRANGE', KEYS[2], 0, -1)
-if #inflight > 0 then return {1, unpack(inflight)} end
-local head = redis.call('LINDEX', KEYS[1], 0)
-if not head then
-  redis.call('DEL', KEYS[3])
-  return {0}
+local function take(q, f, d, token, limit, lease_ms, ack, now)
+  if redis.call('GET', d) ~= token then return {-1} end
+  redis.call('PEXPIRE', d, lease_ms)
+  if ack == '1' then redis.call('DEL', f) end
+  local inflight = redis.call('LRANGE', f, 0, -1)
+  if #inflight > 0 then return {1, unpack(inflight)} end
+  local head = redis.call('LINDEX', q, 0)
+  if not head then
+    redis.call('DEL', d)
+    return {0}
+  end
+  local ok, decoded = pcall(cjson.decode, head)
+  local not_before = ok and tonumber(decoded['nb']) or 0
+  if not_before > tonumber(now) then return {2, tostring(not_before - tonumber(now))} end
+  local taken = redis.call('LRANGE', q, 0, tonumber(limit) - 1)
+  redis.call('LTRIM', q, #taken, -1)
+  redis.call('RPUSH', f, unpack(taken))
+  return {1, unpack(taken)}
 end
-local ok, decoded = pcall(cjson.decode, head)
-local not_before = ok and tonumber(decoded['nb']) or 0
-if not_before > tonumber(ARGV[5]) then return {2, tostring(not_before - tonumber(ARGV[5]))} end
-local taken = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
-redis.call('LTRIM', KEYS[1], #taken, -1)
-redis.call('RPUSH', KEYS[2], unpack(taken))
-return {1, unpack(taken)}
 """
+
+MB_TAKE = (
+    "#!lua flags=allow-oom\n"
+    + _TAKE
+    + """
+-- MB_TAKE: KEYS[1..3] queue, in flight, role; returns as take() above.
+-- ARGV[1]: token  ARGV[2]: limit  ARGV[3]: role lease_ms  ARGV[4]: "1" acknowledge in-flight
+-- ARGV[5]: the caller's clock (seconds), for retry delays
+return take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+"""
+)
 
 MB_RETRY = """#!lua flags=allow-oom
 -- MB_RETRY: put the in-flight messages back at the queue's head (updated attempt counts).
@@ -396,3 +409,25 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+MB_RELEASE_TAKE = (
+    "#!lua flags=allow-oom\n"
+    + _PRELUDE
+    + _TAKE
+    + """
+-- MB_RELEASE_TAKE: the drainer releases the key's turn (handing it to the next live waiter)
+-- and takes its next batch, in one round trip.
+-- KEYS[1..4]: the turn's keys  KEYS[5..7]: the mailbox's queue, in flight, role
+-- ARGV[1]: turn token  ARGV[2..6]: as MB_TAKE's ARGV[1..5]
+-- returns: {taken, next_token, next_fence}: taken as MB_TAKE's reply; the turn's next
+--          holder (false if none) so the caller can wake it at once if it is local
+local taken = take(KEYS[5], KEYS[6], KEYS[7], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+local value = redis.call('GET', KEYS[1])
+if value and holder(value) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  local next_token, next_fence = hand_off(now_ms())
+  if next_token then return {taken, next_token, next_fence} end
+end
+return {taken, false, false}
+"""
+)

@@ -328,6 +328,7 @@ class TurnRequest:
         "_task",
         "_timeout",
         "_turn",
+        "release_with",
     )
 
     def __init__(
@@ -339,6 +340,9 @@ class TurnRequest:
         self._nowait = nowait
         self._settings = settings
         self._turn: Turn | None = None
+        self.release_with: Callable[[str, str], Awaitable[object]] | None = None
+        """Internal: a call that releases the turn (key, token) and does more in the same
+        round trip (the mailbox takes its next batch); plain release is its retry."""
         self._reused = False
         self._held_token: contextvars.Token[object] | None = None
         self._handle: asyncio.TimerHandle | None = None
@@ -388,7 +392,12 @@ class TurnRequest:
         self._gate.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
         try:
             release = partial(self._gate.backend.release, turn.key, turn._token)
-            await self._cleanup(release, release, "release")
+            first = (
+                release
+                if self.release_with is None
+                else partial(self.release_with, turn.key, turn._token)
+            )
+            await self._cleanup(first, release, "release")
         except asyncio.CancelledError:
             if not self._cancel_sent:
                 raise
