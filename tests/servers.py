@@ -10,6 +10,11 @@ Guarantees:
 - `stop()` is idempotent, kills whatever is left of the process group and removes the temp dir;
   an `atexit` hook stops every server still alive when the interpreter exits.
 - A missing binary raises `MissingServerBinary`, which callers may turn into a skip.
+
+Why not pytest-redis / pytest-postgresql: the fault tests need to kill, pause (SIGSTOP) and
+restart a server on the same port, and to run Cluster and Sentinel; pytest-postgresql starts
+`pg_ctl` as the current user, which PostgreSQL refuses when that is root (as in CI here).
+Starting the servers ourselves costs ~150 lines and serves tests, benchmarks and scripts alike.
 """
 
 from __future__ import annotations
