@@ -278,9 +278,10 @@ class Mailbox:
                 async with request as turn:
                     step.ack = await self._process(key, token, batch, turn.fence)
                 ack = step.ack
-                if release_take is not None:
+                if step.released:
                     # If the combined call failed it may or may not have run: take again
-                    # without acknowledging (a redelivery, never a loss).
+                    # without acknowledging (a redelivery, never a loss). It is not called
+                    # at all when the turn was re-entered (an inline drain inside a turn).
                     taken, ack = step.taken, False
         except asyncio.CancelledError:
             raise
@@ -297,6 +298,7 @@ class Mailbox:
         turn_key: str,
         turn_token: str,
     ) -> None:
+        step.released = True
         step.taken = await release_take(
             self.name,
             turn_key,
@@ -499,6 +501,7 @@ class _Step:
     """One drained batch: whether to acknowledge it, and the next batch taken on release."""
 
     ack: bool = False
+    released: bool = False
     taken: Taken | None = None
 
 

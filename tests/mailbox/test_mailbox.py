@@ -293,3 +293,14 @@ async def test_bad_configuration(gate: inturn.Gate) -> None:
     gate.mailbox("d", handler=handler)
     with pytest.raises(inturn.ConfigurationError, match="already"):
         gate.mailbox("d", handler=handler)
+
+
+async def test_inline_drain_inside_the_keys_turn(gate: inturn.Gate) -> None:
+    """An inline drain started by code holding the key's turn reuses it and ends."""
+    handler = Recorder()
+    box = gate.mailbox("nested", handler=handler, drain="inline")
+    async with gate.turn("u"), asyncio.timeout(5):  # same task: the turn is re-entered
+        await box.submit("u", "a")
+        await box.submit("u", "b")
+    assert handler.payloads == {"u": ["a", "b"]}
+    assert await gate.backend.footprint() == 0
