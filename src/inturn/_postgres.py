@@ -440,8 +440,6 @@ _STATEMENTS = (
     "MB_RENEW",
     "MB_PENDING",
     "MB_DRAINING",
-    "MB_HINT",
-    "MB_UNHINT",
     "MB_HINTED",
     "MB_DEAD",
     "MB_DEAD_LETTERS",
@@ -1118,7 +1116,7 @@ class PostgresBackend:
         return bool((await self._call("MB_DRAINING", self._config.box(name, key)))[0])
 
     async def mb_hint(self, name: str, key: str, present: bool) -> None:
-        await self._call("MB_HINT" if present else "MB_UNHINT", self._config.box(name, key))
+        """Nothing to do: the roles and queues themselves are the index (see mb_hinted)."""
 
     async def mb_hinted(self, name: str) -> list[str]:
         params = {"ns": self._config.namespace, "mailbox": name}

@@ -285,19 +285,13 @@ MB_DRAINING = (
 )
 """returns: whether a live drainer owns the queue."""
 
-MB_HINT = (
-    "INSERT INTO {schema}.mb_hints (namespace, mailbox, key)"
-    " VALUES (%(ns)s, %(mailbox)s, %(key)s) ON CONFLICT DO NOTHING"
-)
-MB_UNHINT = (
-    "DELETE FROM {schema}.mb_hints"
-    " WHERE namespace = %(ns)s AND mailbox = %(mailbox)s AND key = %(key)s"
-)
 MB_HINTED = (
-    "SELECT key FROM {schema}.mb_hints WHERE namespace = %(ns)s AND mailbox = %(mailbox)s"
-    " ORDER BY key"
+    "SELECT key FROM {schema}.mb_roles WHERE namespace = %(ns)s AND mailbox = %(mailbox)s"
+    " UNION SELECT key FROM {schema}.mb_messages"
+    " WHERE namespace = %(ns)s AND mailbox = %(mailbox)s ORDER BY key"
 )
-"""returns: the keys that may need a sweeper, one per row."""
+"""returns: the keys that may need a sweeper, one per row: the roles and queues themselves
+are the index (an idle key has neither), so there is no hint to write or to clean up."""
 
 MB_DEAD = (
     "INSERT INTO {schema}.mb_dead (namespace, mailbox, entry)"
@@ -471,12 +465,6 @@ CREATE TABLE IF NOT EXISTS {schema}.mb_roles (
     key          text NOT NULL,
     token        text NOT NULL,
     lease_until  timestamptz NOT NULL,
-    PRIMARY KEY (namespace, mailbox, key)
-);
-CREATE TABLE IF NOT EXISTS {schema}.mb_hints (
-    namespace  text NOT NULL,
-    mailbox    text NOT NULL,
-    key        text NOT NULL,
     PRIMARY KEY (namespace, mailbox, key)
 );
 CREATE TABLE IF NOT EXISTS {schema}.mb_dead (

@@ -61,11 +61,12 @@ def _getter(sig: inspect.Signature, spec: str | Callable[..., object], what: str
 class _Call:
     """One call under ``latest``/``cancel``: can be told that a newer call took its place."""
 
-    __slots__ = ("_cancel", "active", "superseded")
+    __slots__ = ("_cancel", "active", "cancelled", "superseded")
 
     def __init__(self) -> None:
         self.superseded = False
         self.active = True
+        self.cancelled = False
         self._cancel: Callable[[], None] | None = None
         try:
             loop = asyncio.get_running_loop()
@@ -75,7 +76,10 @@ class _Call:
         if task is not None:
 
             def cancel_now() -> None:
-                if self.active:  # checked on the loop: the call cannot finish meanwhile
+                # Checked on the loop, so the call cannot finish meanwhile; once only, since
+                # the registry and a push can both ask (uncancel() must then reach 0).
+                if self.active and not self.cancelled:
+                    self.cancelled = True
                     task.cancel("inturn: superseded by a newer call")
 
             def cancel_soon() -> None:

@@ -10,7 +10,7 @@ import inturn
 from tests.contract.conftest import make_gate
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "postgres"])
 async def gate(request: pytest.FixtureRequest) -> AsyncIterator[inturn.Gate]:
     g = make_gate(request, str(request.param))
     yield g

@@ -130,13 +130,16 @@ async def test_debounce_gathers_a_burst(gate: inturn.Gate) -> None:
 async def test_pending_tells_the_handler_what_waits(gate: inturn.Gate) -> None:
     """msg.pending() counts the newer messages waiting for the key."""
     seen: list[int] = []
+    all_in = asyncio.Event()
 
     async def handler(msg: inturn.Message) -> None:
+        await all_in.wait()  # the first call waits until every message is stored
         seen.append(await msg.pending())
 
     box = gate.mailbox("count", handler=handler)
     for n in range(4):
         await box.submit("u", n)
+    all_in.set()
     await box.drained()
     assert seen == [3, 2, 1, 0]
 
