@@ -659,9 +659,7 @@ class RedisBackend:
         lease: float,
     ) -> tuple[int, int]:
         state = self._state()
-        keys = self._common.keys.mailbox_keys(name, key)
-        if not _is_cluster(state.client):  # the hint set shares the script (see mb_hint)
-            keys.append(self._common.keys.mailbox_index(name)[0])
+        keys = self._common.keys.mailbox_keys(name, key) + self._hint_key(state, name)
         args = [message, max_pending, "1" if drop_oldest else "0", token, _ms(lease), key]
         reply = await self._run(state, "mb_submit", key, args, keys)
         return int(reply[0]), int(reply[1])
@@ -669,9 +667,14 @@ class RedisBackend:
     async def mb_take(
         self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
     ) -> Taken:
-        keys = self._common.keys.mailbox_keys(name, key)
-        args = [token, limit, _ms(lease), "1" if ack else "0", repr(time.time())]
-        return _taken(await self._run(self._state(), "mb_take", key, args, keys))
+        state = self._state()
+        keys = self._common.keys.mailbox_keys(name, key) + self._hint_key(state, name)
+        args = [token, limit, _ms(lease), "1" if ack else "0", repr(time.time()), key]
+        return _taken(await self._run(state, "mb_take", key, args, keys))
+
+    def _hint_key(self, state: _LoopState, name: str) -> list[str]:
+        """The hint set, for scripts that keep it (not on Cluster: another slot)."""
+        return [] if _is_cluster(state.client) else [self._common.keys.mailbox_index(name)[0]]
 
     async def mb_release_take(
         self,
@@ -687,8 +690,12 @@ class RedisBackend:
         """Release the key's turn held by ``turn_token`` (handing it on) and take the next
         batch, in one round trip: a drained message costs JOIN + this (+ its submit)."""
         state = self._state()
-        keys = self._common.keys.turn_keys(key) + self._common.keys.mailbox_keys(name, key)
-        args = [turn_token, token, limit, _ms(lease), "1" if ack else "0", repr(time.time())]
+        keys = (
+            self._common.keys.turn_keys(key)
+            + self._common.keys.mailbox_keys(name, key)
+            + self._hint_key(state, name)
+        )
+        args = [turn_token, token, limit, _ms(lease), "1" if ack else "0", repr(time.time()), key]
         sent = time.monotonic()
         reply = await self._run(state, "mb_release_take", key, args, keys)
         if reply[1]:  # handed off: wake a local waiter now (see release)

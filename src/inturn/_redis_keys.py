@@ -71,4 +71,4 @@ class KeySpace:
 
     def is_turn_state(self, name: str) -> bool:
         """True for the keys a turn keeps while held or queued (not fences, not marks)."""
-        return name.endswith(("}:o", "}:q", "}:w")) or ":m:" in name
+        return name.endswith(("}:o", "}:q", "}:w")) or "}:m:" in name

@@ -339,11 +339,12 @@ return {0, dropped}
 """
 
 _TAKE = """
--- take(q, f, d, token, limit, lease_ms, ack, now): renew the drainer role, acknowledge the
--- last batch if ack, take the next one, or give the role up when the queue is empty.
+-- take(q, f, d, token, limit, lease_ms, ack, now, hint, user): renew the drainer role,
+-- acknowledge the last batch if ack, take the next one, or give the role up when the queue
+-- is empty (and drop the user from the sweeper's hint set, when given: not on Cluster).
 -- returns: {1, message...} taken (in-flight ones first) | {0} empty, role given up
 --          | {2, seconds} the head waits for its retry | {-1} not the drainer
-local function take(q, f, d, token, limit, lease_ms, ack, now)
+local function take(q, f, d, token, limit, lease_ms, ack, now, hint, user)
   if redis.call('GET', d) ~= token then return {-1} end
   redis.call('PEXPIRE', d, lease_ms)
   if ack == '1' then redis.call('DEL', f) end
@@ -352,6 +353,7 @@ local function take(q, f, d, token, limit, lease_ms, ack, now)
   local head = redis.call('LINDEX', q, 0)
   if not head then
     redis.call('DEL', d)
+    if hint then redis.call('SREM', hint, user) end
     return {0}
   end
   local ok, decoded = pcall(cjson.decode, head)
@@ -368,10 +370,12 @@ MB_TAKE = (
     "#!lua flags=allow-oom\n"
     + _TAKE
     + """
--- MB_TAKE: KEYS[1..3] queue, in flight, role; returns as take() above.
+-- MB_TAKE: KEYS[1..3] queue, in flight, role; KEYS[4] (optional) the hint set; returns as
+-- take() above.
 -- ARGV[1]: token  ARGV[2]: limit  ARGV[3]: role lease_ms  ARGV[4]: "1" acknowledge in-flight
--- ARGV[5]: the caller's clock (seconds), for retry delays
-return take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+-- ARGV[5]: the caller's clock (seconds), for retry delays  ARGV[6]: the user key
+return take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], KEYS[4],
+  ARGV[6])
 """
 )
 
@@ -418,10 +422,11 @@ MB_RELEASE_TAKE = (
 -- MB_RELEASE_TAKE: the drainer releases the key's turn (handing it to the next live waiter)
 -- and takes its next batch, in one round trip.
 -- KEYS[1..4]: the turn's keys  KEYS[5..7]: the mailbox's queue, in flight, role
--- ARGV[1]: turn token  ARGV[2..6]: as MB_TAKE's ARGV[1..5]
+-- KEYS[8] (optional): the hint set   ARGV[1]: turn token  ARGV[2..7]: as MB_TAKE's ARGV[1..6]
 -- returns: {taken, next_token, next_fence}: taken as MB_TAKE's reply; the turn's next
 --          holder (false if none) so the caller can wake it at once if it is local
-local taken = take(KEYS[5], KEYS[6], KEYS[7], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+local taken = take(KEYS[5], KEYS[6], KEYS[7], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
+  KEYS[8], ARGV[7])
 local value = redis.call('GET', KEYS[1])
 if value and holder(value) == ARGV[1] then
   redis.call('DEL', KEYS[1])
