@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.postgres._worker", *args],
+        [sys.executable, "-m", "tests._contender", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

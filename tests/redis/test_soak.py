@@ -21,7 +21,7 @@ def test_soak_eight_processes(redis_url: str, tmp_path: Path, mode: str) -> None
     """8 processes x 25 contenders x 40 turns on 10 keys: the history keeps the contract."""
     namespace = f"soak{secrets.token_hex(4)}"
     outs = [tmp_path / f"w{i}.jsonl" for i in range(8)]
-    worker = [sys.executable, "-m", "tests.redis._worker", mode, redis_url, namespace]
+    worker = [sys.executable, "-m", "tests._contender", mode, redis_url, namespace]
     procs = [
         subprocess.Popen(
             [*worker, str(o), "10", "25", "40"],

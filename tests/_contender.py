@@ -1,7 +1,7 @@
-"""A contender in its own OS process: `python -m tests.postgres._worker MODE DSN NS OUT ...`.
+"""A contender in its own OS process, on any backend URL: `python -m tests._contender MODE URL NS ...`.
 
 MODE is `async` (one event loop, many tasks), `sync` (many threads) or `hold`
-(take one key's turn, print "held <fence> <backend pid>", then renew until killed).
+(take one key's turn, print "held <fence>", and sleep until killed).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import inturn
 from inturn.testing import History
 
 
-def contend_async(dsn: str, namespace: str, out: str, keys: int, tasks: int, rounds: int) -> None:
+def contend_async(url: str, namespace: str, out: str, keys: int, tasks: int, rounds: int) -> None:
     async def main() -> None:
-        gate = inturn.Gate.from_url(dsn, namespace=namespace)
+        gate = inturn.Gate.from_url(url, namespace=namespace)
         history = History(f"pid{os.getpid()}")
         rng = random.Random(os.getpid())
 
@@ -36,8 +36,8 @@ def contend_async(dsn: str, namespace: str, out: str, keys: int, tasks: int, rou
     asyncio.run(main())
 
 
-def contend_sync(dsn: str, namespace: str, out: str, keys: int, threads: int, rounds: int) -> None:
-    gate = inturn.Gate.from_url(dsn, namespace=namespace)
+def contend_sync(url: str, namespace: str, out: str, keys: int, threads: int, rounds: int) -> None:
+    gate = inturn.Gate.from_url(url, namespace=namespace)
     history = History(f"pid{os.getpid()}")
 
     def thread(n: int) -> None:
@@ -56,9 +56,9 @@ def contend_sync(dsn: str, namespace: str, out: str, keys: int, threads: int, ro
     history.dump(out)
 
 
-def hold(dsn: str, namespace: str, key: str, lease: float) -> None:
+def hold(url: str, namespace: str, key: str, lease: float) -> None:
     async def main() -> None:
-        gate = inturn.Gate.from_url(dsn, namespace=namespace, lease=lease)
+        gate = inturn.Gate.from_url(url, namespace=namespace, lease=lease)
         async with gate.turn(key) as turn:
             print(f"held {turn.fence}", flush=True)
             await asyncio.sleep(3600)
@@ -67,10 +67,10 @@ def hold(dsn: str, namespace: str, key: str, lease: float) -> None:
 
 
 if __name__ == "__main__":
-    mode, dsn, namespace, *rest = sys.argv[1:]
+    mode, url, namespace, *rest = sys.argv[1:]
     if mode == "hold":
-        hold(dsn, namespace, rest[0], float(rest[1]))
+        hold(url, namespace, rest[0], float(rest[1]))
     else:
         out, keys, workers, rounds = rest[0], int(rest[1]), int(rest[2]), int(rest[3])
         run = contend_async if mode == "async" else contend_sync
-        run(dsn, namespace, out, keys, workers, rounds)
+        run(url, namespace, out, keys, workers, rounds)
