@@ -1,4 +1,4 @@
-"""A contender in its own OS process, on any backend URL: `python -m tests._contender MODE URL NS ...`.
+"""A contender in its own OS process, any backend: `python -m tests._contender MODE URL NS ...`.
 
 MODE is `async` (one event loop, many tasks), `sync` (many threads) or `hold`
 (take one key's turn, print "held <fence>", and sleep until killed).
