@@ -519,7 +519,14 @@ class RedisBackend:
                 waiter.future = asyncio.get_running_loop().create_future()
                 waiter.next_check = 0.0
                 continue
-            await asyncio.wait((waiter.future,), timeout=sleep)
+            # Awaited directly: a push resumes this task in one loop step. A timeout
+            # cancels the future; the next pass makes a fresh one (wakes come only from
+            # this loop's thread, so none can slip in between).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(sleep):
+                    await waiter.future
+            if waiter.future.cancelled():
+                waiter.future = asyncio.get_running_loop().create_future()
 
     async def _recheck(
         self, state: _LoopState, key: str, token: str, waiter: _Waiter
