@@ -15,8 +15,6 @@ thread, for the sync twin).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import json
 import math
@@ -27,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ._backend import ClaimResult, Grant, Taken
+from ._wakeup import Wakeup
 
 __all__ = ["MemoryBackend", "SyncMemoryBackend"]
 
@@ -36,52 +35,20 @@ Clock = Callable[[], float]
 class _Waiter:
     """One token in a key's line, woken on the loop or thread that waits."""
 
-    __slots__ = ("_event", "_future", "_loop", "grant", "key", "lease")
+    __slots__ = ("grant", "key", "lease", "signal")
 
     def __init__(self, key: str, lease: float, *, sync: bool) -> None:
         self.key = key
         self.lease = lease
         self.grant: Grant | None = None
-        self._event: threading.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._future: asyncio.Future[None] | None = None
-        if sync:
-            self._event = threading.Event()
-        else:
-            self._loop = asyncio.get_running_loop()
-            self._future = self._loop.create_future()
+        self.signal = Wakeup(sync=sync)
 
     def wake(self) -> None:
-        if self._event is not None:
-            self._event.set()
-            return
-        assert self._loop is not None
-        assert self._future is not None
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            _resolve(self._future)
-        else:
-            # A closed loop raises RuntimeError: its waiter is gone with it.
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(_resolve, self._future)
-
-    async def sleep(self, seconds: float) -> None:
-        assert self._future is not None
-        if not self._future.done():
-            # asyncio.wait does not cancel the future on timeout or cancellation.
-            await asyncio.wait((self._future,), timeout=None if seconds == math.inf else seconds)
-
-    def sleep_sync(self, seconds: float) -> None:
-        assert self._event is not None
-        self._event.wait(None if seconds == math.inf else seconds)
+        self.signal.wake()
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _finite(seconds: float) -> float | None:
+    return None if seconds == math.inf else seconds
 
 
 @dataclass(slots=True)
@@ -449,7 +416,9 @@ class MemoryBackend:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            await waiter.sleep(min(left, lapse_in))
+            await waiter.signal.sleep(
+                None if min(left, lapse_in) == math.inf else min(left, lapse_in)
+            )
 
     async def renew(self, key: str, token: str, lease: float) -> bool:
         return self._core.renew(key, token, lease)
@@ -587,7 +556,9 @@ class SyncMemoryBackend:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            waiter.sleep_sync(min(left, lapse_in))
+            waiter.signal.sleep_sync(
+                None if min(left, lapse_in) == math.inf else min(left, lapse_in)
+            )
 
     def renew(self, key: str, token: str, lease: float) -> bool:
         return self._core.renew(key, token, lease)

@@ -68,6 +68,7 @@ from typing import Any
 from . import _postgres_sql as q
 from ._backend import ClaimResult, Grant, Taken
 from ._errors import BackendUnavailable, ConfigurationError
+from ._wakeup import Wakeup
 
 try:
     import psycopg
@@ -169,61 +170,18 @@ def _dead(conn: Any) -> bool:
     return bool(conn.closed or conn.broken)
 
 
-class _Waiter:
+class _Waiter(Wakeup):
     """One token in a key's local line; woken on the loop or thread that waits."""
 
-    __slots__ = ("_event", "_future", "_loop", "conn", "key", "lease", "token")
+    __slots__ = ("conn", "key", "lease", "token")
 
     def __init__(self, key: str, token: str, lease: float, *, sync: bool) -> None:
+        super().__init__(sync=sync)
         self.key = key
         self.token = token
         self.lease = lease
         self.conn: Any = None
         """The connection this waiter queues on in PostgreSQL (the head's only)."""
-        self._event: threading.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._future: asyncio.Future[None] | None = None
-        if sync:
-            self._event = threading.Event()
-        else:
-            self._loop = asyncio.get_running_loop()
-            self._future = self._loop.create_future()
-
-    def wake(self) -> None:
-        if self._event is not None:
-            self._event.set()
-            return
-        assert self._loop is not None
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            self._resolve()
-        else:
-            with contextlib.suppress(RuntimeError):  # a closed loop: its waiter is gone
-                self._loop.call_soon_threadsafe(self._resolve)
-
-    def rearm(self) -> None:
-        """Forget a wake-up already consumed (only the head is ever woken)."""
-        if self._event is not None:
-            self._event.clear()
-        elif self._future is not None and self._future.done():
-            assert self._loop is not None
-            self._future = self._loop.create_future()
-
-    def _resolve(self) -> None:
-        if self._future is not None and not self._future.done():
-            self._future.set_result(None)
-
-    async def sleep(self, seconds: float | None) -> None:
-        assert self._future is not None
-        if not self._future.done():
-            await asyncio.wait((self._future,), timeout=seconds)
-
-    def sleep_sync(self, seconds: float | None) -> None:
-        assert self._event is not None
-        self._event.wait(seconds)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,74 @@
+"""A waiter's wake-up signal that works from any thread, for a coroutine or a thread.
+
+The in-memory and PostgreSQL backends keep process-local lines whose waiters
+may sit in any event loop or thread of the process; whoever hands a waiter the
+turn calls :meth:`Wakeup.wake` from wherever it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+__all__ = ["Wakeup"]
+
+
+class Wakeup:
+    """Wakes one waiter: an :class:`asyncio.Future` on its loop, or a ``threading.Event``.
+
+    Made in the waiter's own loop (``sync=False``) or thread (``sync=True``).
+    A wake before the sleep is not lost; :meth:`rearm` forgets one already
+    consumed.
+    """
+
+    __slots__ = ("_event", "_future", "_loop")
+
+    def __init__(self, *, sync: bool) -> None:
+        self._event: threading.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._future: asyncio.Future[None] | None = None
+        if sync:
+            self._event = threading.Event()
+        else:
+            self._loop = asyncio.get_running_loop()
+            self._future = self._loop.create_future()
+
+    def wake(self) -> None:
+        """Wake the waiter, from any thread."""
+        if self._event is not None:
+            self._event.set()
+            return
+        assert self._loop is not None
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._resolve()
+        else:
+            with contextlib.suppress(RuntimeError):  # a closed loop: its waiter is gone
+                self._loop.call_soon_threadsafe(self._resolve)
+
+    def rearm(self) -> None:
+        """Forget a wake-up already consumed."""
+        if self._event is not None:
+            self._event.clear()
+        elif self._future is not None and self._future.done():
+            assert self._loop is not None
+            self._future = self._loop.create_future()
+
+    def _resolve(self) -> None:
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    async def sleep(self, seconds: float | None) -> None:
+        """Sleep until woken or ``seconds`` passed (None: no limit)."""
+        assert self._future is not None
+        if not self._future.done():
+            # asyncio.wait does not cancel the future on timeout or cancellation.
+            await asyncio.wait((self._future,), timeout=seconds)
+
+    def sleep_sync(self, seconds: float | None) -> None:
+        assert self._event is not None
+        self._event.wait(seconds)
