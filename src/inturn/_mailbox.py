@@ -179,15 +179,29 @@ class Mailbox:
                 f"{self.max_payload_bytes}"
             )
         token = new_token()
-        status, dropped = await self._store.mb_submit(
-            self.name,
-            key,
-            text,
-            max_pending=self.max_pending,
-            drop_oldest=self.drop_oldest,
-            token=token,
-            lease=self.gate.lease,
-        )
+        first: Taken | None = None
+        submit_take = getattr(self._store, "mb_submit_take", None)
+        if submit_take is not None and not self.debounce:  # debounce: the first take waits
+            status, dropped, first = await submit_take(
+                self.name,
+                key,
+                text,
+                max_pending=self.max_pending,
+                drop_oldest=self.drop_oldest,
+                token=token,
+                lease=self.gate.lease,
+                limit=self.max_batch,
+            )
+        else:
+            status, dropped = await self._store.mb_submit(
+                self.name,
+                key,
+                text,
+                max_pending=self.max_pending,
+                drop_oldest=self.drop_oldest,
+                token=token,
+                lease=self.gate.lease,
+            )
         if status == -1:
             self.gate.metrics.count("mailbox_rejected", mailbox=self.name)
             raise MailboxFull(
@@ -207,13 +221,13 @@ class Mailbox:
             )
         if status == 1:
             await self._store.mb_hint(self.name, key, True)
-            await self._start_drain(key, token)
+            await self._start_drain(key, token, first)
 
-    async def _start_drain(self, key: str, token: str) -> None:
+    async def _start_drain(self, key: str, token: str, first: Taken | None = None) -> None:
         if self.inline:
-            await self._drain(key, token)
+            await self._drain(key, token, first)
             return
-        task = asyncio.ensure_future(self._drain(key, token))
+        task = asyncio.ensure_future(self._drain(key, token, first))
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
 
@@ -237,14 +251,17 @@ class Mailbox:
 
     # -- draining ---------------------------------------------------------------------
 
-    async def _drain(self, key: str, token: str) -> None:
-        """Process ``key``'s queue until it is empty (role given up) or the role is lost."""
+    async def _drain(self, key: str, token: str, first: Taken | None = None) -> None:
+        """Process ``key``'s queue until it is empty (role given up) or the role is lost.
+
+        ``first``: the first batch, when the submit that made us drainer took it.
+        """
         renewer = asyncio.ensure_future(self._renew_role(key, token))
         # The drainer needs only its role to take; it takes the key's turn to process.
         # A batch is acknowledged by the next take, and where the backend can, that take
         # rides on the turn's release: per message MB_SUBMIT, JOIN and MB_RELEASE_TAKE.
         release_take = getattr(self._store, "mb_release_take", None) if not self.debounce else None
-        taken: Taken | None = None
+        taken: Taken | None = first
         ack = False
         try:
             while True:

@@ -665,11 +665,39 @@ class RedisBackend:
         token: str,
         lease: float,
     ) -> tuple[int, int]:
+        status, dropped, _ = await self.mb_submit_take(
+            name,
+            key,
+            message,
+            max_pending=max_pending,
+            drop_oldest=drop_oldest,
+            token=token,
+            lease=lease,
+            limit=0,
+        )
+        return status, dropped
+
+    async def mb_submit_take(
+        self,
+        name: str,
+        key: str,
+        message: str,
+        *,
+        max_pending: int,
+        drop_oldest: bool,
+        token: str,
+        lease: float,
+        limit: int,
+    ) -> tuple[int, int, Taken | None]:
+        """``mb_submit``, and when the caller becomes the drainer, its first ``mb_take``
+        (up to ``limit`` messages) in the same round trip."""
         state = self._state()
         keys = self._common.keys.mailbox_keys(name, key) + self._hint_key(state, name)
         args = [message, max_pending, "1" if drop_oldest else "0", token, _ms(lease), key]
+        args += [limit, repr(time.time())]
         reply = await self._run(state, "mb_submit", key, args, keys)
-        return int(reply[0]), int(reply[1])
+        taken = _taken(reply[2]) if len(reply) > 2 else None
+        return int(reply[0]), int(reply[1]), taken
 
     async def mb_take(
         self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool

@@ -317,27 +317,6 @@ return 0
 # -- mailboxes: KEYS[1] queue (list), KEYS[2] in flight (list), KEYS[3] drainer role ----------
 # All three share the user's hash tag; queue and in-flight lists have no TTL (durable).
 
-MB_SUBMIT = """#!lua
--- MB_SUBMIT: store a message; become the drainer if there is none.
--- KEYS[4] (optional, not on Cluster: another slot): the mailbox's sweeper hint set
--- ARGV[1]: message  ARGV[2]: max_pending  ARGV[3]: "1" drop oldest when full
--- ARGV[4]: token  ARGV[5]: role lease_ms  ARGV[6]: the user key (for the hint)
--- returns: {1, dropped} stored, caller drains | {0, dropped} stored | {-1, 0} full
-local dropped = 0
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then
-  if ARGV[3] ~= '1' then return {-1, 0} end
-  redis.call('LPOP', KEYS[1])
-  dropped = 1
-end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
-  if KEYS[4] then redis.call('SADD', KEYS[4], ARGV[6]) end
-  return {1, dropped}
-end
-return {0, dropped}
-"""
-
 _TAKE = """
 -- take(q, f, d, token, limit, lease_ms, ack, now, hint, user): renew the drainer role,
 -- acknowledge the last batch if ack, take the next one, or give the role up when the queue
@@ -365,6 +344,39 @@ local function take(q, f, d, token, limit, lease_ms, ack, now, hint, user)
   return {1, unpack(taken)}
 end
 """
+
+MB_SUBMIT = (
+    "#!lua\n"
+    + _TAKE
+    + """
+-- MB_SUBMIT: store a message; become the drainer if there is none, and then (when ARGV[7]
+-- is above 0) take the first batch at once: the new drainer saves a round trip.
+-- KEYS[1..3]: queue, in flight, role  KEYS[4] (optional, not on Cluster: another slot):
+-- the mailbox's sweeper hint set
+-- ARGV[1]: message  ARGV[2]: max_pending  ARGV[3]: "1" drop oldest when full
+-- ARGV[4]: token  ARGV[5]: role lease_ms  ARGV[6]: the user key (for the hint)
+-- ARGV[7]: how many to take if the caller becomes the drainer  ARGV[8]: the caller's clock
+-- returns: {1, dropped[, taken]} stored, caller drains (taken: as MB_TAKE's reply)
+--          | {0, dropped} stored | {-1, 0} full
+local dropped = 0
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then
+  if ARGV[3] ~= '1' then return {-1, 0} end
+  redis.call('LPOP', KEYS[1])
+  dropped = 1
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+  if KEYS[4] then redis.call('SADD', KEYS[4], ARGV[6]) end
+  if tonumber(ARGV[7]) > 0 then
+    return {1, dropped, take(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[7], ARGV[5], '0',
+      ARGV[8], KEYS[4], ARGV[6])}
+  end
+  return {1, dropped}
+end
+return {0, dropped}
+"""
+)
 
 MB_TAKE = (
     "#!lua flags=allow-oom\n"
