@@ -322,6 +322,37 @@ class _Config:
     def mark(self, key: str, scope: str, id: str, token: str) -> dict[str, Any]:
         return {"ns": self.namespace, "key": key, "scope": scope, "id": id, "token": token}
 
+    def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> dict[str, Any]:
+        """DEDUP_CLAIM's parameters (shared by the async backend and its twin)."""
+        marked = self.mark(key, scope, id, token)
+        return {**marked, "fence": fence, "lease_ms": _ms(lease), "window_ms": _ms(window)}
+
+    def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, window: float
+    ) -> dict[str, Any]:
+        """DEDUP_FINISH's parameters."""
+        return {**self.mark(key, scope, id, token), "result": result, "window_ms": _ms(window)}
+
+    def scope(self, key: str, scope: str) -> dict[str, Any]:
+        """A (key, scope) pair of the supersede table."""
+        return {"ns": self.namespace, "key": key, "scope": scope}
+
+    def supersede(
+        self, key: str, scope: str, cancel_running: bool, local: list[str]
+    ) -> dict[str, Any]:
+        """SUPERSEDE's parameters; ``local``: this backend's own NOTIFY channels (skipped)."""
+        keep = _ms(SUPERSEDE_KEEP)
+        return {**self.scope(key, scope), "cancel": cancel_running, "keep_ms": keep, "local": local}
+
     def box(self, name: str, key: str) -> dict[str, Any]:
         return {"ns": self.namespace, "mailbox": name, "key": key}
 
@@ -873,12 +904,7 @@ class PostgresBackend:
         window: float,
     ) -> ClaimResult:
         cfg = self._config
-        params = {
-            **cfg.mark(key, scope, id, token),
-            "fence": fence,
-            "lease_ms": _ms(lease),
-            "window_ms": _ms(window),
-        }
+        params = cfg.claim(key, scope, id, token, fence, lease, window)
         found = _claimed(await self._call("DEDUP_CLAIM", params))
         if cfg.purge_due():
             await self.purge()
@@ -887,8 +913,7 @@ class PostgresBackend:
     async def finish(
         self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
     ) -> None:
-        params = {**self._config.mark(key, scope, id, token), "result": result}
-        await self._call("DEDUP_FINISH", {**params, "window_ms": _ms(window)})
+        await self._call("DEDUP_FINISH", self._config.finish(key, scope, id, token, result, window))
 
     async def abandon(self, key: str, scope: str, id: str, token: str) -> None:
         await self._call("DEDUP_ABANDON", self._config.mark(key, scope, id, token))
@@ -914,21 +939,12 @@ class PostgresBackend:
         registry cancels it, and a second cancel of one task would turn its
         ``Superseded`` into a bare ``CancelledError``.
         """
-        params = {"ns": self._config.namespace, "key": key, "scope": scope}
         local = [listener.channel for listener in list(self._listeners.values())]
-        row = await self._call(
-            "SUPERSEDE",
-            {
-                **params,
-                "cancel": cancel_running,
-                "keep_ms": _ms(SUPERSEDE_KEEP),
-                "local": local,
-            },
-        )
-        return int(row[0])
+        params = self._config.supersede(key, scope, cancel_running, local)
+        return int((await self._call("SUPERSEDE", params))[0])
 
     async def is_newest(self, key: str, scope: str, generation: int) -> bool:
-        params = {"ns": self._config.namespace, "key": key, "scope": scope}
+        params = self._config.scope(key, scope)
         return _newest(await self._call("IS_NEWEST", params), generation)
 
     async def start_running(
@@ -1444,12 +1460,7 @@ class SyncPostgresBackend:
         window: float,
     ) -> ClaimResult:
         cfg = self._config
-        params = {
-            **cfg.mark(key, scope, id, token),
-            "fence": fence,
-            "lease_ms": _ms(lease),
-            "window_ms": _ms(window),
-        }
+        params = cfg.claim(key, scope, id, token, fence, lease, window)
         found = _claimed(self._call("DEDUP_CLAIM", params))
         if cfg.purge_due():
             self.purge()
@@ -1458,8 +1469,7 @@ class SyncPostgresBackend:
     def finish(
         self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
     ) -> None:
-        params = {**self._config.mark(key, scope, id, token), "result": result}
-        self._call("DEDUP_FINISH", {**params, "window_ms": _ms(window)})
+        self._call("DEDUP_FINISH", self._config.finish(key, scope, id, token, result, window))
 
     def abandon(self, key: str, scope: str, id: str, token: str) -> None:
         self._call("DEDUP_ABANDON", self._config.mark(key, scope, id, token))
@@ -1473,15 +1483,11 @@ class SyncPostgresBackend:
             logger.debug("inturn: purging expired dedup rows failed: %r", exc)
 
     def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int:
-        params = {"ns": self._config.namespace, "key": key, "scope": scope}
-        row = self._call(
-            "SUPERSEDE",
-            {**params, "cancel": cancel_running, "keep_ms": _ms(SUPERSEDE_KEEP), "local": []},
-        )
-        return int(row[0])
+        params = self._config.supersede(key, scope, cancel_running, [])
+        return int(self._call("SUPERSEDE", params)[0])
 
     def is_newest(self, key: str, scope: str, generation: int) -> bool:
-        params = {"ns": self._config.namespace, "key": key, "scope": scope}
+        params = self._config.scope(key, scope)
         return _newest(self._call("IS_NEWEST", params), generation)
 
     def close(self) -> None:

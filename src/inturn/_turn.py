@@ -153,6 +153,7 @@ class _TurnBase:
         """Why the lease was lost: ``"expired"``, ``"max_hold"`` or ``"taken"``; None while held."""
         self._token = token
         self._clock = clock
+        self._arm()
 
     @property
     def waited(self) -> float:
@@ -162,6 +163,10 @@ class _TurnBase:
     def __repr__(self) -> str:
         state = "held" if self.lost_reason is None else f"lost ({self.lost_reason})"
         return f"<{type(self).__name__} key={self.key!r} fence={self.fence} {state}>"
+
+    def _arm(self) -> None:
+        """Make ``lost``: an asyncio.Event or a threading.Event, by the subclass."""
+        raise NotImplementedError
 
     def _signal_lost(self) -> None:
         raise NotImplementedError
@@ -244,17 +249,7 @@ class Turn(_TurnBase):
 
     __slots__ = ("lost",)
 
-    def __init__(
-        self,
-        gate: Gate,
-        key: str,
-        token: str,
-        grant: Grant,
-        *,
-        asked: tuple[float, float],
-        clock: LeaseClock,
-    ) -> None:
-        super().__init__(gate, key, token, grant, asked=asked, clock=clock)
+    def _arm(self) -> None:
         self.lost = asyncio.Event()
         """Set when the lease is lost."""
 
@@ -280,17 +275,7 @@ class SyncTurn(_TurnBase):
 
     __slots__ = ("lost",)
 
-    def __init__(
-        self,
-        gate: Gate,
-        key: str,
-        token: str,
-        grant: Grant,
-        *,
-        asked: tuple[float, float],
-        clock: LeaseClock,
-    ) -> None:
-        super().__init__(gate, key, token, grant, asked=asked, clock=clock)
+    def _arm(self) -> None:
         self.lost = threading.Event()
         """Set when the lease is lost."""
 
