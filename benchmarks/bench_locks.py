@@ -44,7 +44,6 @@ import os
 import platform
 import queue
 import secrets
-import shlex
 import shutil
 import sys
 import tempfile
@@ -58,6 +57,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import redis.asyncio  # binds `redis` as well
+from _facts import command, cpu_model, version  # benchmarks/ is sys.path[0]
 
 Role = Literal["inturn", "peer", "bound"]
 Scenario = Literal["cycle", "contention", "handoff"]
@@ -1295,28 +1295,6 @@ def handoff_table(results: Sequence[HandoffResult], target: Target, plan: Plan) 
     return table
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _command() -> str:
-    script = Path(sys.argv[0])
-    with contextlib.suppress(ValueError):
-        script = script.resolve().relative_to(Path.cwd())
-    return shlex.join(["python", str(script), *sys.argv[1:]])
-
-
 def _postgres_fact(target: Target) -> str:
     if target.postgres_dsn is None:
         return "not used"
@@ -1345,15 +1323,15 @@ def machine_facts(target: Target) -> list[tuple[str, str]]:
         "psycopg-pool",
     )
     return [
-        ("command", _command()),
+        ("command", command()),
         ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
-        ("nproc", f"{os.cpu_count()} (usable: {affinity}); {_cpu_model()}"),
+        ("nproc", f"{os.cpu_count()} (usable: {affinity}); {cpu_model()}"),
         ("python", f"{platform.python_implementation()} {platform.python_version()}"),
         ("os", platform.platform()),
         ("redis-server", f"{info.get('redis_version')} on {target.redis_url} (started here)"),
         ("inturn backend", target.inturn_url),
         ("postgresql", _postgres_fact(target)),
-        ("packages", ", ".join(f"{p} {_version(p)}" for p in packages)),
+        ("packages", ", ".join(f"{p} {version(p)}" for p in packages)),
     ]
 
 

@@ -40,7 +40,6 @@ import os
 import platform
 import queue
 import secrets
-import shlex
 import shutil
 import signal
 import subprocess
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import redis
+from _facts import command, cpu_model, version  # benchmarks/ is sys.path[0]
 
 Spread = Literal["partitioned", "interleaved"]
 # (user, seq, producer, handled at, submitted at, process, index in that process)
@@ -942,28 +942,6 @@ def head_of_line_table(results: Results, plan: Plan) -> Table:
     return table
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _command() -> str:
-    script = Path(sys.argv[0])
-    with contextlib.suppress(ValueError):
-        script = script.resolve().relative_to(Path.cwd())
-    return shlex.join(["python", str(script), *sys.argv[1:]])
-
-
 def machine_facts(url: str) -> list[tuple[str, str]]:
     client = redis.Redis.from_url(url)
     try:
@@ -973,13 +951,13 @@ def machine_facts(url: str) -> list[tuple[str, str]]:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
     packages = ("inturn", "redis", "hiredis", "celery", "kombu", "billiard", "python-redis-lock")
     return [
-        ("command", _command()),
+        ("command", command()),
         ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
-        ("nproc", f"{os.cpu_count()} (usable: {affinity}); {_cpu_model()}"),
+        ("nproc", f"{os.cpu_count()} (usable: {affinity}); {cpu_model()}"),
         ("python", f"{platform.python_implementation()} {platform.python_version()}"),
         ("os", platform.platform()),
         ("redis-server", f"{info.get('redis_version')} on {url} (started here)"),
-        ("packages", ", ".join(f"{p} {_version(p)}" for p in packages)),
+        ("packages", ", ".join(f"{p} {version(p)}" for p in packages)),
     ]
 
 
