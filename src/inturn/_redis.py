@@ -68,6 +68,7 @@ try:
     import redis
     import redis.asyncio
     import redis.asyncio.cluster
+    import redis.asyncio.retry
     import redis.cluster
     import redis.exceptions
     from redis.backoff import ExponentialBackoff
@@ -76,6 +77,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ConfigurationError(
         "the Redis backend needs redis-py: pip install 'inturn[redis]'"
     ) from exc
+
+from ._redis_mux import Mux, sha1  # imports redis-py, so only once it is known to be there
 
 __all__ = ["RedisBackend", "SyncRedisBackend", "from_url"]
 
@@ -116,6 +119,8 @@ _SCRIPTS = {
     "mb_renew": MB_RENEW,
     "mb_release_take": MB_RELEASE_TAKE,
 }
+
+_SHAS = {name: (sha1(lua), lua) for name, lua in _SCRIPTS.items()}
 
 SUPERSEDE_KEEP = 3600.0
 """Seconds a (user, function) generation counter and running-call record outlive their use."""
@@ -236,6 +241,8 @@ class _LoopState:
 
     client: Any
     scripts: dict[str, Any]
+    mux: Mux | None = None
+    """The pipelined connection for scripts (None on a Cluster: its scripts go by slot)."""
     waiters: dict[str, _Waiter] = field(default_factory=dict)
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
     broken: BaseException | None = None
@@ -330,8 +337,20 @@ class RedisBackend:
         if state is None:
             client = self._client if self._client is not None else self._factory()
             scripts = {name: client.register_script(lua) for name, lua in _SCRIPTS.items()}
-            state = self._states[loop] = _LoopState(client=client, scripts=scripts)
+            mux = None
+            if not _is_cluster(client):
+                pool = client.connection_pool
+                timeout = pool.connection_kwargs.get("socket_timeout") or SOCKET_TIMEOUT
+                mux = Mux(pool, timeout=timeout)
+            state = self._states[loop] = _LoopState(client=client, scripts=scripts, mux=mux)
         return state
+
+    async def _close_state(self, state: _LoopState) -> None:
+        """Close a loop's pipelined connection, and its client if made here."""
+        if state.mux is not None:
+            await state.mux.aclose()
+        if self._client is None:
+            await _aclose(state.client)
 
     async def _listening(self) -> _LoopState:
         """The loop's state, once its wake-up channel is subscribed."""
@@ -357,9 +376,8 @@ class RedisBackend:
             await self._listen_until_closed(state)
         finally:
             self._states.pop(asyncio.get_running_loop(), None)
-            if self._client is None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(_aclose(state.client))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._close_state(state))
 
     async def _listen_until_closed(self, state: _LoopState) -> None:
         common = self._common
@@ -451,6 +469,9 @@ class RedisBackend:
     ) -> Any:
         keys = self._common.keys.turn_keys(key) if keys is None else keys
         try:
+            if state.mux is not None:
+                sha, lua = _SHAS[name]
+                return await state.mux.evalsha(sha, lua, keys, args)
             return await state.scripts[name](keys=keys, args=args)
         except _TRANSPORT_ERRORS as exc:
             raise _unavailable(exc, name) from exc
@@ -815,16 +836,16 @@ class RedisBackend:
                 # the client's connections under it ends its read.
                 listener.cancel()
                 done, _ = await asyncio.wait({listener}, timeout=0.5)
-                if not done and self._client is None:
+                if not done:
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(1.0):
-                            await _aclose(state.client)
+                            await self._close_state(state)
                     listener.cancel()
                     done, _ = await asyncio.wait({listener}, timeout=1.0)
                 if not done:
                     logger.warning("inturn: the Redis wake-up listener did not stop")
-            elif self._client is None:
-                await _aclose(state.client)
+            else:
+                await self._close_state(state)
         self._states.clear()
         if self._twin is not None:
             self._twin.close()
@@ -1128,13 +1149,16 @@ class SyncRedisBackend:
 # -- URLs -------------------------------------------------------------------------------
 
 
-def _client_options() -> dict[str, Any]:
+def _client_options(*, asynchronous: bool) -> dict[str, Any]:
+    # Each flavour needs its own Retry class: the sync one, given to an async client,
+    # "succeeds" at once with an un-awaited coroutine, so nothing would ever be retried.
+    retry_class = redis.asyncio.retry.Retry if asynchronous else Retry
     return {
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_keepalive": True,
         "health_check_interval": 30,
-        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        "retry": retry_class(ExponentialBackoff(cap=0.5, base=0.05), 2),
         "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     }
 
@@ -1160,7 +1184,8 @@ def _factories(url: str) -> tuple[Any, Any]:
     """Two zero-argument factories (async client, sync client) for a URL."""
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
-    options = _client_options()
+    options = _client_options(asynchronous=False)
+    async_options = _client_options(asynchronous=True)
     if scheme in ("redis", "rediss", "unix"):
         try:
             redis.Redis.from_url(url)  # validate now, not on first use
@@ -1171,7 +1196,7 @@ def _factories(url: str) -> tuple[Any, Any]:
         # instead of failing ("Too many connections"); waiting itself holds no connection.
         def make_async_client() -> Any:
             pool = redis.asyncio.BlockingConnectionPool.from_url(
-                url, max_connections=MAX_CONNECTIONS, timeout=CONNECT_TIMEOUT, **options
+                url, max_connections=MAX_CONNECTIONS, timeout=CONNECT_TIMEOUT, **async_options
             )
             return redis.asyncio.Redis(connection_pool=pool)
 
@@ -1185,11 +1210,14 @@ def _factories(url: str) -> tuple[Any, Any]:
     if scheme == "redis+cluster":
         password, hosts = _hosts(parts.netloc, scheme)
         cluster_options = {k: v for k, v in options.items() if k != "health_check_interval"}
+        async_cluster_options = {
+            k: v for k, v in async_options.items() if k != "health_check_interval"
+        }
 
         def make_async() -> Any:
             nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in hosts]
             return redis.asyncio.cluster.RedisCluster(
-                startup_nodes=nodes, password=password, **cluster_options
+                startup_nodes=nodes, password=password, **async_cluster_options
             )
 
         def make_sync() -> Any:
@@ -1215,7 +1243,7 @@ def _factories(url: str) -> tuple[Any, Any]:
             sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
                 hosts, socket_connect_timeout=CONNECT_TIMEOUT
             )
-            client = sentinel.master_for(service, db=db, password=password, **options)
+            client = sentinel.master_for(service, db=db, password=password, **async_options)
             client._inturn_sentinel = sentinel  # closed with the client: see _aclose
             return client
 

@@ -1,0 +1,228 @@
+"""One pipelined connection per event loop for the turn's hot-path scripts.
+
+redis-py sends a command by taking a connection from its pool, writing under a
+``wait_for`` (a new task per command when ``socket_timeout`` is set), reading
+under a timeout and putting the connection back. For two tiny scripts per turn
+that bookkeeping costs more client CPU than the round trips themselves.
+
+:class:`Mux` keeps one connection (made and handshaken by redis-py, so TLS,
+``unix://``, AUTH, the database and Sentinel's master discovery all work as
+before) and *pipelines* on it: a call writes its command and parks a future;
+one reader task matches replies to futures in order. Many tasks of one loop
+share the connection, and commands sent in one loop step leave in one write.
+
+Failure handling keeps redis-py's promises and adds one:
+
+- a dropped connection fails every call in flight with ``ConnectionError``;
+  calls are retried (``RETRIES`` times, with backoff) on a new connection, as
+  redis-py's ``Retry`` did; the scripts are idempotent;
+- a server that stops answering (paused, overloaded) is noticed by a watchdog:
+  when the oldest call in flight waited ``timeout`` seconds, the connection is
+  dropped and its calls fail with ``TimeoutError`` (not retried: a stalled
+  server would stall the retry too);
+- a cancelled caller does not poison the connection: its reply is read and
+  dropped (redis-py must close a connection whose reply was abandoned).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio
+import redis.asyncio.retry
+import redis.exceptions
+from redis.backoff import NoBackoff
+
+_Pack = Callable[[tuple[Any, ...]], Any]
+_hiredis_pack: _Pack | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is in the redis extra
+    _hiredis_pack = None
+
+__all__ = ["Mux"]
+
+RETRIES = 2
+"""Retries of a call whose connection dropped (the first on a new connection)."""
+WATCH_EVERY = 1.0
+"""Seconds between two checks of the watchdog, while calls are in flight."""
+
+_Pending = deque[asyncio.Future[Any]]
+
+
+def sha1(lua: str) -> str:
+    """The SHA1 Redis files a script under (EVALSHA's argument)."""
+    return hashlib.sha1(lua.encode()).hexdigest()
+
+
+class _Link:
+    """One connection, its calls in flight (in send order) and the send time of each."""
+
+    __slots__ = ("conn", "dropped", "pending", "reader", "sent")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.dropped = False
+        self.pending: _Pending = deque()
+        self.sent: deque[float] = deque()
+        self.reader: asyncio.Task[None] | None = None
+
+
+class Mux:
+    """Pipelined EVALSHA calls on one connection of ``pool`` (see the module docstring).
+
+    Bound to the event loop it is first used in, like redis-py's async clients.
+    """
+
+    def __init__(self, pool: redis.asyncio.ConnectionPool, *, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._link: _Link | None = None
+        self._connecting = asyncio.Lock()
+        self._watch: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def evalsha(self, sha: str, lua: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a script by its SHA (loading it by EVAL when the server lacks it).
+
+        Raises redis-py's exceptions: ``ConnectionError`` (after the retries),
+        ``TimeoutError`` and ``ResponseError``.
+        """
+        tries = 0
+        while True:
+            # A failed connect is not retried here: redis-py's connect already retried it.
+            link = self._link if self._link is not None else await self._connect()
+            try:
+                try:
+                    return await self._call(link, ("EVALSHA", sha, len(keys), *keys, *args))
+                except redis.exceptions.NoScriptError:
+                    return await self._call(link, ("EVAL", lua, len(keys), *keys, *args))
+            except redis.exceptions.TimeoutError:
+                raise
+            except (redis.exceptions.ConnectionError, OSError):
+                tries += 1
+                if tries > RETRIES or self._closed:
+                    raise
+                await asyncio.sleep(min(0.5, 0.05 * 2**tries))
+
+    async def aclose(self) -> None:
+        """Drop the connection; calls in flight fail with ``ConnectionError``."""
+        self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        link = self._link
+        if link is not None:
+            self._drop(link, redis.exceptions.ConnectionError("inturn: the client was closed"))
+            if link.reader is not None:
+                with contextlib.suppress(BaseException):
+                    await link.reader
+
+    # -- sending and reading ------------------------------------------------------------
+
+    async def _call(self, link: _Link, command: tuple[Any, ...]) -> Any:
+        if link.dropped:
+            raise redis.exceptions.ConnectionError("inturn: the connection was dropped")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # From here to the write nothing awaits: replies come back in this order.
+        link.pending.append(future)
+        link.sent.append(asyncio.get_running_loop().time())
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(WATCH_EVERY, self._watchdog)
+        try:
+            pack = _hiredis_pack
+            packed = pack(command) if pack is not None else link.conn.pack_command(*command)
+            await link.conn.send_packed_command(packed, check_health=False)
+        except asyncio.CancelledError:
+            raise  # the command is written (a write never blocks): its reply will be dropped
+        except BaseException as exc:
+            self._drop(link, exc)
+            raise
+        return await future
+
+    async def _connect(self) -> _Link:
+        async with self._connecting:
+            if self._closed:
+                raise redis.exceptions.ConnectionError("inturn: the client was closed")
+            if self._link is not None:
+                return self._link
+            conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
+            # One attempt: a caller that waits in line re-checks on its own schedule, and a
+            # connect retried inside the call could run past the caller's deadline.
+            conn.retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
+            try:
+                await conn.connect()  # the handshake still runs under socket_timeout
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+                raise
+            # Reads now wait as long as they must: the watchdog bounds a call instead.
+            conn.socket_timeout = None
+            link = self._link = _Link(conn)
+            link.reader = asyncio.ensure_future(self._read(link))
+            return link
+
+    async def _read(self, link: _Link) -> None:
+        """Match each reply to the oldest call in flight, until the connection fails."""
+        conn, pending, sent = link.conn, link.pending, link.sent
+        try:
+            while True:
+                try:
+                    reply = await conn.read_response(disconnect_on_error=False)
+                except redis.exceptions.ResponseError as error:
+                    future = pending.popleft()
+                    sent.popleft()
+                    if not future.done():
+                        future.set_exception(error)
+                    continue
+                future = pending.popleft()
+                sent.popleft()
+                if not future.done():
+                    future.set_result(reply)
+        except IndexError:  # a reply nobody asked for: the stream is out of step
+            self._drop(link, redis.exceptions.ConnectionError("inturn: unexpected reply"))
+        except asyncio.CancelledError:  # dropped, closed, or the loop is shutting down
+            self._drop(link, redis.exceptions.ConnectionError("inturn: the reader was stopped"))
+        except Exception as exc:
+            self._drop(link, exc)
+        finally:
+            with contextlib.suppress(BaseException):
+                await conn.disconnect(nowait=True)
+
+    def _drop(self, link: _Link, exc: BaseException) -> None:
+        """Retire a connection: its calls in flight fail with ``exc`` (as a redis error)."""
+        if link.dropped:
+            return
+        link.dropped = True
+        if not isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+            exc = redis.exceptions.ConnectionError(f"inturn: the connection failed: {exc!r}")
+        if self._link is link:
+            self._link = None
+        while link.pending:
+            future = link.pending.popleft()
+            if not future.done():
+                future.set_exception(exc)
+        link.sent.clear()
+        reader = link.reader  # it disconnects on its way out
+        if reader is not None and reader is not asyncio.current_task() and not reader.done():
+            reader.cancel()
+
+    def _watchdog(self) -> None:
+        """Drop a connection whose oldest call in flight has waited ``timeout`` seconds."""
+        self._watch = None
+        link = self._link
+        if link is None or not link.sent:
+            return  # idle: the next call starts the watchdog again
+        loop = asyncio.get_running_loop()
+        if loop.time() - link.sent[0] >= self._timeout:
+            error = redis.exceptions.TimeoutError(
+                f"inturn: Redis did not answer within {self._timeout:g}s"
+            )
+            self._drop(link, error)
+            return
+        self._watch = loop.call_later(WATCH_EVERY, self._watchdog)
