@@ -1,0 +1,177 @@
+"""The async backend's pipelined connection (inturn._redis_mux) against a real redis-server.
+
+Its promises: one connection carries every script call of a loop, in order; a cancelled
+caller does not poison it; a dropped connection is retried on a new one; a silent server
+fails calls by the watchdog; and a failed connect is not retried inside the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+import redis.asyncio
+
+import inturn
+from inturn._redis_mux import Mux, sha1
+from inturn.testing import History, check_history
+from tests.servers import RedisServer
+
+ECHO = "return ARGV[1]"
+SLEEP = (
+    "local t = redis.call('TIME'); while true do local n = redis.call('TIME'); "
+    "if (n[1] - t[1]) * 1000000 + n[2] - t[2] > tonumber(ARGV[1]) then return 'slept' end end"
+)
+
+MakeServer = Callable[..., RedisServer]
+
+
+def _mux(url: str, timeout: float = 5.0) -> tuple[Mux, redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(url)
+    return Mux(client.connection_pool, timeout=timeout), client
+
+
+async def _echo(mux: Mux, value: str) -> bytes:
+    result: bytes = await mux.evalsha(sha1(ECHO), ECHO, [], [value])
+    return result
+
+
+def _script_clients(url: str) -> list[str]:
+    """The ids of the connections whose last command was a script call."""
+    admin = redis.Redis.from_url(url)
+    try:
+        return [c["id"] for c in admin.client_list() if c["cmd"] in ("evalsha", "eval")]
+    finally:
+        admin.close()
+
+
+async def test_many_concurrent_calls_share_one_connection_and_keep_their_order(
+    make_redis_server: MakeServer,
+) -> None:
+    """1,000 concurrent calls of one loop: every reply reaches its own caller, on one socket."""
+    redis_url = make_redis_server().url  # its connections are counted: a server of its own
+    mux, client = _mux(redis_url)
+    try:
+        values = [f"v{i}-{secrets.token_hex(2)}" for i in range(1000)]
+        replies = await asyncio.gather(*(_echo(mux, v) for v in values))
+        assert [r.decode() for r in replies] == values
+        assert len(_script_clients(redis_url)) == 1
+    finally:
+        await mux.aclose()
+        await client.aclose()
+
+
+async def test_a_cancelled_call_does_not_poison_the_connection(
+    make_redis_server: MakeServer,
+) -> None:
+    """A caller cancelled while its script runs: its late reply is dropped, not handed on."""
+    redis_url = make_redis_server().url  # its connections are counted: a server of its own
+    mux, client = _mux(redis_url)
+    try:
+        await _echo(mux, "warm")
+        before = _script_clients(redis_url)
+        slow = asyncio.ensure_future(mux.evalsha(sha1(SLEEP), SLEEP, [], [200_000]))
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        after = await asyncio.gather(*(_echo(mux, f"after{i}") for i in range(5)))
+        assert [a.decode() for a in after] == [f"after{i}" for i in range(5)]
+        assert _script_clients(redis_url) == before  # the same connection, not a new one
+    finally:
+        await mux.aclose()
+        await client.aclose()
+
+
+async def test_a_killed_connection_is_replaced(make_redis_server: MakeServer) -> None:
+    """CLIENT KILL on the script connection: later calls succeed on a new connection."""
+    redis_url = make_redis_server().url  # its connections are counted: a server of its own
+    mux, client = _mux(redis_url)
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await _echo(mux, "warm")
+        killed = [c["id"] for c in await admin.client_list() if c["cmd"] in ("evalsha", "eval")]
+        assert len(killed) == 1
+        await admin.client_kill_filter(_id=killed[0])
+        replies = await asyncio.gather(*(_echo(mux, f"later{i}") for i in range(20)))
+        assert [r.decode() for r in replies] == [f"later{i}" for i in range(20)]
+        now = [c["id"] for c in await admin.client_list() if c["cmd"] in ("evalsha", "eval")]
+        assert len(now) == 1
+        assert now != killed
+    finally:
+        await mux.aclose()
+        await client.aclose()
+        await admin.aclose()
+
+
+async def test_a_silent_server_fails_calls_by_the_watchdog(make_redis_server: MakeServer) -> None:
+    """A paused server: every call in flight fails with TimeoutError near `timeout`."""
+    server = make_redis_server()
+    mux, client = _mux(server.url, timeout=1.0)
+    try:
+        await _echo(mux, "warm")
+        server.pause()
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(_echo(mux, str(i)) for i in range(10)), return_exceptions=True
+        )
+        took = time.monotonic() - started
+        assert all(isinstance(o, redis.exceptions.TimeoutError) for o in outcomes), outcomes
+        assert 0.9 <= took <= 2.5, took  # timeout + at most one watchdog period (1 s)
+        server.resume()
+        assert await _echo(mux, "back") == b"back"
+    finally:
+        server.resume()
+        await mux.aclose()
+        await client.aclose()
+
+
+async def test_a_refused_connect_fails_at_once(make_redis_server: MakeServer) -> None:
+    """No server: the call fails in one connect attempt, not after a retry schedule."""
+    server = make_redis_server()
+    url = server.url
+    server.kill()
+    mux, client = _mux(url)
+    try:
+        started = time.monotonic()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await _echo(mux, "x")
+        assert time.monotonic() - started < 0.2
+    finally:
+        await mux.aclose()
+        await client.aclose()
+
+
+async def test_calls_after_aclose_fail(redis_url: str) -> None:
+    mux, client = _mux(redis_url)
+    try:
+        await _echo(mux, "warm")
+        await mux.aclose()
+        with pytest.raises(redis.exceptions.ConnectionError, match="closed"):
+            await _echo(mux, "x")
+    finally:
+        await client.aclose()
+
+
+async def test_a_gate_uses_one_script_connection_for_400_waiters(
+    make_redis_server: MakeServer,
+) -> None:
+    """400 tasks of one loop contend on 8 keys: one script connection, a correct history."""
+    redis_url = make_redis_server().url  # its connections are counted: a server of its own
+    gate = inturn.Gate.from_url(redis_url, namespace=f"mux{secrets.token_hex(4)}")
+    history = History()
+
+    async def one(i: int) -> None:
+        async with gate.turn(f"k{i % 8}", timeout=30) as turn:
+            with history.span(turn):
+                await asyncio.sleep(0)
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(400)))
+        assert check_history(history.spans).spans == 400
+        assert len(_script_clients(redis_url)) == 1
+        assert await gate.backend.footprint() == 0
+    finally:
+        await gate.aclose()
