@@ -12,6 +12,7 @@ and is granted, renewed, released or leaves that line.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -37,10 +38,14 @@ class Grant:
     ``fence`` is strictly greater than every earlier grant's fence for the key.
     ``granted_at`` is a lower bound, on this process's ``time.monotonic()``
     clock, of when the lease began; the holder counts its lease from there.
+    ``confirmed``: set for a grant handed over inside the process before the
+    backend recorded it; it resolves to False if the backend refused it (the
+    holder then treats the turn as lost).
     """
 
     fence: int
     granted_at: float
+    confirmed: asyncio.Future[bool] | None = None
 
 
 @runtime_checkable
@@ -72,8 +77,13 @@ class Backend(Protocol):
         """Extend the holder's lease to ``lease`` seconds from now; False if not the holder."""
         ...
 
-    async def release(self, key: str, token: str) -> None:
-        """Release the turn if ``token`` holds it, handing it to the next live waiter."""
+    async def release(self, key: str, token: str, *, fence: int | None = None) -> None:
+        """Release the turn if ``token`` holds it, handing it to the next live waiter.
+
+        ``fence``: the holder's fence, given only while its lease is surely alive;
+        a backend may then start its own next waiter at once (fence + 1), before
+        the release has reached the server, and confirm the grant after.
+        """
         ...
 
     async def leave(self, key: str, token: str) -> Grant | None:

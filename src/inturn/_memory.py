@@ -423,7 +423,7 @@ class MemoryBackend:
     async def renew(self, key: str, token: str, lease: float) -> bool:
         return self._core.renew(key, token, lease)
 
-    async def release(self, key: str, token: str) -> None:
+    async def release(self, key: str, token: str, *, fence: int | None = None) -> None:
         self._core.release(key, token)
 
     async def leave(self, key: str, token: str) -> Grant | None:

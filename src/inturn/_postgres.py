@@ -803,7 +803,7 @@ class PostgresBackend:
             logger.debug("inturn: renewal of key %r found the session lost: %r", key, exc)
             return False
 
-    async def release(self, key: str, token: str) -> None:
+    async def release(self, key: str, token: str, *, fence: int | None = None) -> None:
         holding = self._config.core.unhold(key, token)
         if holding is None or holding.conn is None:
             return

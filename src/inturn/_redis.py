@@ -162,6 +162,16 @@ def _next_check(reply: Sequence[Any], lease: float) -> float:
     return time.monotonic() + interval
 
 
+def _queued(waiter: _Waiter, reply: Sequence[Any], sent: float) -> None:
+    """A JOIN or REFRESH left the waiter in line: when to re-check; whether it is solo."""
+    waiter.next_check = _next_check(reply, waiter.lease)
+    # The server's mark lasts alive_ms from when the script ran (after `sent`); half of
+    # it is the margin for the release that would rely on it.
+    waiter.alive_until = sent + _alive_ms(waiter.lease) / 2000
+    if len(reply) > 2:
+        waiter.solo = int(reply[2]) == 1
+
+
 def _is_cluster(client: Any) -> bool:
     return isinstance(client, redis.asyncio.cluster.RedisCluster | redis.cluster.RedisCluster)
 
@@ -230,6 +240,10 @@ class _Waiter:
     key: str
     lease: float
     next_check: float = 0.0
+    solo: bool = False
+    """JOIN said everyone ahead in the line is a waiter of this event loop."""
+    alive_until: float = 0.0
+    """Until when (monotonic) the server surely still counts this waiter alive."""
     future: asyncio.Future[Grant] | None = None
     event: threading.Event | None = None
     grant: Grant | None = None
@@ -241,14 +255,44 @@ class _LoopState:
 
     client: Any
     scripts: dict[str, Any]
+    channel: str
+    """This loop's wake-up channel (pushes for its waiters, cancels for its calls)."""
     mux: Mux | None = None
     """The pipelined connection for scripts (None on a Cluster: its scripts go by slot)."""
     waiters: dict[str, _Waiter] = field(default_factory=dict)
+    lines: dict[str, dict[str, _Waiter]] = field(default_factory=dict)
+    """Per key, this loop's waiters in the order they joined (the server's order)."""
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
     broken: BaseException | None = None
     listener: asyncio.Task[None] | None = None
     cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
     closing: bool = False
+
+    def enlist(self, token: str, waiter: _Waiter) -> None:
+        self.waiters[token] = waiter
+        self.lines.setdefault(waiter.key, {})[token] = waiter
+
+    def forget(self, token: str) -> _Waiter | None:
+        waiter = self.waiters.pop(token, None)
+        if waiter is not None:
+            line = self.lines.get(waiter.key)
+            if line is not None:
+                line.pop(token, None)
+                if not line:
+                    del self.lines[waiter.key]
+        return waiter
+
+    def next_solo(self, key: str) -> tuple[str, _Waiter] | None:
+        """The waiter a release may hand the turn to at once: this loop's first in the
+        key's line, if everyone ahead of it was of this loop and the server still counts
+        it alive (the release script then confirms exactly this grant)."""
+        line = self.lines.get(key)
+        if not line:
+            return None
+        token, waiter = next(iter(line.items()))
+        if waiter.solo and waiter.grant is None and time.monotonic() < waiter.alive_until:
+            return token, waiter
+        return None
 
 
 class _Common:
@@ -341,8 +385,10 @@ class RedisBackend:
             if not _is_cluster(client):
                 pool = client.connection_pool
                 timeout = pool.connection_kwargs.get("socket_timeout") or SOCKET_TIMEOUT
-                mux = Mux(pool, timeout=timeout)
-            state = self._states[loop] = _LoopState(client=client, scripts=scripts, mux=mux)
+                mux = Mux(pool, timeout=timeout, preload=tuple(_SCRIPTS.values()))
+            channel = f"{self._common.channel}.{secrets.token_hex(4)}"
+            state = _LoopState(client=client, scripts=scripts, channel=channel, mux=mux)
+            self._states[loop] = state
         return state
 
     async def _close_state(self, state: _LoopState) -> None:
@@ -388,7 +434,7 @@ class RedisBackend:
             attempt += 1
             pubsub, node_client = await self._open_pubsub(state, attempt)
             try:
-                await pubsub.subscribe(common.channel)
+                await pubsub.subscribe(state.channel)
                 while not state.closing:  # the subscription is confirmed by its first message
                     message = await pubsub.get_message(timeout=CONNECT_TIMEOUT)
                     if message is not None and message["type"] == "subscribe":
@@ -485,25 +531,27 @@ class RedisBackend:
     async def join(self, key: str, token: str, lease: float) -> Grant | None:
         state = await self._listening()
         loop = asyncio.get_running_loop()
-        # Registered before the script runs: the push can arrive before its reply.
-        waiter = state.waiters[token] = _Waiter(key, lease, future=loop.create_future())
+        # Registered before the script is sent: the push can arrive before its reply, and
+        # this loop's waiters of a key are listed in the order their JOINs were sent.
+        waiter = _Waiter(key, lease, future=loop.create_future())
+        state.enlist(token, waiter)
         sent = time.monotonic()
-        args = [token, _ms(lease), _alive_ms(lease), self._common.channel, "join"]
+        args = [token, _ms(lease), _alive_ms(lease), state.channel, "join"]
         try:
             reply = await self._run(state, "join", key, args)
         except BaseException:
-            state.waiters.pop(token, None)
+            state.forget(token)
             raise
         if reply[0] == 1:
-            state.waiters.pop(token, None)
+            state.forget(token)
             return _grant(reply, sent, lease)
-        waiter.next_check = _next_check(reply, lease)
+        _queued(waiter, reply, sent)
         return None
 
     async def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
         state = self._state()
         sent = time.monotonic()
-        args = [token, _ms(lease), _alive_ms(lease), self._common.channel, "try"]
+        args = [token, _ms(lease), _alive_ms(lease), state.channel, "try"]
         reply = await self._run(state, "join", key, args)
         return _grant(reply, sent, lease) if reply[0] == 1 else None
 
@@ -516,7 +564,7 @@ class RedisBackend:
         outage = _Outage()
         while True:
             if waiter.grant is not None:
-                state.waiters.pop(token, None)
+                state.forget(token)
                 return waiter.grant
             now = time.monotonic()
             if now >= waiter.next_check:
@@ -527,7 +575,7 @@ class RedisBackend:
                     continue
                 outage.ok()
                 if grant is not None:
-                    state.waiters.pop(token, None)
+                    state.forget(token)
                     return grant
                 continue
             if deadline is not None and now >= deadline:
@@ -555,21 +603,46 @@ class RedisBackend:
         sent = time.monotonic()
         reply = await self._run(state, "refresh", key, [token, _alive_ms(waiter.lease)])
         if reply[0] == -1:  # we were declared dead (a long pause): join again, at the end
-            args = [token, _ms(waiter.lease), _alive_ms(waiter.lease), self._common.channel, "join"]
+            waiter.solo = False
+            if state.forget(token) is not None:
+                state.enlist(token, waiter)
+            args = [token, _ms(waiter.lease), _alive_ms(waiter.lease), state.channel, "join"]
+            sent = time.monotonic()
             reply = await self._run(state, "join", key, args)
         if reply[0] == 1:
             return _grant(reply, sent, waiter.lease)
-        waiter.next_check = _next_check(reply, waiter.lease)
+        _queued(waiter, reply, sent)
         return None
 
     async def renew(self, key: str, token: str, lease: float) -> bool:
         reply = await self._run(self._state(), "renew", key, [token, _ms(lease)])
         return bool(reply)
 
-    async def release(self, key: str, token: str) -> None:
+    async def release(self, key: str, token: str, *, fence: int | None = None) -> None:
         state = self._state()
         sent = time.monotonic()
-        reply = await self._run(state, "release", key, [token])
+        args: list[Any] = [token]
+        confirmed: asyncio.Future[bool] | None = None
+        solo = state.next_solo(key) if fence is not None and state.mux is not None else None
+        if solo is not None:
+            # Our own first waiter, with nobody from elsewhere ahead of it: start it now,
+            # with the next fence; the script (sent in the same step) confirms this grant.
+            next_token, waiter = solo
+            confirmed = asyncio.get_running_loop().create_future()
+            waiter.grant = Grant(fence + 1, sent, confirmed)  # type: ignore[operator]
+            _wake(waiter)
+            args += [next_token, _ms(waiter.lease)]
+        try:
+            reply = await self._run(state, "release", key, args)
+        except BaseException:
+            if confirmed is not None:
+                confirmed.cancel()  # unknown: the new holder's renewal will tell
+            raise
+        if confirmed is not None:
+            ok = reply[0] == 1 and len(reply) == 3 and _text(reply[1]) == args[1]
+            confirmed.set_result(ok and int(reply[2]) == fence + 1)  # type: ignore[operator]
+            if ok:
+                return
         if len(reply) == 3:  # handed off: if to a waiter of ours, wake it now, not on the push
             handed = f"{_text(reply[1])}|{reply[2]}"
             granted = self._common.deliver(handed, state.waiters, sent)
@@ -578,7 +651,7 @@ class RedisBackend:
 
     async def leave(self, key: str, token: str) -> Grant | None:
         state = self._state()
-        waiter = state.waiters.pop(token, None)
+        waiter = state.forget(token)
         sent = time.monotonic()
         reply = await self._run(state, "leave", key, [token])
         if reply[0] == 1:
@@ -654,7 +727,7 @@ class RedisBackend:
         state = await self._listening()
         state.cancels[token] = on_cancel
         running = self._common.keys.supersede_keys(key, scope)[1]
-        value = f"{token}|{self._common.channel}"
+        value = f"{token}|{state.channel}"
         try:
             await state.client.set(running, value, px=_ms(SUPERSEDE_KEEP))
         except _TRANSPORT_ERRORS as exc:

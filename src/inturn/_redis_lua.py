@@ -50,6 +50,9 @@ __all__ = [
 FENCE_TTL = 30 * 24 * 3600
 """Seconds an idle key's fence floor is kept (fences stay increasing after it expires)."""
 
+SOLO_MAX = 64
+"""Longest line JOIN scans to tell a waiter that everyone ahead is in its own event loop."""
+
 _PRELUDE = """
 local function now_ms()
   local t = redis.call('TIME')
@@ -125,7 +128,9 @@ JOIN = (
     + """
 -- JOIN: take the turn if free, else join the line's end (mode "join") or not (mode "try").
 -- ARGV[1]: token  ARGV[2]: lease_ms  ARGV[3]: alive_ms  ARGV[4]: wake channel  ARGV[5]: mode
--- returns: {1, fence, pttl_ms} granted | {0, owner_pttl_ms} queued (or busy, for "try")
+-- returns: {1, fence, pttl_ms} granted | {0, owner_pttl_ms, solo} queued (or busy, for "try")
+--   solo = 1: every waiter ahead (at most SOLO_MAX) waits on the same channel, i.e. in the
+--   same event loop; that loop may then hand the turn over to it without waiting (RELEASE).
 -- Idempotent: a retried JOIN of the same token neither queues it twice nor grants twice.
 local token, lease, alive = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local granted = mine(token)
@@ -137,11 +142,23 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   end
 end
 if ARGV[5] == 'try' then return {0, redis.call('PTTL', KEYS[1])} end
+local solo = 0
+if redis.call('LLEN', KEYS[2]) <= SOLO_MAX then
+  solo = 1
+  for _, ahead in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    if ahead == token then break end
+    local info = redis.call('HGET', KEYS[3], ahead)
+    if info and string.match(info, '^%d+|%d+|(.*)$') ~= ARGV[4] then
+      solo = 0
+      break
+    end
+  end
+end
 if redis.call('HEXISTS', KEYS[3], token) == 0 then
   redis.call('RPUSH', KEYS[2], token)
 end
 mark_alive(token, alive, lease, ARGV[4], now_ms())
-return {0, redis.call('PTTL', KEYS[1])}
+return {0, redis.call('PTTL', KEYS[1]), solo}
 """
 )
 
@@ -150,15 +167,44 @@ RELEASE = (
     + _PRELUDE
     + """
 -- RELEASE: if ARGV[1] holds the turn, hand it to the next live waiter (or free the key).
--- ARGV[1]: token
+-- ARGV[1]: token  [ARGV[2]: next token  ARGV[3]: its lease_ms]
 -- returns: {1, next_token, next_fence} handed off | {1} freed | {0} not the holder (no-op)
+--          (3 instead of 1: ARGV[2] was refused)
 -- (The releasing process wakes next_token at once if it is one of its own waiters.)
+-- With ARGV[2], the releasing event loop has already started that waiter of its own, which
+-- JOINed as "solo" and is the first of its line there, with fence = the holder's + 1: the
+-- script confirms exactly that grant (no push: the waiter is awake).
 local value = redis.call('GET', KEYS[1])
-if not value or holder(value) ~= ARGV[1] then return {0} end
+local who, fence = nil, 0
+if value then who, fence = holder(value) end
+if who ~= ARGV[1] then
+  -- Not the holder: a token that releases wants no turn any more. Out of the line with it,
+  -- so that no later hand-off (a retried or reordered RELEASE) can grant it.
+  if redis.call('LREM', KEYS[2], 1, ARGV[1]) > 0 then
+    redis.call('HDEL', KEYS[3], ARGV[1])
+    if redis.call('LLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[3]) end
+  end
+  return {0}
+end
 redis.call('DEL', KEYS[1])
+local refused = 0
+if ARGV[2] then
+  local next_fence = fence + 1
+  if tonumber(redis.call('GET', KEYS[4]) or '0') < next_fence
+      and redis.call('LREM', KEYS[2], 1, ARGV[2]) > 0 then
+    redis.call('HDEL', KEYS[3], ARGV[2])
+    if redis.call('LLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[3]) end
+    redis.call('SET', KEYS[4], int(next_fence), 'EX', FENCE_TTL)
+    redis.call('SET', KEYS[1], ARGV[2] .. '|' .. int(next_fence), 'PX', ARGV[3])
+    return {1, ARGV[2], next_fence}
+  end
+  -- Refused: the waiter left the line (it released after a refused grant of its own), or
+  -- a grant was made past this holder's fence (cannot be). The usual hand-off instead.
+  refused = 2
+end
 local next_token, next_fence = hand_off(now_ms())
-if next_token then return {1, next_token, next_fence} end
-return {1}
+if next_token then return {1 + refused, next_token, next_fence} end
+return {1 + refused}
 """
 )
 
@@ -448,3 +494,6 @@ end
 return {taken, false, false}
 """
 )
+
+JOIN = JOIN.replace("SOLO_MAX", str(SOLO_MAX))
+RELEASE = RELEASE.replace("FENCE_TTL", str(FENCE_TTL))

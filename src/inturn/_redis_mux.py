@@ -79,9 +79,12 @@ class Mux:
     Bound to the event loop it is first used in, like redis-py's async clients.
     """
 
-    def __init__(self, pool: redis.asyncio.ConnectionPool, *, timeout: float) -> None:
+    def __init__(
+        self, pool: redis.asyncio.ConnectionPool, *, timeout: float, preload: Sequence[str] = ()
+    ) -> None:
         self._pool = pool
         self._timeout = timeout
+        self._preload = tuple(preload)
         self._link: _Link | None = None
         self._connecting = asyncio.Lock()
         self._watch: asyncio.TimerHandle | None = None
@@ -157,6 +160,7 @@ class Mux:
             conn.retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
             try:
                 await conn.connect()  # the handshake still runs under socket_timeout
+                await self._load_scripts(conn)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await conn.disconnect(nowait=True)
@@ -166,6 +170,16 @@ class Mux:
             link = self._link = _Link(conn)
             link.reader = asyncio.ensure_future(self._read(link))
             return link
+
+    async def _load_scripts(self, conn: Any) -> None:
+        """Load the scripts on a new connection (one round trip), so that EVALSHA finds
+        them: a NOSCRIPT retry goes out later than calls made after it, out of order."""
+        if not self._preload:
+            return
+        commands = [("SCRIPT", "LOAD", lua) for lua in self._preload]
+        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        for _ in commands:
+            await conn.read_response()
 
     async def _read(self, link: _Link) -> None:
         """Match each reply to the oldest call in flight, until the connection fails."""

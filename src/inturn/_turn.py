@@ -49,6 +49,8 @@ T = TypeVar("T")
 _RAISE = object()
 
 CLEANUP_TIMEOUT = 5.0
+HANDOVER_MARGIN = 0.5
+"""Seconds of lease a holder must have left to let the backend start its next waiter at once."""
 LEAVE_GRACE = 0.5
 """How long past its deadline a timed-out waiter checks whether it was granted meanwhile."""
 """Upper bound (seconds) for leaving a line or releasing a turn during cleanup."""
@@ -301,6 +303,7 @@ class TurnRequest:
     __slots__ = (
         "_asked_at",
         "_cancel_sent",
+        "_exited",
         "_gate",
         "_handle",
         "_held_token",
@@ -334,6 +337,7 @@ class TurnRequest:
         self._renewing: asyncio.Task[None] | None = None
         self._task: asyncio.Task[object] | None = None
         self._cancel_sent = False
+        self._exited = False
         self._asked_at = self._joined_at = 0.0
 
     async def __aenter__(self) -> Turn:
@@ -356,6 +360,8 @@ class TurnRequest:
         self._task = asyncio.current_task()
         self._held_token = _mark_held(self._gate.id, self._key, turn)
         self._schedule()
+        if grant.confirmed is not None:  # handed over before the backend recorded it
+            grant.confirmed.add_done_callback(self._confirmed)
         return turn
 
     async def __aexit__(
@@ -368,6 +374,7 @@ class TurnRequest:
         assert turn is not None, "__aexit__ without __aenter__"
         if self._reused:
             return
+        self._exited = True
         if self._handle is not None:
             self._handle.cancel()
         if self._renewing is not None:
@@ -377,11 +384,15 @@ class TurnRequest:
         self._gate.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
         try:
             release = partial(self._gate.backend.release, turn.key, turn._token)
-            first = (
-                release
-                if self.release_with is None
-                else partial(self.release_with, turn.key, turn._token)
-            )
+            first: Callable[[], Awaitable[object]]
+            if self.release_with is not None:
+                first = partial(self.release_with, turn.key, turn._token)
+            elif turn.lost_reason is None and turn._clock.expires_at - time.monotonic() > min(
+                HANDOVER_MARGIN, self._settings.lease / 4
+            ):
+                first = partial(release, fence=turn.fence)  # the lease is surely alive
+            else:
+                first = release
             await self._cleanup(first, release, "release")
         except asyncio.CancelledError:
             if not self._cancel_sent:
@@ -557,6 +568,18 @@ class TurnRequest:
             self._lost("expired")
         else:
             self._schedule()
+
+    def _confirmed(self, confirmed: asyncio.Future[bool]) -> None:
+        """The backend refused a grant it had handed over early: the turn is not ours."""
+        if confirmed.cancelled() or confirmed.result():
+            return
+        turn = self._turn
+        if turn is None or turn.lost_reason is not None:
+            return
+        if self._exited:  # the body ran without the turn: say so, cancel nothing
+            turn._set_lost("taken")
+        else:
+            self._lost("taken")
 
     def _lost(self, reason: str) -> None:
         turn = self._turn
