@@ -179,7 +179,9 @@ class Mux:
         commands = [("SCRIPT", "LOAD", lua) for lua in self._preload]
         await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         for _ in commands:
-            await conn.read_response()
+            # A refused load (a full server: OOM) is not fatal: EVALSHA falls back to EVAL.
+            with contextlib.suppress(redis.exceptions.ResponseError):
+                await conn.read_response()
 
     async def _read(self, link: _Link) -> None:
         """Match each reply to the oldest call in flight, until the connection fails."""
