@@ -255,6 +255,7 @@ class _LoopState:
 
     client: Any
     scripts: dict[str, Any]
+    """redis-py Script objects, on a Cluster only (elsewhere the mux runs the scripts)."""
     channel: str
     """This loop's wake-up channel (pushes for its waiters, cancels for its calls)."""
     mux: Mux | None = None
@@ -380,9 +381,11 @@ class RedisBackend:
         state = self._states.get(loop)
         if state is None:
             client = self._client if self._client is not None else self._factory()
-            scripts = {name: client.register_script(lua) for name, lua in _SCRIPTS.items()}
+            scripts: dict[str, Any] = {}
             mux = None
-            if not _is_cluster(client):
+            if _is_cluster(client):  # scripts go by slot, through redis-py
+                scripts = {name: client.register_script(lua) for name, lua in _SCRIPTS.items()}
+            else:
                 pool = client.connection_pool
                 timeout = pool.connection_kwargs.get("socket_timeout") or SOCKET_TIMEOUT
                 mux = Mux(pool, timeout=timeout, preload=tuple(_SCRIPTS.values()))
@@ -624,12 +627,12 @@ class RedisBackend:
         args: list[Any] = [token]
         confirmed: asyncio.Future[bool] | None = None
         solo = state.next_solo(key) if fence is not None and state.mux is not None else None
-        if solo is not None:
+        if fence is not None and solo is not None:
             # Our own first waiter, with nobody from elsewhere ahead of it: start it now,
             # with the next fence; the script (sent in the same step) confirms this grant.
             next_token, waiter = solo
             confirmed = asyncio.get_running_loop().create_future()
-            waiter.grant = Grant(fence + 1, sent, confirmed)  # type: ignore[operator]
+            waiter.grant = Grant(fence + 1, sent, confirmed)
             _wake(waiter)
             args += [next_token, _ms(waiter.lease)]
         try:
@@ -639,8 +642,9 @@ class RedisBackend:
                 confirmed.cancel()  # unknown: the new holder's renewal will tell
             raise
         if confirmed is not None:
+            # Code 1 with our waiter's token: the script made exactly our grant (fence + 1).
             ok = reply[0] == 1 and len(reply) == 3 and _text(reply[1]) == args[1]
-            confirmed.set_result(ok and int(reply[2]) == fence + 1)  # type: ignore[operator]
+            confirmed.set_result(ok)
             if ok:
                 return
         if len(reply) == 3:  # handed off: if to a waiter of ours, wake it now, not on the push
@@ -1222,18 +1226,20 @@ class SyncRedisBackend:
 # -- URLs -------------------------------------------------------------------------------
 
 
-def _client_options(*, asynchronous: bool) -> dict[str, Any]:
+def _client_options(*, asynchronous: bool, cluster: bool = False) -> dict[str, Any]:
     # Each flavour needs its own Retry class: the sync one, given to an async client,
     # "succeeds" at once with an un-awaited coroutine, so nothing would ever be retried.
     retry_class = redis.asyncio.retry.Retry if asynchronous else Retry
-    return {
+    options: dict[str, Any] = {
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_keepalive": True,
-        "health_check_interval": 30,
         "retry": retry_class(ExponentialBackoff(cap=0.5, base=0.05), 2),
         "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     }
+    if not cluster:  # cluster clients do not take it
+        options["health_check_interval"] = 30
+    return options
 
 
 def _hosts(netloc: str, scheme: str) -> tuple[str | None, list[tuple[str, int]]]:
@@ -1282,10 +1288,8 @@ def _factories(url: str) -> tuple[Any, Any]:
         return make_async_client, make_sync_client
     if scheme == "redis+cluster":
         password, hosts = _hosts(parts.netloc, scheme)
-        cluster_options = {k: v for k, v in options.items() if k != "health_check_interval"}
-        async_cluster_options = {
-            k: v for k, v in async_options.items() if k != "health_check_interval"
-        }
+        cluster_options = _client_options(asynchronous=False, cluster=True)
+        async_cluster_options = _client_options(asynchronous=True, cluster=True)
 
         def make_async() -> Any:
             nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in hosts]

@@ -104,6 +104,16 @@ local function hand_off(now)
   end
 end
 
+-- Take a token out of the line (and its mark); the line's hash goes with its last waiter.
+-- Returns whether the token was in the line, and whether the line is now empty.
+local function unqueue(token)
+  local removed = redis.call('LREM', KEYS[2], 1, token) > 0
+  redis.call('HDEL', KEYS[3], token)
+  local empty = redis.call('LLEN', KEYS[2]) == 0
+  if empty then redis.call('DEL', KEYS[3]) end
+  return removed, empty
+end
+
 local function mine(token)
   local value = redis.call('GET', KEYS[1])
   if value then
@@ -180,20 +190,14 @@ if value then who, fence = holder(value) end
 if who ~= ARGV[1] then
   -- Not the holder: a token that releases wants no turn any more. Out of the line with it,
   -- so that no later hand-off (a retried or reordered RELEASE) can grant it.
-  if redis.call('LREM', KEYS[2], 1, ARGV[1]) > 0 then
-    redis.call('HDEL', KEYS[3], ARGV[1])
-    if redis.call('LLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[3]) end
-  end
+  unqueue(ARGV[1])
   return {0}
 end
 redis.call('DEL', KEYS[1])
 local refused = 0
 if ARGV[2] then
   local next_fence = fence + 1
-  if tonumber(redis.call('GET', KEYS[4]) or '0') < next_fence
-      and redis.call('LREM', KEYS[2], 1, ARGV[2]) > 0 then
-    redis.call('HDEL', KEYS[3], ARGV[2])
-    if redis.call('LLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[3]) end
+  if tonumber(redis.call('GET', KEYS[4]) or '0') < next_fence and unqueue(ARGV[2]) then
     redis.call('SET', KEYS[4], int(next_fence), 'EX', FENCE_TTL)
     redis.call('SET', KEYS[1], ARGV[2] .. '|' .. int(next_fence), 'PX', ARGV[3])
     return {1, ARGV[2], next_fence}
@@ -232,11 +236,8 @@ LEAVE = (
 -- returns: {1, fence, pttl_ms} the token holds the turn | {0} it left the line
 local granted = mine(ARGV[1])
 if granted then return granted end
-redis.call('LREM', KEYS[2], 1, ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-if redis.call('LLEN', KEYS[2]) == 0 then
-  redis.call('DEL', KEYS[3])
-elseif redis.call('EXISTS', KEYS[1]) == 0 then
+local _, empty = unqueue(ARGV[1])
+if not empty and redis.call('EXISTS', KEYS[1]) == 0 then
   hand_off(now_ms())  -- the holder lapsed while we waited: move the line on
 end
 return {0}

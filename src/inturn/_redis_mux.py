@@ -52,7 +52,8 @@ RETRIES = 2
 WATCH_EVERY = 1.0
 """Seconds between two checks of the watchdog, while calls are in flight."""
 
-_Pending = deque[asyncio.Future[Any]]
+_Pending = deque[tuple[asyncio.Future[Any], float]]
+"""Calls in flight, in send order: each caller's future and the loop time it was sent."""
 
 
 def sha1(lua: str) -> str:
@@ -61,15 +62,14 @@ def sha1(lua: str) -> str:
 
 
 class _Link:
-    """One connection, its calls in flight (in send order) and the send time of each."""
+    """One connection and its calls in flight."""
 
-    __slots__ = ("conn", "dropped", "pending", "reader", "sent")
+    __slots__ = ("conn", "dropped", "pending", "reader")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.dropped = False
         self.pending: _Pending = deque()
-        self.sent: deque[float] = deque()
         self.reader: asyncio.Task[None] | None = None
 
 
@@ -98,7 +98,7 @@ class Mux:
         """
         tries = 0
         while True:
-            # A failed connect is not retried here: redis-py's connect already retried it.
+            # A failed connect is not retried: a caller in line re-checks on its own schedule.
             link = self._link if self._link is not None else await self._connect()
             try:
                 try:
@@ -131,12 +131,12 @@ class Mux:
     async def _call(self, link: _Link, command: tuple[Any, ...]) -> Any:
         if link.dropped:
             raise redis.exceptions.ConnectionError("inturn: the connection was dropped")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         # From here to the write nothing awaits: replies come back in this order.
-        link.pending.append(future)
-        link.sent.append(asyncio.get_running_loop().time())
+        link.pending.append((future, loop.time()))
         if self._watch is None:
-            self._watch = asyncio.get_running_loop().call_later(WATCH_EVERY, self._watchdog)
+            self._watch = loop.call_later(WATCH_EVERY, self._watchdog)
         try:
             pack = _hiredis_pack
             packed = pack(command) if pack is not None else link.conn.pack_command(*command)
@@ -185,19 +185,17 @@ class Mux:
 
     async def _read(self, link: _Link) -> None:
         """Match each reply to the oldest call in flight, until the connection fails."""
-        conn, pending, sent = link.conn, link.pending, link.sent
+        conn, pending = link.conn, link.pending
         try:
             while True:
                 try:
                     reply = await conn.read_response(disconnect_on_error=False)
                 except redis.exceptions.ResponseError as error:
-                    future = pending.popleft()
-                    sent.popleft()
+                    future = pending.popleft()[0]
                     if not future.done():
                         future.set_exception(error)
                     continue
-                future = pending.popleft()
-                sent.popleft()
+                future = pending.popleft()[0]
                 if not future.done():
                     future.set_result(reply)
         except IndexError:  # a reply nobody asked for: the stream is out of step
@@ -220,10 +218,9 @@ class Mux:
         if self._link is link:
             self._link = None
         while link.pending:
-            future = link.pending.popleft()
+            future = link.pending.popleft()[0]
             if not future.done():
                 future.set_exception(exc)
-        link.sent.clear()
         reader = link.reader  # it disconnects on its way out
         if reader is not None and reader is not asyncio.current_task() and not reader.done():
             reader.cancel()
@@ -232,10 +229,10 @@ class Mux:
         """Drop a connection whose oldest call in flight has waited ``timeout`` seconds."""
         self._watch = None
         link = self._link
-        if link is None or not link.sent:
+        if link is None or not link.pending:
             return  # idle: the next call starts the watchdog again
         loop = asyncio.get_running_loop()
-        if loop.time() - link.sent[0] >= self._timeout:
+        if loop.time() - link.pending[0][1] >= self._timeout:
             error = redis.exceptions.TimeoutError(
                 f"inturn: Redis did not answer within {self._timeout:g}s"
             )
