@@ -40,6 +40,7 @@ import urllib.parse
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ._backend import ClaimResult, Grant, Taken
@@ -267,6 +268,8 @@ class _LoopState:
     broken: BaseException | None = None
     listener: asyncio.Task[None] | None = None
     cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    """Releases sent again in the background (their first reply was lost)."""
     closing: bool = False
 
     def enlist(self, token: str, waiter: _Waiter) -> None:
@@ -625,33 +628,82 @@ class RedisBackend:
         state = self._state()
         sent = time.monotonic()
         args: list[Any] = [token]
-        confirmed: asyncio.Future[bool] | None = None
+        handed: Grant | None = None
         solo = state.next_solo(key) if fence is not None and state.mux is not None else None
         if fence is not None and solo is not None:
             # Our own first waiter, with nobody from elsewhere ahead of it: start it now,
-            # with the next fence; the script (sent in the same step) confirms this grant.
+            # with the next fence; the script confirms exactly this grant.
             next_token, waiter = solo
             confirmed = asyncio.get_running_loop().create_future()
-            waiter.grant = Grant(fence + 1, sent, confirmed)
+            handed = waiter.grant = Grant(fence + 1, sent, confirmed)
             _wake(waiter)
             args += [next_token, _ms(waiter.lease)]
+            # Not awaited, and sent at the end of this loop step: the woken waiter starts
+            # first, and our next command (a JOIN, often) leaves in the same write. The
+            # reply only confirms the grant, or refuses it, and then the new holder is told.
+            reply = state.mux.submit(  # type: ignore[union-attr]
+                _SHAS["release"][0], self._common.keys.turn_keys(key), args, hold=True
+            )
+            if reply is not None:
+                reply.add_done_callback(partial(self._handed_over, state, key, args, handed))
+                return
         try:
             reply = await self._run(state, "release", key, args)
         except BaseException:
-            if confirmed is not None:
-                confirmed.cancel()  # unknown: the new holder's renewal will tell
+            if handed is not None:
+                _confirm(handed, None)  # unknown: the new holder's renewal will tell
             raise
-        if confirmed is not None:
-            # Code 1 with our waiter's token: the script made exactly our grant (fence + 1).
-            ok = reply[0] == 1 and len(reply) == 3 and _text(reply[1]) == args[1]
-            confirmed.set_result(ok)
+        self._released(state, reply, args, handed, sent)
+
+    def _released(
+        self,
+        state: _LoopState,
+        reply: Sequence[Any],
+        args: list[Any],
+        handed: Grant | None,
+        sent: float,
+    ) -> None:
+        """Act on RELEASE's reply: confirm a hand-over, or wake the waiter it chose."""
+        if handed is not None:
+            # Code 1 naming our waiter with fence + 1: the script made exactly our grant.
+            ok = len(reply) == 3 and reply[0] == 1 and _text(reply[1]) == args[1]
+            _confirm(handed, ok and int(reply[2]) == handed.fence)
             if ok:
                 return
         if len(reply) == 3:  # handed off: if to a waiter of ours, wake it now, not on the push
-            handed = f"{_text(reply[1])}|{reply[2]}"
-            granted = self._common.deliver(handed, state.waiters, sent)
+            data = f"{_text(reply[1])}|{reply[2]}"
+            granted = self._common.deliver(data, state.waiters, sent)
             if granted is not None:
                 _wake(granted)
+
+    def _handed_over(
+        self,
+        state: _LoopState,
+        key: str,
+        args: list[Any],
+        handed: Grant,
+        reply: asyncio.Future[Any],
+    ) -> None:
+        """The reply of a RELEASE that was not awaited."""
+        if not reply.cancelled() and reply.exception() is None:
+            self._released(state, reply.result(), args, handed, handed.granted_at)
+            return
+        # NOSCRIPT, or the connection dropped: again, with the EVAL fallback and the retries
+        # (a RELEASE that ran already confirms its grant again).
+        task = asyncio.ensure_future(self._release_again(state, key, args, handed))
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+
+    async def _release_again(
+        self, state: _LoopState, key: str, args: list[Any], handed: Grant
+    ) -> None:
+        try:
+            reply = await self._run(state, "release", key, args)
+        except Exception as exc:
+            _confirm(handed, None)
+            logger.warning("inturn: release of key %r failed (%r); its lease will lapse", key, exc)
+            return
+        self._released(state, reply, args, handed, handed.granted_at)
 
     async def leave(self, key: str, token: str) -> Grant | None:
         state = self._state()
@@ -943,6 +995,16 @@ def _log_channel_lost(exc: BaseException, backoff: float) -> None:
     """WARNING on the first failure, DEBUG while the reconnection keeps failing."""
     level = logging.WARNING if backoff <= 0.05 else logging.DEBUG
     logger.log(level, "inturn: Redis wake-up channel lost (%r); reconnecting", exc)
+
+
+def _confirm(grant: Grant, ok: bool | None) -> None:
+    """Resolve a handed-over grant's ``confirmed``: True, False (refused) or unknown."""
+    confirmed = grant.confirmed
+    if confirmed is not None and not confirmed.done():
+        if ok is None:
+            confirmed.cancel()
+        else:
+            confirmed.set_result(ok)
 
 
 def _wake(waiter: _Waiter) -> None:

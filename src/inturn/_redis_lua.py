@@ -178,7 +178,8 @@ RELEASE = (
     + """
 -- RELEASE: if ARGV[1] holds the turn, hand it to the next live waiter (or free the key).
 -- ARGV[1]: token  [ARGV[2]: next token  ARGV[3]: its lease_ms]
--- returns: {1, next_token, next_fence} handed off | {1} freed | {0} not the holder (no-op)
+-- returns: {1, next_token, next_fence} handed off | {1} freed | {0} not the holder (no-op;
+--          but {1, ARGV[2], its fence} if ARGV[2] holds the turn)
 --          (3 instead of 1: ARGV[2] was refused)
 -- (The releasing process wakes next_token at once if it is one of its own waiters.)
 -- With ARGV[2], the releasing event loop has already started that waiter of its own, which
@@ -191,6 +192,8 @@ if who ~= ARGV[1] then
   -- Not the holder: a token that releases wants no turn any more. Out of the line with it,
   -- so that no later hand-off (a retried or reordered RELEASE) can grant it.
   unqueue(ARGV[1])
+  -- A retried RELEASE (its first reply was lost) confirms again the grant it made.
+  if ARGV[2] and who == ARGV[2] then return {1, who, fence} end
   return {0}
 end
 redis.call('DEL', KEYS[1])

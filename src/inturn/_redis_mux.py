@@ -7,9 +7,11 @@ that bookkeeping costs more client CPU than the round trips themselves.
 
 :class:`Mux` keeps one connection (made and handshaken by redis-py, so TLS,
 ``unix://``, AUTH, the database and Sentinel's master discovery all work as
-before) and *pipelines* on it: a call writes its command and parks a future;
-one reader task matches replies to futures in order. Many tasks of one loop
-share the connection, and commands sent in one loop step leave in one write.
+before) and *pipelines* on it: a call writes its command to the transport
+(which never blocks) and parks a future; one reader task matches replies to
+futures in order. Many tasks of one loop share the connection. A command may
+be held back to the end of the loop step (``submit(hold=True)``): the tasks
+it woke run first, and commands sent after it in that step join its write.
 
 Failure handling keeps redis-py's promises and adds one:
 
@@ -51,6 +53,8 @@ RETRIES = 2
 """Retries of a call whose connection dropped (the first on a new connection)."""
 WATCH_EVERY = 1.0
 """Seconds between two checks of the watchdog, while calls are in flight."""
+DRAIN = 0.25
+"""Seconds ``aclose`` waits for the replies of calls in flight."""
 
 _Pending = deque[tuple[asyncio.Future[Any], float]]
 """Calls in flight, in send order: each caller's future and the loop time it was sent."""
@@ -64,13 +68,16 @@ def sha1(lua: str) -> str:
 class _Link:
     """One connection and its calls in flight."""
 
-    __slots__ = ("conn", "dropped", "pending", "reader")
+    __slots__ = ("conn", "dropped", "held", "pending", "reader", "writer")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
+        self.writer: asyncio.StreamWriter = conn._writer  # made by redis-py's connect()
         self.dropped = False
         self.pending: _Pending = deque()
         self.reader: asyncio.Task[None] | None = None
+        self.held: list[bytes] | None = None
+        """Commands held back until the end of this loop step (see ``Mux.submit``)."""
 
 
 class Mux:
@@ -102,9 +109,9 @@ class Mux:
             link = self._link if self._link is not None else await self._connect()
             try:
                 try:
-                    return await self._call(link, ("EVALSHA", sha, len(keys), *keys, *args))
+                    return await self._send(link, ("EVALSHA", sha, len(keys), *keys, *args))
                 except redis.exceptions.NoScriptError:
-                    return await self._call(link, ("EVAL", lua, len(keys), *keys, *args))
+                    return await self._send(link, ("EVAL", lua, len(keys), *keys, *args))
             except redis.exceptions.TimeoutError:
                 raise
             except (redis.exceptions.ConnectionError, OSError):
@@ -114,8 +121,17 @@ class Mux:
                 await asyncio.sleep(min(0.5, 0.05 * 2**tries))
 
     async def aclose(self) -> None:
-        """Drop the connection; calls in flight fail with ``ConnectionError``."""
+        """Drop the connection, after the replies of calls in flight (a release that was
+        not awaited, say) had up to ``DRAIN`` seconds to arrive; calls still in flight
+        then fail with ``ConnectionError``."""
         self._closed = True
+        link = self._link
+        if link is not None:
+            self._flush(link)
+            if link.pending and not link.dropped:
+                last = link.pending[-1][0]
+                with contextlib.suppress(Exception):
+                    await asyncio.wait([last], timeout=DRAIN)
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
@@ -128,25 +144,56 @@ class Mux:
 
     # -- sending and reading ------------------------------------------------------------
 
-    async def _call(self, link: _Link, command: tuple[Any, ...]) -> Any:
+    def submit(
+        self, sha: str, keys: Sequence[str], args: Sequence[Any], *, hold: bool = False
+    ) -> asyncio.Future[Any] | None:
+        """Send EVALSHA now and return the future of its reply (None when not connected).
+
+        No retry and no EVAL fallback: the future fails with redis-py's exception.
+        With ``hold``, the command leaves at the end of this loop step (with any
+        sent after it), so that tasks woken in this step run first.
+        """
+        link = self._link
+        if link is None or link.dropped:
+            return None
+        return self._send(link, ("EVALSHA", sha, len(keys), *keys, *args), hold=hold)
+
+    def _send(
+        self, link: _Link, command: tuple[Any, ...], *, hold: bool = False
+    ) -> asyncio.Future[Any]:
         if link.dropped:
             raise redis.exceptions.ConnectionError("inturn: the connection was dropped")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        # From here to the write nothing awaits: replies come back in this order.
+        # Registered and written with no await between: replies come back in this order.
         link.pending.append((future, loop.time()))
         if self._watch is None:
             self._watch = loop.call_later(WATCH_EVERY, self._watchdog)
+        pack = _hiredis_pack
+        packed = pack(command) if pack is not None else link.conn.pack_command(*command)
+        if link.held is not None:
+            link.held.append(packed)
+        elif hold:
+            link.held = [packed]
+            loop.call_soon(self._flush, link)
+        else:
+            self._write(link, packed)
+        return future
+
+    def _flush(self, link: _Link) -> None:
+        """Write the commands held back in this loop step, in one write."""
+        held, link.held = link.held, None
+        if held and not link.dropped:
+            self._write(link, b"".join(held))
+
+    def _write(self, link: _Link, data: bytes) -> None:
+        # The transport sends at once or buffers; it never blocks. A failed send closes
+        # it, and the reader then fails the calls in flight.
         try:
-            pack = _hiredis_pack
-            packed = pack(command) if pack is not None else link.conn.pack_command(*command)
-            await link.conn.send_packed_command(packed, check_health=False)
-        except asyncio.CancelledError:
-            raise  # the command is written (a write never blocks): its reply will be dropped
+            link.writer.write(data)
         except BaseException as exc:
             self._drop(link, exc)
             raise
-        return await future
 
     async def _connect(self) -> _Link:
         async with self._connecting:

@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio
 
 import inturn
+from inturn._redis import RedisBackend, _text
 from inturn.testing import History, check_history
+from tests.servers import RedisServer
 
 
 def _namespace() -> str:
@@ -142,3 +146,64 @@ async def test_many_tasks_of_two_gates_keep_the_contract(redis_url: str) -> None
     finally:
         for gate in gates:
             await gate.aclose()
+
+
+async def test_the_holder_leaves_without_waiting_for_the_server(
+    make_redis_server: Callable[..., RedisServer],
+) -> None:
+    """An in-loop hand-over needs no round trip: with the server paused, the holder's exit
+    returns and its waiter starts at once; the grant is confirmed once the server answers."""
+    server = make_redis_server()
+    gate = inturn.Gate.from_url(server.url, namespace=_namespace(), lease=30)
+    try:
+        started = asyncio.Event()
+        second: list[inturn.Turn] = []
+
+        async def waiter() -> None:
+            async with gate.turn("k", timeout=10) as turn:
+                second.append(turn)
+                started.set()
+                await asyncio.sleep(0.5)
+
+        async with gate.turn("k") as first:
+            task = asyncio.ensure_future(waiter())
+            await asyncio.sleep(0.05)  # its JOIN has been answered
+            server.pause()
+            begun = time.monotonic()
+        left = time.monotonic() - begun
+        await asyncio.wait_for(started.wait(), 0.5)
+        server.resume()
+        await task
+        assert left < 0.2, f"the exit waited {left:.3f}s for a paused server"
+        assert second[0].fence == first.fence + 1
+        assert second[0].lost_reason is None
+        assert await gate.backend.footprint() == 0
+    finally:
+        server.resume()
+        await gate.aclose()
+
+
+async def test_a_retried_release_confirms_its_hand_over_again(redis_url: str) -> None:
+    """RELEASE runs twice when its first reply is lost (the connection dropped): the second
+    run finds the waiter it named holding the turn and confirms the same grant, so a retry
+    never reports a good hand-over as refused."""
+    gate = inturn.Gate.from_url(redis_url, namespace=_namespace())
+    backend = gate.backend
+    assert isinstance(backend, RedisBackend)
+    try:
+        held = await backend.join("k", "holder", 30)
+        assert held is not None
+        assert await backend.join("k", "next", 30) is None
+        state = backend._state()
+        args = ["holder", "next", 30_000]
+        first = await backend._run(state, "release", "k", args)
+        again = await backend._run(state, "release", "k", args)
+        assert [first[0], _text(first[1]), first[2]] == [1, "next", held.fence + 1]
+        assert [again[0], _text(again[1]), again[2]] == [1, "next", held.fence + 1]
+        assert await backend.is_held("k", "next")
+        # Naming a token that does not hold the turn is still a no-op.
+        assert list(await backend._run(state, "release", "k", ["holder", "other", 30_000])) == [0]
+        await backend.release("k", "next")
+        assert await backend.footprint() == 0
+    finally:
+        await gate.aclose()

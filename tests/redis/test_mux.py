@@ -175,3 +175,42 @@ async def test_a_gate_uses_one_script_connection_for_400_waiters(
         assert await gate.backend.footprint() == 0
     finally:
         await gate.aclose()
+
+
+async def test_held_commands_leave_in_order_and_aclose_waits_for_their_replies(
+    redis_url: str,
+) -> None:
+    """A command held to the end of the loop step keeps its place before later commands,
+    and closing right after sending it still lets its reply arrive."""
+    mux, client = _mux(redis_url)
+    try:
+        await _echo(mux, "connect")
+        held = mux.submit(sha1(ECHO), [], ["held"], hold=True)
+        later = mux.submit(sha1(ECHO), [], ["later"])
+        assert held is not None
+        assert later is not None
+        assert not held.done()
+        assert await later == b"later"
+        assert held.done()
+        assert held.result() == b"held"
+        last = mux.submit(sha1(ECHO), [], ["last"], hold=True)
+        assert last is not None
+        await mux.aclose()
+        assert last.result() == b"last"
+    finally:
+        await mux.aclose()
+        await client.aclose()
+
+
+async def test_submit_needs_a_connection(redis_url: str) -> None:
+    """submit() sends on an open connection only; before the first call it says so (None)."""
+    mux, client = _mux(redis_url)
+    try:
+        assert mux.submit(sha1(ECHO), [], ["x"]) is None
+        await _echo(mux, "connect")
+        reply = mux.submit(sha1(ECHO), [], ["x"])
+        assert reply is not None
+        assert await reply == b"x"
+    finally:
+        await mux.aclose()
+        await client.aclose()
