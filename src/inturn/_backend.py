@@ -13,6 +13,7 @@ and is granted, renewed, released or leaves that line.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -31,6 +32,10 @@ __all__ = [
 ]
 
 
+Confirmation = asyncio.Future[bool] | concurrent.futures.Future[bool]
+"""How a grant handed over early learns whether the backend confirmed it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """The turn of a key was granted to a token.
@@ -39,13 +44,14 @@ class Grant:
     ``granted_at`` is a lower bound, on this process's ``time.monotonic()``
     clock, of when the lease began; the holder counts its lease from there.
     ``confirmed``: set for a grant handed over inside the process before the
-    backend recorded it; it resolves to False if the backend refused it (the
-    holder then treats the turn as lost).
+    backend recorded it (an asyncio future for a task, a concurrent one for a
+    thread); it resolves to False if the backend refused it (the holder then
+    treats the turn as lost), and is cancelled when the answer never came.
     """
 
     fence: int
     granted_at: float
-    confirmed: asyncio.Future[bool] | None = None
+    confirmed: Confirmation | None = None
 
 
 @runtime_checkable
@@ -123,7 +129,9 @@ class SyncBackend(Protocol):
 
     def renew(self, key: str, token: str, lease: float) -> bool: ...
 
-    def release(self, key: str, token: str) -> None: ...
+    def release(self, key: str, token: str, *, fence: int | None = None) -> None:
+        """Release (see :meth:`Backend.release`; ``fence`` likewise)."""
+        ...
 
     def leave(self, key: str, token: str) -> Grant | None: ...
 

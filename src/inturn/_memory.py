@@ -563,7 +563,7 @@ class SyncMemoryBackend:
     def renew(self, key: str, token: str, lease: float) -> bool:
         return self._core.renew(key, token, lease)
 
-    def release(self, key: str, token: str) -> None:
+    def release(self, key: str, token: str, *, fence: int | None = None) -> None:
         self._core.release(key, token)
 
     def leave(self, key: str, token: str) -> Grant | None:

@@ -1373,7 +1373,7 @@ class SyncPostgresBackend:
                 logger.debug("inturn: renewal of key %r found the session lost: %r", key, exc)
                 return False
 
-    def release(self, key: str, token: str) -> None:
+    def release(self, key: str, token: str, *, fence: int | None = None) -> None:
         holding = self._config.core.holds.get(token)
         if holding is None:
             return

@@ -29,6 +29,7 @@ server clock), so a sink that checks fences stays safe.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -38,12 +39,12 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from ._backend import ClaimResult, Grant, Taken
+from ._backend import ClaimResult, Confirmation, Grant, Taken
 from ._errors import BackendUnavailable, ConfigurationError
 from ._redis_keys import KeySpace
 from ._redis_lua import (
@@ -169,8 +170,9 @@ def _queued(waiter: _Waiter, reply: Sequence[Any], sent: float) -> None:
     # The server's mark lasts alive_ms from when the script ran (after `sent`); half of
     # it is the margin for the release that would rely on it.
     waiter.alive_until = sent + _alive_ms(waiter.lease) / 2000
-    if len(reply) > 2:
+    if len(reply) > 3:  # a JOIN's
         waiter.solo = int(reply[2]) == 1
+        waiter.seq = int(reply[3])
 
 
 def _is_cluster(client: Any) -> bool:
@@ -248,33 +250,38 @@ class _Waiter:
     future: asyncio.Future[Grant] | None = None
     event: threading.Event | None = None
     grant: Grant | None = None
+    seq: int = 0
+    """Its place in the order the line was joined (from JOIN; 0 while unknown)."""
 
 
 @dataclass(slots=True)
-class _LoopState:
-    """What the async backend keeps per event loop (redis-py async clients are loop-bound)."""
+class _Lines:
+    """The waiters of one event loop (or of the sync twin's threads), and per key those in
+    the key's line, in the server's order: what a release may hand the turn over to."""
 
-    client: Any
-    scripts: dict[str, Any]
-    """redis-py Script objects, on a Cluster only (elsewhere the mux runs the scripts)."""
-    channel: str
-    """This loop's wake-up channel (pushes for its waiters, cancels for its calls)."""
-    mux: Mux | None = None
-    """The pipelined connection for scripts (None on a Cluster: its scripts go by slot)."""
     waiters: dict[str, _Waiter] = field(default_factory=dict)
     lines: dict[str, dict[str, _Waiter]] = field(default_factory=dict)
-    """Per key, this loop's waiters in the order they joined (the server's order)."""
-    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
-    broken: BaseException | None = None
-    listener: asyncio.Task[None] | None = None
-    cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    """Releases sent again in the background (their first reply was lost)."""
-    closing: bool = False
+    """Per key, the waiters in line, in the server's order."""
+    busy: dict[str, int] = field(default_factory=dict)
+    """Per key, calls in flight that change its line (threads only; no hand-over then)."""
 
     def enlist(self, token: str, waiter: _Waiter) -> None:
+        """Register a waiter at the end of its key's line (its JOIN goes out next)."""
         self.waiters[token] = waiter
         self.lines.setdefault(waiter.key, {})[token] = waiter
+
+    def place(self, token: str, waiter: _Waiter) -> None:
+        """Put a waiter in its key's line by its join sequence number (threads: JOINs sent
+        on several connections reach the server in any order). An unknown number (0) goes
+        first: no hand-over passes it."""
+        line = self.lines.setdefault(waiter.key, {})
+        line.pop(token, None)
+        last = next(reversed(line.values()), None)
+        line[token] = waiter
+        if waiter.seq == 0 or (last is not None and (last.seq == 0 or last.seq > waiter.seq)):
+            ordered = sorted(line.items(), key=lambda item: item[1].seq)
+            line.clear()
+            line.update(ordered)
 
     def forget(self, token: str) -> _Waiter | None:
         waiter = self.waiters.pop(token, None)
@@ -287,16 +294,45 @@ class _LoopState:
         return waiter
 
     def next_solo(self, key: str) -> tuple[str, _Waiter] | None:
-        """The waiter a release may hand the turn to at once: this loop's first in the
-        key's line, if everyone ahead of it was of this loop and the server still counts
-        it alive (the release script then confirms exactly this grant)."""
+        """The waiter a release may hand the turn to at once: the first in the key's line,
+        if everyone ahead of it was ours, the server still counts it alive, and no call of
+        ours that changes the line is in flight (the release script then confirms exactly
+        this grant, and only if the waiter heads the line)."""
         line = self.lines.get(key)
-        if not line:
+        if not line or self.busy.get(key):
             return None
         token, waiter = next(iter(line.items()))
         if waiter.solo and waiter.grant is None and time.monotonic() < waiter.alive_until:
             return token, waiter
         return None
+
+    def changing(self, key: str, delta: int) -> None:
+        """Count a call that changes the key's line in (+1) or out (-1) of flight."""
+        count = self.busy.get(key, 0) + delta
+        if count:
+            self.busy[key] = count
+        else:
+            self.busy.pop(key, None)
+
+
+@dataclass(slots=True, kw_only=True)
+class _LoopState(_Lines):
+    """What the async backend keeps per event loop (redis-py async clients are loop-bound)."""
+
+    client: Any
+    scripts: dict[str, Any]
+    """redis-py Script objects, on a Cluster only (elsewhere the mux runs the scripts)."""
+    channel: str
+    """This loop's wake-up channel (pushes for its waiters, cancels for its calls)."""
+    mux: Mux | None = None
+    """The pipelined connection for scripts (None on a Cluster: its scripts go by slot)."""
+    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
+    broken: BaseException | None = None
+    listener: asyncio.Task[None] | None = None
+    cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    """Releases sent again in the background (their first reply was lost)."""
+    closing: bool = False
 
 
 class _Common:
@@ -633,11 +669,8 @@ class RedisBackend:
         if fence is not None and solo is not None:
             # Our own first waiter, with nobody from elsewhere ahead of it: start it now,
             # with the next fence; the script confirms exactly this grant.
-            next_token, waiter = solo
-            confirmed = asyncio.get_running_loop().create_future()
-            handed = waiter.grant = Grant(fence + 1, sent, confirmed)
-            _wake(waiter)
-            args += [next_token, _ms(waiter.lease)]
+            handed = _hand_over(solo, fence, sent, asyncio.get_running_loop().create_future())
+            args += [solo[0], _ms(solo[1].lease)]
             # Not awaited, and sent at the end of this loop step: the woken waiter starts
             # first, and our next command (a JOIN, often) leaves in the same write. The
             # reply only confirms the grant, or refuses it, and then the new holder is told.
@@ -663,18 +696,9 @@ class RedisBackend:
         handed: Grant | None,
         sent: float,
     ) -> None:
-        """Act on RELEASE's reply: confirm a hand-over, or wake the waiter it chose."""
-        if handed is not None:
-            # Code 1 naming our waiter with fence + 1: the script made exactly our grant.
-            ok = len(reply) == 3 and reply[0] == 1 and _text(reply[1]) == args[1]
-            _confirm(handed, ok and int(reply[2]) == handed.fence)
-            if ok:
-                return
-        if len(reply) == 3:  # handed off: if to a waiter of ours, wake it now, not on the push
-            data = f"{_text(reply[1])}|{reply[2]}"
-            granted = self._common.deliver(data, state.waiters, sent)
-            if granted is not None:
-                _wake(granted)
+        granted = _after_release(self._common, state, reply, args, handed, sent)
+        if granted is not None:
+            _wake(granted)
 
     def _handed_over(
         self,
@@ -997,6 +1021,37 @@ def _log_channel_lost(exc: BaseException, backoff: float) -> None:
     logger.log(level, "inturn: Redis wake-up channel lost (%r); reconnecting", exc)
 
 
+def _hand_over(
+    solo: tuple[str, _Waiter], fence: int, sent: float, confirmed: Confirmation
+) -> Grant:
+    """Start the releaser's own next waiter now, with the next fence; RELEASE names it."""
+    waiter = solo[1]
+    waiter.grant = Grant(fence + 1, sent, confirmed)
+    _wake(waiter)
+    return waiter.grant
+
+
+def _after_release(
+    common: _Common,
+    lines: _Lines,
+    reply: Sequence[Any],
+    args: list[Any],
+    handed: Grant | None,
+    sent: float,
+) -> _Waiter | None:
+    """Act on RELEASE's reply: confirm a hand-over, or return the waiter of ours it chose
+    (to wake now, not on the push)."""
+    if handed is not None:
+        # Code 1 naming our waiter with fence + 1: the script made exactly our grant.
+        ok = len(reply) == 3 and reply[0] == 1 and _text(reply[1]) == args[1]
+        _confirm(handed, ok and int(reply[2]) == handed.fence)
+        if ok:
+            return None
+    if len(reply) == 3:
+        return common.deliver(f"{_text(reply[1])}|{reply[2]}", lines.waiters, sent)
+    return None
+
+
 def _confirm(grant: Grant, ok: bool | None) -> None:
     """Resolve a handed-over grant's ``confirmed``: True, False (refused) or unknown."""
     confirmed = grant.confirmed
@@ -1023,7 +1078,8 @@ class SyncRedisBackend:
         self._owned = owned
         self._scripts = {name: client.register_script(lua) for name, lua in _SCRIPTS.items()}
         self._lock = threading.Lock()
-        self._waiters: dict[str, _Waiter] = {}
+        self._line = _Lines()
+        """This process's thread waiters (guarded by ``_lock``)."""
         self._subscribed = threading.Event()
         self._broken: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -1075,7 +1131,7 @@ class SyncRedisBackend:
                 backoff = 0.05
                 if not first:
                     with self._lock:
-                        for waiter in self._waiters.values():
+                        for waiter in self._line.waiters.values():
                             waiter.next_check = 0.0
                             _wake(waiter)
                 first = False
@@ -1083,7 +1139,7 @@ class SyncRedisBackend:
                     message = pubsub.get_message(ignore_subscribe_messages=True, timeout=IDLE_READ)
                     if message is not None and message["type"] == "message":
                         with self._lock:
-                            granted = common.deliver(message["data"], self._waiters)
+                            granted = common.deliver(message["data"], self._line.waiters)
                         if granted is not None:
                             _wake(granted)
             except Exception as exc:
@@ -1093,7 +1149,7 @@ class SyncRedisBackend:
                 self._broken = exc
                 _log_channel_lost(exc, backoff)
                 with self._lock:
-                    for waiter in self._waiters.values():
+                    for waiter in self._line.waiters.values():
                         _wake(waiter)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -1119,24 +1175,43 @@ class SyncRedisBackend:
                 raise BackendUnavailable(f"Redis is out of memory ({name}): {exc}") from exc
             raise
 
+    @contextlib.contextmanager
+    def _changing(self, key: str) -> Iterator[None]:
+        """While a call that changes the key's line is in flight, no hand-over for it: our
+        view of the line's order may be stale (threads' JOINs use several connections)."""
+        with self._lock:
+            self._line.changing(key, 1)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._line.changing(key, -1)
+
+    def _queued(self, token: str, waiter: _Waiter, reply: Sequence[Any], sent: float) -> None:
+        with self._lock:
+            _queued(waiter, reply, sent)
+            if len(reply) > 3 and token in self._line.waiters:  # a JOIN's: its place
+                self._line.place(token, waiter)
+
     def join(self, key: str, token: str, lease: float) -> Grant | None:
         self._listening()
         waiter = _Waiter(key, lease, event=threading.Event())
         with self._lock:
-            self._waiters[token] = waiter
+            self._line.waiters[token] = waiter  # a push may come before the reply
         sent = time.monotonic()
         args = [token, _ms(lease), _alive_ms(lease), self._common.channel, "join"]
-        try:
-            reply = self._run("join", key, args)
-        except BaseException:
-            with self._lock:
-                self._waiters.pop(token, None)
-            raise
-        if reply[0] == 1:
-            with self._lock:
-                self._waiters.pop(token, None)
-            return _grant(reply, sent, lease)
-        waiter.next_check = _next_check(reply, lease)
+        with self._changing(key):
+            try:
+                reply = self._run("join", key, args)
+            except BaseException:
+                with self._lock:
+                    self._line.forget(token)
+                raise
+            if reply[0] == 1:
+                with self._lock:
+                    self._line.forget(token)
+                return _grant(reply, sent, lease)
+            self._queued(token, waiter, reply, sent)
         return None
 
     def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
@@ -1147,7 +1222,7 @@ class SyncRedisBackend:
 
     def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
         with self._lock:
-            waiter = self._waiters.get(token)
+            waiter = self._line.waiters.get(token)
         if waiter is None or waiter.event is None:
             raise RuntimeError(f"token {token!r} is not waiting for key {key!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1155,25 +1230,20 @@ class SyncRedisBackend:
         while True:
             if waiter.grant is not None:
                 with self._lock:
-                    self._waiters.pop(token, None)
+                    self._line.forget(token)
                 return waiter.grant
             now = time.monotonic()
             if now >= waiter.next_check:
-                sent = now
                 try:
-                    reply = self._run("refresh", key, [token, _alive_ms(waiter.lease)])
-                    if reply[0] == -1:
-                        args = [token, _ms(waiter.lease), _alive_ms(waiter.lease)]
-                        reply = self._run("join", key, [*args, self._common.channel, "join"])
+                    grant = self._recheck(key, token, waiter)
                 except BackendUnavailable as exc:
                     waiter.next_check = outage.failed(exc, now, deadline)
                     continue
                 outage.ok()
-                if reply[0] == 1:
+                if grant is not None:
                     with self._lock:
-                        self._waiters.pop(token, None)
-                    return _grant(reply, sent, waiter.lease)
-                waiter.next_check = _next_check(reply, waiter.lease)
+                        self._line.forget(token)
+                    return grant
                 continue
             if deadline is not None and now >= deadline:
                 outage.raise_if_down()
@@ -1185,24 +1255,54 @@ class SyncRedisBackend:
                 waiter.event.clear()  # woken without a grant (reconnect): re-check now
                 waiter.next_check = 0.0
 
+    def _recheck(self, key: str, token: str, waiter: _Waiter) -> Grant | None:
+        """See RedisBackend._recheck."""
+        with self._changing(key):
+            sent = time.monotonic()
+            reply = self._run("refresh", key, [token, _alive_ms(waiter.lease)])
+            if reply[0] == -1:  # declared dead: join again, at the end
+                with self._lock:
+                    waiter.solo = False
+                    waiter.seq = 0
+                    self._line.place(token, waiter)  # first, unknown: no hand-over passes it
+                args = [token, _ms(waiter.lease), _alive_ms(waiter.lease)]
+                sent = time.monotonic()
+                reply = self._run("join", key, [*args, self._common.channel, "join"])
+            if reply[0] == 1:
+                return _grant(reply, sent, waiter.lease)
+            self._queued(token, waiter, reply, sent)
+        return None
+
     def renew(self, key: str, token: str, lease: float) -> bool:
         return bool(self._run("renew", key, [token, _ms(lease)]))
 
-    def release(self, key: str, token: str) -> None:
+    def release(self, key: str, token: str, *, fence: int | None = None) -> None:
         sent = time.monotonic()
-        reply = self._run("release", key, [token])
-        if len(reply) == 3:  # see RedisBackend.release
-            handed = f"{_text(reply[1])}|{reply[2]}"
+        args: list[Any] = [token]
+        handed: Grant | None = None
+        if fence is not None:
             with self._lock:
-                granted = self._common.deliver(handed, self._waiters, sent)
-            if granted is not None:
-                _wake(granted)
+                solo = self._line.next_solo(key)
+                if solo is not None:  # see RedisBackend.release; this thread waits for the reply
+                    handed = _hand_over(solo, fence, sent, concurrent.futures.Future())
+                    args += [solo[0], _ms(solo[1].lease)]
+        try:
+            reply = self._run("release", key, args)
+        except BaseException:
+            if handed is not None:
+                _confirm(handed, None)
+            raise
+        with self._lock:
+            granted = _after_release(self._common, self._line, reply, args, handed, sent)
+        if granted is not None:
+            _wake(granted)
 
     def leave(self, key: str, token: str) -> Grant | None:
         with self._lock:
-            waiter = self._waiters.pop(token, None)
+            waiter = self._line.forget(token)
         sent = time.monotonic()
-        reply = self._run("leave", key, [token])
+        with self._changing(key):
+            reply = self._run("leave", key, [token])
         if reply[0] == 1:
             return _grant(reply, sent, waiter.lease if waiter else int(reply[2]) / 1000)
         return None

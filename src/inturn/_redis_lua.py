@@ -5,7 +5,8 @@ Cluster slot):
 
     KEYS[1]  owner    string "<token>|<fence>", PX = the holder's lease
     KEYS[2]  line     list of waiting tokens, oldest first
-    KEYS[3]  waiters  hash token -> "<alive_until_ms>|<lease_ms>|<wake channel>"
+    KEYS[3]  waiters  hash token -> "<alive_until_ms>|<lease_ms>|<wake channel>",
+                      and "#" -> the last join sequence number
     KEYS[4]  fence    string, the last fence granted (the fence floor), EX FENCE_TTL
 
 A waiter refreshes ``alive_until`` while it waits; a waiter whose mark has
@@ -138,7 +139,10 @@ JOIN = (
     + """
 -- JOIN: take the turn if free, else join the line's end (mode "join") or not (mode "try").
 -- ARGV[1]: token  ARGV[2]: lease_ms  ARGV[3]: alive_ms  ARGV[4]: wake channel  ARGV[5]: mode
--- returns: {1, fence, pttl_ms} granted | {0, owner_pttl_ms, solo} queued (or busy, for "try")
+-- returns: {1, fence, pttl_ms} granted | {0, owner_pttl_ms, solo, seq} queued
+--          | {0, owner_pttl_ms} busy (mode "try")
+--   seq: the token's place in the order of joining (increasing while the line lasts; 0 for
+--   a retried JOIN that found the token in the line already).
 --   solo = 1: every waiter ahead (at most SOLO_MAX) waits on the same channel, i.e. in the
 --   same event loop; that loop may then hand the turn over to it without waiting (RELEASE).
 -- Idempotent: a retried JOIN of the same token neither queues it twice nor grants twice.
@@ -164,11 +168,13 @@ if redis.call('LLEN', KEYS[2]) <= SOLO_MAX then
     end
   end
 end
+local seq = 0
 if redis.call('HEXISTS', KEYS[3], token) == 0 then
   redis.call('RPUSH', KEYS[2], token)
+  seq = redis.call('HINCRBY', KEYS[3], '#', 1)
 end
 mark_alive(token, alive, lease, ARGV[4], now_ms())
-return {0, redis.call('PTTL', KEYS[1]), solo}
+return {0, redis.call('PTTL', KEYS[1]), solo, seq}
 """
 )
 
@@ -182,9 +188,12 @@ RELEASE = (
 --          but {1, ARGV[2], its fence} if ARGV[2] holds the turn)
 --          (3 instead of 1: ARGV[2] was refused)
 -- (The releasing process wakes next_token at once if it is one of its own waiters.)
--- With ARGV[2], the releasing event loop has already started that waiter of its own, which
--- JOINed as "solo" and is the first of its line there, with fence = the holder's + 1: the
--- script confirms exactly that grant (no push: the waiter is awake).
+-- With ARGV[2], the releasing event loop (or thread) has already started that waiter of its
+-- own, which JOINed as "solo" and is the first of its line there, with fence = the holder's
+-- + 1: the script confirms exactly that grant while that waiter is in the line (no push:
+-- the waiter is awake). It heads the line unless its JOIN went out of order (a retry after
+-- a dropped connection): then FIFO bends, but the waiter is already running, and refusing
+-- it would break exclusion.
 local value = redis.call('GET', KEYS[1])
 local who, fence = nil, 0
 if value then who, fence = holder(value) end

@@ -93,7 +93,8 @@ class Mux:
         self._timeout = timeout
         self._preload = tuple(preload)
         self._link: _Link | None = None
-        self._connecting = asyncio.Lock()
+        self._connecting = asyncio.Lock()  # fair: callers get the connection in call order
+        self._awaiting_link = 0
         self._watch: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -105,8 +106,17 @@ class Mux:
         """
         tries = 0
         while True:
-            # A failed connect is not retried: a caller in line re-checks on its own schedule.
-            link = self._link if self._link is not None else await self._connect()
+            link = self._link
+            if link is None or self._awaiting_link:
+                # Behind every call already waiting for the connection, so that calls leave
+                # in the order they were made (a loop's JOINs must reach the server in the
+                # order its line was built). A failed connect is not retried: a caller in
+                # line re-checks on its own schedule.
+                self._awaiting_link += 1
+                try:
+                    link = await self._connect()
+                finally:
+                    self._awaiting_link -= 1
             try:
                 try:
                     return await self._send(link, ("EVALSHA", sha, len(keys), *keys, *args))
@@ -154,7 +164,7 @@ class Mux:
         sent after it), so that tasks woken in this step run first.
         """
         link = self._link
-        if link is None or link.dropped:
+        if link is None or link.dropped or self._awaiting_link:
             return None
         return self._send(link, ("EVALSHA", sha, len(keys), *keys, *args), hold=hold)
 

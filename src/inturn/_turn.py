@@ -33,7 +33,7 @@ from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-from ._backend import Grant
+from ._backend import Confirmation, Grant
 from ._errors import BackendUnavailable, Busy, LeaseLost, TurnTimeout
 from ._policy import Deadline, LeaseClock, OnLost
 
@@ -49,11 +49,13 @@ T = TypeVar("T")
 _RAISE = object()
 
 CLEANUP_TIMEOUT = 5.0
+"""Upper bound (seconds) for leaving a line or releasing a turn during cleanup."""
 HANDOVER_MARGIN = 0.5
 """Seconds of lease a holder must have left to let the backend start its next waiter at once."""
+CONFIRM_WAIT = 2.0
+"""How long a release waits for its own early grant to be confirmed (then: a plain release)."""
 LEAVE_GRACE = 0.5
 """How long past its deadline a timed-out waiter checks whether it was granted meanwhile."""
-"""Upper bound (seconds) for leaving a line or releasing a turn during cleanup."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,7 @@ def _unmark_held(gate_id: int, key: str, token: contextvars.Token[object]) -> No
 class _TurnBase:
     __slots__ = (
         "_clock",
+        "_confirmation",
         "_gate",
         "_token",
         "acquired_at",
@@ -155,6 +158,7 @@ class _TurnBase:
         """Why the lease was lost: ``"expired"``, ``"max_hold"`` or ``"taken"``; None while held."""
         self._token = token
         self._clock = clock
+        self._confirmation = grant.confirmed
         self._arm()
 
     @property
@@ -165,6 +169,21 @@ class _TurnBase:
     def __repr__(self) -> str:
         state = "held" if self.lost_reason is None else f"lost ({self.lost_reason})"
         return f"<{type(self).__name__} key={self.key!r} fence={self.fence} {state}>"
+
+    def _release_fence(self, lease: float) -> int | None:
+        """The fence to release with, letting the backend hand the turn over in-process:
+        only while the lease is surely alive and our own grant is confirmed (None: a
+        plain release)."""
+        confirmation = self._confirmation
+        if confirmation is not None and (
+            not confirmation.done() or confirmation.cancelled() or not confirmation.result()
+        ):
+            return None
+        if self.lost_reason is None and self._clock.expires_at - time.monotonic() > min(
+            HANDOVER_MARGIN, lease / 4
+        ):
+            return self.fence
+        return None
 
     def _arm(self) -> None:
         """Make ``lost``: an asyncio.Event or a threading.Event, by the subclass."""
@@ -387,12 +406,8 @@ class TurnRequest:
             first: Callable[[], Awaitable[object]]
             if self.release_with is not None:
                 first = partial(self.release_with, turn.key, turn._token)
-            elif turn.lost_reason is None and turn._clock.expires_at - time.monotonic() > min(
-                HANDOVER_MARGIN, self._settings.lease / 4
-            ):
-                first = partial(release, fence=turn.fence)  # the lease is surely alive
             else:
-                first = release
+                first = partial(self._release, turn)
             await self._cleanup(first, release, "release")
         except asyncio.CancelledError:
             if not self._cancel_sent:
@@ -404,6 +419,15 @@ class TurnRequest:
                 fence=turn.fence,
                 reason=turn.lost_reason or "expired",
             ) from (None if isinstance(exc, asyncio.CancelledError) else exc)
+
+    async def _release(self, turn: Turn) -> None:
+        """Release. A turn that was handed over early first waits (a little) until its grant
+        is confirmed, so that its release cannot overtake the one that granted it."""
+        confirmation = turn._confirmation
+        if isinstance(confirmation, asyncio.Future) and not confirmation.done():
+            await asyncio.wait([confirmation], timeout=CONFIRM_WAIT)
+        fence = turn._release_fence(self._settings.lease)
+        await self._gate.backend.release(turn.key, turn._token, fence=fence)
 
     # -- acquiring ------------------------------------------------------------------------
 
@@ -569,7 +593,7 @@ class TurnRequest:
         else:
             self._schedule()
 
-    def _confirmed(self, confirmed: asyncio.Future[bool]) -> None:
+    def _confirmed(self, confirmed: Confirmation) -> None:
         """The backend refused a grant it had handed over early: the turn is not ours."""
         if confirmed.cancelled() or confirmed.result():
             return
@@ -643,7 +667,16 @@ class SyncTurnRequest:
         self._gate._granted(turn.waited)
         self._held_token = _mark_held(self._gate.id, self._key, turn)
         self._schedule()
+        if grant.confirmed is not None:  # handed over before the backend recorded it
+            grant.confirmed.add_done_callback(self._confirmed)
         return turn
+
+    def _confirmed(self, confirmed: Confirmation) -> None:
+        """The backend refused a grant it had handed over early: the turn is not ours
+        (the body cannot be cancelled; with on_lost="cancel" the exit raises LeaseLost)."""
+        turn = self._turn
+        if turn is not None and not confirmed.cancelled() and not confirmed.result():
+            turn._set_lost("taken")
 
     def __exit__(
         self,
@@ -662,7 +695,7 @@ class SyncTurnRequest:
         if self._held_token is not None:
             _unmark_held(self._gate.id, self._key, self._held_token)
         self._gate.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
-        self._cleanup(lambda: self._gate.sync_backend.release(turn.key, turn._token), "release")
+        self._cleanup(lambda: self._release(turn), "release")
         if turn.lost_reason is not None and self._settings.on_lost == "cancel":
             raise LeaseLost(
                 f"lost the turn of key {turn.key!r} (fence {turn.fence}) while the body ran",
@@ -670,6 +703,14 @@ class SyncTurnRequest:
                 fence=turn.fence,
                 reason=turn.lost_reason,
             ) from exc
+
+    def _release(self, turn: SyncTurn) -> None:
+        """See TurnRequest._release."""
+        confirmation = turn._confirmation
+        if isinstance(confirmation, concurrent.futures.Future) and not confirmation.done():
+            concurrent.futures.wait([confirmation], timeout=CONFIRM_WAIT)
+        fence = turn._release_fence(self._settings.lease)
+        self._gate.sync_backend.release(turn.key, turn._token, fence=fence)
 
     def _acquire(self, token: str, deadline: Deadline) -> Grant:
         backend = self._gate.sync_backend

@@ -214,3 +214,24 @@ async def test_submit_needs_a_connection(redis_url: str) -> None:
     finally:
         await mux.aclose()
         await client.aclose()
+
+
+async def test_calls_made_while_connecting_leave_in_call_order(redis_url: str) -> None:
+    """Calls made before and after the connection is up reach the server in the order they
+    were made (a loop's JOINs must: its line is built in that order)."""
+    push = "return redis.call('RPUSH', KEYS[1], ARGV[1])"
+    client = redis.asyncio.Redis.from_url(redis_url)
+    mux = Mux(client.connection_pool, timeout=5.0, preload=[push])  # no NOSCRIPT detour
+    key = f"order:{secrets.token_hex(4)}"
+    try:
+        calls = []
+        for i in range(200):
+            calls.append(asyncio.ensure_future(mux.evalsha(sha1(push), push, [key], [str(i)])))
+            if i % 5 == 0:
+                await asyncio.sleep(0)  # some calls come once the connection is up
+        await asyncio.gather(*calls)
+        assert [int(v) for v in await client.lrange(key, 0, -1)] == list(range(200))
+    finally:
+        await client.delete(key)
+        await mux.aclose()
+        await client.aclose()
