@@ -12,8 +12,9 @@ Scenarios:
    for its own users (`user % 4 == p`: "partitioned") or every process submits for every user
    ("interleaved": the drainer of a user is often another process than the submitter). Wall
    time from the start barrier to the last handled message, messages/s, Redis commands per
-   message counted in the client (every `execute_command` of the processes' redis-py clients;
-   the Pub/Sub listener is not one of them) and on the server (INFO commandstats, which also
+   message counted in the client (every `execute_command` of the processes' redis-py clients
+   and every command of inturn's pipelined script connection; the Pub/Sub listener is not
+   one of them) and on the server (INFO commandstats, which also
    counts the commands that scripts run). Checked: every message handled exactly once, and in
    order for each (user, submitting process).
 2. Celery baseline: the same messages as tasks to a Celery worker (`--concurrency 4`,
@@ -299,8 +300,10 @@ def read_commandstats(url: str) -> collections.Counter[str]:
 def _install_command_counter(counter: collections.Counter[str]) -> None:
     """Count every command the process's async redis-py clients send, by name.
 
-    `Redis.execute_command` is one request and one reply; the Pub/Sub listener goes through
-    `PubSub.execute_command` and is not counted. EVALSHA is named by its script.
+    `Redis.execute_command` is one request and one reply; so is each command inturn's
+    pipelined script connection sends (`Mux._send`, private: patched only to count). The
+    Pub/Sub listener goes through `PubSub.execute_command` and is not counted. EVALSHA is
+    named by its script.
     """
     import redis.asyncio.client
 
@@ -323,6 +326,21 @@ def _install_command_counter(counter: collections.Counter[str]) -> None:
         return await original(self, *args, **options)
 
     redis.asyncio.client.Redis.execute_command = execute_command  # type: ignore[method-assign]
+
+    with contextlib.suppress(ImportError, AttributeError):
+        from inturn._redis_mux import Mux
+
+        send = Mux._send
+
+        def counted_send(self: Any, link: Any, command: tuple[Any, ...], **options: Any) -> Any:
+            name = str(command[0]).upper()
+            if name == "EVALSHA":
+                sha = str(command[1])
+                name = f"EVALSHA {scripts.get(sha, sha[:8])}"
+            counter[name] += 1
+            return send(self, link, command, **options)
+
+        Mux._send = counted_send  # type: ignore[method-assign]
 
 
 class _BarrierLike(Protocol):
@@ -851,8 +869,9 @@ def throughput_table(results: Results, plan: Plan) -> Table:
         "process submits for every user (message seq s from process s % 4)",
         "wall s: start barrier -> last handler start; submits s: until the last submit returned "
         "(Celery: until the producer sent the last task); lat: submit -> handler start",
-        "cmds/msg client: execute_command calls of the processes' redis-py clients per message "
-        "(round trips; the Pub/Sub listener's reads are not commands); server: INFO "
+        "cmds/msg client: commands sent per message by the processes' redis-py clients and "
+        "inturn's pipelined script connections (round trips; the Pub/Sub listener's reads are "
+        "not commands); server: INFO "
         "commandstats calls per message, which includes the commands run inside scripts",
         "other proc: share of messages handled by a process other than their submitter "
         "(the drainer role was held elsewhere)",
