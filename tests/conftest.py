@@ -63,8 +63,8 @@ def make_redis_server() -> Iterator[Callable[..., RedisServer]]:
     """Factory for a private server a test may kill, pause or restart; all stop at teardown."""
     servers: list[RedisServer] = []
 
-    def make(options: Mapping[str, str] | None = None) -> RedisServer:
-        server = _start_or_skip(lambda: RedisServer(options))
+    def make(options: Mapping[str, str] | None = None, *, tls: bool = False) -> RedisServer:
+        server = _start_or_skip(lambda: RedisServer(options, tls=tls))
         servers.append(server)
         return server.start()
 

@@ -29,6 +29,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -105,10 +106,15 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _redis_call(port: int, *args: str, timeout: float = 1.0) -> bytes:
+def _redis_call(
+    port: int, *args: str, timeout: float = 1.0, tls: ssl.SSLContext | None = None
+) -> bytes:
     """Send one command over RESP; return a bulk reply's payload or a status/error line as is."""
     payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection((HOST, port), timeout=timeout))
+        if tls is not None:
+            sock = stack.enter_context(tls.wrap_socket(sock, server_hostname=HOST))
         sock.sendall(payload.encode())
         with sock.makefile("rb") as reader:
             line = reader.readline()
@@ -129,7 +135,9 @@ class RedisServer:
     e.g. `{"maxmemory": "1mb", "maxmemory-policy": "noeviction", "appendonly": "yes"}`) say
     otherwise. `kill()`, `pause()`/`resume()` and `restart()` simulate a crash, a stall and a
     restart; `start()` after `kill()` brings the server back on the same port and dir, so data
-    survives when `appendonly` is on.
+    survives when `appendonly` is on. With `tls=True` the server speaks TLS only (no plain
+    port), with a self-signed certificate for 127.0.0.1 made by `openssl`; `url` is then a
+    `rediss://` URL that trusts it.
     """
 
     DEFAULT_OPTIONS: Final[Mapping[str, str]] = {"save": "", "appendonly": "no"}
@@ -140,9 +148,11 @@ class RedisServer:
         *,
         binary: str = "redis-server",
         startup_timeout: float = 15.0,
+        tls: bool = False,
     ) -> None:
         self.binary = _require(binary)
         self.options: dict[str, str] = {**self.DEFAULT_OPTIONS, **(options or {})}
+        self.tls = tls
         self.startup_timeout = startup_timeout
         self.dir = Path(tempfile.mkdtemp(prefix="inturn-redis-"))
         self.port = 0
@@ -151,11 +161,35 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://{HOST}:{self.port}/0?ssl_ca_certs={self._cert}"
         return f"redis://{HOST}:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
         return self.dir / "redis.log"
+
+    @property
+    def _cert(self) -> Path:
+        return self.dir / "cert.pem"
+
+    def _tls_directives(self) -> dict[str, str]:
+        """Make the certificate (once) and say where it is; the plain port is closed."""
+        key = self.dir / "key.pem"
+        if not self._cert.exists():
+            command = [_require("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes"]
+            command += ["-keyout", str(key), "-out", str(self._cert), "-days", "2"]
+            command += ["-subj", f"/CN={HOST}", "-addext", f"subjectAltName=IP:{HOST}"]
+            subprocess.run(command, check=True, capture_output=True)
+        return {
+            "tls-cert-file": str(self._cert),
+            "tls-key-file": str(key),
+            "tls-ca-cert-file": str(self._cert),
+            "tls-auth-clients": "no",
+        }
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=str(self._cert)) if self.tls else None
 
     @property
     def running(self) -> bool:
@@ -240,6 +274,8 @@ class RedisServer:
             "daemonize": "no",
             **self.options,
         }
+        if self.tls:
+            directives.update(port="0", **{"tls-port": str(port)}, **self._tls_directives())
         if self._cluster_enabled:
             directives.setdefault("cluster-config-file", "nodes.conf")
             directives.setdefault("cluster-port", str(bus_port))
@@ -272,9 +308,10 @@ class RedisServer:
                 raise ServerStartError(f"redis-server exited during startup:\n{log}")
             # PING says "loading" until an AOF/RDB is read back; INFO proves the answer came
             # from our process, not from whoever else might own the port.
+            tls = self._tls_context()
             with contextlib.suppress(OSError):
-                if _redis_call(port, "PING") == b"+PONG" and pid_line in _redis_call(
-                    port, "INFO", "server"
+                if _redis_call(port, "PING", tls=tls) == b"+PONG" and pid_line in _redis_call(
+                    port, "INFO", "server", tls=tls
                 ):
                     return
             time.sleep(0.01)
