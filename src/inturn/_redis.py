@@ -1427,6 +1427,8 @@ def _factories(url: str) -> tuple[Any, Any]:
     scheme = parts.scheme.lower()
     options = _client_options(asynchronous=False)
     async_options = _client_options(asynchronous=True)
+    if scheme == "unix":  # a unix socket connection takes no TCP keepalive
+        del options["socket_keepalive"], async_options["socket_keepalive"]
     if scheme in ("redis", "rediss", "unix"):
         try:
             redis.Redis.from_url(url)  # validate now, not on first use

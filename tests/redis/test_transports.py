@@ -1,8 +1,9 @@
-"""`rediss://`: the Redis backend over TLS, against a redis-server that speaks TLS only.
+"""`rediss://` and `unix://`: the Redis backend over TLS (against a redis-server that speaks
+TLS only) and over a unix socket.
 
 The async backend's pipelined connection writes to redis-py's transport directly, and the
 sync twin's threads and the wake-up listeners use redis-py's connections: all must work
-over TLS, from a URL and with injected clients, and keep the contract.
+over either, from a URL (and over TLS with injected clients too), and keep the contract.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import secrets
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -85,3 +87,20 @@ async def test_injected_tls_clients_keep_the_contract(make_redis_server: MakeSer
         await gate.aclose()
         await backend._client.aclose()
         backend._sync_client.close()
+
+
+async def test_unix_socket_url_keeps_the_contract(
+    make_redis_server: MakeServer, tmp_path: Path
+) -> None:
+    sock = tmp_path / "redis.sock"
+    server = make_redis_server({"unixsocket": str(sock), "unixsocketperm": "700"})
+    gate = inturn.Gate.from_url(f"unix://{sock}?db=0", namespace=f"unix{secrets.token_hex(4)}")
+    try:
+        history = await _contend(gate)
+        assert check_history(history.spans).spans == 8 * 5 + 4 * 5
+        assert await gate.backend.footprint() == 0
+        with redis.Redis.from_url(server.url) as admin:  # the gate's connections: the socket's
+            on_socket = [c for c in admin.client_list() if c["addr"].startswith(str(sock))]
+        assert len(on_socket) >= 2  # the pipelined connection and the wake-up listener
+    finally:
+        await gate.aclose()
