@@ -80,7 +80,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "the Redis backend needs redis-py: pip install 'inturn[redis]'"
     ) from exc
 
-from ._redis_mux import Mux, sha1  # imports redis-py, so only once it is known to be there
+from ._redis_mux import Mux, SyncMux, sha1  # imports redis-py, so only once it is known to be there
 
 __all__ = ["RedisBackend", "SyncRedisBackend", "from_url"]
 
@@ -1076,7 +1076,16 @@ class SyncRedisBackend:
         self._client = client
         self._common = common
         self._owned = owned
-        self._scripts = {name: client.register_script(lua) for name, lua in _SCRIPTS.items()}
+        self._scripts: dict[str, Any] = {}
+        """redis-py Script objects, on a Cluster only (elsewhere the SyncMux runs the scripts)."""
+        self._mux: SyncMux | None = None
+        if _is_cluster(client):
+            self._scripts = {name: client.register_script(lua) for name, lua in _SCRIPTS.items()}
+        else:
+            pool = client.connection_pool
+            self._mux = SyncMux(
+                pool, size=MAX_CONNECTIONS, wait=CONNECT_TIMEOUT, preload=tuple(_SCRIPTS.values())
+            )
         self._lock = threading.Lock()
         self._line = _Lines()
         """This process's thread waiters (guarded by ``_lock``)."""
@@ -1167,6 +1176,9 @@ class SyncRedisBackend:
     def _run(self, name: str, key: str, args: list[Any], keys: list[str] | None = None) -> Any:
         keys = self._common.keys.turn_keys(key) if keys is None else keys
         try:
+            if self._mux is not None:
+                sha, lua = _SHAS[name]
+                return self._mux.evalsha(sha, lua, keys, args)
             return self._scripts[name](keys=keys, args=args)
         except _TRANSPORT_ERRORS as exc:
             raise _unavailable(exc, name) from exc
@@ -1367,6 +1379,8 @@ class SyncRedisBackend:
 
     def close(self) -> None:
         self._stop.set()
+        if self._mux is not None:
+            self._mux.close()
         pubsub = self._pubsub
         if pubsub is not None:  # wakes the listener's blocked read: it sees _stop and ends
             with contextlib.suppress(Exception):

@@ -24,6 +24,13 @@ Failure handling keeps redis-py's promises and adds one:
   server would stall the retry too);
 - a cancelled caller does not poison the connection: its reply is read and
   dropped (redis-py must close a connection whose reply was abandoned).
+
+:class:`SyncMux` is the same idea for threads, without the pipelining: a
+bounded stack of connections of its own, each used by one thread at a time
+for one EVALSHA and its reply. It skips redis-py's pool, retry wrapper,
+health checks and per-command instrumentation, which cost a thread more than
+the round trip. A dropped connection is retried as above; a read that times
+out (``socket_timeout``) is not.
 """
 
 from __future__ import annotations
@@ -31,13 +38,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import redis
 import redis.asyncio
 import redis.asyncio.retry
 import redis.exceptions
+import redis.retry
 from redis.backoff import NoBackoff
 
 _Pack = Callable[[tuple[Any, ...]], Any]
@@ -47,7 +59,7 @@ try:
 except ImportError:  # pragma: no cover - hiredis is in the redis extra
     _hiredis_pack = None
 
-__all__ = ["Mux"]
+__all__ = ["Mux", "SyncMux"]
 
 RETRIES = 2
 """Retries of a call whose connection dropped (the first on a new connection)."""
@@ -296,3 +308,133 @@ class Mux:
             self._drop(link, error)
             return
         self._watch = loop.call_later(WATCH_EVERY, self._watchdog)
+
+
+class SyncMux:
+    """EVALSHA calls from threads on connections of ``pool``'s kind (see the module docstring).
+
+    At most ``size`` connections; a thread that finds them all busy waits up to
+    ``wait`` seconds for one. After a fork the child makes its own (the parent's
+    are left alone: closing them would cut the parent's connections too).
+    """
+
+    def __init__(
+        self, pool: redis.ConnectionPool, *, size: int, wait: float, preload: Sequence[str] = ()
+    ) -> None:
+        self._pool = pool
+        self._size = size
+        self._wait = wait
+        self._preload = tuple(preload)
+        self._idle: list[Any] = []
+        self._count = 0
+        """Connections made (or being made) and not retired."""
+        self._free = threading.Condition()
+        self._pid = os.getpid()
+        self._closed = False
+
+    def evalsha(self, sha: str, lua: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a script by its SHA (loading it by EVAL when the server lacks it).
+
+        Raises redis-py's exceptions: ``ConnectionError`` (after the retries),
+        ``TimeoutError`` and ``ResponseError``.
+        """
+        tries = 0
+        while True:
+            conn = self._take()
+            try:
+                try:
+                    reply = self._call(conn, ("EVALSHA", sha, len(keys), *keys, *args))
+                except redis.exceptions.NoScriptError:
+                    reply = self._call(conn, ("EVAL", lua, len(keys), *keys, *args))
+            except redis.exceptions.ResponseError:
+                self._give(conn)  # an error reply leaves the connection in step
+                raise
+            except (redis.exceptions.ConnectionError, OSError):
+                self._retire(conn)
+                tries += 1
+                if tries > RETRIES or self._closed:
+                    raise
+                time.sleep(min(0.5, 0.05 * 2**tries))
+                continue
+            except BaseException:
+                self._retire(conn)  # a timeout, or interrupted: its reply may still come
+                raise
+            self._give(conn)
+            return reply
+
+    def close(self) -> None:
+        """Close the idle connections; those in use are closed when given back."""
+        with self._free:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._free.notify_all()
+        if self._pid == os.getpid():
+            for conn in idle:
+                with contextlib.suppress(Exception):
+                    conn.disconnect()
+
+    @staticmethod
+    def _call(conn: Any, command: tuple[Any, ...]) -> Any:
+        pack = _hiredis_pack
+        packed = pack(command) if pack is not None else conn.pack_command(*command)
+        conn.send_packed_command([packed], check_health=False)
+        return conn.read_response()
+
+    def _take(self) -> Any:
+        with self._free:
+            if self._pid != os.getpid():  # forked: the parent's connections are not ours
+                self._pid, self._idle, self._count = os.getpid(), [], 0
+            deadline = time.monotonic() + self._wait
+            while not self._idle and self._count >= self._size:
+                left = deadline - time.monotonic()
+                if self._closed or left <= 0 or not self._free.wait(left):
+                    break
+            if self._closed:
+                raise redis.exceptions.ConnectionError("inturn: the client was closed")
+            if self._idle:
+                return self._idle.pop()
+            if self._count >= self._size:
+                raise redis.exceptions.ConnectionError(
+                    f"inturn: no free Redis connection within {self._wait:g}s"
+                )
+            self._count += 1
+        try:
+            return self._connect()
+        except BaseException:
+            self._retire(None)
+            raise
+
+    def _connect(self) -> Any:
+        pool = self._pool
+        conn = pool.connection_class(**pool.connection_kwargs)
+        # One attempt: the caller's own schedule (re-checks, timeouts) decides what follows.
+        conn.retry = redis.retry.Retry(NoBackoff(), 0)
+        try:
+            conn.connect()
+            if self._preload:  # one round trip; a refused load (OOM) falls back to EVAL
+                commands = [("SCRIPT", "LOAD", lua) for lua in self._preload]
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                for _ in commands:
+                    with contextlib.suppress(redis.exceptions.ResponseError):
+                        conn.read_response()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+            raise
+        return conn
+
+    def _give(self, conn: Any) -> None:
+        with self._free:
+            if not self._closed and self._pid == os.getpid():
+                self._idle.append(conn)
+                self._free.notify()
+                return
+        self._retire(conn)
+
+    def _retire(self, conn: Any) -> None:
+        if conn is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+        with self._free:
+            self._count = max(0, self._count - 1)
+            self._free.notify()

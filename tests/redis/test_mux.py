@@ -1,14 +1,18 @@
-"""The async backend's pipelined connection (inturn._redis_mux) against a real redis-server.
+"""The backend's own script connections (inturn._redis_mux) against a real redis-server.
 
-Its promises: one connection carries every script call of a loop, in order; a cancelled
+Mux (async): one connection carries every script call of a loop, in order; a cancelled
 caller does not poison it; a dropped connection is retried on a new one; a silent server
 fails calls by the watchdog; and a failed connect is not retried inside the call.
+SyncMux (threads): a bounded stack of connections; a dropped one is replaced, a timed-out
+read is not retried, and a forked child leaves the parent's connections alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 
@@ -17,7 +21,7 @@ import redis
 import redis.asyncio
 
 import inturn
-from inturn._redis_mux import Mux, sha1
+from inturn._redis_mux import Mux, SyncMux, sha1
 from inturn.testing import History, check_history
 from tests.servers import RedisServer
 
@@ -235,3 +239,124 @@ async def test_calls_made_while_connecting_leave_in_call_order(redis_url: str) -
         await client.delete(key)
         await mux.aclose()
         await client.aclose()
+
+
+# -- SyncMux: the sync twin's connections ---------------------------------------------------
+
+
+def _sync_mux(url: str, size: int = 4, socket_timeout: float = 5.0) -> tuple[SyncMux, redis.Redis]:
+    client = redis.Redis.from_url(url, socket_timeout=socket_timeout)
+    return SyncMux(client.connection_pool, size=size, wait=5.0), client
+
+
+def _sync_echo(mux: SyncMux, value: str) -> bytes:
+    result: bytes = mux.evalsha(sha1(ECHO), ECHO, [], [value])
+    return result
+
+
+def test_sync_mux_shares_a_bounded_stack_of_connections(make_redis_server: MakeServer) -> None:
+    """32 threads x 50 calls on a stack of 4: every reply reaches its own caller, and the
+    server never sees more than 4 script connections."""
+    redis_url = make_redis_server().url  # its connections are counted: a server of its own
+    mux, client = _sync_mux(redis_url, size=4)
+    wrong: list[tuple[str, bytes]] = []
+
+    def worker(n: int) -> None:
+        for i in range(50):
+            value = f"t{n}-{i}"
+            reply = _sync_echo(mux, value)
+            if reply != value.encode():
+                wrong.append((value, reply))
+
+    try:
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(32)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert wrong == []
+        assert 1 <= len(_script_clients(redis_url)) <= 4
+    finally:
+        mux.close()
+        client.close()
+
+
+def test_sync_mux_replaces_a_killed_connection(make_redis_server: MakeServer) -> None:
+    redis_url = make_redis_server().url
+    mux, client = _sync_mux(redis_url, size=1)
+    try:
+        _sync_echo(mux, "warm")
+        killed = _script_clients(redis_url)
+        assert len(killed) == 1
+        client.client_kill_filter(_id=killed[0])
+        assert _sync_echo(mux, "later") == b"later"  # retried on a new connection
+        now = _script_clients(redis_url)
+        assert len(now) == 1
+        assert now != killed
+    finally:
+        mux.close()
+        client.close()
+
+
+def test_sync_mux_gives_up_on_a_paused_server_at_the_socket_timeout(
+    make_redis_server: MakeServer,
+) -> None:
+    """A read that times out is not retried: the call fails after one socket timeout."""
+    server = make_redis_server()
+    mux, client = _sync_mux(server.url, socket_timeout=0.5)
+    try:
+        _sync_echo(mux, "warm")
+        server.pause()
+        started = time.monotonic()
+        with pytest.raises(redis.exceptions.TimeoutError):
+            _sync_echo(mux, "x")
+        took = time.monotonic() - started
+        assert 0.4 <= took <= 1.0, took
+        server.resume()
+        assert _sync_echo(mux, "back") == b"back"
+    finally:
+        server.resume()
+        mux.close()
+        client.close()
+
+
+def test_sync_mux_after_fork_leaves_the_parents_connections_alone(
+    make_redis_server: MakeServer,
+) -> None:
+    """A forked child (a Celery prefork worker, say) makes its own connections; the
+    parent's stays open and in use after the child exits (the same connection, not a
+    retry on a new one)."""
+    redis_url = make_redis_server().url  # its connections are counted: a server of its own
+    mux, client = _sync_mux(redis_url, size=2)
+    try:
+        assert _sync_echo(mux, "parent") == b"parent"
+        before = _script_clients(redis_url)
+        pid = os.fork()
+        if pid == 0:  # the child: report by exit status only
+            code = 0
+            try:
+                code = 0 if _sync_echo(mux, "child") == b"child" else 1
+                if len(_script_clients(redis_url)) != 2:  # the parent's and its own
+                    code = 3
+                mux.close()
+            except BaseException:
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert _sync_echo(mux, "parent again") == b"parent again"
+        assert _script_clients(redis_url) == before
+    finally:
+        mux.close()
+        client.close()
+
+
+def test_sync_mux_calls_after_close_fail(redis_url: str) -> None:
+    mux, client = _sync_mux(redis_url)
+    try:
+        _sync_echo(mux, "warm")
+        mux.close()
+        with pytest.raises(redis.exceptions.ConnectionError, match="closed"):
+            _sync_echo(mux, "x")
+    finally:
+        client.close()
