@@ -1173,12 +1173,21 @@ class SyncRedisBackend:
             client = nodes[attempt % len(nodes)].redis_connection
         return client.pubsub()
 
-    def _run(self, name: str, key: str, args: list[Any], keys: list[str] | None = None) -> Any:
+    def _run(
+        self,
+        name: str,
+        key: str,
+        args: list[Any],
+        keys: list[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run a script; ``timeout`` bounds the wait for its reply (not on a Cluster)."""
         keys = self._common.keys.turn_keys(key) if keys is None else keys
         try:
             if self._mux is not None:
                 sha, lua = _SHAS[name]
-                return self._mux.evalsha(sha, lua, keys, args)
+                return self._mux.evalsha(sha, lua, keys, args, timeout=timeout)
             return self._scripts[name](keys=keys, args=args)
         except _TRANSPORT_ERRORS as exc:
             raise _unavailable(exc, name) from exc
@@ -1247,7 +1256,8 @@ class SyncRedisBackend:
             now = time.monotonic()
             if now >= waiter.next_check:
                 try:
-                    grant = self._recheck(key, token, waiter)
+                    limit = None if deadline is None else deadline - now
+                    grant = self._recheck(key, token, waiter, limit)
                 except BackendUnavailable as exc:
                     waiter.next_check = outage.failed(exc, now, deadline)
                     continue
@@ -1267,19 +1277,21 @@ class SyncRedisBackend:
                 waiter.event.clear()  # woken without a grant (reconnect): re-check now
                 waiter.next_check = 0.0
 
-    def _recheck(self, key: str, token: str, waiter: _Waiter) -> Grant | None:
-        """See RedisBackend._recheck."""
+    def _recheck(self, key: str, token: str, waiter: _Waiter, limit: float | None) -> Grant | None:
+        """See RedisBackend._recheck; a reply is not awaited past ``limit`` seconds (the
+        caller's deadline: the re-check then fails with BackendUnavailable)."""
         with self._changing(key):
-            sent = time.monotonic()
-            reply = self._run("refresh", key, [token, _alive_ms(waiter.lease)])
+            sent = begun = time.monotonic()
+            reply = self._run("refresh", key, [token, _alive_ms(waiter.lease)], timeout=limit)
             if reply[0] == -1:  # declared dead: join again, at the end
                 with self._lock:
                     waiter.solo = False
                     waiter.seq = 0
                     self._line.place(token, waiter)  # first, unknown: no hand-over passes it
-                args = [token, _ms(waiter.lease), _alive_ms(waiter.lease)]
+                args = [token, _ms(waiter.lease), _alive_ms(waiter.lease), self._common.channel]
                 sent = time.monotonic()
-                reply = self._run("join", key, [*args, self._common.channel, "join"])
+                limit = None if limit is None else limit - (sent - begun)
+                reply = self._run("join", key, [*args, "join"], timeout=limit)
             if reply[0] == 1:
                 return _grant(reply, sent, waiter.lease)
             self._queued(token, waiter, reply, sent)

@@ -332,20 +332,31 @@ class SyncMux:
         self._pid = os.getpid()
         self._closed = False
 
-    def evalsha(self, sha: str, lua: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def evalsha(
+        self,
+        sha: str,
+        lua: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        timeout: float | None = None,
+    ) -> Any:
         """Run a script by its SHA (loading it by EVAL when the server lacks it).
 
+        ``timeout``: the longest wait for the reply (default: the socket timeout).
         Raises redis-py's exceptions: ``ConnectionError`` (after the retries),
         ``TimeoutError`` and ``ResponseError``.
         """
         tries = 0
+        until = None if timeout is None else time.monotonic() + timeout
         while True:
-            conn = self._take()
+            conn = self._take(until)
             try:
                 try:
-                    reply = self._call(conn, ("EVALSHA", sha, len(keys), *keys, *args))
+                    command = ("EVALSHA", sha, len(keys), *keys, *args)
+                    reply = self._call(conn, command, until)
                 except redis.exceptions.NoScriptError:
-                    reply = self._call(conn, ("EVAL", lua, len(keys), *keys, *args))
+                    reply = self._call(conn, ("EVAL", lua, len(keys), *keys, *args), until)
             except redis.exceptions.ResponseError:
                 self._give(conn)  # an error reply leaves the connection in step
                 raise
@@ -374,17 +385,21 @@ class SyncMux:
                     conn.disconnect()
 
     @staticmethod
-    def _call(conn: Any, command: tuple[Any, ...]) -> Any:
+    def _call(conn: Any, command: tuple[Any, ...], until: float | None) -> Any:
         pack = _hiredis_pack
         packed = pack(command) if pack is not None else conn.pack_command(*command)
         conn.send_packed_command([packed], check_health=False)
-        return conn.read_response()
+        if until is None:
+            return conn.read_response()
+        return conn.read_response(timeout=_left(until))
 
-    def _take(self) -> Any:
+    def _take(self, until: float | None) -> Any:
         with self._free:
             if self._pid != os.getpid():  # forked: the parent's connections are not ours
                 self._pid, self._idle, self._count = os.getpid(), [], 0
             deadline = time.monotonic() + self._wait
+            if until is not None:
+                deadline = min(deadline, until)
             while not self._idle and self._count >= self._size:
                 left = deadline - time.monotonic()
                 if self._closed or left <= 0 or not self._free.wait(left):
@@ -399,16 +414,20 @@ class SyncMux:
                 )
             self._count += 1
         try:
-            return self._connect()
+            return self._connect(until)
         except BaseException:
             self._retire(None)
             raise
 
-    def _connect(self) -> Any:
+    def _connect(self, until: float | None) -> Any:
         pool = self._pool
         conn = pool.connection_class(**pool.connection_kwargs)
         # One attempt: the caller's own schedule (re-checks, timeouts) decides what follows.
         conn.retry = redis.retry.Retry(NoBackoff(), 0)
+        timeouts = (conn.socket_connect_timeout, conn.socket_timeout)
+        if until is not None:  # the connect and its handshake end by the caller's deadline too
+            conn.socket_connect_timeout = min(timeouts[0] or _left(until), _left(until))
+            conn.socket_timeout = min(timeouts[1] or _left(until), _left(until))
         try:
             conn.connect()
             if self._preload:  # one round trip; a refused load (OOM) falls back to EVAL
@@ -417,6 +436,8 @@ class SyncMux:
                 for _ in commands:
                     with contextlib.suppress(redis.exceptions.ResponseError):
                         conn.read_response()
+            conn.socket_connect_timeout, conn.socket_timeout = timeouts
+            conn._sock.settimeout(timeouts[1])  # what connect() gave the socket, as configured
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.disconnect()
@@ -438,3 +459,8 @@ class SyncMux:
         with self._free:
             self._count = max(0, self._count - 1)
             self._free.notify()
+
+
+def _left(until: float) -> float:
+    """Seconds until a monotonic deadline (a little more than none: a socket needs some)."""
+    return max(until - time.monotonic(), 0.001)

@@ -744,12 +744,35 @@ class SyncTurnRequest:
             return grant
         except BaseException as exc:
             if isinstance(exc, TurnTimeout):  # keep a grant that came at the last moment
-                got = self._cleanup(lambda: self._leave_once(token, keep=True), "leave the line")
+                got = self._leave_in_time(token)
                 if got is not None:
                     return got
             else:  # the backend failed: leave in the background, raise now
                 self._leave_later(token)
             raise
+
+    def _leave_in_time(self, token: str) -> Grant | None:
+        """Leave the line after a timeout, keeping a grant that came meanwhile; wait at most
+        LEAVE_GRACE for the answer (a stalled server: the leave goes on in the background,
+        and releases what it may have been granted)."""
+        backend = self._gate.sync_backend
+
+        def leave() -> Grant | None:
+            return self._cleanup(lambda: self._leave_once(token, keep=True), "leave the line")
+
+        if getattr(backend, "never_blocks", False):
+            return leave()
+        future = _bounded_pool().submit(leave)
+        try:
+            return future.result(timeout=LEAVE_GRACE)
+        except concurrent.futures.TimeoutError:
+
+            def too_late(done: concurrent.futures.Future[Grant | None]) -> None:
+                if not done.cancelled() and done.result() is not None:
+                    self._cleanup(lambda: backend.release(self._key, token), "release")
+
+            future.add_done_callback(too_late)
+            return None
 
     def _leave_once(self, token: str, *, keep: bool) -> Grant | None:
         backend = self._gate.sync_backend

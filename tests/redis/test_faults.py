@@ -342,6 +342,62 @@ def test_sync_request_to_a_paused_server_gives_up_at_its_timeout(
         gate.close()
 
 
+@pytest.mark.parametrize(
+    ("lease", "timeout", "expected"),
+    [
+        (3.0, 2.5, inturn.BackendUnavailable),  # a re-check (every 1 s) meets the stall
+        (30.0, 1.0, inturn.TurnTimeout),  # no re-check before the deadline; then the leave
+    ],
+)
+def test_sync_waiter_in_line_when_the_server_stalls_gives_up_at_its_timeout(
+    make_redis_server: MakeServer, lease: float, timeout: float, expected: type[Exception]
+) -> None:
+    """A thread already waiting in line when the server stops answering: its re-checks are
+    cut at its deadline, and the leave after a timeout is given LEAVE_GRACE (0.5 s), so the
+    call ends by its timeout (plus that grace for the leave)."""
+    server = make_redis_server()
+    gate = inturn.Gate.from_url(server.url, namespace=_namespace(), lease=lease)
+    outcome: list[BaseException | None] = []
+    granted, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with gate.turn_sync("k"):
+            granted.set()
+            done.wait(30)
+
+    def wait() -> None:
+        try:
+            with gate.turn_sync("k", timeout=timeout):
+                pass
+        except Exception as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    waiter = threading.Thread(target=wait, daemon=True)
+    try:
+        holder.start()
+        assert granted.wait(5)
+        started = time.monotonic()
+        waiter.start()
+        time.sleep(0.3)  # in line: its JOIN was answered
+        server.pause()
+        waiter.join(timeout + 0.5 + SLACK)
+        took = time.monotonic() - started
+        in_time = not waiter.is_alive()
+        server.resume()
+        waiter.join(30)
+        print(f"sync waiter in line, server paused: {outcome} after {took:.2f}s")
+        assert in_time, f"still running {took:.2f}s after the request (ended with {outcome})"
+        assert isinstance(outcome[0], expected), outcome
+    finally:
+        server.resume()
+        done.set()
+        holder.join(10)
+        gate.close()
+
+
 # -- a restart without persistence ----------------------------------------------------
 
 
