@@ -25,9 +25,11 @@ Scenarios:
 3. hand-off: two contenders ping-pong one key; time from the holder leaving its body to the
    next holder's body starting.
 
-Async contenders are tasks on one event loop sharing one client (or gate); sync contenders
-are processes with a client each (`--sync-mode threads`: threads sharing one client). A lock
-that cannot cross processes (inturn on `memory://`, `threading.Lock`) runs in threads.
+Async contenders are tasks on one event loop sharing one client (or gate) and, in a second
+contention run, processes with an event loop and a client each (against 2b's flock as the
+bound); sync contenders are processes with a client each (`--sync-mode threads`: threads
+sharing one client). A lock that cannot cross processes (inturn on `memory://`,
+`threading.Lock`, `asyncio.Lock`) runs in threads or in one loop only.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from _facts import command, cpu_model, version  # benchmarks/ is sys.path[0]
 Role = Literal["inturn", "peer", "bound"]
 Scenario = Literal["cycle", "contention", "handoff"]
 Mode = Literal["async", "threads", "processes"]
+Flavor = Literal["sync", "async"]
 AsyncCM = Callable[[], AbstractAsyncContextManager[object]]
 SyncCM = Callable[[], AbstractContextManager[object]]
 Record = tuple[float, float, float]  # (asked, granted, released) on time.monotonic()
@@ -148,6 +151,7 @@ class AsyncContender:
     role: Role
     scenarios: frozenset[Scenario]
     open: Callable[[Target], Awaitable[AsyncSession]]
+    cross_process: Callable[[Target], bool] = lambda target: True
 
 
 @dataclass(frozen=True)
@@ -388,14 +392,22 @@ PG_SYNC = "inturn turn_sync [postgresql]"
 POSTGRES_ROWS = frozenset({PG_ASYNC, PG_SYNC, "2 x SELECT 1 (bound)"})
 
 ASYNC_CONTENDERS: tuple[AsyncContender, ...] = (
-    AsyncContender("inturn turn", "inturn", ALL, _open_inturn_async),
+    AsyncContender(
+        "inturn turn",
+        "inturn",
+        ALL,
+        _open_inturn_async,
+        cross_process=lambda target: target.inturn_scheme != "memory",
+    ),
     AsyncContender(PG_ASYNC, "inturn", ALL, _open_inturn_postgres_async),
     AsyncContender("redis-py asyncio Lock", "peer", ALL, _open_redis_py_async),
     AsyncContender("pottery AIORedlock", "peer", ALL, _open_pottery_async),
     AsyncContender("2 x SET (bound)", "bound", frozenset({"cycle"}), _open_two_sets_async),
     AsyncContender("2 x SELECT 1 (bound)", "bound", frozenset({"cycle"}), _open_two_selects_async),
-    AsyncContender("asyncio.Lock (bound)", "bound", ALL, _open_asyncio_lock),
+    AsyncContender("asyncio.Lock (bound)", "bound", ALL, _open_asyncio_lock, lambda target: False),
 )
+
+ASYNC_BY_NAME = {contender.name: contender for contender in ASYNC_CONTENDERS}
 
 SYNC_CONTENDERS: tuple[SyncContender, ...] = (
     SyncContender(
@@ -744,6 +756,7 @@ def _contend_sync(
 
 def _contender_process(
     name: str,
+    flavor: Flavor,
     target: Target,
     key: str,
     plan: Plan,
@@ -752,27 +765,63 @@ def _contender_process(
     index: int,
     results: Any,
 ) -> None:
-    """One contender in its own process, with its own client (or gate)."""
+    """One contender in its own process, with its own client (or gate); an "async" one
+    runs in its own event loop. Before the start it takes and releases a key of its own
+    once, so that connecting (and, for inturn, subscribing) is not timed as waiting."""
     try:
-        try:
-            session = SYNC_BY_NAME[name].open(target)
-        except BaseException:
-            start.barrier.abort()
-            raise
-        try:
-            records = _contend_sync(session.lock_for(key), plan, start, asking, index)
-        finally:
-            session.close()
+        if flavor == "async":
+            records = asyncio.run(
+                _contend_in_own_loop(name, target, key, plan, start, asking, index)
+            )
+        else:
+            try:
+                session = SYNC_BY_NAME[name].open(target)
+                with session.lock_for(f"{key}-warm-{index}")():
+                    pass
+            except BaseException:
+                start.barrier.abort()
+                raise
+            try:
+                records = _contend_sync(session.lock_for(key), plan, start, asking, index)
+            finally:
+                session.close()
         results.put((index, records, None))
     except BaseException as exc:
         results.put((index, [], _error(exc)))
+
+
+async def _contend_in_own_loop(
+    name: str,
+    target: Target,
+    key: str,
+    plan: Plan,
+    start: _Start,
+    asking: MutableSequence[float],
+    index: int,
+) -> list[Record]:
+    try:
+        session = await ASYNC_BY_NAME[name].open(target)
+    except BaseException:
+        start.barrier.abort()
+        raise
+    try:
+        try:
+            async with session.lock_for(f"{key}-warm-{index}")():
+                pass
+            deadline = start.wait() + plan.window  # blocks this loop: nothing else runs yet
+        except BaseException:
+            start.barrier.abort()
+            raise
+        return await _contend_async(session.lock_for(key), deadline, plan.hold, asking, index)
+    finally:
+        await session.aclose()
 
 
 def run_contention_sync(contender: SyncContender, target: Target, plan: Plan) -> ContentionRun:
     mode: Mode = plan.sync_mode if contender.cross_process(target) else "threads"
     key = f"contention-{target.run_id}"
     if mode == "processes":
-        return _contention_processes(contender, target, plan, key)
+        return _contention_processes(contender.name, contender.role, "sync", target, plan, key)
     n = plan.contenders
     session = contender.open(target)
     try:
@@ -821,7 +870,7 @@ def _process_context() -> Any:
 
 
 def _contention_processes(
-    contender: SyncContender, target: Target, plan: Plan, key: str
+    name: str, role: Role, flavor: Flavor, target: Target, plan: Plan, key: str
 ) -> ContentionRun:
     n = plan.contenders
     ctx = _process_context()
@@ -831,7 +880,7 @@ def _contention_processes(
     procs = [
         ctx.Process(
             target=_contender_process,
-            args=(contender.name, target, key, plan, start, asking, i, results),
+            args=(name, flavor, target, key, plan, start, asking, i, results),
             daemon=True,
         )
         for i in range(n)
@@ -866,9 +915,7 @@ def _contention_processes(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    return ContentionRun(
-        contender.name, contender.role, "processes", records, censored, started, plan, errors
-    )
+    return ContentionRun(name, role, "processes", records, censored, started, plan, errors)
 
 
 # -- scenario 3: hand-off -----------------------------------------------------------------
@@ -991,6 +1038,9 @@ class Results:
     cycles_sync: list[CycleResult] = field(default_factory=list)
     contention_async: list[ContentionStats] = field(default_factory=list)
     contention_sync: list[ContentionStats] = field(default_factory=list)
+    contention_async_processes: list[ContentionStats] = field(default_factory=list)
+    async_contenders: list[str] = field(default_factory=list)
+    """The async contenders that passed their probe (run_async_part)."""
     handoff: list[HandoffResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -1043,6 +1093,7 @@ async def run_async_part(target: Target, plan: Plan, results: Results) -> None:
     def having(scenario: Scenario) -> list[AsyncContender]:
         return [c for c in contenders if scenario in c.scenarios]
 
+    results.async_contenders = [c.name for c in contenders]
     _progress("async: uncontended cycles")
     results.cycles_async = await run_cycles_async(having("cycle"), target, plan)
     for contender in having("contention"):
@@ -1093,6 +1144,22 @@ def run_sync_part(target: Target, plan: Plan, results: Results) -> None:
             results.handoff.append(
                 HandoffResult(contender.name, contender.role, "threads", [], _error(exc))
             )
+
+
+def run_async_processes_part(target: Target, plan: Plan, results: Results) -> None:
+    """Contention with one contender per process, each in its own event loop (a bot's
+    worker processes): the async locks that work across processes."""
+    for name in results.async_contenders:
+        contender = ASYNC_BY_NAME[name]
+        if "contention" not in contender.scenarios or not contender.cross_process(target):
+            continue
+        _progress(f"async processes: contention, {name}")
+        key = f"contention-{target.run_id}"
+        try:
+            run = _contention_processes(name, contender.role, "async", target, plan, key)
+        except Exception as exc:
+            run = _failed_run(name, contender.role, "processes", plan, exc)
+        results.contention_async_processes.append(ContentionStats.of(run))
 
 
 # -- reporting ----------------------------------------------------------------------------
@@ -1357,6 +1424,14 @@ def build_tables(results: Results, target: Target, plan: Plan) -> list[Table]:
             target,
             plan,
         ),
+        contention_table(
+            "2c. Contention, async: processes with an event loop and a client each (times in ms;"
+            " the bound is 2b's flock row)",
+            results.contention_async_processes
+            + [s for s in results.contention_sync if s.role == "bound" and s.mode == "processes"],
+            target,
+            plan,
+        ),
         handoff_table(results.handoff, target, plan),
     ]
 
@@ -1468,6 +1543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Separate keys, so that nothing the async part left behind can block the sync part.
         asyncio.run(run_async_part(replace(target, run_id=f"{target.run_id}-a"), plan, results))
         run_sync_part(replace(target, run_id=f"{target.run_id}-s"), plan, results)
+        run_async_processes_part(replace(target, run_id=f"{target.run_id}-p"), plan, results)
         facts = machine_facts(target)
         facts.append(("run time", f"{time.monotonic() - began:.1f} s"))
         print(render_text(results, facts, target, plan))
