@@ -46,7 +46,9 @@ class Grant:
     ``confirmed``: set for a grant handed over inside the process before the
     backend recorded it (an asyncio future for a task, a concurrent one for a
     thread); it resolves to False if the backend refused it (the holder then
-    treats the turn as lost), and is cancelled when the answer never came.
+    treats the turn as lost), and is cancelled when the answer never came. The
+    holder releases only once it has resolved (the turn layer waits for it), so
+    that its release cannot reach the backend before the one that granted it.
     """
 
     fence: int

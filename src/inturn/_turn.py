@@ -755,23 +755,18 @@ class SyncTurnRequest:
         """Leave the line after a timeout, keeping a grant that came meanwhile; wait at most
         LEAVE_GRACE for the answer (a stalled server: the leave goes on in the background,
         and releases what it may have been granted)."""
-        backend = self._gate.sync_backend
 
         def leave() -> Grant | None:
             return self._cleanup(lambda: self._leave_once(token, keep=True), "leave the line")
 
-        if getattr(backend, "never_blocks", False):
-            return leave()
-        future = _bounded_pool().submit(leave)
+        def too_late(got: Grant | None) -> None:
+            if got is not None:
+                release = self._gate.sync_backend.release
+                self._cleanup(lambda: release(self._key, token), "release")
+
         try:
-            return future.result(timeout=LEAVE_GRACE)
+            return self._within(leave, LEAVE_GRACE, too_late)
         except concurrent.futures.TimeoutError:
-
-            def too_late(done: concurrent.futures.Future[Grant | None]) -> None:
-                if not done.cancelled() and done.result() is not None:
-                    self._cleanup(lambda: backend.release(self._key, token), "release")
-
-            future.add_done_callback(too_late)
             return None
 
     def _leave_once(self, token: str, *, keep: bool) -> Grant | None:
@@ -795,16 +790,34 @@ class SyncTurnRequest:
         thread so the caller is free at its deadline; the call itself finishes
         or times out on its own, and the line is left in the background.
         """
-        remaining = deadline.remaining(time.monotonic())
-        if remaining is None or getattr(self._gate.sync_backend, "never_blocks", False):
-            return call()
-        future = _bounded_pool().submit(call)
         try:
-            return future.result(timeout=remaining)
+            return self._within(call, deadline.remaining(time.monotonic()))
         except concurrent.futures.TimeoutError as exc:
             raise BackendUnavailable(
                 f"the backend did not answer within the timeout for key {self._key!r}"
             ) from exc
+
+    def _within(
+        self,
+        call: Callable[[], T],
+        limit: float | None,
+        late: Callable[[T], object] | None = None,
+    ) -> T:
+        """Run a backend call, in a worker thread when its calls can block (a paused server),
+        and wait at most ``limit`` seconds (None: as long as it takes). Past that, raise
+        ``concurrent.futures.TimeoutError``; the call finishes on its own, and its result
+        then goes to ``late``."""
+        if limit is None or getattr(self._gate.sync_backend, "never_blocks", False):
+            return call()
+        future = _bounded_pool().submit(call)
+        try:
+            return future.result(timeout=limit)
+        except concurrent.futures.TimeoutError:
+            if late is not None:
+                future.add_done_callback(
+                    lambda done: None if done.exception() is not None else late(done.result())
+                )
+            raise
 
     def _cleanup(self, call: Callable[[], T], what: str) -> T | None:
         try:
