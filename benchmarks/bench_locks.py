@@ -56,10 +56,11 @@ from collections.abc import Awaitable, Callable, MutableSequence, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import redis.asyncio  # binds `redis` as well
 from _facts import command, cpu_model, version  # benchmarks/ is sys.path[0]
+from _procs import BarrierLike, EventLike, Shared, start_redis
 
 Role = Literal["inturn", "peer", "bound"]
 Scenario = Literal["cycle", "contention", "handoff"]
@@ -629,7 +630,7 @@ def run_cycles_sync(
 
 
 async def _contend_async(
-    make: AsyncCM, deadline: float, hold: float, asking: list[float], index: int
+    make: AsyncCM, deadline: float, hold: float, asking: MutableSequence[float], index: int
 ) -> list[Record]:
     records: list[Record] = []
     while (asked := time.monotonic()) < deadline:
@@ -684,25 +685,9 @@ async def run_contention_async(
         await session.aclose()
 
 
-class _Shared(Protocol):
-    value: float
-
-
 @dataclass
 class _Box:
     value: float = 0.0
-
-
-class _BarrierLike(Protocol):
-    def wait(self, timeout: float | None = None) -> int: ...
-
-    def abort(self) -> None: ...
-
-
-class _EventLike(Protocol):
-    def wait(self, timeout: float | None = None) -> bool: ...
-
-    def set(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -713,9 +698,9 @@ class _Start:
     times, deadlines and records compare across processes.
     """
 
-    barrier: _BarrierLike
-    go: _EventLike
-    at: _Shared
+    barrier: BarrierLike
+    go: EventLike
+    at: Shared
 
     def release(self) -> float:
         self.barrier.wait(timeout=60)
@@ -1458,24 +1443,6 @@ def render_markdown(
 
 
 # -- main ---------------------------------------------------------------------------------
-
-
-class _Server(Protocol):
-    @property
-    def url(self) -> str: ...
-
-    def stop(self) -> None: ...
-
-
-def start_redis() -> _Server:
-    """A redis-server of our own on a free loopback port, via the test suite's helper."""
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from tests.servers import RedisServer
-
-    server: _Server = RedisServer().start()
-    return server
 
 
 def start_postgres() -> tuple[Any, str | None]:

@@ -50,10 +50,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import redis
 from _facts import command, cpu_model, version  # benchmarks/ is sys.path[0]
+from _procs import BarrierLike, EventLike, Shared, start_redis
 
 Spread = Literal["partitioned", "interleaved"]
 # (user, seq, producer, handled at, submitted at, process, index in that process)
@@ -317,12 +318,15 @@ def _install_command_counter(counter: collections.Counter[str]) -> None:
         }
     original = redis.asyncio.client.Redis.execute_command
 
-    async def execute_command(self: Any, *args: Any, **options: Any) -> Any:
-        name = str(args[0]).upper()
+    def count(command: Sequence[Any]) -> None:
+        name = str(command[0]).upper()
         if name == "EVALSHA":
-            sha = str(args[1])
+            sha = str(command[1])
             name = f"EVALSHA {scripts.get(sha, sha[:8])}"
         counter[name] += 1
+
+    async def execute_command(self: Any, *args: Any, **options: Any) -> Any:
+        count(args)
         return await original(self, *args, **options)
 
     redis.asyncio.client.Redis.execute_command = execute_command  # type: ignore[method-assign]
@@ -333,41 +337,21 @@ def _install_command_counter(counter: collections.Counter[str]) -> None:
         send = Mux._send
 
         def counted_send(self: Any, link: Any, command: tuple[Any, ...], **options: Any) -> Any:
-            name = str(command[0]).upper()
-            if name == "EVALSHA":
-                sha = str(command[1])
-                name = f"EVALSHA {scripts.get(sha, sha[:8])}"
-            counter[name] += 1
+            count(command)
             return send(self, link, command, **options)
 
         Mux._send = counted_send  # type: ignore[method-assign]
-
-
-class _BarrierLike(Protocol):
-    def wait(self, timeout: float | None = None) -> int: ...
-
-    def abort(self) -> None: ...
-
-
-class _EventLike(Protocol):
-    def wait(self, timeout: float | None = None) -> bool: ...
-
-    def set(self) -> None: ...
-
-
-class _Shared(Protocol):
-    value: float
 
 
 @dataclass(frozen=True)
 class _Sync:
     """What the parent and the throughput processes share."""
 
-    ready: _BarrierLike  # every process warmed up (parent included)
-    go: _EventLike
-    at: _Shared  # the start, on time.monotonic() (one clock for all processes on Linux)
+    ready: BarrierLike  # every process warmed up (parent included)
+    go: EventLike
+    at: Shared  # the start, on time.monotonic() (one clock for all processes on Linux)
     handled: Any  # Array('q'): messages handled, one slot per process
-    finish: _EventLike  # the parent has read the server's counters: close and report
+    finish: EventLike  # the parent has read the server's counters: close and report
     reports: Any  # Queue
 
 
@@ -1009,23 +993,6 @@ def render_markdown(results: Results, facts: list[tuple[str, str]], plan: Plan) 
 
 
 # -- main ---------------------------------------------------------------------------------
-
-
-class _Server(Protocol):
-    url: str
-
-    def stop(self) -> None: ...
-
-
-def start_redis() -> _Server:
-    """A redis-server of our own on a free loopback port, via the test suite's helper."""
-    root = str(HERE.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from tests.servers import RedisServer
-
-    server: _Server = RedisServer().start()
-    return server
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
