@@ -1208,32 +1208,31 @@ class SyncRedisBackend:
             with self._lock:
                 self._line.changing(key, -1)
 
-    def _queued(self, token: str, waiter: _Waiter, reply: Sequence[Any], sent: float) -> None:
-        with self._lock:
-            _queued(waiter, reply, sent)
-            if len(reply) > 3 and token in self._line.waiters:  # a JOIN's: its place
-                self._line.place(token, waiter)
+    def _settle(self, token: str, waiter: _Waiter, reply: Sequence[Any], sent: float) -> None:
+        """A JOIN or REFRESH left the waiter in line (call with ``_lock`` held)."""
+        _queued(waiter, reply, sent)
+        if len(reply) > 3 and token in self._line.waiters:  # a JOIN's: its place
+            self._line.place(token, waiter)
 
     def join(self, key: str, token: str, lease: float) -> Grant | None:
         self._listening()
         waiter = _Waiter(key, lease, event=threading.Event())
         with self._lock:
             self._line.waiters[token] = waiter  # a push may come before the reply
+            self._line.changing(key, 1)  # no hand-over for the key until it has its place
         sent = time.monotonic()
         args = [token, _ms(lease), _alive_ms(lease), self._common.channel, "join"]
-        with self._changing(key):
-            try:
-                reply = self._run("join", key, args)
-            except BaseException:
-                with self._lock:
+        reply: Sequence[Any] = ()
+        try:
+            reply = self._run("join", key, args)
+        finally:
+            with self._lock:
+                self._line.changing(key, -1)
+                if reply and reply[0] != 1:
+                    self._settle(token, waiter, reply, sent)
+                else:  # granted at once, or failed
                     self._line.forget(token)
-                raise
-            if reply[0] == 1:
-                with self._lock:
-                    self._line.forget(token)
-                return _grant(reply, sent, lease)
-            self._queued(token, waiter, reply, sent)
-        return None
+        return _grant(reply, sent, lease) if reply[0] == 1 else None
 
     def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
         sent = time.monotonic()
@@ -1294,7 +1293,8 @@ class SyncRedisBackend:
                 reply = self._run("join", key, [*args, "join"], timeout=limit)
             if reply[0] == 1:
                 return _grant(reply, sent, waiter.lease)
-            self._queued(token, waiter, reply, sent)
+            with self._lock:
+                self._settle(token, waiter, reply, sent)
         return None
 
     def renew(self, key: str, token: str, lease: float) -> bool:
