@@ -9,12 +9,27 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import inturn
 from inturn.testing import History
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spawn(*args: str, module: str = "tests._contender") -> subprocess.Popen[str]:
+    """Run `python -m <module> ARGS...` from the repo root, its output piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def contend_async(url: str, namespace: str, out: str, keys: int, tasks: int, rounds: int) -> None:

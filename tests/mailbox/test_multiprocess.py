@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,18 +12,9 @@ import redis
 
 import inturn
 from inturn.testing import Span, check_history
+from tests._contender import spawn
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.mailbox._worker", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+WORKER = "tests.mailbox._worker"
 
 
 def test_four_processes_submit_for_200_users(redis_url: str, tmp_path: Path) -> None:
@@ -33,7 +22,7 @@ def test_four_processes_submit_for_200_users(redis_url: str, tmp_path: Path) -> 
     namespace = f"mbp{secrets.token_hex(4)}"
     outs = [tmp_path / f"w{i}.jsonl" for i in range(4)]
     procs = [
-        spawn("submit", redis_url, namespace, str(o), str(i), "200", "3")
+        spawn("submit", redis_url, namespace, str(o), str(i), "200", "3", module=WORKER)
         for i, o in enumerate(outs)
     ]
     for proc in procs:
@@ -63,7 +52,7 @@ async def test_killed_drainer_is_resumed_by_the_sweeper(redis_url: str, tmp_path
     resumes the queue, redelivers the in-flight message first, and dedup keeps its effect once."""
     namespace = f"mbk{secrets.token_hex(4)}"
     effects = tmp_path / "effects.txt"
-    proc = spawn("victim", redis_url, namespace, str(effects))
+    proc = spawn("victim", redis_url, namespace, str(effects), module=WORKER)
     out, err = await asyncio.to_thread(proc.communicate, timeout=30)
     assert proc.returncode == -9, err
     assert out.splitlines() == ["effect 0"]

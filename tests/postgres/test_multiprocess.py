@@ -6,8 +6,6 @@ import asyncio
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -17,20 +15,9 @@ import pytest
 
 import inturn
 from inturn.testing import History, check_history
+from tests._contender import spawn
 
 from .conftest import advisory_holders, advisory_waiters, until
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests._contender", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])

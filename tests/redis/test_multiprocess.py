@@ -6,8 +6,6 @@ import asyncio
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,18 +14,7 @@ import redis
 
 import inturn
 from inturn.testing import History, check_history
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests._contender", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+from tests._contender import spawn
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
