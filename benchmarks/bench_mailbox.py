@@ -310,7 +310,7 @@ def _install_command_counter(counter: collections.Counter[str]) -> None:
 
     scripts: dict[str, str] = {}
     with contextlib.suppress(ImportError, AttributeError):
-        from inturn import _redis  # private: only to name the scripts in the breakdown
+        from inturn._backends.redis import _engine as _redis  # private: only to name the scripts in the breakdown
 
         scripts = {
             hashlib.sha1(lua.encode()).hexdigest(): name.upper()
@@ -332,7 +332,7 @@ def _install_command_counter(counter: collections.Counter[str]) -> None:
     redis.asyncio.client.Redis.execute_command = execute_command  # type: ignore[method-assign]
 
     with contextlib.suppress(ImportError, AttributeError):
-        from inturn._redis_mux import Mux
+        from inturn._backends.redis._mux import Mux
 
         send = Mux._send
 

@@ -12,7 +12,7 @@ lease renewed in the background. Different keys run in parallel.
 import their drivers when first used.
 """
 
-from ._backend import (
+from ._backends.base import (
     Backend,
     ClaimResult,
     DedupBackend,
@@ -41,7 +41,7 @@ from ._errors import (
 from ._gate import Gate
 from ._keys import MAX_KEY_BYTES
 from ._mailbox import DeadLetter, Mailbox, Message
-from ._memory import MemoryBackend, SyncMemoryBackend
+from ._backends.memory import MemoryBackend, SyncMemoryBackend
 from ._metrics import InProcessMetrics, MetricsSink, Summary
 from ._serialize import Serializer
 from ._turn import SyncTurn, SyncTurnRequest, Turn, TurnRequest
@@ -49,10 +49,10 @@ from ._turn import SyncTurn, SyncTurnRequest, Turn, TurnRequest
 __version__ = "0.1.0"
 
 _LAZY = {
-    "PostgresBackend": "inturn._postgres",
-    "RedisBackend": "inturn._redis",
-    "SyncPostgresBackend": "inturn._postgres",
-    "SyncRedisBackend": "inturn._redis",
+    "PostgresBackend": "inturn._backends.postgres",
+    "RedisBackend": "inturn._backends.redis",
+    "SyncPostgresBackend": "inturn._backends.postgres",
+    "SyncRedisBackend": "inturn._backends.redis",
 }
 
 

@@ -21,7 +21,7 @@ import math
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from ._backend import ClaimResult, DedupBackend, SyncDedupBackend
+from ._backends.base import ClaimResult, DedupBackend, SyncDedupBackend
 from ._errors import ConfigurationError, Duplicate
 from ._keys import normalize_key
 

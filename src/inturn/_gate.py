@@ -10,7 +10,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._backend import Backend, SyncBackend
+from ._backends.base import Backend, SyncBackend
 from ._dedup import DEFAULT_WINDOW, Deduplicator
 from ._errors import ConfigurationError
 from ._keys import normalize_key
@@ -36,14 +36,14 @@ from ._turn import (
 __all__ = ["SCHEMES", "Gate"]
 
 SCHEMES: dict[str, str] = {
-    "memory": "inturn._memory",
-    "redis": "inturn._redis",
-    "rediss": "inturn._redis",
-    "unix": "inturn._redis",
-    "redis+sentinel": "inturn._redis",
-    "redis+cluster": "inturn._redis",
-    "postgresql": "inturn._postgres",
-    "postgres": "inturn._postgres",
+    "memory": "inturn._backends.memory",
+    "redis": "inturn._backends.redis",
+    "rediss": "inturn._backends.redis",
+    "unix": "inturn._backends.redis",
+    "redis+sentinel": "inturn._backends.redis",
+    "redis+cluster": "inturn._backends.redis",
+    "postgresql": "inturn._backends.postgres",
+    "postgres": "inturn._backends.postgres",
 }
 """URL scheme -> module with a ``from_url(url, *, namespace)`` factory, loaded on first use."""
 
@@ -79,7 +79,7 @@ class Gate:
         metrics: MetricsSink | None = None,
     ) -> None:
         if backend is None:
-            from ._memory import MemoryBackend
+            from ._backends.memory import MemoryBackend
 
             backend = MemoryBackend()
         if not isinstance(backend, Backend):

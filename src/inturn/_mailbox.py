@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._backend import MailboxBackend, Taken
+from ._backends.base import MailboxBackend, Taken
 from ._dedup import DEFAULT_WINDOW
 from ._errors import ConfigurationError, Duplicate, InvalidPayload, MailboxFull
 from ._keys import normalize_key

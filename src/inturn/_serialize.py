@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
-from ._backend import SupersedeBackend, SyncSupersedeBackend
+from ._backends.base import SupersedeBackend, SyncSupersedeBackend
 from ._errors import Busy, ConfigurationError, Duplicate, Skipped, Superseded
 from ._turn import new_token
 

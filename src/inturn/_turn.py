@@ -33,7 +33,7 @@ from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-from ._backend import Confirmation, Grant
+from ._backends.base import Confirmation, Grant
 from ._errors import BackendUnavailable, Busy, LeaseLost, TurnTimeout
 from ._policy import Deadline, LeaseClock, OnLost
 

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 import inturn
-from inturn._postgres import PostgresBackend, _parse_url, key_hash
+from inturn._backends.postgres._engine import PostgresBackend, _parse_url, key_hash
 from inturn.testing import History, check_history
 
 

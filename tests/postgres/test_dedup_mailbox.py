@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 import inturn
-from inturn._postgres import PostgresBackend
+from inturn._backends.postgres._engine import PostgresBackend
 
 
 def _rows(admin: psycopg.Connection, sql: str, namespace: str) -> int:

@@ -29,7 +29,7 @@ import redis
 import redis.asyncio
 
 import inturn
-from inturn._redis import CONNECT_TIMEOUT
+from inturn._backends.redis._engine import CONNECT_TIMEOUT
 from tests.servers import RedisServer
 
 
@@ -59,7 +59,7 @@ def _namespace() -> str:
 
 
 def _owner_key(namespace: str, key: str) -> str:
-    # Alphanumeric namespaces and keys are not escaped (see inturn._redis_keys).
+    # Alphanumeric namespaces and keys are not escaped (see inturn._backends.redis._keys).
     return f"inturn:{namespace}:{{{key}}}:o"
 
 

@@ -10,7 +10,7 @@ import pytest
 from redis.crc import key_slot
 
 import inturn
-from inturn._redis_keys import KeySpace, encode
+from inturn._backends.redis._keys import KeySpace, encode
 from inturn.testing import History, check_history
 from tests.servers import RedisCluster
 

@@ -1,4 +1,4 @@
-"""The backend's own script connections (inturn._redis_mux) against a real redis-server.
+"""The backend's own script connections (inturn._backends.redis._mux) against a real redis-server.
 
 Mux (async): one connection carries every script call of a loop, in order; a cancelled
 caller does not poison it; a dropped connection is retried on a new one; a silent server
@@ -21,7 +21,7 @@ import redis
 import redis.asyncio
 
 import inturn
-from inturn._redis_mux import Mux, SyncMux, sha1
+from inturn._backends.redis._mux import Mux, SyncMux, sha1
 from inturn.testing import History, check_history
 from tests.servers import RedisServer
 

@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from ._backend import ClaimResult, Confirmation, Grant, Taken
-from ._errors import BackendUnavailable, ConfigurationError
-from ._redis_keys import KeySpace
-from ._redis_lua import (
+from ..base import ClaimResult, Confirmation, Grant, Taken
+from ..._errors import BackendUnavailable, ConfigurationError
+from ._keys import KeySpace
+from ._lua import (
     ABANDON,
     CLAIM,
     FINISH,
@@ -80,7 +80,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "the Redis backend needs redis-py: pip install 'inturn[redis]'"
     ) from exc
 
-from ._redis_mux import Mux, SyncMux, sha1  # imports redis-py, so only once it is known to be there
+from ._mux import Mux, SyncMux, sha1  # imports redis-py, so only once it is known to be there
 
 __all__ = ["RedisBackend", "SyncRedisBackend", "from_url"]
 

@@ -65,10 +65,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _postgres_sql as q
-from ._backend import ClaimResult, Grant, Taken
-from ._errors import BackendUnavailable, ConfigurationError
-from ._wakeup import Wakeup
+from . import _sql as q
+from ..base import ClaimResult, Grant, Taken
+from ..._errors import BackendUnavailable, ConfigurationError
+from .._wakeup import Wakeup
 
 try:
     import psycopg

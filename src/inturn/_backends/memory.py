@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ._backend import ClaimResult, Grant, Taken
+from .base import ClaimResult, Grant, Taken
 from ._wakeup import Wakeup
 
 __all__ = ["MemoryBackend", "SyncMemoryBackend"]
