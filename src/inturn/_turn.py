@@ -111,6 +111,7 @@ class _TurnBase:
     __slots__ = (
         "_clock",
         "_confirmation",
+        "_released",
         "_runtime",
         "_token",
         "acquired_at",
@@ -149,6 +150,7 @@ class _TurnBase:
         self._token = token
         self._clock = clock
         self._confirmation = grant.confirmed
+        self._released = False
         self._arm()
 
     @property
@@ -157,8 +159,20 @@ class _TurnBase:
         return self.acquired_at - self.asked_at
 
     def __repr__(self) -> str:
-        state = "held" if self.lost_reason is None else f"lost ({self.lost_reason})"
+        if self.lost_reason is not None:
+            state = f"lost ({self.lost_reason})"
+        else:
+            state = "released" if self._released else "held"
         return f"<{type(self).__name__} key={self.key!r} fence={self.fence} {state}>"
+
+    def _note_lapse(self) -> None:
+        """Record a lease that ran out by the holder's own clock, now rather than when the
+        renewal timer next runs: a loop or thread that was blocked past the lease must read
+        ``lost`` as set the moment it asks. Nothing changes once the block has exited."""
+        if self.lost_reason is None and not self._released:
+            now = time.monotonic()
+            if not self._clock.alive(now):
+                self._set_lost("max_hold" if now >= self._clock.hold_deadline else "expired")
 
     def _release_fence(self, lease: float) -> int | None:
         """The fence to release with, letting the backend hand the turn over in-process:
@@ -216,18 +230,19 @@ class Turn(_TurnBase):
     __slots__ = ("lost",)
 
     def _arm(self) -> None:
-        self.lost = asyncio.Event()
-        """Set when the lease is lost."""
+        self.lost: asyncio.Event = _LostEvent(self)
+        """Set when the lease is lost (``is_set()`` also reads the holder's clock)."""
 
     def _signal_lost(self) -> None:
-        self.lost.set()
+        asyncio.Event.set(self.lost)
 
     async def check(self) -> bool:
-        """Ask the backend whether this turn is still held (False once lost)."""
-        if self.lost_reason is not None:
+        """Ask the backend whether this turn is still held: False once lost, and False
+        (without calling it lost) after the block exited and released it."""
+        if self._released or self.lost.is_set():
             return False
         held = await self._runtime.backend.is_held(self.key, self._token)
-        if not held and self.lost_reason is None:
+        if not held and self.lost_reason is None and not self._released:
             self._set_lost("taken")
         return held
 
@@ -242,20 +257,47 @@ class SyncTurn(_TurnBase):
     __slots__ = ("lost",)
 
     def _arm(self) -> None:
-        self.lost = threading.Event()
-        """Set when the lease is lost."""
+        self.lost: threading.Event = _SyncLostEvent(self)
+        """Set when the lease is lost (``is_set()`` also reads the holder's clock)."""
 
     def _signal_lost(self) -> None:
-        self.lost.set()
+        threading.Event.set(self.lost)
 
     def check(self) -> bool:
-        """Ask the backend whether this turn is still held (False once lost)."""
-        if self.lost_reason is not None:
+        """Ask the backend whether this turn is still held: False once lost, and False
+        (without calling it lost) after the block exited and released it."""
+        if self._released or self.lost.is_set():
             return False
         held = self._runtime.sync_backend.is_held(self.key, self._token)
-        if not held:
+        if not held and not self._released:
             self._set_lost("taken")
         return held
+
+
+class _LostEvent(asyncio.Event):
+    """``turn.lost`` for a task: ``is_set()`` first notes a lease that ran out meanwhile."""
+
+    def __init__(self, turn: _TurnBase) -> None:
+        super().__init__()
+        self._turn = turn
+
+    def is_set(self) -> bool:
+        if not super().is_set():
+            self._turn._note_lapse()
+        return super().is_set()
+
+
+class _SyncLostEvent(threading.Event):
+    """``turn.lost`` for a thread: ``is_set()`` first notes a lease that ran out meanwhile."""
+
+    def __init__(self, turn: _TurnBase) -> None:
+        super().__init__()
+        self._turn = turn
+
+    def is_set(self) -> bool:
+        if not super().is_set():
+            self._turn._note_lapse()
+        return super().is_set()
 
 
 # -- the acquire flow, shared by both twins -------------------------------------------

@@ -143,6 +143,8 @@ class TurnRequest:
         if self._reused:
             return
         self._exited = True
+        turn._note_lapse()  # a lease that ran out during the body is reported as lost
+        turn._released = True
         if self._handle is not None:
             self._handle.cancel()
         if self._renewing is not None:

@@ -151,6 +151,8 @@ class SyncTurnRequest:
             return
         handle = self._handle
         self._handle = None  # tells a renewal that is running now not to reschedule
+        turn._note_lapse()  # a lease that ran out during the body is reported as lost
+        turn._released = True
         if handle is not None:
             handle.cancel()
         if self._held_token is not None:
