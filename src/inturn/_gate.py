@@ -122,7 +122,12 @@ class Gate:
             raise ConfigurationError("namespace must be a non-empty str")
         module = importlib.import_module(SCHEMES[scheme])
         backend = module.from_url(url, namespace=namespace)
-        return cls(backend, lease=lease, max_hold=max_hold, on_lost=on_lost, metrics=metrics)
+        gate = cls(backend, lease=lease, max_hold=max_hold, on_lost=on_lost, metrics=metrics)
+        # Gates on one URL and namespace share each key's turn: a task that holds a key
+        # through one gets the same turn back through another instead of waiting for itself.
+        where = "memory://" if scheme == "memory" else url
+        gate._runtime.domain = f"{where}#{namespace}"
+        return gate
 
     @property
     def lease(self) -> float:

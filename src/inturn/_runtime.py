@@ -137,6 +137,11 @@ class Runtime:
     ) -> None:
         self.id = next(_runtime_ids)
         """A number unique to this runtime (and its gate) in this process."""
+        self.domain = f"backend:{id(backend)}"
+        """Where this gate's turns live: gates with one domain share each key's turn, so a
+        task holding a key through one of them gets the same turn back through another
+        (re-entrancy) instead of waiting for itself. ``Gate.from_url`` sets it to the URL and
+        namespace; a gate built on a backend object has a domain of its own."""
         self.backend = backend
         self.settings = settings
         self.metrics = metrics

@@ -68,7 +68,7 @@ LEAVE_GRACE = 0.5
 # and other threads are other owners (they would run beside the holder).
 
 _Owner = weakref.ref[object]
-_held: contextvars.ContextVar[Mapping[tuple[int, str], tuple[_Owner, _TurnBase]]] = (
+_held: contextvars.ContextVar[Mapping[tuple[str, str], tuple[_Owner, _TurnBase]]] = (
     contextvars.ContextVar("inturn_held", default=MappingProxyType({}))
 )
 
@@ -82,25 +82,25 @@ def _current_owner() -> object:
     return task if task is not None else threading.current_thread()
 
 
-def _held_by_me(gate_id: int, key: str) -> _TurnBase | None:
-    found = _held.get().get((gate_id, key))
+def _held_by_me(domain: str, key: str) -> _TurnBase | None:
+    found = _held.get().get((domain, key))
     if found is not None and found[0]() is _current_owner():
         return found[1]
     return None
 
 
-def _mark_held(gate_id: int, key: str, turn: _TurnBase) -> contextvars.Token[object]:
+def _mark_held(domain: str, key: str, turn: _TurnBase) -> contextvars.Token[object]:
     held = dict(_held.get())
-    held[(gate_id, key)] = (weakref.ref(_current_owner()), turn)
+    held[(domain, key)] = (weakref.ref(_current_owner()), turn)
     return _held.set(held)  # type: ignore[return-value]
 
 
-def _unmark_held(gate_id: int, key: str, token: contextvars.Token[object]) -> None:
+def _unmark_held(domain: str, key: str, token: contextvars.Token[object]) -> None:
     try:
         _held.reset(token)  # type: ignore[arg-type]
     except ValueError:  # exited in another context than entered: drop the entry by hand
         held = dict(_held.get())
-        held.pop((gate_id, key), None)
+        held.pop((domain, key), None)
         _held.set(held)
 
 

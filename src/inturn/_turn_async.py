@@ -104,7 +104,7 @@ class TurnRequest:
         if self._turn is not None:
             raise RuntimeError("a TurnRequest can be entered only once")
         runtime = self._runtime
-        again = _held_by_me(runtime.id, self._key)
+        again = _held_by_me(runtime.domain, self._key)
         if isinstance(again, Turn):
             self._reused = True
             self._turn = again
@@ -126,7 +126,7 @@ class TurnRequest:
         self._turn = turn
         runtime.granted(turn.waited)
         self._task = asyncio.current_task()
-        self._held_token = _mark_held(runtime.id, self._key, turn)
+        self._held_token = _mark_held(runtime.domain, self._key, turn)
         self._schedule()
         if grant.confirmed is not None:  # handed over before the backend recorded it
             grant.confirmed.add_done_callback(self._confirmed)
@@ -150,7 +150,7 @@ class TurnRequest:
         if self._renewing is not None:
             self._renewing.cancel()
         if self._held_token is not None:
-            _unmark_held(self._runtime.id, self._key, self._held_token)
+            _unmark_held(self._runtime.domain, self._key, self._held_token)
         self._runtime.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
         try:
             release = partial(self._runtime.backend.release, turn.key, turn._token)

@@ -48,16 +48,30 @@ logger = logging.getLogger("inturn")
 
 T = TypeVar("T")
 
-_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+class _Pool:
+    """A process's pool of worker threads for one job, made anew after a fork."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._size, self._name = size, name
+        self._made: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+    def __call__(self) -> concurrent.futures.ThreadPoolExecutor:
+        made = self._made
+        if made is None or made[0] != os.getpid():
+            executor = concurrent.futures.ThreadPoolExecutor(
+                self._size, thread_name_prefix=self._name
+            )
+            made = self._made = (os.getpid(), executor)
+        return made[1]
 
 
-def _bounded_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Worker threads for deadline-bounded sync calls (made anew after a fork)."""
-    global _pool
-    if _pool is None or _pool[0] != os.getpid():
-        executor = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="inturn-call")
-        _pool = (os.getpid(), executor)
-    return _pool[1]
+_bounded_pool = _Pool(32, "inturn-call")
+"""Runs backend calls that a deadline bounds (the caller waits at most that long)."""
+_renewal_pool = _Pool(16, "inturn-renew")
+"""Runs renewals, so that one stuck connection never holds up the timer thread, and with it
+every other holder's renewal in the process (a renewal waits on a call in ``_bounded_pool``:
+two pools, so no pool ever waits on itself)."""
 
 
 class SyncTurnRequest:
@@ -105,7 +119,7 @@ class SyncTurnRequest:
         if self._turn is not None:
             raise RuntimeError("a SyncTurnRequest can be entered only once")
         runtime = self._runtime
-        again = _held_by_me(runtime.id, self._key)
+        again = _held_by_me(runtime.domain, self._key)
         if isinstance(again, SyncTurn):
             self._reused = True
             self._turn = again
@@ -126,7 +140,7 @@ class SyncTurnRequest:
         turn = SyncTurn(runtime, self._key, asking.token, grant, asked=asked, clock=clock)
         self._turn = turn
         runtime.granted(turn.waited)
-        self._held_token = _mark_held(runtime.id, self._key, turn)
+        self._held_token = _mark_held(runtime.domain, self._key, turn)
         self._schedule()
         if grant.confirmed is not None:  # handed over before the backend recorded it
             grant.confirmed.add_done_callback(self._confirmed)
@@ -156,7 +170,7 @@ class SyncTurnRequest:
         if handle is not None:
             handle.cancel()
         if self._held_token is not None:
-            _unmark_held(self._runtime.id, self._key, self._held_token)
+            _unmark_held(self._runtime.domain, self._key, self._held_token)
         self._runtime.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
         hook = self._release_hook
         if hook is not None:
@@ -295,7 +309,14 @@ class SyncTurnRequest:
     def _schedule(self) -> None:
         turn = self._turn
         assert turn is not None
-        self._handle = self._runtime.timers.call_at(next_timer_at(turn._clock), self._renew)
+        self._handle = self._runtime.timers.call_at(next_timer_at(turn._clock), self._due)
+
+    def _due(self) -> None:
+        """On the timer thread: renew here when the backend never blocks, else in a worker."""
+        if self._runtime.sync_backend.never_blocks:
+            self._renew()
+        else:
+            _renewal_pool().submit(self._renew)
 
     def _renew(self) -> None:
         turn = self._turn
@@ -311,9 +332,20 @@ class SyncTurnRequest:
             self._schedule()
             return
         ok: bool | None
+        backend = self._runtime.sync_backend
         try:
-            ok = self._runtime.sync_backend.renew(turn.key, turn._token, due)
-        except (BackendUnavailable, ConnectionError, OSError, TimeoutError) as exc:
+            # Bounded by the lease's end: a stalled server must not keep the holder from
+            # learning, on time, that its lease ran out.
+            ok = self._within(
+                lambda: backend.renew(turn.key, turn._token, due), clock.expires_at - now
+            )
+        except (
+            BackendUnavailable,
+            ConnectionError,
+            OSError,
+            TimeoutError,
+            concurrent.futures.TimeoutError,
+        ) as exc:
             logger.debug("inturn: renewal of key %r failed: %r", turn.key, exc)
             ok = None
         if not self._holding():  # the block exited while this renewal ran

@@ -9,7 +9,9 @@ this module holds its two thin faces, async and sync, that share one core
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections.abc import Callable
 
 from inturn._backends.base import (
     ClaimResult,
@@ -37,10 +39,18 @@ class MemoryBackend:
     ``clock`` (default ``time.monotonic``) judges leases; tests inject their own.
     """
 
-    def __init__(self, *, clock: Clock = time.monotonic, namespace: str = "default") -> None:
-        self._core = MemoryCore(clock)
+    def __init__(
+        self,
+        *,
+        clock: Clock = time.monotonic,
+        namespace: str = "default",
+        core: MemoryCore | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._core = MemoryCore(clock) if core is None else core
         self._twin: SyncMemoryBackend | None = None
         self.namespace = namespace
+        self._closing = _Once(on_close)
 
     async def join(self, key: str, token: str, lease: float) -> Grant | None:
         return self._core.join(key, token, lease, sync=False)
@@ -172,11 +182,11 @@ class MemoryBackend:
 
     def sync_twin(self) -> SyncMemoryBackend:
         if self._twin is None:
-            self._twin = SyncMemoryBackend(self._core, self.namespace)
+            self._twin = SyncMemoryBackend(self._core, self.namespace, closing=self._closing)
         return self._twin
 
     async def aclose(self) -> None:
-        return None
+        self._closing()
 
 
 class SyncMemoryBackend:
@@ -185,9 +195,12 @@ class SyncMemoryBackend:
     never_blocks = True
     """Its calls return at once (only ``wait`` sleeps, bounded by its timeout)."""
 
-    def __init__(self, core: MemoryCore, namespace: str = "default") -> None:
+    def __init__(
+        self, core: MemoryCore, namespace: str = "default", *, closing: _Once | None = None
+    ) -> None:
         self._core = core
         self.namespace = namespace
+        self._closing = _Once(None) if closing is None else closing
 
     def join(self, key: str, token: str, lease: float) -> Grant | None:
         return self._core.join(key, token, lease, sync=True)
@@ -316,7 +329,7 @@ class SyncMemoryBackend:
         return self._core.mb_dead_letters(name, limit)
 
     def close(self) -> None:
-        return None
+        self._closing()
 
 
 _DIAGNOSTICS = Diagnostics(
@@ -335,7 +348,56 @@ _DIAGNOSTICS = Diagnostics(
 )
 
 
+class _Once:
+    """Runs a close action once, whichever face (async or sync) closes first."""
+
+    def __init__(self, action: Callable[[], None] | None) -> None:
+        self._action = action
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            action, self._action = self._action, None
+        if action is not None:
+            action()
+
+
+class _SharedCores:
+    """The state behind ``memory://``: one per namespace, shared by the process's open gates.
+
+    Two gates made from ``memory://`` with one namespace exclude each other, as two
+    gates on one Redis do; the state is dropped when the last of them is closed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cores: dict[str, tuple[MemoryCore, int]] = {}
+
+    def take(self, namespace: str) -> tuple[MemoryCore, Callable[[], None]]:
+        with self._lock:
+            core, users = self._cores.get(namespace, (None, 0))
+            if core is None:
+                core = MemoryCore(time.monotonic)
+            self._cores[namespace] = (core, users + 1)
+
+        def give_back() -> None:
+            with self._lock:
+                current, users = self._cores.get(namespace, (None, 0))
+                if current is core:
+                    if users <= 1:
+                        del self._cores[namespace]
+                    else:
+                        self._cores[namespace] = (core, users - 1)
+
+        return core, give_back
+
+
+_shared = _SharedCores()
+
+
 def from_url(url: str, *, namespace: str) -> MemoryBackend:
-    """Build the backend for ``memory://`` (each call gets its own, isolated state)."""
-    del url  # one process, one state per gate: nothing to configure
-    return MemoryBackend(namespace=namespace)
+    """Build the backend for ``memory://``: the gates of one namespace in this process share
+    one state (they exclude each other) until the last of them is closed."""
+    del url  # one process: nothing to configure
+    core, give_back = _shared.take(namespace)
+    return MemoryBackend(namespace=namespace, core=core, on_close=give_back)
