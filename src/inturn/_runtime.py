@@ -11,8 +11,10 @@ features sit below the gate and never reach back up into it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -28,7 +30,9 @@ __all__ = [
     "NewestCalls",
     "Runtime",
     "Supersedable",
+    "bounded_pool",
     "log_cleanup_failure",
+    "renewal_pool",
 ]
 
 logger = logging.getLogger("inturn")
@@ -38,6 +42,31 @@ CLEANUP_TIMEOUT = 5.0
 
 _runtime_ids = itertools.count(1)
 _timers = TimerThread()
+
+
+class _Pool:
+    """A process's pool of worker threads for one job, made anew after a fork."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._size, self._name = size, name
+        self._made: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+    def __call__(self) -> concurrent.futures.ThreadPoolExecutor:
+        made = self._made
+        if made is None or made[0] != os.getpid():
+            executor = concurrent.futures.ThreadPoolExecutor(
+                self._size, thread_name_prefix=self._name
+            )
+            made = self._made = (os.getpid(), executor)
+        return made[1]
+
+
+bounded_pool = _Pool(32, "inturn-call")
+"""Runs backend calls that a deadline bounds (the caller waits at most that long)."""
+renewal_pool = _Pool(16, "inturn-renew")
+"""Runs renewals (of turns and dedup claims), so that one stuck connection never holds up
+the timer thread, and with it every other holder's renewal in the process. A renewal waits
+on a call in ``bounded_pool``: two pools, so no pool ever waits on itself."""
 
 
 def log_cleanup_failure(what: str, key: str, exc: BaseException) -> None:

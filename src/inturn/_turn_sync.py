@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import logging
-import os
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -21,7 +20,7 @@ from ._backends.base import Confirmation, Grant
 from ._errors import BackendUnavailable, LeaseLost
 from ._keys import new_token
 from ._policy import Deadline, LeaseClock, TurnSettings
-from ._runtime import Runtime, log_cleanup_failure
+from ._runtime import Runtime, bounded_pool, log_cleanup_failure, renewal_pool
 from ._timers import TimerHandle
 from ._turn import (
     CONFIRM_WAIT,
@@ -47,31 +46,6 @@ __all__ = ["SyncTurnRequest"]
 logger = logging.getLogger("inturn")
 
 T = TypeVar("T")
-
-
-class _Pool:
-    """A process's pool of worker threads for one job, made anew after a fork."""
-
-    def __init__(self, size: int, name: str) -> None:
-        self._size, self._name = size, name
-        self._made: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
-
-    def __call__(self) -> concurrent.futures.ThreadPoolExecutor:
-        made = self._made
-        if made is None or made[0] != os.getpid():
-            executor = concurrent.futures.ThreadPoolExecutor(
-                self._size, thread_name_prefix=self._name
-            )
-            made = self._made = (os.getpid(), executor)
-        return made[1]
-
-
-_bounded_pool = _Pool(32, "inturn-call")
-"""Runs backend calls that a deadline bounds (the caller waits at most that long)."""
-_renewal_pool = _Pool(16, "inturn-renew")
-"""Runs renewals, so that one stuck connection never holds up the timer thread, and with it
-every other holder's renewal in the process (a renewal waits on a call in ``_bounded_pool``:
-two pools, so no pool ever waits on itself)."""
 
 
 class SyncTurnRequest:
@@ -287,7 +261,7 @@ class SyncTurnRequest:
         then goes to ``late``."""
         if limit is None or self._runtime.sync_backend.never_blocks:
             return call()
-        future = _bounded_pool().submit(call)
+        future = bounded_pool().submit(call)
         try:
             return future.result(timeout=limit)
         except concurrent.futures.TimeoutError:
@@ -316,7 +290,7 @@ class SyncTurnRequest:
         if self._runtime.sync_backend.never_blocks:
             self._renew()
         else:
-            _renewal_pool().submit(self._renew)
+            renewal_pool().submit(self._renew)
 
     def _renew(self) -> None:
         turn = self._turn

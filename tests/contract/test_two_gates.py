@@ -38,6 +38,7 @@ async def test_two_gates_exclude_each_other(twins: tuple[inturn.Gate, inturn.Gat
     """A holder through one gate makes the key busy through the other; FIFO hands it on."""
     a, b = twins
     order: list[str] = []
+
     async def try_b() -> None:
         async with b.turn_nowait("u"):
             pass
