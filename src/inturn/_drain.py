@@ -24,7 +24,8 @@ from ._backends.base import MailboxBackend, SyncMailboxBackend, Taken
 from ._dedup import Deduplicator
 from ._errors import ConfigurationError, Duplicate
 from ._message import Message, PendingCounter
-from ._runtime import Runtime
+from ._policy import RETRY_BACKOFF
+from ._runtime import Runtime, renewal_pool
 from ._turn_async import TurnRequest
 from ._turn_sync import SyncTurnRequest
 
@@ -83,6 +84,52 @@ class _Handled:
     ack: bool = False
     released: bool = False
     taken: Taken | None = None
+
+
+TRANSIENT = (ConnectionError, OSError, TimeoutError)
+"""Errors a drainer rides out (BackendUnavailable is a ConnectionError): it retries the step."""
+
+
+@dataclass(slots=True)
+class _Role:
+    """The drainer's view of its role: alive until its lease, unless renewed or lost."""
+
+    lease: float
+    alive_until: float
+    lost: bool = False
+
+    @classmethod
+    def taken(cls, lease: float) -> _Role:
+        return cls(lease=lease, alive_until=time.monotonic() + lease)
+
+    def renewed(self, sent_at: float) -> None:
+        self.alive_until = max(self.alive_until, sent_at + self.lease)
+
+    def retry_pause(self, attempt: int) -> float | None:
+        """How long to wait before retrying a step that failed in transport; None once the
+        role is lost or surely lapsed (the sweeper then resumes the queue)."""
+        left = self.alive_until - time.monotonic()
+        if self.lost or left <= 0:
+            return None
+        return min(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)], left)
+
+
+def _retried(step: _DrainStep) -> _DrainStep:
+    """The step to send again after a transport error. A take whose answer was lost may
+    have run: its batch is in flight now, so the retry must not acknowledge blind (the
+    batch would be dropped unprocessed); without ``ack`` it is delivered again instead."""
+    return _Take(ack=False) if isinstance(step, _Take) else step
+
+
+def _gave_up(name: str, key: str, exc: BaseException) -> None:
+    logger.warning(
+        "inturn: mailbox %r stops draining key %r: %r, and the drainer role lapsed "
+        "meanwhile (the sweeper resumes the queue)",
+        name,
+        key,
+        exc,
+        extra={"inturn_key": key},
+    )
 
 
 def drain_flow(box: Drainer, key: str, first: Taken | None) -> Generator[_DrainStep, Any, None]:
@@ -240,7 +287,8 @@ class Drainer:
 
     async def drain(self, key: str, token: str, first: Taken | None = None) -> None:
         """Drain ``key``'s queue on this event loop (``token`` owns the drainer role)."""
-        renewer = asyncio.ensure_future(self._renew_role(key, token))
+        role = _Role.taken(self._lease)
+        renewer = asyncio.ensure_future(self._renew_role(key, token, role))
         flow = drain_flow(self, key, first)
         reply: Any = None
         try:
@@ -249,7 +297,19 @@ class Drainer:
                     step = flow.send(reply)
                 except StopIteration:
                     return
-                reply = await self._step(step, key, token)
+                attempt = 0
+                while True:
+                    try:
+                        reply = await self._step(step, key, token)
+                        break
+                    except TRANSIENT as exc:
+                        pause = role.retry_pause(attempt)
+                        if pause is None:
+                            _gave_up(self.name, key, exc)
+                            return
+                        logger.debug("inturn: mailbox %r retries key %r: %r", self.name, key, exc)
+                        await asyncio.sleep(pause)
+                        attempt, step = attempt + 1, _retried(step)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -289,13 +349,20 @@ class Drainer:
             ack=handled.ack,
         )
 
-    async def _renew_role(self, key: str, token: str) -> None:
+    async def _renew_role(self, key: str, token: str, role: _Role) -> None:
         lease = self._lease
         while True:
             await asyncio.sleep(lease / 3)
-            with contextlib.suppress(Exception):
-                if not await self._store.mb_renew(self.name, key, token, lease=lease):
-                    return
+            sent = time.monotonic()
+            try:
+                alive = await self._store.mb_renew(self.name, key, token, lease=lease)
+            except Exception as exc:  # a transport error: try again next time
+                logger.debug("inturn: renewing the drainer role of %r failed: %r", key, exc)
+                continue
+            if not alive:
+                role.lost = True
+                return
+            role.renewed(sent)
 
     async def _debounce(self, key: str) -> None:
         """Wait until no message arrived for ``debounce`` s (at most ``debounce_max``)."""
@@ -359,7 +426,8 @@ class Drainer:
     def drain_sync(self, key: str, token: str, first: Taken | None = None) -> None:
         """Drain ``key``'s queue in this thread (``token`` owns the drainer role)."""
         store = self.sync_store()
-        renewal = _RoleRenewal(self, store, key, token)
+        role = _Role.taken(self._lease)
+        renewal = _RoleRenewal(self, store, key, token, role)
         flow = drain_flow(self, key, first)
         reply: Any = None
         try:
@@ -368,7 +436,19 @@ class Drainer:
                     step = flow.send(reply)
                 except StopIteration:
                     return
-                reply = self._step_sync(store, step, key, token)
+                attempt = 0
+                while True:
+                    try:
+                        reply = self._step_sync(store, step, key, token)
+                        break
+                    except TRANSIENT as exc:
+                        pause = role.retry_pause(attempt)
+                        if pause is None:
+                            _gave_up(self.name, key, exc)
+                            return
+                        logger.debug("inturn: mailbox %r retries key %r: %r", self.name, key, exc)
+                        time.sleep(pause)  # a transport error's backoff, bounded by the role
+                        attempt, step = attempt + 1, _retried(step)
         except Exception:
             logger.exception("inturn: mailbox %r drain of key %r failed", self.name, key)
         finally:
@@ -465,19 +545,31 @@ class Drainer:
 class _RoleRenewal:
     """Renews a sync drainer's role every third of the lease, on the process's timer thread."""
 
-    def __init__(self, box: Drainer, store: SyncMailboxBackend, key: str, token: str) -> None:
+    def __init__(
+        self, box: Drainer, store: SyncMailboxBackend, key: str, token: str, role: _Role
+    ) -> None:
         self._box, self._store, self._key, self._token = box, store, key, token
+        self._role = role
         self._stopped = False
         self._handle = box._runtime.timers.call_at(time.monotonic() + box._lease / 3, self._due)
 
     def _due(self) -> None:
-        if self._stopped:
-            return
+        """On the timer thread: renew in a worker, so a stuck server holds up nobody else."""
+        if not self._stopped:
+            renewal_pool().submit(self._renew)
+
+    def _renew(self) -> None:
         box = self._box
+        sent = time.monotonic()
         try:
             alive = self._store.mb_renew(box.name, self._key, self._token, lease=box._lease)
         except Exception:
             alive = True  # a transport error: try again next time
+        else:
+            if alive:
+                self._role.renewed(sent)
+            else:
+                self._role.lost = True
         if alive and not self._stopped:
             self._handle = box._runtime.timers.call_at(time.monotonic() + box._lease / 3, self._due)
 

@@ -157,6 +157,7 @@ class Gate:
         max_attempts: int = 5,
         backoff: Sequence[float] = (0.5, 2.0, 10.0, 30.0),
         dedup_window: float = DEFAULT_WINDOW,
+        sweep_interval: float | None = 5.0,
     ) -> Mailbox:
         """A durable per-key queue that drains itself: see :class:`~inturn.Mailbox`.
 
@@ -171,7 +172,9 @@ class Gate:
         long (at most ``debounce_max``, default 4x). A failed delivery is
         retried after ``backoff[n]`` seconds, up to ``max_attempts``, then
         dead-lettered. Message ids are remembered ``dedup_window`` seconds.
-        One mailbox per name and gate.
+        A process that submits also sweeps every ``sweep_interval`` seconds
+        (None: sweep by hand), resuming queues whose drainer died. One
+        mailbox per name and gate.
         """
         if name in self._mailboxes:
             raise ConfigurationError(f"this gate already has a mailbox named {name!r}")
@@ -190,6 +193,7 @@ class Gate:
             max_attempts=max_attempts,
             backoff=backoff,
             dedup_window=dedup_window,
+            sweep_interval=sweep_interval,
         )
         self._mailboxes[name] = box
         return box

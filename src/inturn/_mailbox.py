@@ -53,7 +53,8 @@ from ._drain import Drainer
 from ._errors import ConfigurationError, InvalidPayload, MailboxFull
 from ._keys import new_token, normalize_key
 from ._message import DeadLetter, Message, dead_letter, envelope
-from ._runtime import Runtime
+from ._runtime import Runtime, renewal_pool
+from ._timers import TimerHandle
 
 __all__ = ["DeadLetter", "Handler", "Mailbox", "Message"]
 
@@ -83,6 +84,7 @@ class Mailbox:
         max_attempts: int = 5,
         backoff: Sequence[float] = (0.5, 2.0, 10.0, 30.0),
         dedup_window: float = DEFAULT_WINDOW,
+        sweep_interval: float | None = 5.0,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError("a mailbox name must be a non-empty str")
@@ -106,6 +108,10 @@ class Mailbox:
                 raise ConfigurationError(f"{label} must be a positive int, not {value!r}")
         if not (0 <= debounce < math.inf):
             raise ConfigurationError(f"debounce must be >= 0 seconds, not {debounce!r}")
+        if sweep_interval is not None and not (0 < sweep_interval < math.inf):
+            raise ConfigurationError(
+                f"sweep_interval must be None or seconds > 0, not {sweep_interval!r}"
+            )
         if any(not (0 <= b < math.inf) for b in backoff) or not backoff:
             raise ConfigurationError("backoff must be a non-empty list of seconds >= 0")
         if not isinstance(runtime.backend, MailboxBackend):
@@ -143,6 +149,10 @@ class Mailbox:
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
         self._sweeper: asyncio.Task[None] | None = None
+        self.sweep_interval = sweep_interval
+        """Seconds between the sweeps this process runs once it submits (None: none)."""
+        self._sync_sweeper: TimerHandle | None = None
+        self._sync_sweeper_lock = threading.Lock()
         runtime.add_busy_probe(self)
 
     @property
@@ -213,6 +223,8 @@ class Mailbox:
         token = new_token()
         done = await self._store.mb_submit(self.name, key, text, **self._submit_args(token))
         self._submitted(key, done)
+        if self.sweep_interval is not None:
+            self._sweep_here()
         if done.status == SubmitStatus.DRAINER:
             await self._store.mb_hint(self.name, key, True)
             await self._start_drain(key, token, done.first)
@@ -247,12 +259,16 @@ class Mailbox:
         store = self._sync_store()
         done = store.mb_submit(self.name, key, text, **self._submit_args(token))
         self._submitted(key, done)
+        if self.sweep_interval is not None and self._sync_sweeper is None:
+            self._sweep_from_threads()
         if done.status == SubmitStatus.DRAINER:
             store.mb_hint(self.name, key, True)
             self._start_drain_sync(key, token, done.first)
 
-    def _start_drain_sync(self, key: str, token: str, first: Taken | None = None) -> None:
-        if self.inline:
+    def _start_drain_sync(
+        self, key: str, token: str, first: Taken | None = None, *, inline: bool | None = None
+    ) -> None:
+        if self.inline if inline is None else inline:
             self._drainer.drain_sync(key, token, first)
             return
 
@@ -329,9 +345,10 @@ class Mailbox:
                 await self._start_drain(key, token)
         return resumed
 
-    def sweep_sync(self) -> int:
+    def sweep_sync(self, *, inline: bool | None = None) -> int:
         """The thread twin of :meth:`sweep` (a ``def`` handler): resumed drains run as
-        the mailbox's ``drain`` setting says (in threads, or one after another here)."""
+        the mailbox's ``drain`` setting says (in threads, or one after another here), or as
+        ``inline`` says."""
         if self.is_async:
             raise ConfigurationError(
                 f"mailbox {self.name!r} has an async handler: use `await mailbox.sweep()`"
@@ -346,7 +363,7 @@ class Mailbox:
             elif status == ResumeStatus.RESUMED:
                 resumed += 1
                 logger.info("inturn: mailbox %r resumed key %r", self.name, key)
-                self._start_drain_sync(key, token)
+                self._start_drain_sync(key, token, inline=inline)
         return resumed
 
     def start_sweeper(self, interval: float = 5.0) -> asyncio.Task[None]:
@@ -360,9 +377,56 @@ class Mailbox:
                     logger.exception("inturn: mailbox %r sweep failed", self.name)
                 await asyncio.sleep(interval)
 
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.ensure_future(loop())
-        return self._sweeper
+        running = self._sweeper
+        if (
+            running is None
+            or running.done()
+            or running.get_loop() is not asyncio.get_running_loop()
+        ):
+            running = self._sweeper = asyncio.ensure_future(loop())
+        return running
+
+    def _sweep_here(self) -> None:
+        """Make sure this event loop sweeps (every ``sweep_interval`` s): a queue whose
+        drainer died is resumed without anyone starting a sweeper by hand."""
+        running = self._sweeper
+        if (
+            running is None
+            or running.done()
+            or running.get_loop() is not asyncio.get_running_loop()
+        ):
+            assert self.sweep_interval is not None
+            self.start_sweeper(self.sweep_interval)
+
+    def _sweep_from_threads(self) -> None:
+        """The thread twin of :meth:`_sweep_here`: sweeps on the process's timer thread,
+        each in a worker; resumed drains run in threads of their own."""
+        with self._sync_sweeper_lock:
+            if self._sync_sweeper is not None or self.sweep_interval is None:
+                return
+            self._sync_sweeper = self._runtime.timers.call_at(
+                time.monotonic() + self.sweep_interval, self._sync_sweep_due
+            )
+
+    def _sync_sweep_due(self) -> None:
+        def run() -> None:
+            try:
+                self.sweep_sync(inline=False)
+            except Exception:
+                logger.exception("inturn: mailbox %r sweep failed", self.name)
+            with self._sync_sweeper_lock:
+                if self._sync_sweeper is not None and self.sweep_interval is not None:
+                    self._sync_sweeper = self._runtime.timers.call_at(
+                        time.monotonic() + self.sweep_interval, self._sync_sweep_due
+                    )
+
+        renewal_pool().submit(run)
+
+    def _stop_sweeping(self) -> None:
+        with self._sync_sweeper_lock:
+            handle, self._sync_sweeper = self._sync_sweeper, None
+        if handle is not None:
+            handle.cancel()
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` dead letters of this mailbox."""
@@ -379,6 +443,7 @@ class Mailbox:
         sweeper of another process, or of the next start, delivers them. Drain
         threads cannot be cancelled: they are waited for, up to ``timeout``.
         """
+        self._stop_sweeping()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(BaseException):
@@ -389,5 +454,7 @@ class Mailbox:
             await asyncio.gather(*list(self._drains), return_exceptions=True)
 
     def close(self, timeout: float = 10.0) -> None:
-        """The thread twin of :meth:`aclose`: wait up to ``timeout`` s for drain threads."""
+        """The thread twin of :meth:`aclose`: stop sweeping from threads, wait up to
+        ``timeout`` s for drain threads."""
+        self._stop_sweeping()
         self.drained_sync(timeout)

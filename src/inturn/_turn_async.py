@@ -270,9 +270,9 @@ class TurnRequest:
         """Run a cleanup call to completion, even if this task is cancelled meanwhile.
 
         Leaving and releasing are idempotent (they act only while the token is
-        in line or holds the turn), so a call interrupted by cancellation, or
-        not done within ``limit`` seconds, is simply run again, whole, in a
-        background task: ``retry``.
+        in line or holds the turn), so a call interrupted by cancellation, not
+        done within ``limit`` seconds, or failed, is simply run again, whole, in
+        a background task: ``retry``.
         """
         try:
             async with asyncio.timeout(limit):
@@ -283,8 +283,9 @@ class TurnRequest:
         except TimeoutError:
             self._runtime.spawn(retry(), self._key, what)
             return None
-        except Exception as exc:
+        except Exception as exc:  # e.g. BackendUnavailable: try once more, in the background
             log_cleanup_failure(what, self._key, exc)
+            self._runtime.spawn(retry(), self._key, what)
             return None
 
     # -- renewing -------------------------------------------------------------------------

@@ -147,10 +147,14 @@ class SyncTurnRequest:
             _unmark_held(self._runtime.domain, self._key, self._held_token)
         self._runtime.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
         hook = self._release_hook
-        if hook is not None:
-            self._cleanup(lambda: hook(turn.key, turn._token), "release")
-        else:
-            self._cleanup(lambda: self._release(turn), "release")
+        try:
+            if hook is not None:
+                hook(turn.key, turn._token)
+            else:
+                self._release(turn)
+        except Exception as error:  # e.g. BackendUnavailable: try once more, in the background
+            log_cleanup_failure("release", self._key, error)
+            self._in_background(lambda: self._release(turn), "release")
         if turn.lost_reason is not None and self._settings.on_lost == "cancel":
             raise LeaseLost(
                 f"lost the turn of key {turn.key!r} (fence {turn.fence}) while the body ran",
