@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="reproduce the seed's bug (colliding send_ai_response calls) and fix it",
+        help="reproduce a bot that answers one user twice (colliding replies) and fix it",
         description="Run a burst of colliding calls without and with inturn; print the overlaps.",
     )
     demo.add_argument("--url", default="memory://", help="backend URL (default: memory://)")

@@ -46,7 +46,7 @@ _NO_RESULT = object()
 
 
 def content_id(*parts: object) -> str:
-    """A dedup id from content (the seed's SHA-256 approach): same parts, same id.
+    """A dedup id from content (a SHA-256 of the parts): same parts, same id.
 
     Prefer the platform's own ids (Telegram's ``update_id``/``message_id``):
     two different messages with the same text are not duplicates.

@@ -1,9 +1,9 @@
-"""``inturn demo``: the seed's bug, reproduced and fixed, on the embedded backend.
+"""``inturn demo``: a chat bot that answers one user twice, reproduced and fixed, in memory.
 
 A burst of users each send a few messages (the bot's handler answers each
 one) while the proactive job picks the same users at the same moment; every
 call runs ``send_ai_response``, which thinks for a while (the LLM) and sends a
-reply. Run once as the seed's bot does (every call at once) and once through
+reply. Run once as such a bot does (every call at once) and once through
 ``gate.turn(user)``; count the calls for one user that ran at the same time
 and the replies that went out in another order than the messages came in.
 """
@@ -66,7 +66,7 @@ async def _scenario(gate: Gate | None, users: int, messages: int, seed: int) -> 
             await _send_ai_response(run, user, seq, rng)
             # No turn, no fence: number the calls so only overlaps are judged.
             ended, n = time.monotonic(), len(run.history.spans)
-            run.history.add(Span(str(user), n, started, started, started, ended, "seed's bot"))
+            run.history.add(Span(str(user), n, started, started, started, ended, "unguarded bot"))
             return
         async with gate.turn(user) as turn:
             with run.history.span(turn):
