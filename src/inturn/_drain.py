@@ -330,7 +330,8 @@ class Drainer:
             return None
         handled = _Handled()
         request = self._turn(key)
-        request._release_with(partial(self._release_and_take, token, handled))
+        if not self.debounce:  # debounce: the next take waits for the burst first
+            request._release_with(partial(self._release_and_take, token, handled))
         async with request as turn:
             handled.ack = await self._process(key, token, step.texts, turn.fence)
         return handled
@@ -480,7 +481,8 @@ class Drainer:
             )
 
         request = self._turn_sync(key)
-        request._release_with(release_and_take)
+        if not self.debounce:
+            request._release_with(release_and_take)
         with request as turn:
             handled.ack = self._process_sync(store, key, token, step.texts, turn.fence)
         return handled
