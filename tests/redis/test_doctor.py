@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis
 
-from inturn._backends.base import BoxState, Finding
+from inturn._backends.base import BoxState, Diagnostics, Finding
 from inturn._backends.redis import RedisBackend
 from inturn._backends.redis._keys import KeySpace
 from inturn._backends.redis._urls import masked
@@ -24,6 +24,14 @@ async def backend(redis_url: str) -> AsyncIterator[RedisBackend]:
     backend = RedisBackend.from_url(redis_url, namespace=f"st{secrets.token_hex(3)}")
     yield backend
     await backend.aclose()
+
+
+async def _diagnose(url: str) -> Diagnostics:
+    backend = RedisBackend.from_url(url)
+    try:
+        return await asyncio.wait_for(backend.diagnose(), 30)
+    finally:
+        await backend.aclose()
 
 
 def _finding(findings: tuple[Finding, ...], check: str) -> Finding:
@@ -113,11 +121,7 @@ async def test_statistics_on_a_cluster_scans_every_master(redis_cluster: RedisCl
 async def test_diagnose_an_evicting_server(make_redis_server: MakeServer) -> None:
     """maxmemory-policy allkeys-lru is an error finding that says how to fix it."""
     server = make_redis_server({"maxmemory": "64mb", "maxmemory-policy": "allkeys-lru"})
-    backend = RedisBackend.from_url(server.url)
-    try:
-        diagnostics = await backend.diagnose()
-    finally:
-        await backend.aclose()
+    diagnostics = await _diagnose(server.url)
     assert not diagnostics.ok
     finding = _finding(diagnostics.findings, "eviction_policy")
     assert finding.level == "error"
@@ -128,11 +132,7 @@ async def test_diagnose_an_evicting_server(make_redis_server: MakeServer) -> Non
 async def test_diagnose_a_server_without_aof(make_redis_server: MakeServer) -> None:
     """noeviction without AOF: ok, with a warning about what a restart loses."""
     server = make_redis_server({"maxmemory-policy": "noeviction"})
-    backend = RedisBackend.from_url(server.url)
-    try:
-        diagnostics = await backend.diagnose()
-    finally:
-        await backend.aclose()
+    diagnostics = await _diagnose(server.url)
     assert diagnostics.ok
     assert diagnostics.backend == "redis"
     assert diagnostics.topology == "standalone"
@@ -149,11 +149,7 @@ async def test_diagnose_a_server_without_aof(make_redis_server: MakeServer) -> N
 async def test_diagnose_aof_everysec(make_redis_server: MakeServer) -> None:
     """appendfsync everysec: a warning that about 1 s can be lost."""
     server = make_redis_server({"appendonly": "yes", "appendfsync": "everysec"})
-    backend = RedisBackend.from_url(server.url)
-    try:
-        diagnostics = await backend.diagnose()
-    finally:
-        await backend.aclose()
+    diagnostics = await _diagnose(server.url)
     assert diagnostics.ok
     assert "about 1 s" in _finding(diagnostics.findings, "persistence").message
 
@@ -171,11 +167,7 @@ async def test_diagnose_without_rights(make_redis_server: MakeServer) -> None:
             commands=["+@all", "-@scripting", "-config"],
         )
     url = server.url.replace("redis://", "redis://limited:s3cret@")
-    backend = RedisBackend.from_url(url)
-    try:
-        diagnostics = await backend.diagnose()
-    finally:
-        await backend.aclose()
+    diagnostics = await _diagnose(url)
     assert not diagnostics.ok
     assert _finding(diagnostics.findings, "scripts").level == "error"
     assert _finding(diagnostics.findings, "eviction_policy").level == "warning"
@@ -187,11 +179,7 @@ async def test_diagnose_an_unreachable_server(make_redis_server: MakeServer) -> 
     """A server that is down is one error finding, not an exception."""
     server = make_redis_server()
     server.kill()
-    backend = RedisBackend.from_url(server.url)
-    try:
-        diagnostics = await asyncio.wait_for(backend.diagnose(), 30)
-    finally:
-        await backend.aclose()
+    diagnostics = await _diagnose(server.url)
     assert not diagnostics.ok
     assert _finding(diagnostics.findings, "reachable").level == "error"
 

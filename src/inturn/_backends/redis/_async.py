@@ -39,7 +39,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -52,14 +51,12 @@ from inturn._backends.base import (
     ClaimResult,
     Diagnostics,
     Grant,
-    ResumeStatus,
     Statistics,
-    Submitted,
-    Taken,
 )
 from inturn._errors import BackendUnavailable, ConfigurationError
 
 from . import _doctor
+from ._boxes import Mailboxes
 from ._keys import KeySpace
 from ._mux import Mux
 from ._shared import (
@@ -70,7 +67,7 @@ from ._shared import (
     SOCKET_TIMEOUT,
     SUPERSEDE_KEEP,
     Call,
-    Lines,
+    LoopState,
     Outage,
     ProcessChannel,
     Scripts,
@@ -80,9 +77,6 @@ from ._shared import (
     confirm,
     decode_claim,
     decode_grant,
-    decode_resume,
-    decode_submitted,
-    decode_taken,
     hand_over,
     holder_of,
     is_cluster,
@@ -95,40 +89,14 @@ from ._shared import (
     wake,
 )
 from ._sync import SyncRedisBackend
-from ._urls import factories, masked
+from ._urls import aclose_client, factories, masked
 
 __all__ = ["RedisBackend"]
 
 logger = logging.getLogger("inturn")
 
 
-@dataclass(slots=True, kw_only=True)
-class _LoopState(Lines):
-    """What the async backend keeps per event loop.
-
-    redis-py async clients are bound to the loop they were first used in, so
-    each loop has its own client, pipelined connection, listener and waiters.
-    """
-
-    client: Any
-    scripts: dict[str, Any]
-    """redis-py Script objects, on a Cluster only (elsewhere the mux runs the scripts)."""
-    channel: str
-    """This loop's wake-up channel (pushes for its waiters, cancels for its calls)."""
-    calls: Scripts
-    """The KEYS and ARGV of the dedup and mailbox scripts for this client."""
-    mux: Mux | None = None
-    """The pipelined connection for scripts (None on a Cluster: its scripts go by slot)."""
-    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
-    broken: BaseException | None = None
-    listener: asyncio.Task[None] | None = None
-    cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    """Releases sent again in the background (their first reply was lost)."""
-    closing: bool = False
-
-
-class RedisBackend:
+class RedisBackend(Mailboxes):
     """The async Redis backend. See the module docstring for what it guarantees.
 
     ``client`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``;
@@ -155,7 +123,7 @@ class RedisBackend:
         self._factory = _factory
         self._sync_client = sync_client
         self._sync_factory = _sync_factory
-        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = (
             weakref.WeakKeyDictionary()
         )
         self._twin: SyncRedisBackend | None = None
@@ -172,7 +140,7 @@ class RedisBackend:
 
     # -- per-loop state -------------------------------------------------------------
 
-    def _state(self) -> _LoopState:
+    def _state(self) -> LoopState:
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
@@ -187,20 +155,18 @@ class RedisBackend:
                 mux = Mux(pool, timeout=timeout, preload=tuple(SCRIPTS.values()))
             channel = f"{self._process.channel}.{secrets.token_hex(4)}"
             calls = Scripts(self._process.keys, cluster=is_cluster(client))
-            state = _LoopState(
-                client=client, scripts=scripts, channel=channel, mux=mux, calls=calls
-            )
+            state = LoopState(client=client, scripts=scripts, channel=channel, mux=mux, calls=calls)
             self._states[loop] = state
         return state
 
-    async def _close_state(self, state: _LoopState) -> None:
+    async def _close_state(self, state: LoopState) -> None:
         """Close a loop's pipelined connection, and its client if made here."""
         if state.mux is not None:
             await state.mux.aclose()
         if self._client is None:
-            await _aclose(state.client)
+            await aclose_client(state.client)
 
-    async def _listening(self) -> _LoopState:
+    async def _listening(self) -> LoopState:
         """The loop's state, once its wake-up channel is subscribed."""
         state = self._state()
         if state.listener is None or state.listener.done():
@@ -213,7 +179,7 @@ class RedisBackend:
                 raise unavailable(state.broken or exc, "subscribe") from state.broken
         return state
 
-    async def _listen(self, state: _LoopState) -> None:
+    async def _listen(self, state: LoopState) -> None:
         """Read wake-ups for this loop's waiters; reconnect with backoff.
 
         Ends when cancelled (``aclose()``, or ``asyncio.run()`` shutting the loop
@@ -227,7 +193,7 @@ class RedisBackend:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._close_state(state))
 
-    async def _listen_until_closed(self, state: _LoopState) -> None:
+    async def _listen_until_closed(self, state: LoopState) -> None:
         process = self._process
         backoff = 0.05
         first = True
@@ -271,9 +237,9 @@ class RedisBackend:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())
                     if node_client is not None:
-                        await asyncio.shield(_aclose(node_client))
+                        await asyncio.shield(aclose_client(node_client))
 
-    def _dispatch(self, state: _LoopState, data: str) -> None:
+    def _dispatch(self, state: LoopState, data: str) -> None:
         """A push: a grant for one of this loop's waiters, or a cancel for a running call."""
         if data.startswith("cancel|"):
             on_cancel = state.cancels.get(data[7:])
@@ -285,7 +251,7 @@ class RedisBackend:
             wake(granted)
 
     @staticmethod
-    async def _open_pubsub(state: _LoopState, attempt: int) -> tuple[Any, Any]:
+    async def _open_pubsub(state: LoopState, attempt: int) -> tuple[Any, Any]:
         """A Pub/Sub object, and the client made for it (Cluster only) to close after.
 
         On a Cluster, classic PUBLISH reaches subscribers on every node, so the
@@ -303,7 +269,7 @@ class RedisBackend:
         node_client = redis.asyncio.Redis(connection_pool=pool)
         return node_client.pubsub(), node_client
 
-    async def _check_eviction(self, state: _LoopState) -> None:
+    async def _check_eviction(self, state: LoopState) -> None:
         try:
             policy = _doctor.policy_of(await state.client.config_get("maxmemory-policy"))
         except Exception:  # CONFIG may be disabled (managed Redis): diagnose() says so
@@ -311,7 +277,7 @@ class RedisBackend:
         _doctor.warn_eviction(self._process, policy)
 
     async def _run(
-        self, state: _LoopState, name: str, key: str, args: list[Any], keys: list[str] | None = None
+        self, state: LoopState, name: str, key: str, args: list[Any], keys: list[str] | None = None
     ) -> Any:
         keys = self._process.keys.turn_keys(key) if keys is None else keys
         with map_errors(name):
@@ -320,7 +286,7 @@ class RedisBackend:
                 return await state.mux.evalsha(sha, lua, keys, args)
             return await state.scripts[name](keys=keys, args=args)
 
-    async def _script(self, call: Call, key: str, state: _LoopState | None = None) -> Any:
+    async def _script(self, call: Call, key: str, state: LoopState | None = None) -> Any:
         """Run a script whose KEYS and ARGV :class:`Scripts` built."""
         name, keys, args = call
         return await self._run(state or self._state(), name, key, args, keys)
@@ -397,8 +363,13 @@ class RedisBackend:
                 waiter.future = asyncio.get_running_loop().create_future()
 
     async def _refresh(
-        self, state: _LoopState, key: str, token: str, waiter: Waiter
+        self, state: LoopState, key: str, token: str, waiter: Waiter
     ) -> Grant | None:
+        """Re-check a waiter on the server: REFRESH its liveness mark, or JOIN again.
+
+        A waiter declared dead (it missed its re-checks: a long pause) is out of
+        the line; it joins again at the end. Returns the grant if it got one.
+        """
         sent = time.monotonic()
         reply = await self._run(state, "refresh", key, [token, alive_ms(waiter.lease)])
         if reply[0] == -1:  # we were declared dead (a long pause): join again, at the end
@@ -447,7 +418,7 @@ class RedisBackend:
 
     def _released(
         self,
-        state: _LoopState,
+        state: LoopState,
         reply: Sequence[Any],
         args: list[Any],
         handed: Grant | None,
@@ -459,7 +430,7 @@ class RedisBackend:
 
     def _handed_over(
         self,
-        state: _LoopState,
+        state: LoopState,
         key: str,
         args: list[Any],
         handed: Grant,
@@ -476,7 +447,7 @@ class RedisBackend:
         task.add_done_callback(state.tasks.discard)
 
     async def _release_again(
-        self, state: _LoopState, key: str, args: list[Any], handed: Grant
+        self, state: LoopState, key: str, args: list[Any], handed: Grant
     ) -> None:
         try:
             reply = await self._run(state, "release", key, args)
@@ -582,121 +553,6 @@ class RedisBackend:
         running = self._process.keys.supersede_keys(key, scope)[1:]
         await self._run(state, "stop_running", key, [token], running)
 
-    # -- mailboxes ----------------------------------------------------------------------
-
-    async def mb_submit(
-        self,
-        name: str,
-        key: str,
-        message: str,
-        *,
-        max_pending: int,
-        drop_oldest: bool,
-        token: str,
-        lease: float,
-        take: int = 0,
-    ) -> Submitted:
-        """See :meth:`MailboxBackend.mb_submit`; with ``take``, a new drainer's first take
-        comes in the same round trip."""
-        state = self._state()
-        call = state.calls.mb_submit(
-            name,
-            key,
-            message,
-            max_pending=max_pending,
-            drop_oldest=drop_oldest,
-            token=token,
-            lease=lease,
-            take=take,
-        )
-        return decode_submitted(await self._script(call, key, state))
-
-    async def mb_take(
-        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
-    ) -> Taken:
-        state = self._state()
-        call = state.calls.mb_take(name, key, token, limit, lease, ack)
-        return decode_taken(await self._script(call, key, state))
-
-    async def mb_release_take(
-        self,
-        name: str,
-        key: str,
-        token: str,
-        turn_token: str,
-        *,
-        limit: int,
-        lease: float,
-        ack: bool,
-    ) -> Taken:
-        """Release the key's turn held by ``turn_token`` and take the next batch, in one
-        round trip: a drained message costs JOIN + this (+ its submit).
-
-        A waiter of this loop that the script handed the turn to is woken at once
-        (the push that follows finds it granted already)."""
-        state = self._state()
-        call = state.calls.mb_release_take(name, key, token, turn_token, limit, lease, ack)
-        sent = time.monotonic()
-        reply = await self._script(call, key, state)
-        woken = self._process.handed_off(reply, state, sent)
-        if woken is not None:
-            wake(woken)
-        return decode_taken(reply[0])
-
-    async def mb_done(self, name: str, key: str, token: str) -> None:
-        await self.mb_retry(name, key, token, [], not_before=0.0)
-
-    async def mb_retry(
-        self, name: str, key: str, token: str, messages: list[str], *, not_before: float
-    ) -> None:
-        """See :meth:`MailboxBackend.mb_retry`: ``not_before`` is kept in a key of its own
-        beside the queue, deleted when the retried head is taken or the queue empties."""
-        state = self._state()
-        await self._script(state.calls.mb_retry(name, key, token, messages, not_before), key, state)
-
-    async def mb_resume(self, name: str, key: str, token: str, *, lease: float) -> ResumeStatus:
-        state = self._state()
-        return decode_resume(
-            await self._script(state.calls.mb_resume(name, key, token, lease), key, state)
-        )
-
-    async def mb_renew(self, name: str, key: str, token: str, *, lease: float) -> bool:
-        state = self._state()
-        return bool(await self._script(state.calls.mb_renew(name, key, token, lease), key, state))
-
-    async def mb_pending(self, name: str, key: str) -> int:
-        queue = self._process.keys.mailbox_keys(name, key)[0]
-        with map_errors("mb_pending"):
-            return int(await self._state().client.llen(queue))
-
-    async def mb_draining(self, name: str, key: str) -> bool:
-        role = self._process.keys.mailbox_keys(name, key)[2]
-        with map_errors("mb_draining"):
-            return bool(await self._state().client.exists(role))
-
-    async def mb_hint(self, name: str, key: str, present: bool) -> None:
-        state = self._state()
-        if present and not state.calls.cluster:
-            return  # MB_SUBMIT recorded it in the same step (one round trip less)
-        hint = self._process.keys.mailbox_index(name)[0]
-        with map_errors("mb_hint"):
-            await (state.client.sadd(hint, key) if present else state.client.srem(hint, key))
-
-    async def mb_hinted(self, name: str) -> list[str]:
-        hint = self._process.keys.mailbox_index(name)[0]
-        with map_errors("mb_hinted"):
-            return sorted(text(k) for k in await self._state().client.smembers(hint))
-
-    async def mb_dead(self, name: str, entries: list[str]) -> None:
-        dead = self._process.keys.mailbox_index(name)[1]
-        with map_errors("mb_dead"):
-            await self._state().client.rpush(dead, *entries)
-
-    async def mb_dead_letters(self, name: str, limit: int) -> list[str]:
-        dead = self._process.keys.mailbox_index(name)[1]
-        with map_errors("mb_dead_letters"):
-            return [text(e) for e in await self._state().client.lrange(dead, 0, limit - 1)]
-
     def sync_twin(self) -> SyncRedisBackend:
         with self._twin_lock:  # threads may race to their first turn_sync
             return self._make_twin()
@@ -743,14 +599,3 @@ class RedisBackend:
         self._states.clear()
         if self._twin is not None:
             self._twin.close()
-
-
-async def _aclose(client: Any) -> None:
-    """Close a client made here, with its connection pool(s) and its Sentinel, if any."""
-    if isinstance(client, redis.asyncio.cluster.RedisCluster):
-        await client.aclose()  # closes every node's connections
-    else:
-        await client.aclose(close_connection_pool=True)
-    sentinel = getattr(client, "_inturn_sentinel", None)
-    if sentinel is not None:
-        await sentinel.aclose()

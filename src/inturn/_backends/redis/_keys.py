@@ -1,6 +1,6 @@
 """Redis key names, built in one place.
 
-    inturn:<namespace>:{<user key>}:o   owner      (see _redis_lua for each key's shape)
+    inturn:<namespace>:{<user key>}:o   owner      (see _lua for each key's shape)
     inturn:<namespace>:{<user key>}:q   line
     inturn:<namespace>:{<user key>}:w   waiters
     inturn:<namespace>:{<user key>}:f   fence floor

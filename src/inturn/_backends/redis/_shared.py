@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +51,7 @@ from ._lua import (
     STOP_RUNNING,
     SUPERSEDE,
 )
-from ._mux import sha1
+from ._mux import Mux, sha1
 
 logger = logging.getLogger("inturn")
 
@@ -429,6 +429,32 @@ class Lines:
             self.changing_calls[key] = count
         else:
             self.changing_calls.pop(key, None)
+
+
+@dataclass(slots=True, kw_only=True)
+class LoopState(Lines):
+    """What the async backend keeps per event loop.
+
+    redis-py async clients are bound to the loop they were first used in, so
+    each loop has its own client, pipelined connection, listener and waiters.
+    """
+
+    client: Any
+    scripts: dict[str, Any]
+    """redis-py Script objects, on a Cluster only (elsewhere the mux runs the scripts)."""
+    channel: str
+    """This loop's wake-up channel (pushes for its waiters, cancels for its calls)."""
+    calls: Scripts
+    """The KEYS and ARGV of the dedup and mailbox scripts for this client."""
+    mux: Mux | None = None
+    """The pipelined connection for scripts (None on a Cluster: its scripts go by slot)."""
+    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
+    broken: BaseException | None = None
+    listener: asyncio.Task[None] | None = None
+    cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    """Releases sent again in the background (their first reply was lost)."""
+    closing: bool = False
 
 
 class ProcessChannel:

@@ -21,10 +21,11 @@ from typing import Any
 import redis
 import redis.cluster
 
-from inturn._backends.base import ClaimResult, Grant, ResumeStatus, Statistics, Submitted, Taken
+from inturn._backends.base import ClaimResult, Grant, Statistics
 from inturn._errors import BackendUnavailable
 
 from . import _doctor
+from ._boxes import SyncMailboxes
 from ._mux import SyncMux
 from ._shared import (
     CONNECT_TIMEOUT,
@@ -43,9 +44,6 @@ from ._shared import (
     confirm,
     decode_claim,
     decode_grant,
-    decode_resume,
-    decode_submitted,
-    decode_taken,
     hand_over,
     holder_of,
     is_cluster,
@@ -57,11 +55,12 @@ from ._shared import (
     unavailable,
     wake,
 )
+from ._urls import close_client
 
 __all__ = ["SyncRedisBackend"]
 
 
-class SyncRedisBackend:
+class SyncRedisBackend(SyncMailboxes):
     """The sync twin of :class:`RedisBackend`, for threads: same keys, same guarantees.
 
     One listener thread per process receives the wake-ups of every thread's
@@ -198,8 +197,11 @@ class SyncRedisBackend:
 
     @contextlib.contextmanager
     def _changing(self, key: str) -> Iterator[None]:
-        """While a call that changes the key's line is in flight, no hand-over for it: our
-        view of the line's order may be stale (threads' JOINs use several connections)."""
+        """Mark a call that changes the key's line as in flight, for its duration.
+
+        No turn is handed over inside the process meanwhile: our view of the
+        line's order may be stale (threads' JOINs use several connections).
+        """
         with self._lock:
             self._line.changing(key, 1)
         try:
@@ -209,7 +211,11 @@ class SyncRedisBackend:
                 self._line.changing(key, -1)
 
     def _record_place(self, token: str, waiter: Waiter, reply: Sequence[Any], sent: float) -> None:
-        """A JOIN or REFRESH left the waiter in line (call with ``_lock`` held)."""
+        """Record where a JOIN or REFRESH left the waiter in its key's line.
+
+        Call with ``_lock`` held. A JOIN's reply carries the waiter's sequence
+        number, which orders it among this process's other waiters of the key.
+        """
         queued(waiter, reply, sent)
         if len(reply) > 3 and token in self._line.waiters:  # a JOIN's: its place
             self._line.place(token, waiter)
@@ -277,8 +283,12 @@ class SyncRedisBackend:
                 waiter.next_check = 0.0
 
     def _refresh(self, key: str, token: str, waiter: Waiter, limit: float | None) -> Grant | None:
-        """See RedisBackend._recheck; a reply is not awaited past ``limit`` seconds (the
-        caller's deadline: the re-check then fails with BackendUnavailable)."""
+        """Re-check a waiter on the server (REFRESH; JOIN again if declared dead).
+
+        As :meth:`RedisBackend._refresh`; a reply is not awaited past ``limit``
+        seconds (the caller's deadline: the re-check then fails with
+        BackendUnavailable).
+        """
         with self._changing(key):
             sent = begun = time.monotonic()
             reply = self._run("refresh", key, [token, alive_ms(waiter.lease)], timeout=limit)
@@ -385,108 +395,6 @@ class SyncRedisBackend:
             current = self._client.get(self._process.keys.supersede_keys(key, scope)[0])
         return current is None or int(current) <= generation
 
-    # -- mailboxes (see RedisBackend's) -------------------------------------------------
-
-    def mb_submit(
-        self,
-        name: str,
-        key: str,
-        message: str,
-        *,
-        max_pending: int,
-        drop_oldest: bool,
-        token: str,
-        lease: float,
-        take: int = 0,
-    ) -> Submitted:
-        call = self._calls.mb_submit(
-            name,
-            key,
-            message,
-            max_pending=max_pending,
-            drop_oldest=drop_oldest,
-            token=token,
-            lease=lease,
-            take=take,
-        )
-        return decode_submitted(self._script(call, key))
-
-    def mb_take(
-        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
-    ) -> Taken:
-        return decode_taken(
-            self._script(self._calls.mb_take(name, key, token, limit, lease, ack), key)
-        )
-
-    def mb_release_take(
-        self,
-        name: str,
-        key: str,
-        token: str,
-        turn_token: str,
-        *,
-        limit: int,
-        lease: float,
-        ack: bool,
-    ) -> Taken:
-        """Release the turn and take the next batch in one script (see RedisBackend's).
-
-        The turn goes to the first live waiter in the server's line, never by a
-        hand-over decided here, so the script needs no confirmation and the
-        line's order kept here does not matter; a thread of ours that got the
-        turn is woken at once, under the lock, as a push would wake it."""
-        call = self._calls.mb_release_take(name, key, token, turn_token, limit, lease, ack)
-        sent = time.monotonic()
-        reply = self._script(call, key)
-        with self._lock:
-            woken = self._process.handed_off(reply, self._line, sent)
-        if woken is not None:
-            wake(woken)
-        return decode_taken(reply[0])
-
-    def mb_done(self, name: str, key: str, token: str) -> None:
-        self.mb_retry(name, key, token, [], not_before=0.0)
-
-    def mb_retry(
-        self, name: str, key: str, token: str, messages: list[str], *, not_before: float
-    ) -> None:
-        self._script(self._calls.mb_retry(name, key, token, messages, not_before), key)
-
-    def mb_resume(self, name: str, key: str, token: str, *, lease: float) -> ResumeStatus:
-        return decode_resume(self._script(self._calls.mb_resume(name, key, token, lease), key))
-
-    def mb_renew(self, name: str, key: str, token: str, *, lease: float) -> bool:
-        return bool(self._script(self._calls.mb_renew(name, key, token, lease), key))
-
-    def mb_pending(self, name: str, key: str) -> int:
-        with map_errors("mb_pending"):
-            return int(self._client.llen(self._process.keys.mailbox_keys(name, key)[0]))
-
-    def mb_draining(self, name: str, key: str) -> bool:
-        with map_errors("mb_draining"):
-            return bool(self._client.exists(self._process.keys.mailbox_keys(name, key)[2]))
-
-    def mb_hint(self, name: str, key: str, present: bool) -> None:
-        if present and not self._calls.cluster:
-            return  # MB_SUBMIT recorded it in the same step
-        hint = self._process.keys.mailbox_index(name)[0]
-        with map_errors("mb_hint"):
-            self._client.sadd(hint, key) if present else self._client.srem(hint, key)
-
-    def mb_hinted(self, name: str) -> list[str]:
-        with map_errors("mb_hinted"):
-            members = self._client.smembers(self._process.keys.mailbox_index(name)[0])
-        return sorted(text(k) for k in members)
-
-    def mb_dead(self, name: str, entries: list[str]) -> None:
-        with map_errors("mb_dead"):
-            self._client.rpush(self._process.keys.mailbox_index(name)[1], *entries)
-
-    def mb_dead_letters(self, name: str, limit: int) -> list[str]:
-        dead = self._process.keys.mailbox_index(name)[1]
-        with map_errors("mb_dead_letters"):
-            return [text(e) for e in self._client.lrange(dead, 0, limit - 1)]
-
     def close(self) -> None:
         self._stop.set()
         if self._mux is not None:
@@ -496,14 +404,4 @@ class SyncRedisBackend:
             with contextlib.suppress(Exception):
                 pubsub.close()
         if self._owned:
-            client = self._client
-            if isinstance(client, redis.cluster.RedisCluster):  # one pool per node
-                for node in client.get_nodes():  # type: ignore[no-untyped-call]
-                    if node.redis_connection is not None:
-                        node.redis_connection.connection_pool.disconnect()
-            else:
-                client.connection_pool.disconnect()
-            client.close()
-            sentinel = getattr(client, "_inturn_sentinel", None)
-            if sentinel is not None:
-                sentinel.close()
+            close_client(self._client)

@@ -20,7 +20,7 @@ from inturn._errors import ConfigurationError
 
 from ._shared import CONNECT_TIMEOUT, MAX_CONNECTIONS, SOCKET_TIMEOUT
 
-__all__ = ["factories", "masked"]
+__all__ = ["aclose_client", "close_client", "factories", "masked"]
 
 
 def masked(url: str) -> str:
@@ -131,7 +131,7 @@ def factories(url: str) -> tuple[Any, Any]:
                 hosts, socket_connect_timeout=CONNECT_TIMEOUT
             )
             client = sentinel.master_for(service, db=db, password=password, **async_options)
-            client._inturn_sentinel = sentinel  # closed with the client: see _aclose
+            client._inturn_sentinel = sentinel  # closed with the client: see aclose_client
             return client
 
         def make_sync_sentinel() -> Any:
@@ -143,8 +143,33 @@ def factories(url: str) -> tuple[Any, Any]:
             client = sentinel.master_for(  # type: ignore[no-untyped-call]
                 service, db=db, password=password, **options
             )
-            client._inturn_sentinel = sentinel  # closed with the client: see close()
+            client._inturn_sentinel = sentinel  # closed with the client: see close_client
             return client
 
         return make_async_sentinel, make_sync_sentinel
     raise ConfigurationError(f"not a Redis URL: {url!r}")
+
+
+async def aclose_client(client: Any) -> None:
+    """Close a client made here, with its connection pool(s) and its Sentinel, if any."""
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        await client.aclose()  # closes every node's connections
+    else:
+        await client.aclose(close_connection_pool=True)
+    sentinel = getattr(client, "_inturn_sentinel", None)
+    if sentinel is not None:
+        await sentinel.aclose()
+
+
+def close_client(client: Any) -> None:
+    """Close a sync client made here, with its connection pool(s) and its Sentinel, if any."""
+    if isinstance(client, redis.cluster.RedisCluster):  # one pool per node
+        for node in client.get_nodes():  # type: ignore[no-untyped-call]
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
+    else:
+        client.connection_pool.disconnect()
+    client.close()
+    sentinel = getattr(client, "_inturn_sentinel", None)
+    if sentinel is not None:
+        sentinel.close()
