@@ -19,14 +19,11 @@ import hashlib
 import json
 import math
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from ._backends.base import ClaimResult, DedupBackend, SyncDedupBackend
 from ._errors import ConfigurationError, Duplicate
-from ._keys import normalize_key
-
-if TYPE_CHECKING:
-    from ._gate import Gate
+from ._keys import new_token, normalize_key
+from ._runtime import Runtime
 
 __all__ = ["DEFAULT_WINDOW", "MAX_RESULT_BYTES", "Claim", "Deduplicator", "content_id"]
 
@@ -96,25 +93,25 @@ def _duplicate(key: str, scope: str, id: str, found: ClaimResult) -> Duplicate:
 class Deduplicator:
     """Claims message ids for one scope (a function or mailbox name). See module docs."""
 
-    def __init__(self, gate: Gate, scope: str, *, window: float = DEFAULT_WINDOW) -> None:
+    def __init__(self, runtime: Runtime, scope: str, *, window: float = DEFAULT_WINDOW) -> None:
         if not isinstance(scope, str) or not scope:
             raise ConfigurationError("a dedup scope must be a non-empty str")
         if isinstance(window, bool) or not isinstance(window, int | float):
             raise ConfigurationError(f"window must be seconds, not {window!r}")
         if not (0 < window < math.inf):
             raise ConfigurationError(f"window must be positive and finite, not {window!r}")
-        self.gate = gate
+        self._runtime = runtime
         self.scope = scope
         self.window = float(window)
 
     def _store(self) -> DedupBackend:
-        backend = self.gate.backend
+        backend = self._runtime.backend
         if not isinstance(backend, DedupBackend):
             raise ConfigurationError(f"{type(backend).__name__} does not keep dedup marks")
         return backend
 
     def _sync_store(self) -> SyncDedupBackend:
-        backend = self.gate.sync_backend
+        backend = self._runtime.sync_backend
         if not isinstance(backend, SyncDedupBackend):
             raise ConfigurationError(f"{type(backend).__name__} does not keep dedup marks")
         return backend
@@ -144,17 +141,15 @@ class _ClaimBase:
     def __init__(
         self, owner: Deduplicator, key: str, id: str, fence: int | None, lease: float | None
     ) -> None:
-        from ._turn import new_token
-
         self._owner = owner
         self._token = new_token()
-        self._lease = owner.gate.lease if lease is None else lease
+        self._lease = owner._runtime.settings.lease if lease is None else lease
         self._claim = Claim(key, owner.scope, id, fence)
 
     def _found(self, found: ClaimResult) -> Claim:
         if found.state != "new":
             c = self._claim
-            self._owner.gate.metrics.count("dedup_duplicates", scope=c.scope)
+            self._owner._runtime.metrics.count("dedup_duplicates", scope=c.scope)
             raise _duplicate(c.key, c.scope, c.id, found)
         return self._claim
 

@@ -65,10 +65,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _sql as q
-from ..base import ClaimResult, Grant, Taken
 from ..._errors import BackendUnavailable, ConfigurationError
 from .._wakeup import Wakeup
+from ..base import ClaimResult, Grant, Taken
+from . import _sql as q
 
 try:
     import psycopg
