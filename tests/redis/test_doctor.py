@@ -13,7 +13,7 @@ from inturn._backends.base import BoxState, Diagnostics, Finding
 from inturn._backends.redis import RedisBackend
 from inturn._backends.redis._keys import KeySpace
 from inturn._backends.redis._urls import masked
-from tests.servers import RedisCluster, RedisServer
+from tests.servers import RedisCluster, RedisSentinel, RedisServer
 
 MakeServer = Callable[..., RedisServer]
 LEASE = 10.0
@@ -199,3 +199,12 @@ def test_masked_urls_and_key_names() -> None:
             assert space.parse(name)[:2] == (key, "in:box")  # type: ignore[index]
     assert space.parse(space.mailbox_index("in:box")[1]) == (None, "in:box", "dead")
     assert space.parse("inturn:other:{k}:o") is None
+
+
+async def test_diagnose_through_sentinel(redis_sentinel: RedisSentinel, redis_url: str) -> None:
+    """A redis+sentinel:// backend reports the sentinel topology and the primary's facts."""
+    diagnostics = await _diagnose(redis_sentinel.url)
+    assert diagnostics.topology == "sentinel"
+    assert diagnostics.server == redis_sentinel.url
+    assert diagnostics.version
+    assert _finding(diagnostics.findings, "scripts").level == "ok"
