@@ -112,6 +112,9 @@ async def test_statistics_on_a_cluster_scans_every_master(redis_cluster: RedisCl
         diagnostics = await backend.diagnose()
         assert diagnostics.topology == "cluster"
         assert diagnostics.version
+        assert diagnostics.facts["maxmemory-policy"] == "noeviction"  # every master's
+        assert _finding(diagnostics.findings, "eviction_policy").level == "ok"
+        assert _finding(diagnostics.findings, "scripts").level == "ok"
         for key in keys:
             await backend.release(key, f"t-{key}")
     finally:
@@ -190,6 +193,7 @@ def test_masked_urls_and_key_names() -> None:
     assert masked("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
     assert masked("redis+sentinel://pw@h:1/m") == "redis+sentinel://***@h:1/m"
     assert masked("redis://h:1/0") == "redis://h:1/0"
+    assert masked("redis://h:1/0?password=pw&db=2") == "redis://h:1/0?password=***&db=2"
     space = KeySpace("ns:{x}")
     for key in ("plain", "a:b}{c", "ключ %25"):
         owner, line, _, _ = space.turn_keys(key)

@@ -1,6 +1,6 @@
 """What the async backend and its sync twin share: limits, error mapping, reply decoding,
-the process's wake-up channel and the bookkeeping of the waiters of one event loop or of
-the threads.
+the KEYS and ARGV of each script, the process's wake-up channel, and the bookkeeping of
+the waiters of one event loop (``LoopState``) or of the threads (``Lines``).
 
 Nothing here does I/O; :mod:`._async` and :mod:`._sync` send the commands.
 """

@@ -24,14 +24,17 @@ __all__ = ["aclose_client", "close_client", "factories", "masked"]
 
 
 def masked(url: str) -> str:
-    """The URL with its password (if any) replaced by ``***``."""
+    """The URL with its password (in the user part or a ``password=`` parameter) as ``***``."""
     parts = urllib.parse.urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    auth, _, hosts = parts.netloc.rpartition("@")
-    user, colon, _ = auth.partition(":")
-    auth = f"{user}:***" if colon else "***"
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{auth}@{hosts}"))
+    if "@" in parts.netloc:
+        auth, _, hosts = parts.netloc.rpartition("@")
+        user, colon, _ = auth.partition(":")
+        parts = parts._replace(netloc=f"{user}:***@{hosts}" if colon else f"***@{hosts}")
+    if "password=" in parts.query:
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        hidden = [(k, "***" if k == "password" else v) for k, v in query]
+        parts = parts._replace(query=urllib.parse.urlencode(hidden, safe="*/"))
+    return urllib.parse.urlunsplit(parts)
 
 
 def _client_options(*, asynchronous: bool, cluster: bool = False) -> dict[str, Any]:
