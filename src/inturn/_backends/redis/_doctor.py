@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import redis.asyncio.cluster
 import redis.asyncio.sentinel
 import redis.cluster
 import redis.exceptions
@@ -27,7 +28,7 @@ from inturn._backends.base import BoxState, Diagnostics, Finding, KeyState, Stat
 from inturn._errors import BackendUnavailable
 
 from ._keys import KeySpace, encode
-from ._shared import SCRIPTS, is_cluster, map_errors, text
+from ._shared import SCRIPTS, ProcessChannel, is_cluster, map_errors, text
 
 __all__ = [
     "Census",
@@ -103,14 +104,13 @@ def version_finding(version: str | None) -> Finding:
     return Finding("ok", "version", f"Redis {version}")
 
 
-def warn_eviction(checked: Any, policy: str | None) -> None:
+def warn_eviction(process: ProcessChannel, policy: str | None) -> None:
     """Log, once per process, that the server evicts keys (see :func:`eviction_finding`).
 
-    ``checked`` is the process channel, whose ``checked_eviction`` flag this sets.
-    A refused CONFIG GET (managed Redis) is only logged at DEBUG level here;
-    ``diagnose`` reports it.
+    Sets the process channel's ``checked_eviction``. A refused CONFIG GET
+    (managed Redis) is only logged at DEBUG level here; ``diagnose`` reports it.
     """
-    checked.checked_eviction = True
+    process.checked_eviction = True
     finding = eviction_finding(policy)
     if finding.level == "error":
         logger.warning("inturn: this Redis evicts keys: %s", finding.message)
@@ -220,23 +220,26 @@ async def diagnose(client: Any, server: str) -> Diagnostics:
     except BackendUnavailable as exc:
         finding = Finding("error", "reachable", str(exc))
         return Diagnostics("redis", server, topology=topology, findings=(finding,))
+    except redis.exceptions.ResponseError as exc:  # INFO refused (ACL): the rest may answer
+        report.findings.append(Finding("warning", "version", f"could not read INFO ({exc})"))
     target = (
         {"target_nodes": redis.asyncio.cluster.RedisCluster.PRIMARIES}
         if topology == "cluster"
         else {}
     )
-    try:
-        reply: Any = await client.config_get("*", **target)
-        refused: BaseException | None = None
-    except redis.exceptions.ResponseError as exc:  # CONFIG is off on managed servers
-        reply, refused = None, exc
-    report.config(reply, refused)
-    refused = None
-    try:
-        for lua in SCRIPTS.values():
-            await client.script_load(lua)
-    except redis.exceptions.ResponseError as exc:  # NOPERM, or a server too old to parse them
-        refused = exc
+    with map_errors("diagnose"):  # the server may go away half-way
+        try:
+            reply: Any = await client.config_get("*", **target)
+            refused: BaseException | None = None
+        except redis.exceptions.ResponseError as exc:  # CONFIG is off on managed servers
+            reply, refused = None, exc
+        report.config(reply, refused)
+        refused = None
+        try:
+            for lua in SCRIPTS.values():
+                await client.script_load(lua)
+        except redis.exceptions.ResponseError as exc:  # NOPERM, or too old to parse them
+            refused = exc
     report.scripts(refused)
     return Diagnostics(
         "redis",
