@@ -66,6 +66,14 @@ async def test_statistics_shows_a_held_key_with_its_line(backend: RedisBackend) 
     assert (await backend.statistics()).keys == ()
 
 
+async def test_statistics_for_one_key_takes_it_literally(backend: RedisBackend) -> None:
+    """A key with glob characters matches only itself in the SCAN pattern."""
+    for key in ("a*", "ab", "a?", "[a]", "a"):
+        assert await backend.join(key, f"t{key}", LEASE) is not None
+    for key in ("a*", "a?", "[a]", "a"):
+        assert [s.key for s in (await backend.statistics(key)).keys] == [key]
+
+
 async def test_statistics_shows_boxes_and_dead_letters(backend: RedisBackend) -> None:
     """A queued box (queued, in flight, draining), dead letters per mailbox, and truncation."""
     for i in range(3):

@@ -111,5 +111,6 @@ class KeySpace:
         return Name(decode(key), None, parts[0]) if parts[0] else None
 
     def is_turn_state(self, name: str) -> bool:
-        """True for the keys a turn keeps while held or queued (not fences, not marks)."""
+        """True for the keys a busy key keeps: a turn held or queued, or a mailbox queue
+        with messages or a drainer (not fences, not dedup marks)."""
         return name.endswith(("}:o", "}:q", "}:w")) or "}:m:" in name
