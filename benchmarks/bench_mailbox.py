@@ -310,11 +310,11 @@ def _install_command_counter(counter: collections.Counter[str]) -> None:
 
     scripts: dict[str, str] = {}
     with contextlib.suppress(ImportError, AttributeError):
-        from inturn._backends.redis import _engine as _redis  # private: only to name the scripts in the breakdown
+        from inturn._backends.redis import _shared as _redis  # private: only to name the scripts in the breakdown
 
         scripts = {
             hashlib.sha1(lua.encode()).hexdigest(): name.upper()
-            for name, lua in _redis._SCRIPTS.items()
+            for name, lua in _redis.SCRIPTS.items()
         }
     original = redis.asyncio.client.Redis.execute_command
 

@@ -29,7 +29,7 @@ import redis
 import redis.asyncio
 
 import inturn
-from inturn._backends.redis._engine import CONNECT_TIMEOUT
+from inturn._backends.redis._shared import CONNECT_TIMEOUT
 from tests.servers import RedisServer
 
 

@@ -21,7 +21,8 @@ import redis
 import redis.asyncio
 
 import inturn
-from inturn._backends.redis._engine import RedisBackend, _text
+from inturn._backends.redis import RedisBackend
+from inturn._backends.redis._shared import text as _text
 from inturn.testing import History, check_history
 from tests.servers import RedisServer
 

@@ -89,7 +89,7 @@ async def test_400_waiters_in_one_process_share_a_bounded_pool(redis_url: str) -
     await asyncio.wait_for(asyncio.gather(*tasks), 60)
     check_history(history.spans)
     assert len(history.spans) == 400
-    from inturn._backends.redis._engine import MAX_CONNECTIONS
+    from inturn._backends.redis._shared import MAX_CONNECTIONS
 
     assert peak <= MAX_CONNECTIONS + 1  # the pool, plus one subscribed connection
     await gate.aclose()

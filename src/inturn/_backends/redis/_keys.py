@@ -1,9 +1,12 @@
 """Redis key names, built in one place.
 
-    inturn:<namespace>:{<user key>}:o   owner      (see _redis_lua for each key's shape)
+    inturn:<namespace>:{<user key>}:o   owner      (see _lua for each key's shape)
     inturn:<namespace>:{<user key>}:q   line
     inturn:<namespace>:{<user key>}:w   waiters
     inturn:<namespace>:{<user key>}:f   fence floor
+    inturn:<namespace>:{<user key>}:m:<mailbox>:q|f|d|n   a mailbox's queue, in flight,
+                                        drainer role, retry not-before time
+    inturn:<namespace>:mb:<mailbox>:hint|dead   the sweeper's index, the dead letters
     inturn:<namespace>:wake:<process>   a process's wake-up channel (Pub/Sub, not a key)
 
 The user key and the namespace are percent-encoded: ``%``, ``{``, ``}``, ``:``,
@@ -15,7 +18,10 @@ of one user hash to one Cluster slot.
 
 from __future__ import annotations
 
-__all__ = ["KeySpace", "encode"]
+import urllib.parse
+from typing import NamedTuple
+
+__all__ = ["KeySpace", "Name", "decode", "encode"]
 
 _ESCAPE = {"%", "{", "}", ":"}
 
@@ -31,6 +37,25 @@ def encode(text: str) -> str:
     if text.isalnum() and text.isascii():  # the common case: user ids
         return text
     return "".join(_escape_char(char) for char in text)
+
+
+def decode(text: str) -> str:
+    """The text :func:`encode` was given (every ``%XX`` is an escaped UTF-8 byte)."""
+    return urllib.parse.unquote(text) if "%" in text else text
+
+
+class Name(NamedTuple):
+    """What a key name of the namespace stands for (see :meth:`KeySpace.parse`).
+
+    ``kind`` is the last part of the name (``"o"``, ``"q"``, ``"w"``, ``"f"`` for a
+    turn; ``"q"``, ``"f"``, ``"d"``, ``"n"`` with ``mailbox`` set for a mailbox box;
+    ``"hint"``, ``"dead"`` with ``key`` None for a mailbox's index; ``"d"``, ``"g"``,
+    ``"r"`` for dedup marks and supersede records).
+    """
+
+    key: str | None
+    mailbox: str | None
+    kind: str
 
 
 class KeySpace:
@@ -57,9 +82,9 @@ class KeySpace:
         return [f"{base}g:{encode(scope)}", f"{base}r:{encode(scope)}"]
 
     def mailbox_keys(self, name: str, key: str) -> list[str]:
-        """queue, in flight, drainer role: the KEYS of the mailbox scripts."""
+        """queue, in flight, drainer role, not-before: the KEYS of the mailbox scripts."""
         base = f"{self.prefix}{{{encode(key)}}}:m:{encode(name)}:"
-        return [base + "q", base + "f", base + "d"]
+        return [base + "q", base + "f", base + "d", base + "n"]
 
     def mailbox_index(self, name: str) -> tuple[str, str]:
         """The sweeper's hint set and the dead-letter list of a mailbox (their own slots)."""
@@ -69,6 +94,23 @@ class KeySpace:
         """The Pub/Sub channel on which a process is woken."""
         return f"{self.prefix}wake:{process}"
 
+    def parse(self, name: str) -> Name | None:
+        """What a key name of this namespace stands for; None for a name it did not build."""
+        if not name.startswith(self.prefix):
+            return None
+        rest = name[len(self.prefix) :]
+        if rest.startswith("mb:"):
+            mailbox, _, kind = rest[3:].rpartition(":")
+            return Name(None, decode(mailbox), kind) if mailbox else None
+        if not rest.startswith("{"):
+            return None
+        key, _, tail = rest[1:].partition("}:")
+        parts = tail.split(":")
+        if len(parts) == 3 and parts[0] == "m":
+            return Name(decode(key), decode(parts[1]), parts[2])
+        return Name(decode(key), None, parts[0]) if parts[0] else None
+
     def is_turn_state(self, name: str) -> bool:
-        """True for the keys a turn keeps while held or queued (not fences, not marks)."""
+        """True for the keys a busy key keeps: a turn held or queued, or a mailbox queue
+        with messages or a drainer (not fences, not dedup marks)."""
         return name.endswith(("}:o", "}:q", "}:w")) or "}:m:" in name

@@ -35,9 +35,9 @@ __all__ = [
     "FINISH",
     "JOIN",
     "LEAVE",
-    "MB_CLAIM",
     "MB_RELEASE_TAKE",
     "MB_RENEW",
+    "MB_RESUME",
     "MB_RETRY",
     "MB_SUBMIT",
     "MB_TAKE",
@@ -373,30 +373,33 @@ end
 return 0
 """
 
-# -- mailboxes: KEYS[1] queue (list), KEYS[2] in flight (list), KEYS[3] drainer role ----------
-# All three share the user's hash tag; queue and in-flight lists have no TTL (durable).
+# -- mailboxes: KEYS[1] queue (list), KEYS[2] in flight (list), KEYS[3] drainer role (string),
+# KEYS[4] not-before (string: the caller's epoch seconds before which the head waits; set by a
+# retry, deleted when the retried head is taken or the box empties). All four share the user's
+# hash tag; queue and in-flight lists have no TTL (durable). Messages are opaque: no script
+# parses them.
 
 _TAKE = """
--- take(q, f, d, token, limit, lease_ms, ack, now, hint, user): renew the drainer role,
+-- take(q, f, d, n, token, limit, lease_ms, ack, now, hint, user): renew the drainer role,
 -- acknowledge the last batch if ack, take the next one, or give the role up when the queue
 -- is empty (and drop the user from the sweeper's hint set, when given: not on Cluster).
+-- now: the caller's clock (seconds), compared with the not-before time the caller stored.
 -- returns: {1, message...} taken (in-flight ones first) | {0} empty, role given up
 --          | {2, seconds} the head waits for its retry | {-1} not the drainer
-local function take(q, f, d, token, limit, lease_ms, ack, now, hint, user)
+local function take(q, f, d, n, token, limit, lease_ms, ack, now, hint, user)
   if redis.call('GET', d) ~= token then return {-1} end
   redis.call('PEXPIRE', d, lease_ms)
   if ack == '1' then redis.call('DEL', f) end
   local inflight = redis.call('LRANGE', f, 0, -1)
   if #inflight > 0 then return {1, unpack(inflight)} end
-  local head = redis.call('LINDEX', q, 0)
-  if not head then
-    redis.call('DEL', d)
+  if redis.call('LLEN', q) == 0 then
+    redis.call('DEL', d, n)
     if hint then redis.call('SREM', hint, user) end
     return {0}
   end
-  local ok, decoded = pcall(cjson.decode, head)
-  local not_before = ok and tonumber(decoded['nb']) or 0
+  local not_before = tonumber(redis.call('GET', n) or '0')
   if not_before > tonumber(now) then return {2, tostring(not_before - tonumber(now))} end
+  redis.call('DEL', n)
   local taken = redis.call('LRANGE', q, 0, tonumber(limit) - 1)
   redis.call('LTRIM', q, #taken, -1)
   redis.call('RPUSH', f, unpack(taken))
@@ -410,8 +413,8 @@ MB_SUBMIT = (
     + """
 -- MB_SUBMIT: store a message; become the drainer if there is none, and then (when ARGV[7]
 -- is above 0) take the first batch at once: the new drainer saves a round trip.
--- KEYS[1..3]: queue, in flight, role  KEYS[4] (optional, not on Cluster: another slot):
--- the mailbox's sweeper hint set
+-- KEYS[1..4]: queue, in flight, role, not-before  KEYS[5] (optional, not on Cluster: another
+-- slot): the mailbox's sweeper hint set
 -- ARGV[1]: message  ARGV[2]: max_pending  ARGV[3]: "1" drop oldest when full
 -- ARGV[4]: token  ARGV[5]: role lease_ms  ARGV[6]: the user key (for the hint)
 -- ARGV[7]: how many to take if the caller becomes the drainer  ARGV[8]: the caller's clock
@@ -426,10 +429,10 @@ end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
-  if KEYS[4] then redis.call('SADD', KEYS[4], ARGV[6]) end
+  if KEYS[5] then redis.call('SADD', KEYS[5], ARGV[6]) end
   if tonumber(ARGV[7]) > 0 then
-    return {1, dropped, take(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[7], ARGV[5], '0',
-      ARGV[8], KEYS[4], ARGV[6])}
+    return {1, dropped, take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[7], ARGV[5],
+      '0', ARGV[8], KEYS[5], ARGV[6])}
   end
   return {1, dropped}
 end
@@ -441,32 +444,44 @@ MB_TAKE = (
     "#!lua flags=allow-oom\n"
     + _TAKE
     + """
--- MB_TAKE: KEYS[1..3] queue, in flight, role; KEYS[4] (optional) the hint set; returns as
--- take() above.
+-- MB_TAKE: KEYS[1..4] queue, in flight, role, not-before; KEYS[5] (optional) the hint set;
+-- returns as take() above.
 -- ARGV[1]: token  ARGV[2]: limit  ARGV[3]: role lease_ms  ARGV[4]: "1" acknowledge in-flight
--- ARGV[5]: the caller's clock (seconds), for retry delays  ARGV[6]: the user key
-return take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], KEYS[4],
-  ARGV[6])
+-- ARGV[5]: the caller's clock (seconds), for the not-before time  ARGV[6]: the user key
+return take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+  KEYS[5], ARGV[6])
 """
 )
 
 MB_RETRY = """#!lua flags=allow-oom
--- MB_RETRY: put the in-flight messages back at the queue's head (updated attempt counts).
--- ARGV[1]: token  ARGV[2..]: the messages, oldest first
+-- MB_RETRY: put the in-flight messages back at the queue's head (the caller's new texts),
+-- to be taken again from ARGV[2] on; with no messages, just acknowledge (mb_done).
+-- KEYS[1..4]: queue, in flight, role, not-before
+-- ARGV[1]: token  ARGV[2]: not-before (the caller's epoch seconds; 0: none)
+-- ARGV[3..]: the messages, oldest first
 -- returns: 1 | 0 not the drainer (the sweeper will redeliver them)
 local role = redis.call('GET', KEYS[3])
 if role and role ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2])
-for i = #ARGV, 2, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+if #ARGV < 3 then return 1 end
+for i = #ARGV, 3, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[4], ARGV[2])
+else
+  redis.call('DEL', KEYS[4])
+end
 return 1
 """
 
-MB_CLAIM = """#!lua
--- MB_CLAIM: the sweeper takes a queue whose drainer died; in-flight messages go first.
--- ARGV[1]: token  ARGV[2]: role lease_ms
--- returns: 1 claimed | 0 a live drainer exists | -1 nothing to drain
+MB_RESUME = """#!lua
+-- MB_RESUME: the sweeper takes a queue whose drainer died; in-flight messages go first.
+-- KEYS[1..4]: queue, in flight, role, not-before  ARGV[1]: token  ARGV[2]: role lease_ms
+-- returns: 1 resumed | 0 a live drainer exists | -1 nothing to drain (nothing left behind)
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-if redis.call('LLEN', KEYS[1]) == 0 and redis.call('LLEN', KEYS[2]) == 0 then return -1 end
+if redis.call('LLEN', KEYS[1]) == 0 and redis.call('LLEN', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[4])
+  return -1
+end
 local inflight = redis.call('LRANGE', KEYS[2], 0, -1)
 for i = #inflight, 1, -1 do redis.call('LPUSH', KEYS[1], inflight[i]) end
 redis.call('DEL', KEYS[2])
@@ -492,12 +507,12 @@ MB_RELEASE_TAKE = (
     + """
 -- MB_RELEASE_TAKE: the drainer releases the key's turn (handing it to the next live waiter)
 -- and takes its next batch, in one round trip.
--- KEYS[1..4]: the turn's keys  KEYS[5..7]: the mailbox's queue, in flight, role
--- KEYS[8] (optional): the hint set   ARGV[1]: turn token  ARGV[2..7]: as MB_TAKE's ARGV[1..6]
+-- KEYS[1..4]: the turn's keys  KEYS[5..8]: the mailbox's queue, in flight, role, not-before
+-- KEYS[9] (optional): the hint set   ARGV[1]: turn token  ARGV[2..7]: as MB_TAKE's ARGV[1..6]
 -- returns: {taken, next_token, next_fence}: taken as MB_TAKE's reply; the turn's next
 --          holder (false if none) so the caller can wake it at once if it is local
-local taken = take(KEYS[5], KEYS[6], KEYS[7], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
-  KEYS[8], ARGV[7])
+local taken = take(KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+  ARGV[6], KEYS[9], ARGV[7])
 local value = redis.call('GET', KEYS[1])
 if value and holder(value) == ARGV[1] then
   redis.call('DEL', KEYS[1])

@@ -1,0 +1,601 @@
+"""The async Redis backend: FIFO turns across processes and machines.
+
+URLs: ``redis://``, ``rediss://`` (TLS), ``unix://``, ``redis+sentinel://`` and
+``redis+cluster://``; or inject a redis-py client (``RedisBackend(client,
+sync_client=...)``).
+
+How it keeps the contract (the scripts are in :mod:`._lua`):
+
+- every operation is one Lua script, one round trip, on the keys of one user,
+  which share a hash tag (one Cluster slot);
+- a key's line is a Redis list; release hands the turn to the first *live*
+  waiter in the same script and PUBLISHes the grant on that waiter's process
+  channel. Each process holds **one** subscribed connection per event loop
+  (and one for its threads): thousands of waiters share it;
+- a waiter sleeps until that push. Behind the push is a bounded re-check (at
+  most every ``RECHECK_MAX`` seconds, and when the holder's lease would lapse):
+  it refreshes the waiter's liveness mark (dead waiters are skipped) and hands
+  a lapsed holder's turn to the head of the line. It is a safety net for a
+  lost push or a killed holder, never the main wake-up;
+- JOIN, RENEW, RELEASE, LEAVE and REFRESH are idempotent, so they are retried
+  after a dropped connection without queueing a token twice.
+
+What it does not promise: a Redis primary that fails over to a replica that
+missed the last writes, or restarts without persistence, can lose a lease
+(two holders for a while). Fences stay increasing then (they follow the
+server clock), so a sink that checks fences stays safe. ``diagnose()`` says
+which of these a server risks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.exceptions
+
+from inturn._backends.base import (
+    ClaimResult,
+    Diagnostics,
+    Grant,
+    Statistics,
+)
+from inturn._errors import BackendUnavailable, ConfigurationError
+
+from . import _doctor
+from ._boxes import Mailboxes
+from ._keys import KeySpace
+from ._mux import Mux
+from ._shared import (
+    CONNECT_TIMEOUT,
+    IDLE_READ,
+    SCRIPTS,
+    SHAS,
+    SOCKET_TIMEOUT,
+    SUPERSEDE_KEEP,
+    Call,
+    LoopState,
+    Outage,
+    ProcessChannel,
+    Scripts,
+    Waiter,
+    after_release,
+    alive_ms,
+    confirm,
+    decode_claim,
+    decode_grant,
+    hand_over,
+    holder_of,
+    is_cluster,
+    log_channel_lost,
+    map_errors,
+    ms,
+    queued,
+    text,
+    unavailable,
+    wake,
+)
+from ._sync import SyncRedisBackend
+from ._urls import aclose_client, factories, masked
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger("inturn")
+
+
+class RedisBackend(Mailboxes):
+    """The async Redis backend. See the module docstring for what it guarantees.
+
+    ``client`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``;
+    ``sync_client`` (``redis.Redis`` / ``redis.cluster.RedisCluster``) serves the
+    sync twin (``gate.turn_sync``). With :meth:`from_url` both are made for you,
+    one async client per event loop.
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        sync_client: Any = None,
+        namespace: str = "default",
+        _factory: Any = None,
+        _sync_factory: Any = None,
+    ) -> None:
+        if client is None and _factory is None:
+            raise ConfigurationError("RedisBackend needs a redis-py client (or use from_url)")
+        process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._process = ProcessChannel(KeySpace(namespace), KeySpace(namespace).channel(process))
+        self._url: str | None = None
+        self._client = client
+        self._factory = _factory
+        self._sync_client = sync_client
+        self._sync_factory = _sync_factory
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._twin: SyncRedisBackend | None = None
+        self._twin_lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str = "default") -> RedisBackend:
+        """Build the backend from a ``redis://``, ``rediss://``, ``unix://``,
+        ``redis+sentinel://`` or ``redis+cluster://`` URL."""
+        make_async, make_sync = factories(url)
+        backend = cls(namespace=namespace, _factory=make_async, _sync_factory=make_sync)
+        backend._url = url
+        return backend
+
+    # -- per-loop state -------------------------------------------------------------
+
+    def _state(self) -> LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None:
+            client = self._client if self._client is not None else self._factory()
+            scripts: dict[str, Any] = {}
+            mux = None
+            if is_cluster(client):  # scripts go by slot, through redis-py
+                scripts = {name: client.register_script(lua) for name, lua in SCRIPTS.items()}
+            else:
+                pool = client.connection_pool
+                timeout = pool.connection_kwargs.get("socket_timeout") or SOCKET_TIMEOUT
+                mux = Mux(pool, timeout=timeout, preload=tuple(SCRIPTS.values()))
+            channel = f"{self._process.channel}.{secrets.token_hex(4)}"
+            calls = Scripts(self._process.keys, cluster=is_cluster(client))
+            state = LoopState(client=client, scripts=scripts, channel=channel, mux=mux, calls=calls)
+            self._states[loop] = state
+        return state
+
+    async def _close_state(self, state: LoopState) -> None:
+        """Close a loop's pipelined connection, and its client if made here."""
+        if state.mux is not None:
+            await state.mux.aclose()
+        if self._client is None:
+            await aclose_client(state.client)
+
+    async def _listening(self) -> LoopState:
+        """The loop's state, once its wake-up channel is subscribed."""
+        state = self._state()
+        if state.listener is None or state.listener.done():
+            state.listener = asyncio.ensure_future(self._listen(state))
+        if not state.subscribed.is_set():
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await state.subscribed.wait()
+            except TimeoutError as exc:
+                raise unavailable(state.broken or exc, "subscribe") from state.broken
+        return state
+
+    async def _listen(self, state: LoopState) -> None:
+        """Read wake-ups for this loop's waiters; reconnect with backoff.
+
+        Ends when cancelled (``aclose()``, or ``asyncio.run()`` shutting the loop
+        down) or when ``state.closing`` is set; either way it closes our client
+        while its loop still runs (its connections cannot outlive the loop).
+        """
+        try:
+            await self._listen_until_closed(state)
+        finally:
+            self._states.pop(asyncio.get_running_loop(), None)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._close_state(state))
+
+    async def _listen_until_closed(self, state: LoopState) -> None:
+        process = self._process
+        backoff = 0.05
+        first = True
+        attempt = 0
+        while not state.closing:
+            attempt += 1
+            pubsub, node_client = await self._open_pubsub(state, attempt)
+            try:
+                await pubsub.subscribe(state.channel)
+                while not state.closing:  # the subscription is confirmed by its first message
+                    message = await pubsub.get_message(timeout=CONNECT_TIMEOUT)
+                    if message is not None and message["type"] == "subscribe":
+                        break
+                if not process.checked_eviction:
+                    await self._check_eviction(state)
+                state.broken = None
+                state.subscribed.set()
+                backoff = 0.05
+                if not first:  # pushes may have been lost while disconnected: re-check all
+                    for waiter in state.waiters.values():
+                        waiter.next_check = 0.0
+                        wake(waiter)
+                first = False
+                while not state.closing:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=IDLE_READ
+                    )
+                    if message is not None and message["type"] == "message":
+                        self._dispatch(state, text(message["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                state.subscribed.clear()
+                state.broken = exc
+                log_channel_lost(exc, backoff)
+                for waiter in state.waiters.values():
+                    wake(waiter)  # they re-check, and fail fast while Redis is away
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pubsub.aclose())
+                    if node_client is not None:
+                        await asyncio.shield(aclose_client(node_client))
+
+    def _dispatch(self, state: LoopState, data: str) -> None:
+        """A push: a grant for one of this loop's waiters, or a cancel for a running call."""
+        if data.startswith("cancel|"):
+            on_cancel = state.cancels.get(data[7:])
+            if on_cancel is not None:
+                on_cancel()
+            return
+        granted = self._process.deliver(data, state.waiters)
+        if granted is not None:
+            wake(granted)
+
+    @staticmethod
+    async def _open_pubsub(state: LoopState, attempt: int) -> tuple[Any, Any]:
+        """A Pub/Sub object, and the client made for it (Cluster only) to close after.
+
+        On a Cluster, classic PUBLISH reaches subscribers on every node, so the
+        listener subscribes on one node (another one after each failure).
+        """
+        client = state.client
+        if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+            return client.pubsub(), None
+        await client.initialize()
+        nodes = client.get_nodes()
+        node = nodes[attempt % len(nodes)]
+        pool = redis.asyncio.ConnectionPool(
+            connection_class=node.connection_class, max_connections=2, **node.connection_kwargs
+        )
+        node_client = redis.asyncio.Redis(connection_pool=pool)
+        return node_client.pubsub(), node_client
+
+    async def _check_eviction(self, state: LoopState) -> None:
+        try:
+            policy = _doctor.policy_of(await state.client.config_get("maxmemory-policy"))
+        except Exception:  # CONFIG may be disabled (managed Redis): diagnose() says so
+            policy = None
+        _doctor.warn_eviction(self._process, policy)
+
+    async def _run(
+        self, state: LoopState, name: str, key: str, args: list[Any], keys: list[str] | None = None
+    ) -> Any:
+        keys = self._process.keys.turn_keys(key) if keys is None else keys
+        with map_errors(name):
+            if state.mux is not None:
+                sha, lua = SHAS[name]
+                return await state.mux.evalsha(sha, lua, keys, args)
+            return await state.scripts[name](keys=keys, args=args)
+
+    async def _script(self, call: Call, key: str, state: LoopState | None = None) -> Any:
+        """Run a script whose KEYS and ARGV :class:`Scripts` built."""
+        name, keys, args = call
+        return await self._run(state or self._state(), name, key, args, keys)
+
+    # -- the Backend protocol -----------------------------------------------------------
+
+    async def join(self, key: str, token: str, lease: float) -> Grant | None:
+        state = await self._listening()
+        loop = asyncio.get_running_loop()
+        # Registered before the script is sent: the push can arrive before its reply, and
+        # this loop's waiters of a key are listed in the order their JOINs were sent.
+        waiter = Waiter(key, lease, future=loop.create_future())
+        state.enlist(token, waiter)
+        sent = time.monotonic()
+        args = [token, ms(lease), alive_ms(lease), state.channel, "join"]
+        try:
+            reply = await self._run(state, "join", key, args)
+        except BaseException:
+            state.forget(token)
+            raise
+        if reply[0] == 1:
+            state.forget(token)
+            return decode_grant(reply, sent, lease)
+        queued(waiter, reply, sent)
+        return None
+
+    async def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
+        state = self._state()
+        sent = time.monotonic()
+        args = [token, ms(lease), alive_ms(lease), state.channel, "try"]
+        reply = await self._run(state, "join", key, args)
+        return decode_grant(reply, sent, lease) if reply[0] == 1 else None
+
+    async def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
+        state = self._state()
+        waiter = state.waiters.get(token)
+        if waiter is None or waiter.future is None:
+            raise RuntimeError(f"token {token!r} is not waiting for key {key!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        outage = Outage()
+        while True:
+            if waiter.grant is not None:
+                state.forget(token)
+                return waiter.grant
+            now = time.monotonic()
+            if now >= waiter.next_check:
+                try:
+                    grant = await self._refresh(state, key, token, waiter)
+                except BackendUnavailable as exc:
+                    waiter.next_check = outage.failed(exc, now, deadline)
+                    continue
+                outage.ok()
+                if grant is not None:
+                    state.forget(token)
+                    return grant
+                continue
+            if deadline is not None and now >= deadline:
+                outage.raise_if_down()
+                return None
+            sleep = waiter.next_check - now
+            if deadline is not None:
+                sleep = min(sleep, deadline - now)
+            if waiter.future.done():  # a wake-up without a grant: re-check now
+                waiter.future = asyncio.get_running_loop().create_future()
+                waiter.next_check = 0.0
+                continue
+            # Awaited directly: a push resumes this task in one loop step. A timeout
+            # cancels the future; the next pass makes a fresh one (wakes come only from
+            # this loop's thread, so none can slip in between).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(sleep):
+                    await waiter.future
+            if waiter.future.cancelled():
+                waiter.future = asyncio.get_running_loop().create_future()
+
+    async def _refresh(
+        self, state: LoopState, key: str, token: str, waiter: Waiter
+    ) -> Grant | None:
+        """Re-check a waiter on the server: REFRESH its liveness mark, or JOIN again.
+
+        A waiter declared dead (it missed its re-checks: a long pause) is out of
+        the line; it joins again at the end. Returns the grant if it got one.
+        """
+        sent = time.monotonic()
+        reply = await self._run(state, "refresh", key, [token, alive_ms(waiter.lease)])
+        if reply[0] == -1:  # we were declared dead (a long pause): join again, at the end
+            waiter.solo = False
+            if state.forget(token) is not None:
+                state.enlist(token, waiter)
+            args = [token, ms(waiter.lease), alive_ms(waiter.lease), state.channel, "join"]
+            sent = time.monotonic()
+            reply = await self._run(state, "join", key, args)
+        if reply[0] == 1:
+            return decode_grant(reply, sent, waiter.lease)
+        queued(waiter, reply, sent)
+        return None
+
+    async def renew(self, key: str, token: str, lease: float) -> bool:
+        reply = await self._run(self._state(), "renew", key, [token, ms(lease)])
+        return bool(reply)
+
+    async def release(self, key: str, token: str, *, fence: int | None = None) -> None:
+        state = self._state()
+        sent = time.monotonic()
+        args: list[Any] = [token]
+        handed: Grant | None = None
+        solo = state.next_solo(key) if fence is not None and state.mux is not None else None
+        if fence is not None and solo is not None:
+            # Our own first waiter, with nobody from elsewhere ahead of it: start it now,
+            # with the next fence; the script confirms exactly this grant.
+            handed = hand_over(solo, fence, sent, asyncio.get_running_loop().create_future())
+            args += [solo[0], ms(solo[1].lease)]
+            # Not awaited, and sent at the end of this loop step: the woken waiter starts
+            # first, and our next command (a JOIN, often) leaves in the same write. The
+            # reply only confirms the grant, or refuses it, and then the new holder is told.
+            reply = state.mux.submit(  # type: ignore[union-attr]
+                SHAS["release"][0], self._process.keys.turn_keys(key), args, hold=True
+            )
+            if reply is not None:
+                reply.add_done_callback(partial(self._handed_over, state, key, args, handed))
+                return
+        try:
+            reply = await self._run(state, "release", key, args)
+        except BaseException:
+            if handed is not None:
+                confirm(handed, None)  # unknown: the new holder's renewal will tell
+            raise
+        self._released(state, reply, args, handed, sent)
+
+    def _released(
+        self,
+        state: LoopState,
+        reply: Sequence[Any],
+        args: list[Any],
+        handed: Grant | None,
+        sent: float,
+    ) -> None:
+        granted = after_release(self._process, state, reply, args, handed, sent)
+        if granted is not None:
+            wake(granted)
+
+    def _handed_over(
+        self,
+        state: LoopState,
+        key: str,
+        args: list[Any],
+        handed: Grant,
+        reply: asyncio.Future[Any],
+    ) -> None:
+        """The reply of a RELEASE that was not awaited."""
+        if not reply.cancelled() and reply.exception() is None:
+            self._released(state, reply.result(), args, handed, handed.granted_at)
+            return
+        # NOSCRIPT, or the connection dropped: again, with the EVAL fallback and the retries
+        # (a RELEASE that ran already confirms its grant again).
+        task = asyncio.ensure_future(self._release_again(state, key, args, handed))
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+
+    async def _release_again(
+        self, state: LoopState, key: str, args: list[Any], handed: Grant
+    ) -> None:
+        try:
+            reply = await self._run(state, "release", key, args)
+        except Exception as exc:
+            confirm(handed, None)
+            logger.warning("inturn: release of key %r failed (%r); its lease will lapse", key, exc)
+            return
+        self._released(state, reply, args, handed, handed.granted_at)
+
+    async def leave(self, key: str, token: str) -> Grant | None:
+        state = self._state()
+        waiter = state.forget(token)
+        sent = time.monotonic()
+        reply = await self._run(state, "leave", key, [token])
+        if reply[0] == 1:
+            return decode_grant(reply, sent, waiter.lease if waiter else int(reply[2]) / 1000)
+        return None
+
+    async def is_held(self, key: str, token: str) -> bool:
+        owner = self._process.keys.turn_keys(key)[0]
+        with map_errors("is_held"):
+            return holder_of(await self._state().client.get(owner), token)
+
+    async def is_busy(self, key: str) -> bool:
+        owner, line, _, _ = self._process.keys.turn_keys(key)
+        with map_errors("is_busy"):
+            return bool(await self._state().client.exists(owner, line))
+
+    async def footprint(self) -> int:
+        keys = self._process.keys
+        count = 0
+        with map_errors("footprint"):
+            async for name in self._state().client.scan_iter(match=keys.prefix + "*", count=1000):
+                count += keys.is_turn_state(text(name))
+        return count
+
+    async def statistics(self, key: str | None = None, *, limit: int = 1000) -> Statistics:
+        """See :meth:`Backend.statistics`: a SCAN of the namespace (of every Cluster master)."""
+        return await _doctor.statistics(self._state().client, self._process.keys, key, limit)
+
+    async def diagnose(self) -> Diagnostics:
+        """See :meth:`Backend.diagnose` (version, eviction policy, persistence, rights)."""
+        client = self._state().client
+        server = masked(self._url) if self._url else _doctor.server_of(client)
+        return await _doctor.diagnose(client, server)
+
+    # -- dedup and newest-call-wins -----------------------------------------------------
+
+    async def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult:
+        state = self._state()
+        call = state.calls.claim(key, scope, id, token, fence, lease, window)
+        return decode_claim(await self._script(call, key, state))
+
+    async def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None:
+        state = self._state()
+        await self._script(state.calls.finish(key, scope, id, token, result, window), key, state)
+
+    async def abandon(self, key: str, scope: str, id: str, token: str) -> None:
+        state = self._state()
+        await self._script(state.calls.abandon(key, scope, id, token), key, state)
+
+    async def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int:
+        state = await self._listening() if cancel_running else self._state()
+        return int(
+            await self._script(state.calls.supersede(key, scope, cancel_running), key, state)
+        )
+
+    async def is_newest(self, key: str, scope: str, generation: int) -> bool:
+        counter = self._process.keys.supersede_keys(key, scope)[0]
+        with map_errors("is_newest"):
+            current = await self._state().client.get(counter)
+        return current is None or int(current) <= generation
+
+    async def start_running(
+        self, key: str, scope: str, token: str, on_cancel: Callable[[], None]
+    ) -> None:
+        state = await self._listening()
+        state.cancels[token] = on_cancel
+        running = self._process.keys.supersede_keys(key, scope)[1]
+        value = f"{token}|{state.channel}"
+        try:
+            with map_errors("start_running"):
+                await state.client.set(running, value, px=ms(SUPERSEDE_KEEP))
+        except BaseException:
+            state.cancels.pop(token, None)
+            raise
+
+    async def stop_running(self, key: str, scope: str, token: str) -> None:
+        state = self._state()
+        state.cancels.pop(token, None)
+        running = self._process.keys.supersede_keys(key, scope)[1:]
+        await self._run(state, "stop_running", key, [token], running)
+
+    def sync_twin(self) -> SyncRedisBackend:
+        with self._twin_lock:  # threads may race to their first turn_sync
+            return self._make_twin()
+
+    def _make_twin(self) -> SyncRedisBackend:
+        if self._twin is None:
+            client = self._sync_client
+            if client is None:
+                if self._sync_factory is None:
+                    raise ConfigurationError(
+                        "the sync twin of an injected async Redis client needs "
+                        "RedisBackend(client, sync_client=redis.Redis(...))"
+                    )
+                client = self._sync_factory()
+            self._twin = SyncRedisBackend(client, self._process, owned=self._sync_client is None)
+        return self._twin
+
+    async def aclose(self) -> None:
+        """Close this loop's listener and client (and the sync twin's).
+
+        The state of other event loops is dropped: their connections belong to
+        those loops (closed ones cannot be closed again).
+        """
+        state = self._states.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            state.closing = True
+            listener = state.listener
+            if listener is not None and not listener.done():
+                # It closes the client on its way out. A cancel that lands while
+                # redis-py waits on a stalled handshake can be swallowed; then closing
+                # the client's connections under it ends its read.
+                listener.cancel()
+                done, _ = await asyncio.wait({listener}, timeout=0.5)
+                if not done:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(1.0):
+                            await self._close_state(state)
+                    listener.cancel()
+                    done, _ = await asyncio.wait({listener}, timeout=1.0)
+                if not done:
+                    logger.warning("inturn: the Redis wake-up listener did not stop")
+            else:
+                await self._close_state(state)
+        self._states.clear()
+        if self._twin is not None:
+            self._twin.close()

@@ -1,0 +1,270 @@
+"""The mailbox operations of the Redis backend's two twins, side by side.
+
+Each is one script (KEYS and ARGV built by :class:`~._shared.Scripts`) or one
+command on the keys of one (mailbox, user); see ``MailboxBackend`` for what
+they promise and :mod:`._lua` for the scripts. The retry time a drainer
+passes to ``mb_retry`` is kept in a key of its own beside the queue, never
+inside a message: the engine does not parse messages.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from inturn._backends.base import ResumeStatus, Submitted, Taken
+
+from ._shared import (
+    Call,
+    Lines,
+    LoopState,
+    ProcessChannel,
+    Scripts,
+    decode_resume,
+    decode_submitted,
+    decode_taken,
+    map_errors,
+    text,
+    wake,
+)
+
+__all__ = ["Mailboxes", "SyncMailboxes"]
+
+
+class Mailboxes:
+    """The mailbox face of :class:`RedisBackend` (``MailboxBackend``)."""
+
+    _process: ProcessChannel
+
+    def _state(self) -> LoopState:
+        raise NotImplementedError
+
+    async def _script(self, call: Call, key: str, state: LoopState | None = None) -> Any:
+        raise NotImplementedError
+
+    async def mb_submit(
+        self,
+        name: str,
+        key: str,
+        message: str,
+        *,
+        max_pending: int,
+        drop_oldest: bool,
+        token: str,
+        lease: float,
+        take: int = 0,
+    ) -> Submitted:
+        """See :meth:`MailboxBackend.mb_submit`; with ``take``, a new drainer's first take
+        comes in the same round trip."""
+        state = self._state()
+        call = state.calls.mb_submit(
+            name,
+            key,
+            message,
+            max_pending=max_pending,
+            drop_oldest=drop_oldest,
+            token=token,
+            lease=lease,
+            take=take,
+        )
+        return decode_submitted(await self._script(call, key, state))
+
+    async def mb_take(
+        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+    ) -> Taken:
+        state = self._state()
+        call = state.calls.mb_take(name, key, token, limit, lease, ack)
+        return decode_taken(await self._script(call, key, state))
+
+    async def mb_release_take(
+        self,
+        name: str,
+        key: str,
+        token: str,
+        turn_token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+    ) -> Taken:
+        """Release the key's turn held by ``turn_token`` and take the next batch, in one
+        round trip: a drained message costs JOIN + this (+ its submit).
+
+        A waiter of this loop that the script handed the turn to is woken at once
+        (the push that follows finds it granted already)."""
+        state = self._state()
+        call = state.calls.mb_release_take(name, key, token, turn_token, limit, lease, ack)
+        sent = time.monotonic()
+        reply = await self._script(call, key, state)
+        woken = self._process.handed_off(reply, state, sent)
+        if woken is not None:
+            wake(woken)
+        return decode_taken(reply[0])
+
+    async def mb_done(self, name: str, key: str, token: str) -> None:
+        await self.mb_retry(name, key, token, [], not_before=0.0)
+
+    async def mb_retry(
+        self, name: str, key: str, token: str, messages: list[str], *, not_before: float
+    ) -> None:
+        """See :meth:`MailboxBackend.mb_retry`: ``not_before`` is kept in a key of its own
+        beside the queue, deleted when the retried head is taken or the queue empties."""
+        state = self._state()
+        await self._script(state.calls.mb_retry(name, key, token, messages, not_before), key, state)
+
+    async def mb_resume(self, name: str, key: str, token: str, *, lease: float) -> ResumeStatus:
+        state = self._state()
+        return decode_resume(
+            await self._script(state.calls.mb_resume(name, key, token, lease), key, state)
+        )
+
+    async def mb_renew(self, name: str, key: str, token: str, *, lease: float) -> bool:
+        state = self._state()
+        return bool(await self._script(state.calls.mb_renew(name, key, token, lease), key, state))
+
+    async def mb_pending(self, name: str, key: str) -> int:
+        queue = self._process.keys.mailbox_keys(name, key)[0]
+        with map_errors("mb_pending"):
+            return int(await self._state().client.llen(queue))
+
+    async def mb_draining(self, name: str, key: str) -> bool:
+        role = self._process.keys.mailbox_keys(name, key)[2]
+        with map_errors("mb_draining"):
+            return bool(await self._state().client.exists(role))
+
+    async def mb_hint(self, name: str, key: str, present: bool) -> None:
+        state = self._state()
+        if present and not state.calls.cluster:
+            return  # MB_SUBMIT recorded it in the same step (one round trip less)
+        hint = self._process.keys.mailbox_index(name)[0]
+        with map_errors("mb_hint"):
+            await (state.client.sadd(hint, key) if present else state.client.srem(hint, key))
+
+    async def mb_hinted(self, name: str) -> list[str]:
+        hint = self._process.keys.mailbox_index(name)[0]
+        with map_errors("mb_hinted"):
+            return sorted(text(k) for k in await self._state().client.smembers(hint))
+
+    async def mb_dead(self, name: str, entries: list[str]) -> None:
+        dead = self._process.keys.mailbox_index(name)[1]
+        with map_errors("mb_dead"):
+            await self._state().client.rpush(dead, *entries)
+
+    async def mb_dead_letters(self, name: str, limit: int) -> list[str]:
+        dead = self._process.keys.mailbox_index(name)[1]
+        with map_errors("mb_dead_letters"):
+            return [text(e) for e in await self._state().client.lrange(dead, 0, limit - 1)]
+
+
+class SyncMailboxes:
+    """The mailbox face of :class:`SyncRedisBackend` (``SyncMailboxBackend``)."""
+
+    _process: ProcessChannel
+    _client: Any
+    _calls: Scripts
+    _lock: threading.Lock
+    _line: Lines
+
+    def _script(self, call: Call, key: str) -> Any:
+        raise NotImplementedError
+
+    def mb_submit(
+        self,
+        name: str,
+        key: str,
+        message: str,
+        *,
+        max_pending: int,
+        drop_oldest: bool,
+        token: str,
+        lease: float,
+        take: int = 0,
+    ) -> Submitted:
+        call = self._calls.mb_submit(
+            name,
+            key,
+            message,
+            max_pending=max_pending,
+            drop_oldest=drop_oldest,
+            token=token,
+            lease=lease,
+            take=take,
+        )
+        return decode_submitted(self._script(call, key))
+
+    def mb_take(
+        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+    ) -> Taken:
+        return decode_taken(
+            self._script(self._calls.mb_take(name, key, token, limit, lease, ack), key)
+        )
+
+    def mb_release_take(
+        self,
+        name: str,
+        key: str,
+        token: str,
+        turn_token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+    ) -> Taken:
+        """Release the turn and take the next batch in one script (see RedisBackend's).
+
+        The turn goes to the first live waiter in the server's line, never by a
+        hand-over decided here, so the script needs no confirmation and the
+        line's order kept here does not matter; a thread of ours that got the
+        turn is woken at once, under the lock, as a push would wake it."""
+        call = self._calls.mb_release_take(name, key, token, turn_token, limit, lease, ack)
+        sent = time.monotonic()
+        reply = self._script(call, key)
+        with self._lock:
+            woken = self._process.handed_off(reply, self._line, sent)
+        if woken is not None:
+            wake(woken)
+        return decode_taken(reply[0])
+
+    def mb_done(self, name: str, key: str, token: str) -> None:
+        self.mb_retry(name, key, token, [], not_before=0.0)
+
+    def mb_retry(
+        self, name: str, key: str, token: str, messages: list[str], *, not_before: float
+    ) -> None:
+        self._script(self._calls.mb_retry(name, key, token, messages, not_before), key)
+
+    def mb_resume(self, name: str, key: str, token: str, *, lease: float) -> ResumeStatus:
+        return decode_resume(self._script(self._calls.mb_resume(name, key, token, lease), key))
+
+    def mb_renew(self, name: str, key: str, token: str, *, lease: float) -> bool:
+        return bool(self._script(self._calls.mb_renew(name, key, token, lease), key))
+
+    def mb_pending(self, name: str, key: str) -> int:
+        with map_errors("mb_pending"):
+            return int(self._client.llen(self._process.keys.mailbox_keys(name, key)[0]))
+
+    def mb_draining(self, name: str, key: str) -> bool:
+        with map_errors("mb_draining"):
+            return bool(self._client.exists(self._process.keys.mailbox_keys(name, key)[2]))
+
+    def mb_hint(self, name: str, key: str, present: bool) -> None:
+        if present and not self._calls.cluster:
+            return  # MB_SUBMIT recorded it in the same step
+        hint = self._process.keys.mailbox_index(name)[0]
+        with map_errors("mb_hint"):
+            self._client.sadd(hint, key) if present else self._client.srem(hint, key)
+
+    def mb_hinted(self, name: str) -> list[str]:
+        with map_errors("mb_hinted"):
+            members = self._client.smembers(self._process.keys.mailbox_index(name)[0])
+        return sorted(text(k) for k in members)
+
+    def mb_dead(self, name: str, entries: list[str]) -> None:
+        with map_errors("mb_dead"):
+            self._client.rpush(self._process.keys.mailbox_index(name)[1], *entries)
+
+    def mb_dead_letters(self, name: str, limit: int) -> list[str]:
+        dead = self._process.keys.mailbox_index(name)[1]
+        with map_errors("mb_dead_letters"):
+            return [text(e) for e in self._client.lrange(dead, 0, limit - 1)]

@@ -1,0 +1,407 @@
+"""The sync twin of the Redis backend: the same scripts and keys, driven from threads.
+
+Wake-ups for every thread's waiters arrive on one listener thread per process
+(started again in a forked child). Threads send their JOINs on several
+connections, so they may reach the server in any order: the line kept here is
+ordered by the join sequence number the server hands out, and no turn is
+handed over inside the process while a call that changes a key's line is in
+flight (see :meth:`SyncRedisBackend.release`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis
+import redis.cluster
+
+from inturn._backends.base import ClaimResult, Grant, Statistics
+from inturn._errors import BackendUnavailable
+
+from . import _doctor
+from ._boxes import SyncMailboxes
+from ._mux import SyncMux
+from ._shared import (
+    CONNECT_TIMEOUT,
+    IDLE_READ,
+    MAX_CONNECTIONS,
+    SCRIPTS,
+    SHAS,
+    Call,
+    Lines,
+    Outage,
+    ProcessChannel,
+    Scripts,
+    Waiter,
+    after_release,
+    alive_ms,
+    confirm,
+    decode_claim,
+    decode_grant,
+    hand_over,
+    holder_of,
+    is_cluster,
+    log_channel_lost,
+    map_errors,
+    ms,
+    queued,
+    text,
+    unavailable,
+    wake,
+)
+from ._urls import close_client
+
+__all__ = ["SyncRedisBackend"]
+
+
+class SyncRedisBackend(SyncMailboxes):
+    """The sync twin of :class:`RedisBackend`, for threads: same keys, same guarantees.
+
+    One listener thread per process receives the wake-ups of every thread's
+    waiters; scripts go through a bounded stack of connections of its own
+    (:class:`SyncMux`), or by slot on a Cluster.
+    """
+
+    never_blocks = False
+    """Every call is a round trip to Redis: the turn layer bounds it in a worker."""
+
+    def __init__(self, client: Any, process: ProcessChannel, *, owned: bool = False) -> None:
+        self._client = client
+        self._process = process
+        self._owned = owned
+        self._calls = Scripts(process.keys, cluster=is_cluster(client))
+        self._scripts: dict[str, Any] = {}
+        """redis-py Script objects, on a Cluster only (elsewhere the SyncMux runs the scripts)."""
+        self._mux: SyncMux | None = None
+        if is_cluster(client):
+            self._scripts = {name: client.register_script(lua) for name, lua in SCRIPTS.items()}
+        else:
+            pool = client.connection_pool
+            self._mux = SyncMux(
+                pool, size=MAX_CONNECTIONS, wait=CONNECT_TIMEOUT, preload=tuple(SCRIPTS.values())
+            )
+        self._lock = threading.Lock()
+        self._line = Lines()
+        """This process's thread waiters (guarded by ``_lock``)."""
+        self._subscribed = threading.Event()
+        self._broken: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = -1
+        self._stop = threading.Event()
+        self._pubsub: Any = None
+
+    def _listening(self) -> None:
+        with self._lock:
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+                self._pid = os.getpid()  # threads do not survive fork: start our own
+                self._subscribed.clear()
+                self._thread = threading.Thread(
+                    target=self._listen, name="inturn-redis-wakeups", daemon=True
+                )
+                self._thread.start()
+        if not self._subscribed.wait(CONNECT_TIMEOUT):
+            raise unavailable(self._broken or TimeoutError("no answer"), "subscribe")
+
+    def _listen(self) -> None:
+        process = self._process
+        backoff = 0.05
+        first = True
+        pid = os.getpid()
+        attempt = 0
+        while not self._stop.is_set() and pid == os.getpid():
+            attempt += 1
+            try:
+                pubsub = self._pubsub = self._open_pubsub(attempt)
+            except Exception as exc:
+                self._broken = exc
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            try:
+                pubsub.subscribe(process.channel)
+                while True:
+                    message = pubsub.get_message(timeout=CONNECT_TIMEOUT)
+                    if message is not None and message["type"] == "subscribe":
+                        break
+                if not process.checked_eviction:
+                    try:
+                        policy = _doctor.policy_of(self._client.config_get("maxmemory-policy"))
+                    except Exception:  # CONFIG may be disabled (managed Redis)
+                        policy = None
+                    _doctor.warn_eviction(process, policy)
+                self._broken = None
+                self._subscribed.set()
+                backoff = 0.05
+                if not first:
+                    with self._lock:
+                        for waiter in self._line.waiters.values():
+                            waiter.next_check = 0.0
+                            wake(waiter)
+                first = False
+                while not self._stop.is_set():
+                    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=IDLE_READ)
+                    if message is not None and message["type"] == "message":
+                        with self._lock:
+                            granted = process.deliver(message["data"], self._line.waiters)
+                        if granted is not None:
+                            wake(granted)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                self._subscribed.clear()
+                self._broken = exc
+                log_channel_lost(exc, backoff)
+                with self._lock:
+                    for waiter in self._line.waiters.values():
+                        wake(waiter)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+
+    def _open_pubsub(self, attempt: int) -> Any:
+        client = self._client
+        if isinstance(client, redis.cluster.RedisCluster):  # see RedisBackend._open_pubsub
+            nodes = client.get_nodes()  # type: ignore[no-untyped-call]
+            client = nodes[attempt % len(nodes)].redis_connection
+        return client.pubsub()
+
+    def _run(
+        self,
+        name: str,
+        key: str,
+        args: list[Any],
+        keys: list[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run a script; ``timeout`` bounds the wait for its reply (not on a Cluster)."""
+        keys = self._process.keys.turn_keys(key) if keys is None else keys
+        with map_errors(name):
+            if self._mux is not None:
+                sha, lua = SHAS[name]
+                return self._mux.evalsha(sha, lua, keys, args, timeout=timeout)
+            return self._scripts[name](keys=keys, args=args)
+
+    def _script(self, call: Call, key: str) -> Any:
+        """Run a script whose KEYS and ARGV :class:`Scripts` built."""
+        name, keys, args = call
+        return self._run(name, key, args, keys)
+
+    @contextlib.contextmanager
+    def _changing(self, key: str) -> Iterator[None]:
+        """Mark a call that changes the key's line as in flight, for its duration.
+
+        No turn is handed over inside the process meanwhile: our view of the
+        line's order may be stale (threads' JOINs use several connections).
+        """
+        with self._lock:
+            self._line.changing(key, 1)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._line.changing(key, -1)
+
+    def _record_place(self, token: str, waiter: Waiter, reply: Sequence[Any], sent: float) -> None:
+        """Record where a JOIN or REFRESH left the waiter in its key's line.
+
+        Call with ``_lock`` held. A JOIN's reply carries the waiter's sequence
+        number, which orders it among this process's other waiters of the key.
+        """
+        queued(waiter, reply, sent)
+        if len(reply) > 3 and token in self._line.waiters:  # a JOIN's: its place
+            self._line.place(token, waiter)
+
+    def join(self, key: str, token: str, lease: float) -> Grant | None:
+        self._listening()
+        waiter = Waiter(key, lease, event=threading.Event())
+        with self._lock:
+            self._line.waiters[token] = waiter  # a push may come before the reply
+            self._line.changing(key, 1)  # no hand-over for the key until it has its place
+        sent = time.monotonic()
+        args = [token, ms(lease), alive_ms(lease), self._process.channel, "join"]
+        reply: Sequence[Any] = ()
+        try:
+            reply = self._run("join", key, args)
+        finally:
+            with self._lock:
+                self._line.changing(key, -1)
+                if reply and reply[0] != 1:
+                    self._record_place(token, waiter, reply, sent)
+                else:  # granted at once, or failed
+                    self._line.forget(token)
+        return decode_grant(reply, sent, lease) if reply[0] == 1 else None
+
+    def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
+        sent = time.monotonic()
+        args = [token, ms(lease), alive_ms(lease), self._process.channel, "try"]
+        reply = self._run("join", key, args)
+        return decode_grant(reply, sent, lease) if reply[0] == 1 else None
+
+    def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
+        with self._lock:
+            waiter = self._line.waiters.get(token)
+        if waiter is None or waiter.event is None:
+            raise RuntimeError(f"token {token!r} is not waiting for key {key!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        outage = Outage()
+        while True:
+            if waiter.grant is not None:
+                with self._lock:
+                    self._line.forget(token)
+                return waiter.grant
+            now = time.monotonic()
+            if now >= waiter.next_check:
+                try:
+                    limit = None if deadline is None else deadline - now
+                    grant = self._refresh(key, token, waiter, limit)
+                except BackendUnavailable as exc:
+                    waiter.next_check = outage.failed(exc, now, deadline)
+                    continue
+                outage.ok()
+                if grant is not None:
+                    with self._lock:
+                        self._line.forget(token)
+                    return grant
+                continue
+            if deadline is not None and now >= deadline:
+                outage.raise_if_down()
+                return None
+            sleep = waiter.next_check - now
+            if deadline is not None:
+                sleep = min(sleep, deadline - now)
+            if waiter.event.wait(sleep) and waiter.grant is None:
+                waiter.event.clear()  # woken without a grant (reconnect): re-check now
+                waiter.next_check = 0.0
+
+    def _refresh(self, key: str, token: str, waiter: Waiter, limit: float | None) -> Grant | None:
+        """Re-check a waiter on the server (REFRESH; JOIN again if declared dead).
+
+        As :meth:`RedisBackend._refresh`; a reply is not awaited past ``limit``
+        seconds (the caller's deadline: the re-check then fails with
+        BackendUnavailable).
+        """
+        with self._changing(key):
+            sent = begun = time.monotonic()
+            reply = self._run("refresh", key, [token, alive_ms(waiter.lease)], timeout=limit)
+            if reply[0] == -1:  # declared dead: join again, at the end
+                with self._lock:
+                    waiter.solo = False
+                    waiter.seq = 0
+                    self._line.place(token, waiter)  # first, unknown: no hand-over passes it
+                args = [token, ms(waiter.lease), alive_ms(waiter.lease), self._process.channel]
+                sent = time.monotonic()
+                limit = None if limit is None else limit - (sent - begun)
+                reply = self._run("join", key, [*args, "join"], timeout=limit)
+            if reply[0] == 1:
+                return decode_grant(reply, sent, waiter.lease)
+            with self._lock:
+                self._record_place(token, waiter, reply, sent)
+        return None
+
+    def renew(self, key: str, token: str, lease: float) -> bool:
+        return bool(self._run("renew", key, [token, ms(lease)]))
+
+    def release(self, key: str, token: str, *, fence: int | None = None) -> None:
+        sent = time.monotonic()
+        args: list[Any] = [token]
+        handed: Grant | None = None
+        if fence is not None:
+            with self._lock:
+                solo = self._line.next_solo(key)
+                if solo is not None:  # see RedisBackend.release; this thread waits for the reply
+                    handed = hand_over(solo, fence, sent, concurrent.futures.Future())
+                    args += [solo[0], ms(solo[1].lease)]
+        try:
+            reply = self._run("release", key, args)
+        except BaseException:
+            if handed is not None:
+                confirm(handed, None)
+            raise
+        with self._lock:
+            granted = after_release(self._process, self._line, reply, args, handed, sent)
+        if granted is not None:
+            wake(granted)
+
+    def leave(self, key: str, token: str) -> Grant | None:
+        with self._lock:
+            waiter = self._line.forget(token)
+        sent = time.monotonic()
+        with self._changing(key):
+            reply = self._run("leave", key, [token])
+        if reply[0] == 1:
+            return decode_grant(reply, sent, waiter.lease if waiter else int(reply[2]) / 1000)
+        return None
+
+    def is_held(self, key: str, token: str) -> bool:
+        with map_errors("is_held"):
+            return holder_of(self._client.get(self._process.keys.turn_keys(key)[0]), token)
+
+    def is_busy(self, key: str) -> bool:
+        owner, line, _, _ = self._process.keys.turn_keys(key)
+        with map_errors("is_busy"):
+            return bool(self._client.exists(owner, line))
+
+    def footprint(self) -> int:
+        keys = self._process.keys
+        with map_errors("footprint"):
+            return sum(
+                1
+                for name in self._client.scan_iter(match=keys.prefix + "*", count=1000)
+                if keys.is_turn_state(text(name))
+            )
+
+    def statistics(self, key: str | None = None, *, limit: int = 1000) -> Statistics:
+        """See :meth:`RedisBackend.statistics`."""
+        return _doctor.statistics_sync(self._client, self._process.keys, key, limit)
+
+    # -- dedup and newest-call-wins -----------------------------------------------------
+
+    def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult:
+        call = self._calls.claim(key, scope, id, token, fence, lease, window)
+        return decode_claim(self._script(call, key))
+
+    def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None:
+        self._script(self._calls.finish(key, scope, id, token, result, window), key)
+
+    def abandon(self, key: str, scope: str, id: str, token: str) -> None:
+        self._script(self._calls.abandon(key, scope, id, token), key)
+
+    def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int:
+        return int(self._script(self._calls.supersede(key, scope, cancel_running), key))
+
+    def is_newest(self, key: str, scope: str, generation: int) -> bool:
+        with map_errors("is_newest"):
+            current = self._client.get(self._process.keys.supersede_keys(key, scope)[0])
+        return current is None or int(current) <= generation
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._mux is not None:
+            self._mux.close()
+        pubsub = self._pubsub
+        if pubsub is not None:  # wakes the listener's blocked read: it sees _stop and ends
+            with contextlib.suppress(Exception):
+                pubsub.close()
+        if self._owned:
+            close_client(self._client)
