@@ -67,7 +67,17 @@ class LeaseLost(InturnError):
 
 
 class BackendUnavailable(InturnError, ConnectionError):
-    """The backend's server could not be reached in time."""
+    """The backend's server could not be reached in time, or refused the work.
+
+    ``transient`` is True for an outage that may pass (a refused or dropped connection,
+    a failover, a timeout): a waiter that reached the server before rides it out until
+    its deadline. False for a refusal that waiting does not cure (a server out of
+    memory): it is raised at once.
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class Duplicate(InturnError):

@@ -176,6 +176,9 @@ class Runtime:
         self.metrics = metrics
         self.timers = _timers
         self.newest = NewestCalls()
+        self.reached = False
+        """True once the backend answered in this process: from then on a waiter rides out
+        an outage (a failover) instead of failing at once."""
         self._sync_backend = sync_backend
         self._twin_lock = threading.Lock()
         self._background: set[asyncio.Future[Any]] = set()

@@ -31,8 +31,8 @@ from types import MappingProxyType
 from typing import Literal
 
 from ._backends.base import Grant
-from ._errors import Busy, TurnTimeout
-from ._policy import Deadline, LeaseClock
+from ._errors import BackendUnavailable, Busy, TurnTimeout
+from ._policy import RETRY_BACKOFF, Deadline, LeaseClock
 from ._runtime import Runtime
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "Call",
     "Cleanup",
     "KeepLateGrant",
+    "Pause",
     "Step",
     "SyncTurn",
     "Turn",
@@ -60,6 +61,10 @@ CONFIRM_WAIT = 2.0
 """How long a release waits for its own early grant to be confirmed (then: a plain release)."""
 LEAVE_GRACE = 0.5
 """How long past its deadline a timed-out waiter checks whether it was granted meanwhile."""
+RIDE_OUT = 15.0
+"""How long a waiter without a deadline rides out a backend that stopped answering (a
+Cluster or Sentinel failover takes a few seconds) before it gives up with
+BackendUnavailable. A waiter with a deadline rides out until its deadline."""
 
 
 # -- re-entrancy ---------------------------------------------------------------------
@@ -339,6 +344,13 @@ class KeepLateGrant:
 
 
 @dataclass(frozen=True, slots=True)
+class Pause:
+    """Step: sleep ``seconds`` before trying a failed call again. Sends back None."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Cleanup:
     """Step: the request failed (or was cancelled): ``release`` or ``leave`` in the
     background, bounded in time; the caller's exception goes on at once."""
@@ -346,7 +358,36 @@ class Cleanup:
     action: Literal["release", "leave"]
 
 
-Step = Call | Wait | KeepLateGrant | Cleanup
+Step = Call | Wait | KeepLateGrant | Pause | Cleanup
+
+
+def _ride_out(
+    step: Call | Wait, asking: Asking, runtime: Runtime
+) -> Generator[Step, Grant | None, Grant | None]:
+    """Run ``step``; while the backend is unavailable, try it again with backoff.
+
+    Only a backend that answered before in this process is waited for (a failover
+    window), up to the request's deadline or RIDE_OUT; one that never answered fails
+    at once, naming its error. Retrying is safe: a join of the same token is
+    idempotent, and a wait only asks.
+    """
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            result = yield step
+        except BackendUnavailable as exc:
+            now = time.monotonic()
+            until = min(asking.deadline.at, started + RIDE_OUT)
+            if not (exc.transient and runtime.reached) or now >= until:
+                raise
+            yield Pause(min(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)], until - now))
+            attempt += 1
+            if isinstance(step, Wait):
+                step = Wait(asking.deadline.remaining(time.monotonic()))
+            continue
+        runtime.reached = True
+        return result
 
 
 def acquire_flow(
@@ -365,13 +406,14 @@ def acquire_flow(
         except BaseException:
             yield Cleanup("release")  # the request may have got through
             raise
+        runtime.reached = True
         asking.joined_at = time.monotonic()
         if grant is None:
             metrics.count("turns_busy")
             raise Busy(f"the turn of key {asking.key!r} is held or has a line", key=asking.key)
         return grant
     try:
-        grant = yield Call("join")
+        grant = yield from _ride_out(Call("join"), asking, runtime)
         asking.joined_at = time.monotonic()
         while grant is None:
             remaining = asking.deadline.remaining(time.monotonic())
@@ -383,7 +425,7 @@ def acquire_flow(
                     key=asking.key,
                     waited=waited,
                 )
-            grant = yield Wait(remaining)
+            grant = yield from _ride_out(Wait(remaining), asking, runtime)
         return grant
     except TurnTimeout:
         # A grant that came at the last moment is kept rather than timed out.

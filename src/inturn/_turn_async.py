@@ -29,6 +29,7 @@ from ._turn import (
     Call,
     Cleanup,
     KeepLateGrant,
+    Pause,
     Step,
     Turn,
     Wait,
@@ -209,6 +210,9 @@ class TurnRequest:
             return await self._bounded(
                 backend.wait(key, token, step.seconds), asking.deadline, grace=0.25, late=None
             )
+        if isinstance(step, Pause):
+            await asyncio.sleep(step.seconds)
+            return None
         if isinstance(step, KeepLateGrant):
             # May overrun the deadline by LEAVE_GRACE at most.
             return await self._cleanup(
@@ -317,7 +321,7 @@ class TurnRequest:
         try:
             async with asyncio.timeout(clock.expires_at - now):
                 ok = await self._runtime.backend.renew(turn.key, turn._token, due)
-        except (TimeoutError, BackendUnavailable, ConnectionError, OSError) as exc:
+        except Exception as exc:  # any failure is a failed attempt: retried, or the lease lapses
             logger.debug("inturn: renewal of key %r failed: %r", turn.key, exc)
             ok = None
         lost = renewal_outcome(clock, ok, sent_at=now, ttl=due)

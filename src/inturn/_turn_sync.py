@@ -29,6 +29,7 @@ from ._turn import (
     Call,
     Cleanup,
     KeepLateGrant,
+    Pause,
     Step,
     SyncTurn,
     Wait,
@@ -201,6 +202,9 @@ class SyncTurnRequest:
             return self._bounded(lambda: call(key, token, lease), asking.deadline)
         if isinstance(step, Wait):
             return backend.wait(key, token, step.seconds)
+        if isinstance(step, Pause):
+            time.sleep(step.seconds)  # a failed call's backoff, bounded by the deadline
+            return None
         if isinstance(step, KeepLateGrant):
             return self._keep_late_grant(token)
         assert isinstance(step, Cleanup)
@@ -317,13 +321,7 @@ class SyncTurnRequest:
             ok = self._within(
                 lambda: backend.renew(turn.key, turn._token, due), clock.expires_at - now
             )
-        except (
-            BackendUnavailable,
-            ConnectionError,
-            OSError,
-            TimeoutError,
-            concurrent.futures.TimeoutError,
-        ) as exc:
+        except Exception as exc:  # any failure is a failed attempt: retried, or the lease lapses
             logger.debug("inturn: renewal of key %r failed: %r", turn.key, exc)
             ok = None
         if not self._holding():  # the block exited while this renewal ran

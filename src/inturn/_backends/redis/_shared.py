@@ -127,7 +127,9 @@ def map_errors(what: str) -> Iterator[None]:
         raise unavailable(exc, what) from exc
     except redis.exceptions.ResponseError as exc:
         if _is_oom(exc):
-            raise BackendUnavailable(f"Redis is out of memory ({what}): {exc}") from exc
+            raise BackendUnavailable(
+                f"Redis is out of memory ({what}): {exc}", transient=False
+            ) from exc
         raise
 
 
