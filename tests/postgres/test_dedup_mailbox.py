@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 import inturn
-from inturn._backends.postgres._engine import PostgresBackend
+from inturn._backends.postgres import PostgresBackend
 
 
 def _rows(admin: psycopg.Connection, sql: str, namespace: str) -> int:
@@ -55,7 +55,7 @@ async def test_dedup_rows_expire_and_are_purged(
     again = await store.claim("u0", "s", "m", "again", fence=None, lease=5, window=60)
     assert again.state == "new"
     assert _rows(admin, count, namespace) == 5  # no purge yet: at most every PURGE_INTERVAL
-    store._config.next_purge = 0.0  # the interval has passed
+    store._plan.next_purge = 0.0  # the interval has passed
     await store.claim("u9", "s", "m", "tok", fence=None, lease=5, window=60)
     assert _rows(admin, count, namespace) == 2  # u1..u4 purged; u0 (live) and u9 stay
     await gate.aclose()
