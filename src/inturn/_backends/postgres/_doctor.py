@@ -20,6 +20,7 @@ from inturn._backends.base import BoxState, Diagnostics, Finding, KeyState, Stat
 from inturn._errors import BackendUnavailable
 
 from . import _schema as v
+from . import _sql as q
 from ._plan import Flow, Plan, Run, whole
 
 __all__ = ["MIN_SERVER_VERSION", "diagnose", "statistics"]
@@ -32,7 +33,7 @@ SHORT_STATEMENT_TIMEOUT_MS = 60_000
 
 def statistics(plan: Plan, key: str | None, limit: int) -> Flow[Statistics]:
     s = plan.sql
-    locks = yield Run("statistics", plan.sql["STAT_LOCKS"], {"app": s.app}, rows=True)
+    locks = yield Run("statistics", q.STAT_LOCKS, {"app": s.app}, rows=True)
     applied = 0
     if (yield Run("statistics", s.has_migrations))[0]:
         applied = int((yield Run("statistics", s.applied))[0])
