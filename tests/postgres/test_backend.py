@@ -11,7 +11,7 @@ import pytest
 
 import inturn
 from inturn._backends.postgres import PostgresBackend
-from inturn._backends.postgres._plan import key_hash
+from inturn._backends.postgres._sql import key_hash
 from inturn._backends.postgres._urls import parse_url as _parse_url
 from inturn.testing import History, check_history
 

@@ -11,7 +11,7 @@ import psycopg.conninfo
 from psycopg import sql
 
 from inturn._backends.postgres import PostgresBackend, _schema, _sql
-from inturn._backends.postgres._plan import key_hash
+from inturn._backends.postgres._sql import key_hash
 
 from .conftest import advisory_waiters, until
 

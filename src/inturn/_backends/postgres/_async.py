@@ -32,20 +32,8 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 
 from . import _doctor
 from . import _sql as q
-from ._plan import (
-    IDLE,
-    MAX_CONNECTIONS,
-    Connect,
-    Flow,
-    On,
-    Plan,
-    PutBack,
-    Run,
-    Sleep,
-    Step,
-    dead,
-    map_errors,
-)
+from ._plan import MAX_CONNECTIONS, Plan
+from ._steps import IDLE, Connect, Flow, On, PutBack, Run, Sleep, Step, dead, map_errors
 from ._sync import SyncPostgresBackend
 from ._urls import CONNECT_TIMEOUT, connection_kwargs, masked, parse_url
 

@@ -21,7 +21,9 @@ from inturn._errors import BackendUnavailable
 
 from . import _schema as v
 from . import _sql as q
-from ._plan import Flow, Plan, Run, whole
+from ._plan import Plan
+from ._sql import whole
+from ._steps import Flow, Run
 
 __all__ = ["MIN_SERVER_VERSION", "diagnose", "statistics"]
 

@@ -14,20 +14,15 @@ wait is resolved, and when a turn's connection may go back to the pool.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import math
 import os
 import socket
 import time
-from collections.abc import Generator, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import psycopg
 import psycopg.errors
-import psycopg_pool
-from psycopg.pq import TransactionStatus
 
 from inturn._backends.base import ClaimResult, Grant, ResumeStatus, SubmitStatus, Submitted, Taken
 from inturn._errors import BackendUnavailable, ConfigurationError
@@ -35,8 +30,22 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 from . import _schema as v
 from . import _sql as q
 from ._lines import Holding, LocalLines, Waiter
+from ._sql import halves, key_hash, mailbox_hash, ms
+from ._steps import (
+    INERROR,
+    INTRANS,
+    TRANSPORT_ERRORS,
+    Connect,
+    Flow,
+    On,
+    PutBack,
+    Run,
+    Sleep,
+    dead,
+    map_errors,
+)
 
-__all__ = ["Flow", "Plan", "key_hash", "mailbox_hash", "map_errors"]
+__all__ = ["MAX_CONNECTIONS", "Plan"]
 
 logger = logging.getLogger("inturn")
 
@@ -53,130 +62,16 @@ PURGE_INTERVAL = 30.0
 PURGE_LIMIT = 1000
 """Expired rows of each table deleted by one purge."""
 
-IDLE, INTRANS, INERROR = (
-    TransactionStatus.IDLE,
-    TransactionStatus.INTRANS,
-    TransactionStatus.INERROR,
-)
-TRANSPORT_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
-"""What says "the server did not answer" (a lost connection, no free connection, a cancel)."""
-
-
-def key_hash(namespace: str, key: str) -> int:
-    """The advisory lock id of a key: a signed 64-bit hash, stable across processes.
-
-    blake2b over the length-prefixed namespace and the key (injective before
-    hashing), personalised so later kinds of lock (dedup, mailbox) get ids of
-    their own.
-    """
-    ns = namespace.encode()
-    data = len(ns).to_bytes(4, "big") + ns + key.encode()
-    digest = hashlib.blake2b(data, digest_size=8, person=b"inturn-turn").digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-def mailbox_hash(namespace: str, mailbox: str, key: str) -> int:
-    """The advisory lock id that serializes the mailbox operations of one key.
-
-    Length-prefixed namespace and mailbox name, then the key (injective before
-    hashing), personalised apart from :func:`key_hash`: never the id of a turn.
-    """
-    data = b""
-    for part in (namespace, mailbox):
-        raw = part.encode()
-        data += len(raw).to_bytes(4, "big") + raw
-    digest = hashlib.blake2b(data + key.encode(), digest_size=8, person=b"inturn-mbox").digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-def halves(h: int) -> dict[str, int]:
-    """How pg_locks shows a bigint advisory lock: classid (high 32 bits), objid (low 32)."""
-    unsigned = h & 0xFFFFFFFFFFFFFFFF
-    return {"classid": unsigned >> 32, "objid": unsigned & 0xFFFFFFFF}
-
-
-def whole(classid: int, objid: int) -> int:
-    """The signed 64-bit lock id whose :func:`halves` these are."""
-    return int.from_bytes(((classid << 32) | objid).to_bytes(8, "big"), "big", signed=True)
-
-
-def ms(seconds: float) -> int:
-    """Whole milliseconds, at least 1 (0 would mean "no timeout" to PostgreSQL)."""
-    return max(1, math.ceil(seconds * 1000))
-
-
-def dead(conn: Any) -> bool:
-    return bool(conn.closed or conn.broken)
-
-
-@contextlib.contextmanager
-def map_errors(what: str) -> Iterator[None]:
-    """Raise the driver's transport errors as :class:`~inturn.BackendUnavailable`, chained.
-
-    A plain context manager: it wraps an ``await``, a blocking call or a
-    flow's ``yield`` alike. Errors that are not about reaching the server
-    (a constraint, a privilege) pass unchanged.
-    """
-    try:
-        yield
-    except TRANSPORT_ERRORS as exc:
-        raise BackendUnavailable(f"PostgreSQL did not answer ({what}): {exc}") from exc
-
-
-# -- steps ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Run:
-    """Run ``sql`` on a pooled connection (errors mapped as ``what``); answers the last
-    result's first row, or every row with ``rows``."""
-
-    what: str
-    sql: str
-    params: Mapping[str, Any] | None = None
-    rows: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class On:
-    """Run ``sql`` on ``conn`` (a turn's own connection); answers the last result's first
-    row. Errors come back unmapped: the flow decides what they mean."""
-
-    conn: Any
-    sql: str
-    params: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Connect:
-    """Take a connection from the pool (errors mapped); answers it."""
-
-
-@dataclass(frozen=True, slots=True)
-class PutBack:
-    """Give ``conn`` back to the pool, out of any transaction (or discarded when dead)."""
-
-    conn: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Sleep:
-    """Sleep until ``waiter`` is woken or ``seconds`` passed (None: no limit)."""
-
-    waiter: Waiter
-    seconds: float | None
-
-
-Step: TypeAlias = Run | On | Connect | PutBack | Sleep
-T = TypeVar("T")
-Flow: TypeAlias = Generator[Step, Any, T]
-
 
 # -- statements -----------------------------------------------------------------------
 
 
 class _Statements:
-    """The SQL of one (namespace, schema), rendered once, and the parameters it takes."""
+    """The SQL of one (namespace, schema), rendered once, and the parameters it takes.
+
+    ``statements["NAME"]`` is :data:`._sql.NAME` rendered for the schema (any name
+    of ``_sql.STATEMENTS``).
+    """
 
     def __init__(self, namespace: str, schema: str, audit: bool) -> None:
         if not isinstance(namespace, str) or not namespace:
@@ -196,7 +91,7 @@ class _Statements:
         self.host = socket.gethostname()
         self.named = {
             name: q.render(getattr(q, name), schema=schema, limit=PURGE_LIMIT)
-            for name in _STATEMENTS
+            for name in q.STATEMENTS
         }
         self.has_migrations = q.render(v.HAS_MIGRATIONS, schema=schema)
         self.applied = q.render(v.APPLIED, schema=schema)
@@ -271,40 +166,6 @@ class _Statements:
         """A box and the lock id that serializes its operations, for the mb_* functions."""
         lock = mailbox_hash(self.namespace, name, key)
         return {**self.box(name, key), "lock": lock, "token": token}
-
-
-_STATEMENTS = (
-    "AUDIT_CLOSE",
-    "AUDIT_GRANT",
-    "AUDIT_OPEN",
-    "DEDUP_ABANDON",
-    "DEDUP_CLAIM",
-    "DEDUP_FINISH",
-    "DEDUP_ROWS",
-    "DIAGNOSE_RIGHTS",
-    "DIAGNOSE_SERVER",
-    "FENCE",
-    "IS_NEWEST",
-    "MB_DEAD",
-    "MB_DEAD_LETTERS",
-    "MB_DRAINING",
-    "MB_FOOTPRINT",
-    "MB_HINTED",
-    "MB_PENDING",
-    "MB_RENEW",
-    "MB_RESUME",
-    "MB_RETRY",
-    "MB_SUBMIT",
-    "MB_TAKE",
-    "PURGE",
-    "START_RUNNING",
-    "STAT_BOXES",
-    "STAT_DEAD",
-    "STAT_OPEN_GRANTS",
-    "STOP_RUNNING",
-    "SUPERSEDE",
-)
-"""The statements of :mod:`._sql` rendered once per schema (``_Statements[name]``)."""
 
 
 # -- rows ---------------------------------------------------------------------------

@@ -9,12 +9,16 @@ Placeholders written ``{name}`` are filled by :func:`render` with values this
 library produced itself and validated: the schema (an identifier matching
 ``SCHEMA_PATTERN``), integers (the key hash, milliseconds, a fence) and the
 application name (printable ASCII without quotes). User data (keys, holder
-ids, hosts) only ever travels as bound parameters (``%(name)s``).
+ids, hosts) only ever travels as bound parameters (``%(name)s``). The
+functions at the end make those values: lock ids from keys, milliseconds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
+import string
 
 __all__ = [
     "ACQUIRE",
@@ -400,3 +404,64 @@ all its sequences, EXECUTE on all its functions, migrations table exists), or no
 def render(template: str, **values: object) -> str:
     """Fill a ``{name}`` template with values validated by the caller (never user data)."""
     return template.format(**values)
+
+
+def _placeholders(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+STATEMENTS = tuple(
+    name
+    for name, text in sorted(globals().items())
+    if name.isupper()
+    and isinstance(text, str)
+    and _placeholders(text) in ({"schema"}, {"schema", "limit"})
+)
+"""The statements whose only placeholder is the schema (and PURGE's limit): rendered once
+per backend, by name."""
+
+
+# -- values bound or rendered into the statements ----------------------------------------
+
+
+def key_hash(namespace: str, key: str) -> int:
+    """The advisory lock id of a key: a signed 64-bit hash, stable across processes.
+
+    blake2b over the length-prefixed namespace and the key (injective before
+    hashing), personalised so later kinds of lock (dedup, mailbox) get ids of
+    their own.
+    """
+    ns = namespace.encode()
+    data = len(ns).to_bytes(4, "big") + ns + key.encode()
+    digest = hashlib.blake2b(data, digest_size=8, person=b"inturn-turn").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def mailbox_hash(namespace: str, mailbox: str, key: str) -> int:
+    """The advisory lock id that serializes the mailbox operations of one key.
+
+    Length-prefixed namespace and mailbox name, then the key (injective before
+    hashing), personalised apart from :func:`key_hash`: never the id of a turn.
+    """
+    data = b""
+    for part in (namespace, mailbox):
+        raw = part.encode()
+        data += len(raw).to_bytes(4, "big") + raw
+    digest = hashlib.blake2b(data + key.encode(), digest_size=8, person=b"inturn-mbox").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def halves(h: int) -> dict[str, int]:
+    """How pg_locks shows a bigint advisory lock: classid (high 32 bits), objid (low 32)."""
+    unsigned = h & 0xFFFFFFFFFFFFFFFF
+    return {"classid": unsigned >> 32, "objid": unsigned & 0xFFFFFFFF}
+
+
+def whole(classid: int, objid: int) -> int:
+    """The signed 64-bit lock id whose :func:`halves` these are."""
+    return int.from_bytes(((classid << 32) | objid).to_bytes(8, "big"), "big", signed=True)
+
+
+def ms(seconds: float) -> int:
+    """Whole milliseconds, at least 1 (0 would mean "no timeout" to PostgreSQL)."""
+    return max(1, math.ceil(seconds * 1000))

@@ -24,20 +24,8 @@ from inturn._backends.base import (
 
 from . import _doctor
 from . import _sql as q
-from ._plan import (
-    IDLE,
-    MAX_CONNECTIONS,
-    Connect,
-    Flow,
-    On,
-    Plan,
-    PutBack,
-    Run,
-    Sleep,
-    Step,
-    dead,
-    map_errors,
-)
+from ._plan import MAX_CONNECTIONS, Plan
+from ._steps import IDLE, Connect, Flow, On, PutBack, Run, Sleep, Step, dead, map_errors
 from ._urls import CONNECT_TIMEOUT, connection_kwargs, masked
 
 __all__ = ["SyncPostgresBackend"]
