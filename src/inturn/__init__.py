@@ -14,15 +14,28 @@ import their drivers when first used.
 
 from ._backends.base import (
     Backend,
+    BoxState,
     ClaimResult,
     DedupBackend,
+    Diagnostics,
+    Finding,
     Grant,
+    KeyState,
     MailboxBackend,
+    Migrating,
+    ResumeStatus,
+    Statistics,
+    SubmitStatus,
+    Submitted,
     SupersedeBackend,
     SyncBackend,
     SyncDedupBackend,
+    SyncMailboxBackend,
+    SyncMigrating,
     SyncSupersedeBackend,
+    Taken,
 )
+from ._backends.memory import MemoryBackend, SyncMemoryBackend
 from ._dedup import Claim, Deduplicator, content_id
 from ._errors import (
     BackendUnavailable,
@@ -41,10 +54,11 @@ from ._errors import (
 from ._gate import Gate
 from ._keys import MAX_KEY_BYTES
 from ._mailbox import DeadLetter, Mailbox, Message
-from ._backends.memory import MemoryBackend, SyncMemoryBackend
 from ._metrics import InProcessMetrics, MetricsSink, Summary
 from ._serialize import Serializer
-from ._turn import SyncTurn, SyncTurnRequest, Turn, TurnRequest
+from ._turn import SyncTurn, Turn
+from ._turn_async import TurnRequest
+from ._turn_sync import SyncTurnRequest
 
 __version__ = "0.1.0"
 
@@ -54,6 +68,7 @@ _LAZY = {
     "SyncPostgresBackend": "inturn._backends.postgres",
     "SyncRedisBackend": "inturn._backends.redis",
 }
+"""Names whose modules import a third-party driver: loaded on first use."""
 
 
 def __getattr__(name: str) -> object:
@@ -69,6 +84,7 @@ __all__ = [
     "MAX_KEY_BYTES",
     "Backend",
     "BackendUnavailable",
+    "BoxState",
     "Busy",
     "Claim",
     "ClaimResult",
@@ -76,13 +92,16 @@ __all__ = [
     "DeadLetter",
     "DedupBackend",
     "Deduplicator",
+    "Diagnostics",
     "Duplicate",
+    "Finding",
     "Gate",
     "Grant",
     "InProcessMetrics",
     "InturnError",
     "InvalidKey",
     "InvalidPayload",
+    "KeyState",
     "LeaseLost",
     "Mailbox",
     "MailboxBackend",
@@ -90,19 +109,29 @@ __all__ = [
     "MemoryBackend",
     "Message",
     "MetricsSink",
+    "Migrating",
+    "PostgresBackend",
     "RedisBackend",
+    "ResumeStatus",
     "Serializer",
     "Skipped",
+    "Statistics",
+    "SubmitStatus",
+    "Submitted",
     "Summary",
     "SupersedeBackend",
     "Superseded",
     "SyncBackend",
     "SyncDedupBackend",
+    "SyncMailboxBackend",
     "SyncMemoryBackend",
+    "SyncMigrating",
+    "SyncPostgresBackend",
     "SyncRedisBackend",
     "SyncSupersedeBackend",
     "SyncTurn",
     "SyncTurnRequest",
+    "Taken",
     "Turn",
     "TurnRequest",
     "TurnTimeout",

@@ -38,16 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _migrate(url: str) -> int:
+    from ._backends.base import SyncMigrating
     from ._errors import InturnError
     from ._gate import Gate
 
     try:
         gate = Gate.from_url(url)
-        migrate = getattr(gate.sync_backend, "migrate", None)
-        if migrate is None:
+        backend = gate.sync_backend
+        if not isinstance(backend, SyncMigrating):
             print(f"inturn migrate: {url.split('://')[0]}:// keeps no schema", file=sys.stderr)
             return 2
-        migrate()
+        backend.migrate()
         gate.close()
     except InturnError as exc:
         print(f"inturn migrate: {exc}", file=sys.stderr)

@@ -10,25 +10,31 @@ suppress another user's message by reusing its id. A claim raises
 :class:`~inturn.Duplicate` when the id is *done* (with the stored result, if
 any) or *in progress* elsewhere. A run that raises abandons its claim (a retry
 may run); a claimant that died is replaced once its claim's lease lapses, or
-at once by a claimant holding the key's turn with a greater fence.
+at once by a claimant holding the key's turn with a greater fence. A live
+claimant renews its claim every third of the lease, so a run longer than the
+lease (a slow LLM call) keeps duplicates out; if the claim is taken over all
+the same, ``claim.lost`` is set and a WARNING says its result is not recorded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import math
+import time
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from ._backends.base import ClaimResult, DedupBackend, SyncDedupBackend
 from ._errors import ConfigurationError, Duplicate
-from ._keys import normalize_key
-
-if TYPE_CHECKING:
-    from ._gate import Gate
+from ._keys import new_token, normalize_key
+from ._runtime import Runtime, renewal_pool
+from ._timers import TimerHandle
 
 __all__ = ["DEFAULT_WINDOW", "MAX_RESULT_BYTES", "Claim", "Deduplicator", "content_id"]
+
+logger = logging.getLogger("inturn")
 
 DEFAULT_WINDOW = 300.0
 """Seconds a processed id stays remembered (5 minutes, like SQS FIFO)."""
@@ -63,7 +69,7 @@ def encode_result(value: object) -> str | None:
 class Claim:
     """A claimed message id; set :attr:`result` to store it for duplicates."""
 
-    __slots__ = ("fence", "id", "key", "result", "scope")
+    __slots__ = ("fence", "id", "key", "lost", "result", "scope")
 
     def __init__(self, key: str, scope: str, id: str, fence: int | None) -> None:
         self.key = key
@@ -72,6 +78,9 @@ class Claim:
         self.fence = fence
         self.result: object = _NO_RESULT
         """The value duplicates get back (JSON-serialisable, at most 64 KiB); unset: none."""
+        self.lost = False
+        """True once a renewal found the claim taken over (its lease lapsed, or a newer turn
+        claimed the id): this run's result will not be recorded."""
 
 
 def _duplicate(key: str, scope: str, id: str, found: ClaimResult) -> Duplicate:
@@ -96,25 +105,25 @@ def _duplicate(key: str, scope: str, id: str, found: ClaimResult) -> Duplicate:
 class Deduplicator:
     """Claims message ids for one scope (a function or mailbox name). See module docs."""
 
-    def __init__(self, gate: Gate, scope: str, *, window: float = DEFAULT_WINDOW) -> None:
+    def __init__(self, runtime: Runtime, scope: str, *, window: float = DEFAULT_WINDOW) -> None:
         if not isinstance(scope, str) or not scope:
             raise ConfigurationError("a dedup scope must be a non-empty str")
         if isinstance(window, bool) or not isinstance(window, int | float):
             raise ConfigurationError(f"window must be seconds, not {window!r}")
         if not (0 < window < math.inf):
             raise ConfigurationError(f"window must be positive and finite, not {window!r}")
-        self.gate = gate
+        self._runtime = runtime
         self.scope = scope
         self.window = float(window)
 
     def _store(self) -> DedupBackend:
-        backend = self.gate.backend
+        backend = self._runtime.backend
         if not isinstance(backend, DedupBackend):
             raise ConfigurationError(f"{type(backend).__name__} does not keep dedup marks")
         return backend
 
     def _sync_store(self) -> SyncDedupBackend:
-        backend = self.gate.sync_backend
+        backend = self._runtime.sync_backend
         if not isinstance(backend, SyncDedupBackend):
             raise ConfigurationError(f"{type(backend).__name__} does not keep dedup marks")
         return backend
@@ -139,22 +148,38 @@ class Deduplicator:
 
 
 class _ClaimBase:
-    __slots__ = ("_claim", "_lease", "_owner", "_token")
+    __slots__ = ("_claim", "_lease", "_owner", "_renewal", "_renewing", "_token")
 
     def __init__(
         self, owner: Deduplicator, key: str, id: str, fence: int | None, lease: float | None
     ) -> None:
-        from ._turn import new_token
-
         self._owner = owner
         self._token = new_token()
-        self._lease = owner.gate.lease if lease is None else lease
+        self._lease = owner._runtime.settings.lease if lease is None else lease
         self._claim = Claim(key, owner.scope, id, fence)
+        self._renewal: asyncio.TimerHandle | TimerHandle | None = None
+        self._renewing: asyncio.Task[None] | None = None
+
+    def _renewed(self, found: ClaimResult) -> bool:
+        """Record a renewal's answer; False once the claim is no longer ours."""
+        if found.state == "new":
+            return True
+        c = self._claim
+        c.lost = True
+        logger.warning(
+            "inturn: the claim of message %r of key %r (%s) was taken over while it ran: "
+            "its result will not be recorded",
+            c.id,
+            c.key,
+            c.scope,
+            extra={"inturn_key": c.key},
+        )
+        return False
 
     def _found(self, found: ClaimResult) -> Claim:
         if found.state != "new":
             c = self._claim
-            self._owner.gate.metrics.count("dedup_duplicates", scope=c.scope)
+            self._owner._runtime.metrics.count("dedup_duplicates", scope=c.scope)
             raise _duplicate(c.key, c.scope, c.id, found)
         return self._claim
 
@@ -172,11 +197,34 @@ class ClaimRequest(_ClaimBase):
     __slots__ = ()
 
     async def __aenter__(self) -> Claim:
+        claim = self._found(await self._ask())
+        self._schedule()
+        return claim
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._renewal = loop.call_later(self._lease / 3, self._due)
+
+    def _due(self) -> None:
+        self._renewing = asyncio.ensure_future(self._keep())
+
+    async def _ask(self) -> ClaimResult:
         c, o = self._claim, self._owner
-        found = await o._store().claim(
+        return await o._store().claim(
             c.key, c.scope, c.id, self._token, fence=c.fence, lease=self._lease, window=o.window
         )
-        return self._found(found)
+
+    async def _keep(self) -> None:
+        """Renew the claim (the same token claims again); every third of its lease."""
+        try:
+            found = await asyncio.wait_for(self._ask(), self._lease / 3)
+        except Exception as exc:  # a transport error: try again next time
+            logger.debug("inturn: renewing a dedup claim failed: %r", exc)
+        else:
+            if not self._renewed(found):
+                return
+        if self._renewal is not None:
+            self._schedule()
 
     async def __aexit__(
         self,
@@ -184,6 +232,11 @@ class ClaimRequest(_ClaimBase):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None:
+            renewal.cancel()
+        if self._renewing is not None:
+            self._renewing.cancel()
         c, store = self._claim, self._owner._store()
         finished, text = self._outcome(exc)
         if finished:
@@ -198,11 +251,35 @@ class SyncClaimRequest(_ClaimBase):
     __slots__ = ()
 
     def __enter__(self) -> Claim:
+        claim = self._found(self._ask())
+        self._schedule()
+        return claim
+
+    def _ask(self) -> ClaimResult:
         c, o = self._claim, self._owner
-        found = o._sync_store().claim(
+        return o._sync_store().claim(
             c.key, c.scope, c.id, self._token, fence=c.fence, lease=self._lease, window=o.window
         )
-        return self._found(found)
+
+    def _schedule(self) -> None:
+        timers = self._owner._runtime.timers
+        self._renewal = timers.call_at(time.monotonic() + self._lease / 3, self._due)
+
+    def _due(self) -> None:
+        """On the timer thread: renew in a worker, so a stuck server holds up nobody else."""
+        if self._renewal is not None:
+            renewal_pool().submit(self._keep)
+
+    def _keep(self) -> None:
+        try:
+            found = self._ask()
+        except Exception as exc:  # a transport error: try again next time
+            logger.debug("inturn: renewing a dedup claim failed: %r", exc)
+        else:
+            if not self._renewed(found):
+                return
+        if self._renewal is not None:
+            self._schedule()
 
     def __exit__(
         self,
@@ -210,6 +287,9 @@ class SyncClaimRequest(_ClaimBase):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        renewal, self._renewal = self._renewal, None
+        if isinstance(renewal, TimerHandle):
+            renewal.cancel()
         c, store = self._claim, self._owner._sync_store()
         finished, text = self._outcome(exc)
         if finished:

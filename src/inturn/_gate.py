@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import itertools
-import threading
 import urllib.parse
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Literal
 
-from ._backends.base import Backend, SyncBackend
+from ._backends.base import Backend, Diagnostics, Statistics, SyncBackend
 from ._dedup import DEFAULT_WINDOW, Deduplicator
 from ._errors import ConfigurationError
 from ._keys import normalize_key
@@ -18,20 +15,16 @@ from ._mailbox import Handler, Mailbox
 from ._metrics import InProcessMetrics, MetricsSink
 from ._policy import (
     OnLost,
+    TurnSettings,
     check_lease,
     check_max_hold,
     check_on_lost,
     check_timeout,
 )
-from ._serialize import OnBusy, Serializer, _Registry
-from ._timers import TimerThread
-from ._turn import (
-    CLEANUP_TIMEOUT,
-    SyncTurnRequest,
-    TurnRequest,
-    TurnSettings,
-    _log_cleanup_failure,
-)
+from ._runtime import Runtime
+from ._serialize import OnBusy, Serializer
+from ._turn_async import TurnRequest
+from ._turn_sync import SyncTurnRequest
 
 __all__ = ["SCHEMES", "Gate"]
 
@@ -46,9 +39,6 @@ SCHEMES: dict[str, str] = {
     "postgres": "inturn._backends.postgres",
 }
 """URL scheme -> module with a ``from_url(url, *, namespace)`` factory, loaded on first use."""
-
-_gate_ids = itertools.count(1)
-_timers = TimerThread()
 
 
 class Gate:
@@ -84,23 +74,24 @@ class Gate:
             backend = MemoryBackend()
         if not isinstance(backend, Backend):
             raise ConfigurationError(f"{backend!r} does not provide the inturn Backend protocol")
-        self.backend: Backend = backend
-        """The async backend."""
-        self._sync_backend = sync_backend
-        self._twin_lock = threading.Lock()
-        self.metrics: MetricsSink = InProcessMetrics() if metrics is None else metrics
-        """Where this gate reports counts and timings (see ``inturn._metrics``)."""
-        self._settings = TurnSettings(
+        settings = TurnSettings(
             lease=check_lease(lease),
             max_hold=check_max_hold(max_hold),
             on_lost=check_on_lost(on_lost),
         )
-        self.id = next(_gate_ids)
+        self._runtime = Runtime(
+            backend,
+            sync_backend=sync_backend,
+            settings=settings,
+            metrics=InProcessMetrics() if metrics is None else metrics,
+        )
+        self.backend: Backend = backend
+        """The async backend."""
+        self.metrics: MetricsSink = self._runtime.metrics
+        """Where this gate reports counts and timings (see ``inturn._metrics``)."""
+        self.id = self._runtime.id
         """A number unique to this gate in this process."""
-        self._background: set[asyncio.Future[Any]] = set()
-        self._registry = _Registry()
         self._mailboxes: dict[str, Mailbox] = {}
-        self._timers = _timers
 
     @classmethod
     def from_url(
@@ -131,43 +122,77 @@ class Gate:
             raise ConfigurationError("namespace must be a non-empty str")
         module = importlib.import_module(SCHEMES[scheme])
         backend = module.from_url(url, namespace=namespace)
-        return cls(backend, lease=lease, max_hold=max_hold, on_lost=on_lost, metrics=metrics)
-
-    def _granted(self, waited: float) -> None:
-        self.metrics.count("turns_granted")
-        self.metrics.observe("turn_wait_seconds", waited)
+        gate = cls(backend, lease=lease, max_hold=max_hold, on_lost=on_lost, metrics=metrics)
+        # Gates on one URL and namespace share each key's turn: a task that holds a key
+        # through one gets the same turn back through another instead of waiting for itself.
+        where = "memory://" if scheme == "memory" else url
+        gate._runtime.domain = f"{where}#{namespace}"
+        return gate
 
     @property
     def lease(self) -> float:
         """The default lease (seconds) of this gate's turns."""
-        return self._settings.lease
+        return self._runtime.settings.lease
 
     def dedup(self, scope: str, *, window: float = DEFAULT_WINDOW) -> Deduplicator:
         """Claims of message ids for ``scope`` (a function or mailbox name), kept ``window`` s.
 
         See :class:`~inturn.Deduplicator`; ``@gate.serialize(dedup=...)`` uses it for you.
         """
-        return Deduplicator(self, scope, window=window)
+        return Deduplicator(self._runtime, scope, window=window)
 
-    def mailbox(self, name: str, *, handler: Handler, **options: Any) -> Mailbox:
+    def mailbox(
+        self,
+        name: str,
+        *,
+        handler: Handler,
+        batch: bool = False,
+        max_batch: int = 100,
+        max_pending: int = 10_000,
+        overflow: Literal["reject", "drop_oldest"] = "reject",
+        max_payload_bytes: int = 64 * 1024,
+        drain: Literal["background", "inline"] = "background",
+        debounce: float = 0.0,
+        debounce_max: float | None = None,
+        max_attempts: int = 5,
+        backoff: Sequence[float] = (0.5, 2.0, 10.0, 30.0),
+        dedup_window: float = DEFAULT_WINDOW,
+    ) -> Mailbox:
         """A durable per-key queue that drains itself: see :class:`~inturn.Mailbox`.
 
-        ``options``: ``batch``, ``max_batch``, ``max_pending``, ``overflow``,
-        ``max_payload_bytes``, ``drain``, ``debounce``, ``debounce_max``,
-        ``max_attempts``, ``backoff``, ``dedup_window``. One name per gate.
+        ``handler`` is an ``async def`` (drains on the event loop; submit with
+        ``await mailbox.submit``) or a ``def`` (drains in threads; submit with
+        ``mailbox.submit_sync`` from threads, or ``submit`` from a loop).
+        ``batch``: hand the handler a list of all pending messages (at most
+        ``max_batch``). ``max_pending`` and ``overflow`` bound a key's queue;
+        ``max_payload_bytes`` a stored message. ``drain``: ``"background"``
+        (a task or thread) or ``"inline"`` (the submitting call drains).
+        ``debounce`` holds a key's first message until no new one came for that
+        long (at most ``debounce_max``, default 4x). A failed delivery is
+        retried after ``backoff[n]`` seconds, up to ``max_attempts``, then
+        dead-lettered. Message ids are remembered ``dedup_window`` seconds.
+        One mailbox per name and gate.
         """
         if name in self._mailboxes:
             raise ConfigurationError(f"this gate already has a mailbox named {name!r}")
-        box = Mailbox(self, name, handler, **options)
+        box = Mailbox(
+            self._runtime,
+            name,
+            handler,
+            batch=batch,
+            max_batch=max_batch,
+            max_pending=max_pending,
+            overflow=overflow,
+            max_payload_bytes=max_payload_bytes,
+            drain=drain,
+            debounce=debounce,
+            debounce_max=debounce_max,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            dedup_window=dedup_window,
+        )
         self._mailboxes[name] = box
         return box
-
-    async def _mailbox_draining(self, key: str) -> bool:
-        """True if any of this gate's mailboxes is draining ``key`` (for ``on_busy="skip"``)."""
-        for box in self._mailboxes.values():
-            if await box.is_draining(key):
-                return True
-        return False
 
     def serialize(
         self,
@@ -190,7 +215,7 @@ class Gate:
         See ``docs/serialize.md``.
         """
         return Serializer(
-            self,
+            self._runtime,
             key=key,
             dedup=dedup,
             on_busy=on_busy,
@@ -202,23 +227,7 @@ class Gate:
     @property
     def sync_backend(self) -> SyncBackend:
         """The sync twin of :attr:`backend` (made on first use)."""
-        if self._sync_backend is None:
-            with self._twin_lock:  # threads may race to their first turn_sync
-                if self._sync_backend is None:
-                    self._sync_backend = self.backend.sync_twin()
-        return self._sync_backend
-
-    def _settings_for(
-        self, lease: float | None, max_hold: float | None, on_lost: OnLost | None
-    ) -> TurnSettings:
-        base = self._settings
-        if lease is None and max_hold is None and on_lost is None:
-            return base
-        return TurnSettings(
-            lease=base.lease if lease is None else check_lease(lease),
-            max_hold=base.max_hold if max_hold is None else check_max_hold(max_hold),
-            on_lost=base.on_lost if on_lost is None else check_on_lost(on_lost),
-        )
+        return self._runtime.sync_backend
 
     def turn(
         self,
@@ -239,9 +248,9 @@ class Gate:
         key's turn gets the same turn back (re-entrant per task).
         ``lease``, ``max_hold`` and ``on_lost`` override the gate's defaults.
         """
-        settings = self._settings_for(lease, max_hold, on_lost)
+        settings = self._runtime.settings.override(lease, max_hold, on_lost)
         return TurnRequest(
-            self,
+            self._runtime,
             normalize_key(key),
             timeout=check_timeout(timeout),
             nowait=False,
@@ -257,8 +266,10 @@ class Gate:
         on_lost: OnLost | None = None,
     ) -> TurnRequest:
         """Take ``key``'s turn only if it is free and nobody waits, else raise ``Busy``."""
-        settings = self._settings_for(lease, max_hold, on_lost)
-        return TurnRequest(self, normalize_key(key), timeout=None, nowait=True, settings=settings)
+        settings = self._runtime.settings.override(lease, max_hold, on_lost)
+        return TurnRequest(
+            self._runtime, normalize_key(key), timeout=None, nowait=True, settings=settings
+        )
 
     def turn_sync(
         self,
@@ -276,9 +287,9 @@ class Gate:
         ``on_lost="cancel"`` the block raises :class:`~inturn.LeaseLost` when it
         exits (a thread cannot be interrupted).
         """
-        settings = self._settings_for(lease, max_hold, on_lost)
+        settings = self._runtime.settings.override(lease, max_hold, on_lost)
         return SyncTurnRequest(
-            self,
+            self._runtime,
             normalize_key(key),
             timeout=check_timeout(timeout),
             nowait=False,
@@ -294,49 +305,47 @@ class Gate:
         on_lost: OnLost | None = None,
     ) -> SyncTurnRequest:
         """The thread twin of :meth:`turn_nowait`."""
-        settings = self._settings_for(lease, max_hold, on_lost)
+        settings = self._runtime.settings.override(lease, max_hold, on_lost)
         return SyncTurnRequest(
-            self, normalize_key(key), timeout=None, nowait=True, settings=settings
+            self._runtime, normalize_key(key), timeout=None, nowait=True, settings=settings
         )
 
     async def is_busy(self, key: str | int) -> bool:
         """True if ``key``'s turn is held or has a line (a snapshot)."""
         return await self.backend.is_busy(normalize_key(key))
 
-    def _spawn(self, call: Awaitable[object], key: str, what: str) -> None:
-        """Run a cleanup call in the background, bounded in time; a failure is logged."""
+    async def statistics(self, key: str | int | None = None, *, limit: int = 1000) -> Statistics:
+        """A snapshot of this gate's namespace: busy keys (holder, fence, lease left, line
+        length), mailbox queues and dead-letter counts; one ``key``, or at most ``limit``
+        keys and queues (``truncated`` says when there were more). It may scan the
+        server: it is for operators and dashboards, not for every request."""
+        return await self.backend.statistics(
+            None if key is None else normalize_key(key), limit=limit
+        )
 
-        async def run() -> None:
-            try:
-                async with asyncio.timeout(CLEANUP_TIMEOUT):
-                    await call
-            except Exception as exc:
-                _log_cleanup_failure(what, key, exc)
-
-        task = asyncio.ensure_future(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def diagnose(self) -> Diagnostics:
+        """Check the backend's server: version, settings that weaken a guarantee (an
+        eviction policy, no persistence), topology and rights. Facts only: see
+        :class:`~inturn.Diagnostics`."""
+        return await self.backend.diagnose()
 
     async def aclose(self) -> None:
         """Stop mailboxes, wait (at most a second) for pending cleanups, close the backend(s)."""
         for box in self._mailboxes.values():
             await box.aclose()
-        if self._background:
-            # Cleanups (leave, release) are idempotent and their leases lapse anyway:
-            # give them a moment, not the full CLEANUP_TIMEOUT of a stalled server.
-            pending = list(self._background)
-            _, late = await asyncio.wait(pending, timeout=1.0)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        if self._sync_backend is not None:
-            self._sync_backend.close()
+        await self._runtime.finish_background()
+        if self._runtime.has_sync_backend:
+            self.sync_backend.close()
         await self.backend.aclose()
 
     def close(self) -> None:
-        """Close the sync backend (for programs that never run an event loop)."""
-        if self._sync_backend is not None:
-            self._sync_backend.close()
+        """Close the sync side: wait for sync drains, close the sync backend (for programs
+        that never run an event loop)."""
+        for box in self._mailboxes.values():
+            if not box.is_async:
+                box.close()
+        if self._runtime.has_sync_backend:
+            self.sync_backend.close()
 
     async def __aenter__(self) -> Gate:
         return self
@@ -345,4 +354,4 @@ class Gate:
         await self.aclose()
 
     def __repr__(self) -> str:
-        return f"<Gate {type(self.backend).__name__} lease={self._settings.lease:g}s>"
+        return f"<Gate {type(self.backend).__name__} lease={self.lease:g}s>"

@@ -1,4 +1,4 @@
-"""User keys: one normal form for every backend.
+"""User keys and request tokens: one normal form for every backend.
 
 A key is a ``str`` or an ``int``; ``1`` and ``"1"`` name the same key. ``bool``
 is refused (``True`` would silently become ``"True"``). There is no unicode
@@ -8,9 +8,13 @@ Backends encode the normal form injectively for their own storage.
 
 from __future__ import annotations
 
+import itertools
+import os
+import secrets
+
 from ._errors import InvalidKey
 
-__all__ = ["MAX_KEY_BYTES", "normalize_key"]
+__all__ = ["MAX_KEY_BYTES", "new_token", "normalize_key"]
 
 MAX_KEY_BYTES = 1024
 """The longest key, in bytes of UTF-8."""
@@ -39,3 +43,28 @@ def normalize_key(key: object) -> str:
             f"a key must be at most {MAX_KEY_BYTES} bytes of UTF-8, this one is {size}"
         )
     return text
+
+
+class _Tokens:
+    """Unique request tokens: 128 random bits per process, then a counter.
+
+    One ``os.urandom`` per process instead of one per request (a syscall costs
+    more than the whole in-memory turn); re-seeded after ``fork``, so a forked
+    child never repeats its parent's tokens.
+    """
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._prefix = ""
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._prefix = secrets.token_hex(16)
+            self._counter = itertools.count()
+        return f"{self._prefix}{next(self._counter):x}"
+
+
+new_token = _Tokens()
+"""A new request token, unique across processes (``new_token()``)."""

@@ -18,6 +18,7 @@ __all__ = [
     "Deadline",
     "LeaseClock",
     "OnLost",
+    "TurnSettings",
     "check_lease",
     "check_max_hold",
     "check_on_lost",
@@ -71,6 +72,32 @@ def check_on_lost(on_lost: str) -> OnLost:
     if on_lost == "cancel":
         return "cancel"
     raise ConfigurationError(f"on_lost must be 'warn' or 'cancel', not {on_lost!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class TurnSettings:
+    """Per-request lease settings (the gate's defaults unless a request overrides them)."""
+
+    lease: float
+    max_hold: float | None
+    on_lost: OnLost
+
+    @property
+    def first_lease(self) -> float:
+        """The lease asked for with the grant: never past ``max_hold``."""
+        return self.lease if self.max_hold is None else min(self.lease, self.max_hold)
+
+    def override(
+        self, lease: float | None, max_hold: float | None, on_lost: OnLost | None
+    ) -> TurnSettings:
+        """These settings with the given overrides validated and applied (None: keep)."""
+        if lease is None and max_hold is None and on_lost is None:
+            return self
+        return TurnSettings(
+            lease=self.lease if lease is None else check_lease(lease),
+            max_hold=self.max_hold if max_hold is None else check_max_hold(max_hold),
+            on_lost=self.on_lost if on_lost is None else check_on_lost(on_lost),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,16 +26,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import threading
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from ._backends.base import SupersedeBackend, SyncSupersedeBackend
+from ._dedup import Deduplicator
 from ._errors import Busy, ConfigurationError, Duplicate, Skipped, Superseded
-from ._turn import new_token
-
-if TYPE_CHECKING:
-    from ._gate import Gate
+from ._keys import new_token, normalize_key
+from ._runtime import Runtime
+from ._turn_async import TurnRequest
+from ._turn_sync import SyncTurnRequest
 
 __all__ = ["POLICIES", "OnBusy", "Serializer"]
 
@@ -93,46 +93,12 @@ class _Call:
             self._cancel()
 
 
-class _Registry:
-    """This process's newest waiting call and running call per (scope, key)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: dict[tuple[str, str], _Call] = {}
-        self._running: dict[tuple[str, str], _Call] = {}
-
-    def arrive(self, name: tuple[str, str], call: _Call, *, cancel_running: bool) -> None:
-        with self._lock:
-            older = self._waiting.get(name)
-            self._waiting[name] = call
-            running = self._running.get(name) if cancel_running else None
-        for other in (older, running):
-            if other is not None:
-                other.supersede()
-
-    def start(self, name: tuple[str, str], call: _Call) -> None:
-        with self._lock:
-            if self._waiting.get(name) is call:
-                del self._waiting[name]
-            self._running[name] = call
-
-    def leave(self, name: tuple[str, str], call: _Call) -> None:
-        with self._lock:
-            for table in (self._waiting, self._running):
-                if table.get(name) is call:
-                    del table[name]
-
-    def size(self) -> int:
-        with self._lock:
-            return len(self._waiting) + len(self._running)
-
-
 class Serializer:
     """The decorator returned by :meth:`Gate.serialize` (see the module docstring)."""
 
     def __init__(
         self,
-        gate: Gate,
+        runtime: Runtime,
         *,
         key: str | Callable[..., object],
         dedup: str | Callable[..., object] | None,
@@ -145,7 +111,7 @@ class Serializer:
             raise ConfigurationError(
                 f"on_busy must be one of {', '.join(POLICIES)}; not {on_busy!r}"
             )
-        self.gate = gate
+        self._runtime = runtime
         self.key = key
         self.dedup = dedup
         self.on_busy: OnBusy = on_busy  # narrowed by the check above
@@ -204,7 +170,7 @@ class _Plan:
     def __init__(self, s: Serializer, fn: Callable[..., Any], sig: inspect.Signature) -> None:
         self.fn = fn
         self.sig = sig
-        self.gate = s.gate
+        self.runtime = s._runtime
         self.on_busy = s.on_busy
         self.timeout = s.timeout
         self.scope = s.name or f"{fn.__module__}.{fn.__qualname__}"
@@ -212,15 +178,20 @@ class _Plan:
         self.get_key = _getter(sig, s.key, "key")
         self.get_id = None if s.dedup is None else _getter(sig, s.dedup, "dedup")
         self.id_name = s.dedup if isinstance(s.dedup, str) else "dedup"
-        self.dedup = None if s.dedup is None else s.gate.dedup(self.scope, window=s.window)
+        self.dedup = (
+            None if s.dedup is None else Deduplicator(s._runtime, self.scope, window=s.window)
+        )
         self.wants_fence = "fence" in sig.parameters
 
     def _skipped(self, message: str, *, key: str) -> Skipped:
-        self.gate.metrics.count("calls_skipped", scope=self.scope)
+        self.runtime.metrics.count("calls_skipped", scope=self.scope)
         return Skipped(message, key=key)
 
+    def _draining(self, key: object) -> Skipped:
+        return self._skipped(f"key {key!r} has a mailbox draining: call skipped", key=str(key))
+
     def _superseded(self, message: str, *, key: str) -> Superseded:
-        self.gate.metrics.count("calls_superseded", scope=self.scope)
+        self.runtime.metrics.count("calls_superseded", scope=self.scope)
         return Superseded(message, key=key)
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Bound:
@@ -235,6 +206,20 @@ class _Plan:
             raise ValueError(f"the dedup id {self.id_name!r} resolved to ''")
         return _Bound(bound, key, msg_id, inject_fence)
 
+    def _turn(self, key: object, *, nowait: bool = False) -> TurnRequest:
+        rt = self.runtime
+        timeout = None if nowait else self.timeout
+        return TurnRequest(
+            rt, normalize_key(key), timeout=timeout, nowait=nowait, settings=rt.settings
+        )
+
+    def _turn_sync(self, key: object, *, nowait: bool = False) -> SyncTurnRequest:
+        rt = self.runtime
+        timeout = None if nowait else self.timeout
+        return SyncTurnRequest(
+            rt, normalize_key(key), timeout=timeout, nowait=nowait, settings=rt.settings
+        )
+
     def _args(self, call: _Bound, fence: int) -> inspect.BoundArguments:
         if call.inject_fence:
             call.bound.arguments["fence"] = fence
@@ -245,21 +230,19 @@ class _Plan:
     async def run_async(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         call = self.bind(args, kwargs)
         try:
-            return await self._turn_async(call)
+            return await self._call_async(call)
         except Duplicate as dup:
             if dup.has_result:
                 return dup.result
             raise
 
-    async def _turn_async(self, call: _Bound) -> Any:
-        gate, key = self.gate, call.key
+    async def _call_async(self, call: _Bound) -> Any:
+        key = call.key
         if self.on_busy == "skip":
-            if await gate._mailbox_draining(str(key)):
-                raise self._skipped(
-                    f"key {key!r} has a mailbox draining: call skipped", key=str(key)
-                )
+            if await self.runtime.busy_elsewhere(normalize_key(key)):
+                raise self._draining(key)
             try:
-                async with gate.turn_nowait(key) as turn:
+                async with self._turn(key, nowait=True) as turn:
                     return await self._body_async(call, turn.fence)
             except Busy as busy:
                 if isinstance(busy, Skipped):
@@ -268,23 +251,24 @@ class _Plan:
                     f"key {busy.key!r} is busy: call skipped", key=busy.key
                 ) from None
         if self.on_busy == "wait":
-            async with gate.turn(key, timeout=self.timeout) as turn:
+            async with self._turn(key) as turn:
                 return await self._body_async(call, turn.fence)
         return await self._newest_async(call)
 
     async def _newest_async(self, bound_call: _Bound) -> Any:
-        gate, cancel, key = self.gate, self.on_busy == "cancel", bound_call.key
+        cancel, key = self.on_busy == "cancel", bound_call.key
         name = (self.scope, str(key))
         call = _Call()
         task = asyncio.current_task()
-        registry = gate._registry
+        registry = self.runtime.newest
         registry.arrive(name, call, cancel_running=cancel)
-        backend = gate.backend if isinstance(gate.backend, SupersedeBackend) else None
+        store = self.runtime.backend
+        backend = store if isinstance(store, SupersedeBackend) else None
         try:
             generation = None
             if backend is not None:
                 generation = await backend.supersede(str(key), self.scope, cancel_running=cancel)
-            async with gate.turn(key, timeout=self.timeout) as turn:
+            async with self._turn(key) as turn:
                 registry.start(name, call)
                 if call.superseded or (
                     backend is not None
@@ -325,17 +309,19 @@ class _Plan:
     def run_sync(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         call = self.bind(args, kwargs)
         try:
-            return self._turn_sync(call)
+            return self._call_sync(call)
         except Duplicate as dup:
             if dup.has_result:
                 return dup.result
             raise
 
-    def _turn_sync(self, call: _Bound) -> Any:
-        gate, key = self.gate, call.key
+    def _call_sync(self, call: _Bound) -> Any:
+        key = call.key
         if self.on_busy == "skip":
+            if self.runtime.busy_elsewhere_sync(normalize_key(key)):
+                raise self._draining(key)
             try:
-                with gate.turn_nowait_sync(key) as turn:
+                with self._turn_sync(key, nowait=True) as turn:
                     return self._body_sync(call, turn.fence)
             except Busy as busy:
                 if isinstance(busy, Skipped):
@@ -344,19 +330,20 @@ class _Plan:
                     f"key {busy.key!r} is busy: call skipped", key=busy.key
                 ) from None
         if self.on_busy == "wait":
-            with gate.turn_sync(key, timeout=self.timeout) as turn:
+            with self._turn_sync(key) as turn:
                 return self._body_sync(call, turn.fence)
         name = (self.scope, str(key))
         newer = _Call()
-        gate._registry.arrive(name, newer, cancel_running=False)
-        backend = gate.sync_backend
+        registry = self.runtime.newest
+        registry.arrive(name, newer, cancel_running=False)
+        backend = self.runtime.sync_backend
         newest = backend if isinstance(backend, SyncSupersedeBackend) else None
         try:
             generation = None
             if newest is not None:
                 generation = newest.supersede(str(key), self.scope, cancel_running=False)
-            with gate.turn_sync(key, timeout=self.timeout) as turn:
-                gate._registry.start(name, newer)
+            with self._turn_sync(key) as turn:
+                registry.start(name, newer)
                 if newer.superseded or (
                     newest is not None
                     and generation is not None
@@ -368,7 +355,7 @@ class _Plan:
                 return self._body_sync(call, turn.fence)
         finally:
             newer.active = False
-            gate._registry.leave(name, newer)
+            registry.leave(name, newer)
 
     def _body_sync(self, call: _Bound, fence: int) -> Any:
         bound = self._args(call, fence)

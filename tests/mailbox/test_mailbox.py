@@ -285,10 +285,8 @@ async def test_skip_policy_sees_a_draining_mailbox(gate: inturn.Gate) -> None:
 async def test_bad_configuration(gate: inturn.Gate) -> None:
     async def handler(msg: inturn.Message) -> None: ...
 
-    def sync_handler(msg: inturn.Message) -> None: ...
-
     with pytest.raises(inturn.ConfigurationError):
-        gate.mailbox("a", handler=sync_handler)  # type: ignore[arg-type]
+        gate.mailbox("a", handler="not a function")  # type: ignore[arg-type]
     with pytest.raises(inturn.ConfigurationError):
         gate.mailbox("b", handler=handler, max_pending=0)
     with pytest.raises(inturn.ConfigurationError):

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from ..base import ClaimResult, Confirmation, Grant, Taken
 from ..._errors import BackendUnavailable, ConfigurationError
+from ..base import ClaimResult, Confirmation, Grant, Taken
 from ._keys import KeySpace
 from ._lua import (
     ABANDON,

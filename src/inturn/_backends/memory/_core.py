@@ -1,4 +1,6 @@
-"""The in-memory backend (``memory://``, the default): one process, no server.
+"""The in-memory engine's state and its atomic operations, under one lock.
+
+The in-memory backend (``memory://``, the default): one process, no server.
 
 Guarantees, within one process: strict FIFO with direct hand-off (release
 grants the turn to the first waiter in the line and wakes exactly that waiter;
@@ -16,18 +18,26 @@ thread, for the sync twin).
 from __future__ import annotations
 
 import itertools
-import json
-import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .base import ClaimResult, Grant, Taken
-from ._wakeup import Wakeup
+from inturn._backends._wakeup import Wakeup
+from inturn._backends.base import (
+    BoxState,
+    ClaimResult,
+    Grant,
+    KeyState,
+    ResumeStatus,
+    Statistics,
+    SubmitStatus,
+    Submitted,
+    Taken,
+)
 
-__all__ = ["MemoryBackend", "SyncMemoryBackend"]
+__all__ = ["Clock", "MemoryCore"]
 
 Clock = Callable[[], float]
 
@@ -45,10 +55,6 @@ class _Waiter:
 
     def wake(self) -> None:
         self.signal.wake()
-
-
-def _finite(seconds: float) -> float | None:
-    return None if seconds == math.inf else seconds
 
 
 @dataclass(slots=True)
@@ -71,22 +77,20 @@ class _Box:
     inflight: list[str] = field(default_factory=list)
     drainer: str | None = None
     drainer_until: float = 0.0
-
-
-def retry_wait(message: str, now_epoch: float) -> float:
-    """Seconds until a stored message may be retried (its "nb" field), 0 if now."""
-    not_before = json.loads(message).get("nb", 0)
-    return max(0.0, float(not_before) - now_epoch)
+    not_before: float = 0.0
+    """Epoch seconds before which the head is not taken (a retry's backoff)."""
 
 
 @dataclass(slots=True)
 class _Key:
     holder: str | None = None
     expires_at: float = 0.0
+    fence: int = 0
+    held_since: float = 0.0
     line: dict[str, _Waiter] = field(default_factory=dict)
 
 
-class _MemoryCore:
+class MemoryCore:
     """The shared state and every atomic operation, under one lock."""
 
     def __init__(self, clock: Clock) -> None:
@@ -105,7 +109,9 @@ class _MemoryCore:
     def _grant(self, entry: _Key, token: str, lease: float, now: float) -> Grant:
         entry.holder = token
         entry.expires_at = now + lease
-        return Grant(fence=next(self._fences), granted_at=time.monotonic())
+        entry.fence = next(self._fences)
+        entry.held_since = time.time()
+        return Grant(fence=entry.fence, granted_at=time.monotonic())
 
     def _hand_off(self, key: str, entry: _Key, now: float) -> None:
         """Give the turn to the head of the line, or drop the idle entry."""
@@ -278,7 +284,8 @@ class _MemoryCore:
         drop_oldest: bool,
         token: str,
         lease: float,
-    ) -> tuple[int, int]:
+        take: int,
+    ) -> Submitted:
         with self._lock:
             now = self._clock()
             box = self._boxes.setdefault(name, _Box())
@@ -286,14 +293,15 @@ class _MemoryCore:
             if len(box.queue) >= max_pending:
                 if not drop_oldest:
                     self._drop_idle_box(name, box)
-                    return -1, 0
+                    return Submitted(SubmitStatus.REFUSED)
                 box.queue.popleft()
                 dropped = 1
             box.queue.append(message)
-            if self._box_drainer(box, now) is None:
-                box.drainer, box.drainer_until = token, now + lease
-                return 1, dropped
-            return 0, dropped
+            if self._box_drainer(box, now) is not None:
+                return Submitted(SubmitStatus.QUEUED, dropped)
+            box.drainer, box.drainer_until = token, now + lease
+            first = self._take(name, box, take, now, lease, ack=False) if take else None
+            return Submitted(SubmitStatus.DRAINER, dropped, first)
 
     def mb_take(
         self, name: tuple[str, str], token: str, limit: int, lease: float, ack: bool
@@ -303,21 +311,41 @@ class _MemoryCore:
             box = self._boxes.get(name)
             if box is None or self._box_drainer(box, now) != token:
                 return Taken(lost_role=True)
-            box.drainer_until = now + lease
-            if ack:
-                box.inflight.clear()
-            if box.inflight:
-                return Taken(messages=tuple(box.inflight))
-            if not box.queue:
-                box.drainer = None
-                self._drop_idle_box(name, box)
-                return Taken()
-            wait = retry_wait(box.queue[0], time.time())
-            if wait > 0:
-                return Taken(wait=wait)
-            while box.queue and len(box.inflight) < limit:
-                box.inflight.append(box.queue.popleft())
+            return self._take(name, box, limit, now, lease, ack=ack)
+
+    def _take(
+        self, name: tuple[str, str], box: _Box, limit: int, now: float, lease: float, *, ack: bool
+    ) -> Taken:
+        box.drainer_until = now + lease
+        if ack:
+            box.inflight.clear()
+        if box.inflight:
             return Taken(messages=tuple(box.inflight))
+        if not box.queue:
+            box.drainer = None
+            self._drop_idle_box(name, box)
+            return Taken()
+        retry_in = box.not_before - time.time()
+        if retry_in > 0:
+            return Taken(retry_in=retry_in)
+        box.not_before = 0.0
+        while box.queue and len(box.inflight) < limit:
+            box.inflight.append(box.queue.popleft())
+        return Taken(messages=tuple(box.inflight))
+
+    def mb_release_take(
+        self,
+        name: tuple[str, str],
+        token: str,
+        turn_token: str,
+        limit: int,
+        lease: float,
+        ack: bool,
+    ) -> Taken:
+        """Take first, then release: the next holder never sees the batch unacknowledged."""
+        taken = self.mb_take(name, token, limit, lease, ack)
+        self.release(name[1], turn_token)
+        return taken
 
     def mb_done(self, name: tuple[str, str], token: str) -> None:
         with self._lock:
@@ -325,28 +353,31 @@ class _MemoryCore:
             if box is not None and box.drainer == token:
                 box.inflight.clear()
 
-    def mb_retry(self, name: tuple[str, str], token: str, messages: list[str]) -> None:
+    def mb_retry(
+        self, name: tuple[str, str], token: str, messages: list[str], not_before: float
+    ) -> None:
         with self._lock:
             box = self._boxes.get(name)
             if box is not None and box.drainer == token:
                 box.inflight.clear()
                 box.queue.extendleft(reversed(messages))
+                box.not_before = not_before if messages else 0.0
 
-    def mb_claim(self, name: tuple[str, str], token: str, lease: float) -> int:
+    def mb_resume(self, name: tuple[str, str], token: str, lease: float) -> ResumeStatus:
         with self._lock:
             now = self._clock()
             box = self._boxes.get(name)
             if box is None:
-                return -1
+                return ResumeStatus.IDLE
             if self._box_drainer(box, now) is not None:
-                return 0
+                return ResumeStatus.LIVE
             if not box.queue and not box.inflight:
                 self._drop_idle_box(name, box)
-                return -1
+                return ResumeStatus.IDLE
             box.queue.extendleft(reversed(box.inflight))  # redelivered first
             box.inflight.clear()
             box.drainer, box.drainer_until = token, now + lease
-            return 1
+            return ResumeStatus.RESUMED
 
     def mb_renew(self, name: tuple[str, str], token: str, lease: float) -> bool:
         with self._lock:
@@ -382,6 +413,46 @@ class _MemoryCore:
         with self._lock:
             return list(self._dead.get(mailbox, ())[:limit])
 
+    def statistics(self, key: str | None, limit: int, namespace: str) -> Statistics:
+        with self._lock:
+            now = self._clock()
+            keys: list[KeyState] = []
+            for name in sorted(self._keys) if key is None else [key]:
+                entry = self._live(name, now)
+                if entry is None:
+                    continue
+                held = entry.holder is not None
+                keys.append(
+                    KeyState(
+                        key=name,
+                        holder=entry.holder,
+                        fence=entry.fence if held else None,
+                        lease_left=max(0.0, entry.expires_at - now) if held else None,
+                        held_since=entry.held_since if held else None,
+                        waiting=len(entry.line),
+                    )
+                )
+            boxes = [
+                BoxState(
+                    mailbox=mailbox,
+                    key=name,
+                    queued=len(box.queue),
+                    in_flight=len(box.inflight),
+                    draining=self._box_drainer(box, now) is not None,
+                )
+                for (mailbox, name), box in sorted(self._boxes.items())
+                if key is None or name == key
+            ]
+            dead = {mailbox: len(entries) for mailbox, entries in self._dead.items() if entries}
+        truncated = len(keys) > limit or len(boxes) > limit
+        return Statistics(
+            namespace=namespace,
+            keys=tuple(keys[:limit]),
+            boxes=tuple(boxes[:limit]),
+            dead_letters=dead,
+            truncated=truncated,
+        )
+
     def marks(self) -> int:
         """Dedup marks still inside their window (after dropping expired ones)."""
         with self._lock:
@@ -389,221 +460,3 @@ class _MemoryCore:
             for name in [n for n, m in self._marks.items() if now >= m.expires_at]:
                 del self._marks[name]
             return len(self._marks)
-
-
-class MemoryBackend:
-    """The async face of the in-memory backend. See the module docstring for guarantees.
-
-    ``clock`` (default ``time.monotonic``) judges leases; tests inject their own.
-    """
-
-    def __init__(self, *, clock: Clock = time.monotonic) -> None:
-        self._core = _MemoryCore(clock)
-        self._twin: SyncMemoryBackend | None = None
-
-    async def join(self, key: str, token: str, lease: float) -> Grant | None:
-        return self._core.join(key, token, lease, sync=False)
-
-    async def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
-        return self._core.try_acquire(key, token, lease)
-
-    async def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        while True:
-            waiter, grant, lapse_in = self._core.poll(token)
-            if waiter is None or grant is not None:
-                return grant
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            await waiter.signal.sleep(
-                None if min(left, lapse_in) == math.inf else min(left, lapse_in)
-            )
-
-    async def renew(self, key: str, token: str, lease: float) -> bool:
-        return self._core.renew(key, token, lease)
-
-    async def release(self, key: str, token: str, *, fence: int | None = None) -> None:
-        self._core.release(key, token)
-
-    async def leave(self, key: str, token: str) -> Grant | None:
-        return self._core.leave(key, token)
-
-    async def is_held(self, key: str, token: str) -> bool:
-        return self._core.is_held(key, token)
-
-    async def is_busy(self, key: str) -> bool:
-        return self._core.is_busy(key)
-
-    async def footprint(self) -> int:
-        return self._core.footprint()
-
-    async def claim(
-        self,
-        key: str,
-        scope: str,
-        id: str,
-        token: str,
-        *,
-        fence: int | None,
-        lease: float,
-        window: float,
-    ) -> ClaimResult:
-        return self._core.claim((key, scope, id), token, fence, lease, window)
-
-    async def finish(
-        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
-    ) -> None:
-        self._core.finish((key, scope, id), token, result, window)
-
-    async def abandon(self, key: str, scope: str, id: str, token: str) -> None:
-        self._core.abandon((key, scope, id), token)
-
-    async def mb_submit(
-        self,
-        name: str,
-        key: str,
-        message: str,
-        *,
-        max_pending: int,
-        drop_oldest: bool,
-        token: str,
-        lease: float,
-    ) -> tuple[int, int]:
-        return self._core.mb_submit((name, key), message, max_pending, drop_oldest, token, lease)
-
-    async def mb_take(
-        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
-    ) -> Taken:
-        return self._core.mb_take((name, key), token, limit, lease, ack)
-
-    async def mb_release_take(
-        self,
-        name: str,
-        key: str,
-        token: str,
-        turn_token: str,
-        *,
-        limit: int,
-        lease: float,
-        ack: bool,
-    ) -> Taken:
-        """Release the key's turn held by ``turn_token`` and take the next batch (see Redis)."""
-        taken = self._core.mb_take((name, key), token, limit, lease, ack)
-        self._core.release(key, turn_token)
-        return taken
-
-    async def mb_done(self, name: str, key: str, token: str) -> None:
-        self._core.mb_done((name, key), token)
-
-    async def mb_retry(self, name: str, key: str, token: str, messages: list[str]) -> None:
-        self._core.mb_retry((name, key), token, messages)
-
-    async def mb_claim(self, name: str, key: str, token: str, *, lease: float) -> int:
-        return self._core.mb_claim((name, key), token, lease)
-
-    async def mb_renew(self, name: str, key: str, token: str, *, lease: float) -> bool:
-        return self._core.mb_renew((name, key), token, lease)
-
-    async def mb_pending(self, name: str, key: str) -> int:
-        return self._core.mb_pending((name, key))
-
-    async def mb_draining(self, name: str, key: str) -> bool:
-        return self._core.mb_draining((name, key))
-
-    async def mb_hint(self, name: str, key: str, present: bool) -> None:
-        self._core.mb_hint(name, key, present)
-
-    async def mb_hinted(self, name: str) -> list[str]:
-        return self._core.mb_hinted(name)
-
-    async def mb_dead(self, name: str, entries: list[str]) -> None:
-        self._core.mb_dead(name, entries)
-
-    async def mb_dead_letters(self, name: str, limit: int) -> list[str]:
-        return self._core.mb_dead_letters(name, limit)
-
-    def sync_twin(self) -> SyncMemoryBackend:
-        if self._twin is None:
-            self._twin = SyncMemoryBackend(self._core)
-        return self._twin
-
-    async def aclose(self) -> None:
-        return None
-
-
-class SyncMemoryBackend:
-    """The sync twin of :class:`MemoryBackend`; get it with ``MemoryBackend.sync_twin()``."""
-
-    never_blocks = True
-    """Its calls return at once (only ``wait`` sleeps, bounded by its timeout)."""
-
-    def __init__(self, core: _MemoryCore) -> None:
-        self._core = core
-
-    def join(self, key: str, token: str, lease: float) -> Grant | None:
-        return self._core.join(key, token, lease, sync=True)
-
-    def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
-        return self._core.try_acquire(key, token, lease)
-
-    def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        while True:
-            waiter, grant, lapse_in = self._core.poll(token)
-            if waiter is None or grant is not None:
-                return grant
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            waiter.signal.sleep_sync(
-                None if min(left, lapse_in) == math.inf else min(left, lapse_in)
-            )
-
-    def renew(self, key: str, token: str, lease: float) -> bool:
-        return self._core.renew(key, token, lease)
-
-    def release(self, key: str, token: str, *, fence: int | None = None) -> None:
-        self._core.release(key, token)
-
-    def leave(self, key: str, token: str) -> Grant | None:
-        return self._core.leave(key, token)
-
-    def is_held(self, key: str, token: str) -> bool:
-        return self._core.is_held(key, token)
-
-    def is_busy(self, key: str) -> bool:
-        return self._core.is_busy(key)
-
-    def footprint(self) -> int:
-        return self._core.footprint()
-
-    def claim(
-        self,
-        key: str,
-        scope: str,
-        id: str,
-        token: str,
-        *,
-        fence: int | None,
-        lease: float,
-        window: float,
-    ) -> ClaimResult:
-        return self._core.claim((key, scope, id), token, fence, lease, window)
-
-    def finish(
-        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
-    ) -> None:
-        self._core.finish((key, scope, id), token, result, window)
-
-    def abandon(self, key: str, scope: str, id: str, token: str) -> None:
-        self._core.abandon((key, scope, id), token)
-
-    def close(self) -> None:
-        return None
-
-
-def from_url(url: str, *, namespace: str) -> MemoryBackend:
-    """Build the backend for ``memory://`` (each call gets its own, isolated state)."""
-    del url, namespace  # one process, one state per gate: nothing to configure
-    return MemoryBackend()

@@ -1,0 +1,494 @@
+"""Draining a mailbox's queue: one flow, run by an async and a sync executor.
+
+:func:`drain_flow` is the algorithm, once: take a batch (acknowledging the
+last), debounce, back off before a retry, process inside the key's turn, stop
+when the queue is empty (the role given up in the same atomic step) or the
+role is lost. :class:`Drainer` runs it with asyncio (``drain``) or in a thread
+(``drain_sync``) and holds what both share: decoding, dedup claims, the
+failure policy (retry with backoff, then dead letters) and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from ._backends.base import MailboxBackend, SyncMailboxBackend, Taken
+from ._dedup import Deduplicator
+from ._errors import ConfigurationError, Duplicate
+from ._message import Message, PendingCounter
+from ._runtime import Runtime
+from ._turn_async import TurnRequest
+from ._turn_sync import SyncTurnRequest
+
+__all__ = ["Drainer", "drain_flow"]
+
+logger = logging.getLogger("inturn")
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """What to store after a failed delivery: ``retry`` texts (with ``not_before``), or
+    ``dead`` letters when the attempts are used up."""
+
+    attempts: int
+    pause: float
+    error: str
+    retry: list[str]
+    not_before: float
+    dead: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Take:
+    """Step: take the next batch (acknowledging the last one when ``ack``). Sends a Taken."""
+
+    ack: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Debounce:
+    """Step: wait until no message arrived for ``debounce`` s (at most ``debounce_max``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Pause:
+    """Step: sleep ``seconds`` (a retry's backoff)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Process:
+    """Step: handle ``texts`` inside the key's turn. Sends back a :class:`_Handled`."""
+
+    texts: tuple[str, ...]
+
+
+_DrainStep = _Take | _Debounce | _Pause | _Process
+
+
+@dataclass(slots=True)
+class _Handled:
+    """One processed batch: whether to acknowledge it, and the next batch when the turn's
+    release took it in the same step (``released``)."""
+
+    ack: bool = False
+    released: bool = False
+    taken: Taken | None = None
+
+
+def drain_flow(box: Drainer, key: str, first: Taken | None) -> Generator[_DrainStep, Any, None]:
+    """Process ``key``'s queue until it is empty (role given up) or the role is lost.
+
+    ``first``: the first batch, when the submit that made us drainer took it.
+    The drainer needs only its role to take; it takes the key's turn to process.
+    A batch is acknowledged by the next take, which rides on the turn's release
+    where the engine can (``mb_release_take``).
+    """
+    taken: Taken | None = first
+    ack = False
+    while True:
+        if taken is None:
+            if box.debounce:
+                yield _Debounce()
+            taken = yield _Take(ack)
+        assert taken is not None
+        if taken.lost_role:
+            logger.warning(
+                "inturn: mailbox %r lost the drainer role of key %r",
+                box.name,
+                key,
+                extra={"inturn_key": key},
+            )
+            return
+        if taken.retry_in > 0:
+            yield _Pause(taken.retry_in)
+            taken, ack = None, False
+            continue
+        if not taken.messages:
+            return  # empty: the role was given up in the same step
+        handled: _Handled = yield _Process(taken.messages)
+        taken, ack = None, handled.ack
+        if handled.released:
+            # If the combined call failed it may or may not have run: take again without
+            # acknowledging (a redelivery, never a loss). It is not called at all when the
+            # turn was re-entered (an inline drain inside a turn).
+            taken, ack = handled.taken, False
+
+
+class Drainer:
+    """How one mailbox drains a key: the shared decisions and the two executors.
+
+    Built by :class:`~inturn.Mailbox` with its settings; ``counter`` is the
+    mailbox itself (a :class:`~inturn.Message` asks it for ``pending()``).
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        name: str,
+        handler: Any,
+        counter: PendingCounter,
+        *,
+        batch: bool,
+        max_batch: int,
+        debounce: float,
+        debounce_max: float,
+        max_attempts: int,
+        backoff: tuple[float, ...],
+        dedup: Deduplicator,
+    ) -> None:
+        if not isinstance(runtime.backend, MailboxBackend):
+            raise ConfigurationError(f"{type(runtime.backend).__name__} does not keep mailboxes")
+        self._runtime = runtime
+        self.name = name
+        self.handler = handler
+        self._counter = counter
+        self.batch = batch
+        self.max_batch = max_batch
+        self.debounce = debounce
+        self.debounce_max = debounce_max
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self._dedup = dedup
+        self._store: MailboxBackend = runtime.backend
+
+    @property
+    def _lease(self) -> float:
+        return self._runtime.settings.lease
+
+    def sync_store(self) -> SyncMailboxBackend:
+        """The sync twin of the engine, as a mailbox store."""
+        store = self._runtime.sync_backend
+        if not isinstance(store, SyncMailboxBackend):
+            raise ConfigurationError(f"{type(store).__name__} does not keep mailboxes")
+        return store
+
+    def _messages(
+        self, key: str, texts: Sequence[str], fence: int
+    ) -> tuple[list[dict[str, Any]], list[Message]]:
+        stored = [json.loads(t) for t in texts]
+        messages = [
+            Message(
+                key=key,
+                id=s["i"],
+                payload=s["p"],
+                enqueued_at=s["t"],
+                attempt=s["a"] + 1,
+                fence=fence,
+                _mailbox=self._counter,
+            )
+            for s in stored
+        ]
+        return stored, messages
+
+    def _delivered(self, fresh: list[Message]) -> None:
+        metrics, now = self._runtime.metrics, time.time()
+        for message in fresh:
+            metrics.observe("mailbox_latency_seconds", now - message.enqueued_at, mailbox=self.name)
+
+    def _failure(self, key: str, stored: list[dict[str, Any]], exc: BaseException) -> _Failure:
+        """Decide a failed message or batch's fate: retry after a backoff, or dead letters."""
+        attempts = stored[0]["a"] + 1
+        error = f"{type(exc).__name__}: {exc}"
+        self._runtime.metrics.count("mailbox_failures", mailbox=self.name)
+        now = time.time()
+        if attempts < self.max_attempts:
+            pause = self.backoff[min(attempts, len(self.backoff)) - 1]
+            logger.warning(
+                "inturn: mailbox %r handler failed for key %r (attempt %d of %d, retry in %gs): %s",
+                self.name,
+                key,
+                attempts,
+                self.max_attempts,
+                pause,
+                error,
+                extra={"inturn_key": key},
+            )
+            retry = [json.dumps({**s, "a": attempts}) for s in stored]
+            return _Failure(attempts, pause, error, retry, now + pause, [])
+        logger.error(
+            "inturn: mailbox %r gave up on %d message(s) of key %r after %d attempts: %s",
+            self.name,
+            len(stored),
+            key,
+            attempts,
+            error,
+            extra={"inturn_key": key},
+        )
+        dead = [json.dumps({"m": s, "e": error, "at": now, "n": attempts}) for s in stored]
+        self._runtime.metrics.count("mailbox_dead_letters", len(dead), mailbox=self.name)
+        return _Failure(attempts, 0.0, error, [], 0.0, dead)
+
+    def _turn(self, key: str) -> TurnRequest:
+        rt = self._runtime
+        return TurnRequest(rt, key, timeout=None, nowait=False, settings=rt.settings)
+
+    def _turn_sync(self, key: str) -> SyncTurnRequest:
+        rt = self._runtime
+        return SyncTurnRequest(rt, key, timeout=None, nowait=False, settings=rt.settings)
+
+    # -- draining: async --------------------------------------------------------------
+
+    async def drain(self, key: str, token: str, first: Taken | None = None) -> None:
+        """Drain ``key``'s queue on this event loop (``token`` owns the drainer role)."""
+        renewer = asyncio.ensure_future(self._renew_role(key, token))
+        flow = drain_flow(self, key, first)
+        reply: Any = None
+        try:
+            while True:
+                try:
+                    step = flow.send(reply)
+                except StopIteration:
+                    return
+                reply = await self._step(step, key, token)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("inturn: mailbox %r drain of key %r failed", self.name, key)
+        finally:
+            renewer.cancel()
+
+    async def _step(self, step: _DrainStep, key: str, token: str) -> Any:
+        if isinstance(step, _Take):
+            return await self._store.mb_take(
+                self.name, key, token, limit=self.max_batch, lease=self._lease, ack=step.ack
+            )
+        if isinstance(step, _Debounce):
+            await self._debounce(key)
+            return None
+        if isinstance(step, _Pause):
+            await asyncio.sleep(step.seconds)  # a retry's backoff
+            return None
+        handled = _Handled()
+        request = self._turn(key)
+        request._release_with(partial(self._release_and_take, token, handled))
+        async with request as turn:
+            handled.ack = await self._process(key, token, step.texts, turn.fence)
+        return handled
+
+    async def _release_and_take(
+        self, token: str, handled: _Handled, turn_key: str, turn_token: str
+    ) -> None:
+        handled.released = True
+        handled.taken = await self._store.mb_release_take(
+            self.name,
+            turn_key,
+            token,
+            turn_token,
+            limit=self.max_batch,
+            lease=self._lease,
+            ack=handled.ack,
+        )
+
+    async def _renew_role(self, key: str, token: str) -> None:
+        lease = self._lease
+        while True:
+            await asyncio.sleep(lease / 3)
+            with contextlib.suppress(Exception):
+                if not await self._store.mb_renew(self.name, key, token, lease=lease):
+                    return
+
+    async def _debounce(self, key: str) -> None:
+        """Wait until no message arrived for ``debounce`` s (at most ``debounce_max``)."""
+        started = time.monotonic()
+        seen = await self._store.mb_pending(self.name, key)
+        while time.monotonic() - started < self.debounce_max:
+            await asyncio.sleep(
+                min(self.debounce, self.debounce_max - (time.monotonic() - started))
+            )
+            now = await self._store.mb_pending(self.name, key)
+            if now == seen:
+                return
+            seen = now
+
+    async def _process(self, key: str, token: str, texts: Sequence[str], fence: int) -> bool:
+        """Handle one message or batch; True when it is to be acknowledged (done or dead)."""
+        stored, messages = self._messages(key, texts, fence)
+        try:
+            await self._claimed_and_handled(key, token, stored, messages, fence)
+        except _Recorded as recorded:
+            return recorded.dead  # a retry was put back at the head: nothing to acknowledge
+        return True
+
+    async def _claimed_and_handled(
+        self,
+        key: str,
+        token: str,
+        stored: list[dict[str, Any]],
+        messages: list[Message],
+        fence: int,
+    ) -> None:
+        """Claim the ids (dedup), call the handler; on failure record it and raise _Recorded."""
+        async with contextlib.AsyncExitStack() as claims:
+            fresh = []
+            for message in messages:
+                if message.id is not None:
+                    try:
+                        await claims.enter_async_context(
+                            self._dedup.claim(key, message.id, fence=fence)
+                        )
+                    except Duplicate:
+                        continue  # processed before (a redelivery or a resubmit): effect once
+                fresh.append(message)
+            self._delivered(fresh)
+            try:
+                if fresh:
+                    await self.handler(fresh if self.batch else fresh[0])
+                    self._runtime.metrics.count("mailbox_handled", len(fresh), mailbox=self.name)
+            except Exception as exc:
+                failure = self._failure(key, stored, exc)
+                if failure.dead:
+                    await self._store.mb_dead(self.name, failure.dead)
+                else:
+                    await self._store.mb_retry(
+                        self.name, key, token, failure.retry, not_before=failure.not_before
+                    )
+                raise _Recorded(bool(failure.dead)) from exc  # abandons the claims
+
+    # -- draining: sync ---------------------------------------------------------------
+
+    def drain_sync(self, key: str, token: str, first: Taken | None = None) -> None:
+        """Drain ``key``'s queue in this thread (``token`` owns the drainer role)."""
+        store = self.sync_store()
+        renewal = _RoleRenewal(self, store, key, token)
+        flow = drain_flow(self, key, first)
+        reply: Any = None
+        try:
+            while True:
+                try:
+                    step = flow.send(reply)
+                except StopIteration:
+                    return
+                reply = self._step_sync(store, step, key, token)
+        except Exception:
+            logger.exception("inturn: mailbox %r drain of key %r failed", self.name, key)
+        finally:
+            renewal.stop()
+
+    def _step_sync(self, store: SyncMailboxBackend, step: _DrainStep, key: str, token: str) -> Any:
+        if isinstance(step, _Take):
+            return store.mb_take(
+                self.name, key, token, limit=self.max_batch, lease=self._lease, ack=step.ack
+            )
+        if isinstance(step, _Debounce):
+            self._debounce_sync(store, key)
+            return None
+        if isinstance(step, _Pause):
+            time.sleep(step.seconds)  # a retry's backoff
+            return None
+        handled = _Handled()
+
+        def release_and_take(turn_key: str, turn_token: str) -> None:
+            handled.released = True
+            handled.taken = store.mb_release_take(
+                self.name,
+                turn_key,
+                token,
+                turn_token,
+                limit=self.max_batch,
+                lease=self._lease,
+                ack=handled.ack,
+            )
+
+        request = self._turn_sync(key)
+        request._release_with(release_and_take)
+        with request as turn:
+            handled.ack = self._process_sync(store, key, token, step.texts, turn.fence)
+        return handled
+
+    def _debounce_sync(self, store: SyncMailboxBackend, key: str) -> None:
+        """See :meth:`_debounce`."""
+        started = time.monotonic()
+        seen = store.mb_pending(self.name, key)
+        while time.monotonic() - started < self.debounce_max:
+            time.sleep(min(self.debounce, self.debounce_max - (time.monotonic() - started)))
+            now = store.mb_pending(self.name, key)
+            if now == seen:
+                return
+            seen = now
+
+    def _process_sync(
+        self, store: SyncMailboxBackend, key: str, token: str, texts: Sequence[str], fence: int
+    ) -> bool:
+        """See :meth:`_process`."""
+        stored, messages = self._messages(key, texts, fence)
+        try:
+            self._claimed_and_handled_sync(store, key, token, stored, messages, fence)
+        except _Recorded as recorded:
+            return recorded.dead
+        return True
+
+    def _claimed_and_handled_sync(
+        self,
+        store: SyncMailboxBackend,
+        key: str,
+        token: str,
+        stored: list[dict[str, Any]],
+        messages: list[Message],
+        fence: int,
+    ) -> None:
+        """See :meth:`_claimed_and_handled`."""
+        with contextlib.ExitStack() as claims:
+            fresh = []
+            for message in messages:
+                if message.id is not None:
+                    try:
+                        claims.enter_context(self._dedup.claim_sync(key, message.id, fence=fence))
+                    except Duplicate:
+                        continue
+                fresh.append(message)
+            self._delivered(fresh)
+            try:
+                if fresh:
+                    self.handler(fresh if self.batch else fresh[0])
+                    self._runtime.metrics.count("mailbox_handled", len(fresh), mailbox=self.name)
+            except Exception as exc:
+                failure = self._failure(key, stored, exc)
+                if failure.dead:
+                    store.mb_dead(self.name, failure.dead)
+                else:
+                    store.mb_retry(
+                        self.name, key, token, failure.retry, not_before=failure.not_before
+                    )
+                raise _Recorded(bool(failure.dead)) from exc
+
+
+class _RoleRenewal:
+    """Renews a sync drainer's role every third of the lease, on the process's timer thread."""
+
+    def __init__(self, box: Drainer, store: SyncMailboxBackend, key: str, token: str) -> None:
+        self._box, self._store, self._key, self._token = box, store, key, token
+        self._stopped = False
+        self._handle = box._runtime.timers.call_at(time.monotonic() + box._lease / 3, self._due)
+
+    def _due(self) -> None:
+        if self._stopped:
+            return
+        box = self._box
+        try:
+            alive = self._store.mb_renew(box.name, self._key, self._token, lease=box._lease)
+        except Exception:
+            alive = True  # a transport error: try again next time
+        if alive and not self._stopped:
+            self._handle = box._runtime.timers.call_at(time.monotonic() + box._lease / 3, self._due)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._handle.cancel()
+
+
+class _Recorded(Exception):
+    """The handler failed and the failure was recorded (retry, or dead letter: ``dead``)."""
+
+    def __init__(self, dead: bool) -> None:
+        super().__init__(dead)
+        self.dead = dead

@@ -1,0 +1,346 @@
+"""The async twin of the turn: ``async with gate.turn(key) as turn``.
+
+:class:`TurnRequest` drives :func:`._turn.acquire_flow` with asyncio: each
+backend call is bounded by the request's deadline with ``asyncio.timeout``,
+cleanups run shielded and time-bounded (a cancelled caller's leave goes on in
+a background task), and renewal runs on the holder's own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from types import TracebackType
+from typing import TypeVar
+
+from ._backends.base import Confirmation, Grant
+from ._errors import BackendUnavailable, LeaseLost
+from ._keys import new_token
+from ._policy import Deadline, LeaseClock, TurnSettings
+from ._runtime import CLEANUP_TIMEOUT, Runtime, log_cleanup_failure
+from ._turn import (
+    CONFIRM_WAIT,
+    LEAVE_GRACE,
+    Asking,
+    Call,
+    Cleanup,
+    KeepLateGrant,
+    Step,
+    Turn,
+    Wait,
+    _held_by_me,
+    _mark_held,
+    _unmark_held,
+    acquire_flow,
+    next_timer_at,
+    renewal_due,
+    renewal_outcome,
+)
+
+__all__ = ["TurnRequest"]
+
+logger = logging.getLogger("inturn")
+
+T = TypeVar("T")
+
+ReleaseHook = Callable[[str, str], Awaitable[object]]
+"""A call that releases the turn (key, token) and does more in the same round trip."""
+
+
+class TurnRequest:
+    """``async with`` this to wait for, hold and release a key's turn (from ``Gate.turn``)."""
+
+    __slots__ = (
+        "_cancel_sent",
+        "_exited",
+        "_handle",
+        "_held_token",
+        "_key",
+        "_nowait",
+        "_release_hook",
+        "_renewing",
+        "_reused",
+        "_runtime",
+        "_settings",
+        "_task",
+        "_timeout",
+        "_turn",
+    )
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        key: str,
+        *,
+        timeout: float | None,
+        nowait: bool,
+        settings: TurnSettings,
+    ) -> None:
+        self._runtime = runtime
+        self._key = key
+        self._timeout = timeout
+        self._nowait = nowait
+        self._settings = settings
+        self._turn: Turn | None = None
+        self._release_hook: ReleaseHook | None = None
+        self._reused = False
+        self._held_token: contextvars.Token[object] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._renewing: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._cancel_sent = False
+        self._exited = False
+
+    def _release_with(self, hook: ReleaseHook) -> None:
+        """Release through ``hook`` (key, token) instead of a plain release; a plain release
+        is its retry. Not called at all when the turn was re-entered."""
+        self._release_hook = hook
+
+    async def __aenter__(self) -> Turn:
+        if self._turn is not None:
+            raise RuntimeError("a TurnRequest can be entered only once")
+        runtime = self._runtime
+        again = _held_by_me(runtime.domain, self._key)
+        if isinstance(again, Turn):
+            self._reused = True
+            self._turn = again
+            return again
+        now = time.monotonic()
+        asking = Asking(
+            key=self._key,
+            token=new_token(),
+            lease=self._settings.first_lease,
+            deadline=Deadline.after(self._timeout, now),
+            timeout=self._timeout,
+            asked_at=now,
+        )
+        grant = await self._drive(asking)
+        s = self._settings
+        clock = LeaseClock.start(lease=s.lease, max_hold=s.max_hold, granted_at=grant.granted_at)
+        asked = (asking.asked_at, asking.joined_at)
+        turn = Turn(runtime, self._key, asking.token, grant, asked=asked, clock=clock)
+        self._turn = turn
+        runtime.granted(turn.waited)
+        self._task = asyncio.current_task()
+        self._held_token = _mark_held(runtime.domain, self._key, turn)
+        self._schedule()
+        if grant.confirmed is not None:  # handed over before the backend recorded it
+            grant.confirmed.add_done_callback(self._confirmed)
+        return turn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        turn = self._turn
+        assert turn is not None, "__aexit__ without __aenter__"
+        if self._reused:
+            return
+        self._exited = True
+        turn._note_lapse()  # a lease that ran out during the body is reported as lost
+        turn._released = True
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._renewing is not None:
+            self._renewing.cancel()
+        if self._held_token is not None:
+            _unmark_held(self._runtime.domain, self._key, self._held_token)
+        self._runtime.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
+        try:
+            release = partial(self._runtime.backend.release, turn.key, turn._token)
+            first: Callable[[], Awaitable[object]]
+            if self._release_hook is not None:
+                first = partial(self._release_hook, turn.key, turn._token)
+            else:
+                first = partial(self._release, turn)
+            await self._cleanup(first, release, "release")
+        except asyncio.CancelledError:
+            if not self._cancel_sent:
+                raise
+        if self._cancel_sent and self._task is not None and self._task.uncancel() == 0:
+            raise LeaseLost(
+                f"lost the turn of key {turn.key!r} (fence {turn.fence}) while the body ran",
+                key=turn.key,
+                fence=turn.fence,
+                reason=turn.lost_reason or "expired",
+            ) from (None if isinstance(exc, asyncio.CancelledError) else exc)
+
+    async def _release(self, turn: Turn) -> None:
+        """Release. A turn that was handed over early first waits (a little) until its grant
+        is confirmed, so that its release cannot overtake the one that granted it."""
+        confirmation = turn._confirmation
+        if isinstance(confirmation, asyncio.Future) and not confirmation.done():
+            await asyncio.wait([confirmation], timeout=CONFIRM_WAIT)
+        fence = turn._release_fence(self._settings.lease)
+        await self._runtime.backend.release(turn.key, turn._token, fence=fence)
+
+    # -- acquiring: the shared flow, run with asyncio ------------------------------------
+
+    async def _drive(self, asking: Asking) -> Grant:
+        flow = acquire_flow(asking, self._runtime, nowait=self._nowait)
+        reply: Grant | None = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = flow.send(reply) if error is None else flow.throw(error)
+            except StopIteration as done:
+                grant: Grant = done.value
+                return grant
+            reply, error = None, None
+            try:
+                reply = await self._run(step, asking)
+            except BaseException as exc:  # cancellation too: the flow decides what follows
+                error = exc
+
+    async def _run(self, step: Step, asking: Asking) -> Grant | None:
+        backend, key, token = self._runtime.backend, asking.key, asking.token
+        if isinstance(step, Call):
+            call = backend.join if step.op == "join" else backend.try_acquire
+            return await self._bounded(call(key, token, asking.lease), asking.deadline)
+        if isinstance(step, Wait):
+            # The backend's wait honours the time left itself (and may report an outage
+            # at the deadline); the bound, a moment later, only guards a hang.
+            return await self._bounded(
+                backend.wait(key, token, step.seconds), asking.deadline, grace=0.25, late=None
+            )
+        if isinstance(step, KeepLateGrant):
+            # May overrun the deadline by LEAVE_GRACE at most.
+            return await self._cleanup(
+                lambda: self._leave_once(token, keep=True),
+                lambda: self._leave_once(token, keep=False),
+                "leave the line",
+                limit=LEAVE_GRACE,
+            )
+        assert isinstance(step, Cleanup)
+        if step.action == "release":
+            self._runtime.spawn(backend.release(key, token), key, "release")
+        else:
+            self._runtime.spawn(self._leave_once(token, keep=False), key, "leave the line")
+        return None
+
+    async def _leave_once(self, token: str, *, keep: bool) -> Grant | None:
+        """Leave the line; release a grant that raced in unless ``keep``."""
+        backend = self._runtime.backend
+        got = await backend.leave(self._key, token)
+        if got is not None and not keep:
+            await backend.release(self._key, token)
+            return None
+        return got
+
+    async def _bounded(
+        self,
+        call: Awaitable[Grant | None],
+        deadline: Deadline,
+        *,
+        grace: float = 0.0,
+        late: object = BackendUnavailable,
+    ) -> Grant | None:
+        """Await a backend call, but never past the request's deadline (plus ``grace``).
+
+        Then the call is abandoned: it raises BackendUnavailable, or returns None when
+        ``late`` is None (a wait that overran: the flow re-checks the deadline).
+        """
+        remaining = deadline.remaining(time.monotonic())
+        if remaining is None:
+            return await call
+        try:
+            async with asyncio.timeout(remaining + grace):
+                return await call
+        except TimeoutError as exc:
+            if late is None:
+                return None
+            raise BackendUnavailable(
+                f"the backend did not answer within the timeout for key {self._key!r}"
+            ) from exc
+
+    async def _cleanup(
+        self,
+        call: Callable[[], Awaitable[T]],
+        retry: Callable[[], Awaitable[object]],
+        what: str,
+        *,
+        limit: float = CLEANUP_TIMEOUT,
+    ) -> T | None:
+        """Run a cleanup call to completion, even if this task is cancelled meanwhile.
+
+        Leaving and releasing are idempotent (they act only while the token is
+        in line or holds the turn), so a call interrupted by cancellation, or
+        not done within ``limit`` seconds, is simply run again, whole, in a
+        background task: ``retry``.
+        """
+        try:
+            async with asyncio.timeout(limit):
+                return await call()
+        except asyncio.CancelledError:
+            self._runtime.spawn(retry(), self._key, what)
+            raise
+        except TimeoutError:
+            self._runtime.spawn(retry(), self._key, what)
+            return None
+        except Exception as exc:
+            log_cleanup_failure(what, self._key, exc)
+            return None
+
+    # -- renewing -------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        turn = self._turn
+        assert turn is not None
+        loop = asyncio.get_running_loop()
+        delay = next_timer_at(turn._clock) - time.monotonic()
+        self._handle = loop.call_at(loop.time() + delay, self._due)
+
+    def _due(self) -> None:
+        self._handle = None
+        self._renewing = asyncio.ensure_future(self._renew())
+
+    async def _renew(self) -> None:
+        turn = self._turn
+        assert turn is not None
+        clock = turn._clock
+        now = time.monotonic()
+        due = renewal_due(clock, now)
+        if isinstance(due, str):
+            self._lost(due)
+            return
+        if due is None:  # max_hold: only the lapse is left to wait for
+            self._schedule()
+            return
+        ok: bool | None
+        try:
+            async with asyncio.timeout(clock.expires_at - now):
+                ok = await self._runtime.backend.renew(turn.key, turn._token, due)
+        except (TimeoutError, BackendUnavailable, ConnectionError, OSError) as exc:
+            logger.debug("inturn: renewal of key %r failed: %r", turn.key, exc)
+            ok = None
+        lost = renewal_outcome(clock, ok, sent_at=now, ttl=due)
+        if lost is not None:
+            self._lost(lost)
+        else:
+            self._schedule()
+
+    def _confirmed(self, confirmed: Confirmation) -> None:
+        """The backend refused a grant it had handed over early: the turn is not ours."""
+        if confirmed.cancelled() or confirmed.result():
+            return
+        turn = self._turn
+        if turn is None or turn.lost_reason is not None:
+            return
+        if self._exited:  # the body ran without the turn: say so, cancel nothing
+            turn._set_lost("taken")
+        else:
+            self._lost("taken")
+
+    def _lost(self, reason: str) -> None:
+        turn = self._turn
+        assert turn is not None
+        turn._set_lost(reason)
+        if self._settings.on_lost == "cancel" and self._task is not None:
+            self._cancel_sent = True
+            self._task.cancel(f"inturn: lost the turn of key {turn.key!r}")
