@@ -119,7 +119,7 @@ def test_diagnose_finds_the_schema_missing_then_current(postgres_dsn: str) -> No
     sync = backend.sync_twin()
     before = sync.diagnose()
     assert not before.ok
-    assert before.backend == "postgres"
+    assert before.backend == "postgresql"
     assert before.topology == "standalone"
     assert "secret" not in before.server
     assert ":***@" in before.server

@@ -8,12 +8,14 @@ A key's name is known when this process has a line for it, when it is asked
 for (``key=``), or when an open audit row names it (``audit=1`` anywhere in
 the namespace); any other busy key is listed as ``#<lock id>``. Holder and
 fence come from this process's lines or the audit row; ``held_since`` from
-the audit row only; ``lease_left`` is never known (the server enforces the
-lease as ``idle_in_transaction_session_timeout`` and does not expose it).
+the audit row only; ``lease_left`` only for a holder in this process (the
+server enforces the lease as ``idle_in_transaction_session_timeout`` and
+does not expose what is left of it).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from inturn._backends.base import BoxState, Diagnostics, Finding, KeyState, Statistics
@@ -52,13 +54,15 @@ def statistics(plan: Plan, key: str | None, limit: int) -> Flow[Statistics]:
 
     # What this process knows: its lines (holder, fence, waiters) and its own sessions.
     lines = plan.lines
-    local: dict[str, tuple[str | None, int | None, int]] = {}
+    local: dict[str, tuple[str | None, int | None, float | None, int]] = {}
     ours: set[int] = set()
+    now = time.monotonic()
     with lines.lock:
         for name, line in lines.lines.items():
             holding = lines.holds.get(line.holder) if line.holder is not None else None
             fence = holding.grant.fence if holding and holding.grant else None
-            local[name] = (line.holder, fence, len(line.waiters))
+            left = max(0.0, holding.lease_until - now) if holding and holding.grant else None
+            local[name] = (line.holder, fence, left, len(line.waiters))
             conns = [w.conn for w in line.waiters.values()]
             conns.append(holding.conn if holding is not None else None)
             ours.update(c.info.backend_pid for c in conns if c is not None and not c.closed)
@@ -80,12 +84,12 @@ def statistics(plan: Plan, key: str | None, limit: int) -> Flow[Statistics]:
         name = names.get(h, f"#{h}")
         if key is not None and name != key:
             continue
-        holder, fence, queued = local.get(name, (None, None, 0))
+        holder, fence, lease_left, queued = local.get(name, (None, None, None, 0))
         since = None
         if name in audited and is_held:  # the open audit row is the holder's
             audit_holder, audit_fence, since = audited[name]
             holder, fence = holder or audit_holder, fence or audit_fence
-        state = KeyState(name, holder, fence, None, since, waiting.get(h, 0) + queued)
+        state = KeyState(name, holder, fence, lease_left, since, waiting.get(h, 0) + queued)
         if state.holder is not None or is_held or state.waiting:
             keys.append(state)
     keys.sort(key=lambda k: k.key)
@@ -106,7 +110,7 @@ def diagnose(plan: Plan, server: str) -> Flow[Diagnostics]:
         row = yield Run("diagnose", s["DIAGNOSE_SERVER"])
     except BackendUnavailable as exc:
         finding = Finding("error", "connection", f"cannot reach PostgreSQL: {exc}")
-        return Diagnostics("postgres", server, findings=(finding,))
+        return Diagnostics("postgresql", server, findings=(finding,))
     number, version, statement, statement_ms, idle, lock_timeout, role, db, create, exists = row
     facts = {
         "server_version": str(version),
@@ -153,7 +157,7 @@ def diagnose(plan: Plan, server: str) -> Flow[Diagnostics]:
             found.append(Finding("error", "schema", f"{s.schema!r} was never migrated: {_MIGRATE}"))
         else:
             found.append(Finding("warning", "schema", "cannot read the schema's version"))
-    return Diagnostics("postgres", server, str(version), "standalone", facts, tuple(found))
+    return Diagnostics("postgresql", server, str(version), "standalone", facts, tuple(found))
 
 
 _MIGRATE = "run `inturn migrate URL`"

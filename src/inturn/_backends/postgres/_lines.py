@@ -45,6 +45,8 @@ class Holding:
     key: str
     conn: Any
     grant: Grant | None = None
+    lease_until: float = 0.0
+    """When the lease lapses unless renewed (``time.monotonic()``)."""
     users: int = 0
     released: bool = False
 

@@ -264,7 +264,7 @@ class Plan:
             return None  # the head: wait() queues in PostgreSQL on this connection
         grant = Grant(fence=got[0], granted_at=sent)
         conn, waiter.conn = waiter.conn, None
-        self.lines.granted(waiter, Holding(key, conn, grant))
+        self.lines.granted(waiter, Holding(key, conn, grant, sent + lease))
         yield from self._audit(key, token, grant.fence, conn, got[1])
         return grant
 
@@ -285,6 +285,7 @@ class Plan:
         if got is None:
             return None
         holding.grant = Grant(fence=got[0], granted_at=sent)
+        holding.lease_until = sent + lease
         yield from self._audit(key, token, got[0], holding.conn, got[1])
         return holding.grant
 
@@ -364,7 +365,7 @@ class Plan:
             fence, _, at = yield On(conn, self.sql["FENCE"], {"lease_ms": str(ms(waiter.lease))})
         grant = Grant(fence=int(fence), granted_at=sent)
         waiter.conn = None
-        self.lines.granted(waiter, Holding(waiter.key, conn, grant))
+        self.lines.granted(waiter, Holding(waiter.key, conn, grant, sent + waiter.lease))
         yield from self._audit(waiter.key, waiter.token, grant.fence, conn, at)
         return grant
 
@@ -405,8 +406,12 @@ class Plan:
         if holding is None:
             return False
         params = {"lease_ms": str(ms(lease)), **halves(self.sql.hash(key))}
+        sent = time.monotonic()
         try:
-            return bool((yield On(holding.conn, q.RENEW, params))[1])
+            renewed = bool((yield On(holding.conn, q.RENEW, params))[1])
+            if renewed:
+                holding.lease_until = sent + lease
+            return renewed
         except psycopg.Error as exc:
             # The session is gone (and its lock with it), or its transaction broke.
             logger.debug("inturn: renewal of key %r found the session lost: %r", key, exc)
