@@ -127,7 +127,12 @@ class SyncPostgresBackend:
                 conn.execute(q.ROLLBACK)
             except Exception:
                 conn.close()
-        self._pool_here().putconn(conn)
+        with self._lock:
+            pool = self._pool
+        if pool is None:  # closed meanwhile (a late release): a new pool would refuse it
+            conn.close()
+            return
+        pool.putconn(conn)
 
     # -- SyncBackend ----------------------------------------------------------------------
 
