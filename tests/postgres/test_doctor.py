@@ -40,7 +40,13 @@ async def test_migrate_upgrades_a_version_3_schema(
         {"ns": namespace, "retried": f'{{"n": 1, "nb": {later}}}'},
     )
     backend = PostgresBackend(conninfo=postgres_dsn, namespace=namespace)
+    old = await backend.diagnose()
+    [schema] = [f for f in old.findings if f.check == "schema"]
+    assert schema.level == "error"
+    assert "schema version 3" in schema.message
+    assert "inturn migrate" in schema.message
     await backend.migrate()
+    assert (await backend.diagnose()).ok
     versions = admin.execute("SELECT version FROM inturn.migrations ORDER BY 1").fetchall()
     assert versions == [(1,), (2,), (3,), (4,)]
     rows = admin.execute("SELECT seq, not_before FROM inturn.mb_messages ORDER BY seq").fetchall()
