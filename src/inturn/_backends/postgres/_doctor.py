@@ -23,6 +23,7 @@ from inturn._errors import BackendUnavailable
 
 from . import _schema as v
 from . import _sql as q
+from ._lines import LineView
 from ._plan import Plan
 from ._sql import whole
 from ._steps import Flow, Run
@@ -52,20 +53,10 @@ def statistics(plan: Plan, key: str | None, limit: int) -> Flow[Statistics]:
         boxes = yield Run("statistics", s["STAT_BOXES"], params, rows=True)
         dead = yield Run("statistics", s["STAT_DEAD"], ns, rows=True)
 
-    # What this process knows: its lines (holder, fence, waiters) and its own sessions.
-    lines = plan.lines
-    local: dict[str, tuple[str | None, int | None, float | None, int]] = {}
-    ours: set[int] = set()
+    # What this process knows: its lines (holder, fence, lease, waiters) and its sessions.
     now = time.monotonic()
-    with lines.lock:
-        for name, line in lines.lines.items():
-            holding = lines.holds.get(line.holder) if line.holder is not None else None
-            fence = holding.grant.fence if holding and holding.grant else None
-            left = max(0.0, holding.lease_until - now) if holding and holding.grant else None
-            local[name] = (line.holder, fence, left, len(line.waiters))
-            conns = [w.conn for w in line.waiters.values()]
-            conns.append(holding.conn if holding is not None else None)
-            ours.update(c.info.backend_pid for c in conns if c is not None and not c.closed)
+    local = {line.key: line for line in plan.lines.view()}
+    ours = {pid for line in local.values() for pid in line.sessions}
     audited = {str(r[0]): (str(r[1]), int(r[2]), float(r[3])) for r in opened}
     names = {s.hash(k): k for k in (*audited, *local, *([key] if key is not None else []))}
 
@@ -82,26 +73,40 @@ def statistics(plan: Plan, key: str | None, limit: int) -> Flow[Statistics]:
     keys: list[KeyState] = []
     for h, is_held in held.items():
         name = names.get(h, f"#{h}")
-        if key is not None and name != key:
-            continue
-        holder, fence, lease_left, queued = local.get(name, (None, None, None, 0))
-        since = None
-        if name in audited and is_held:  # the open audit row is the holder's
-            audit_holder, audit_fence, since = audited[name]
-            holder, fence = holder or audit_holder, fence or audit_fence
-        state = KeyState(name, holder, fence, lease_left, since, waiting.get(h, 0) + queued)
-        if state.holder is not None or is_held or state.waiting:
-            keys.append(state)
+        if key is None or name == key:
+            audit = audited.get(name) if is_held else None
+            state = _key_state(name, local.get(name), audit, waiting.get(h, 0), now)
+            if state.holder is not None or is_held or state.waiting:
+                keys.append(state)
     keys.sort(key=lambda k: k.key)
     return Statistics(
         namespace=s.namespace,
         keys=tuple(keys[:limit]),
         boxes=tuple(
-            BoxState(str(m), str(k), int(q), int(f), bool(d)) for m, k, q, f, d in boxes[:limit]
+            BoxState(str(box), str(k), int(queued), int(taken), bool(draining))
+            for box, k, queued, taken, draining in boxes[:limit]
         ),
         dead_letters={str(m): int(n) for m, n in dead},
         truncated=len(keys) > limit or len(boxes) > limit,
     )
+
+
+def _key_state(
+    name: str,
+    line: LineView | None,
+    audit: tuple[str, int, float] | None,
+    remote_waiters: int,
+    now: float,
+) -> KeyState:
+    """A busy key from this process's line (if any) and its holder's open audit row (if any)."""
+    holder, fence, lease_left, since, queued = None, None, None, None, 0
+    if line is not None:
+        holder, fence, queued = line.holder, line.fence, line.waiting
+        if line.lease_until is not None:
+            lease_left = max(0.0, line.lease_until - now)
+    if audit is not None:
+        holder, fence, since = holder or audit[0], fence or audit[1], audit[2]
+    return KeyState(name, holder, fence, lease_left, since, remote_waiters + queued)
 
 
 def diagnose(plan: Plan, server: str) -> Flow[Diagnostics]:

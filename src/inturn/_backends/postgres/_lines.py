@@ -51,6 +51,19 @@ class Holding:
     released: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class LineView:
+    """One key's local line as :meth:`LocalLines.view` saw it (for ``statistics()``)."""
+
+    key: str
+    holder: str | None
+    fence: int | None
+    lease_until: float | None
+    waiting: int
+    sessions: frozenset[int]
+    """The server pids of the line's connections (its holder's, its head's)."""
+
+
 @dataclass(slots=True)
 class _Line:
     holder: str | None = None
@@ -157,6 +170,30 @@ class LocalLines:
                 return None
             conn, holding.conn = holding.conn, None
             return conn
+
+    def view(self) -> list[LineView]:
+        """Every local line now: its holder (if held here), fence, lease, waiters, sessions."""
+        views = []
+        with self.lock:
+            for key, line in self.lines.items():
+                holding = self.holds.get(line.holder) if line.holder is not None else None
+                granted = holding.grant if holding is not None else None
+                conns = [w.conn for w in line.waiters.values()]
+                conns.append(holding.conn if holding is not None else None)
+                pids = frozenset(
+                    c.info.backend_pid for c in conns if c is not None and not c.closed
+                )
+                views.append(
+                    LineView(
+                        key,
+                        line.holder,
+                        granted.fence if granted is not None else None,
+                        holding.lease_until if holding is not None and granted else None,
+                        len(line.waiters),
+                        pids,
+                    )
+                )
+        return views
 
     def footprint(self) -> int:
         with self.lock:
