@@ -90,3 +90,61 @@ async def test_an_unreachable_server_raises_backend_unavailable() -> None:
             pass
     assert info.value.__cause__ is not None
     await gate.aclose()
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_a_timed_out_head_leaves_the_lock_queue_and_can_wait_again(
+    postgres_dsn: str, admin: psycopg.Connection, mode: str
+) -> None:
+    """Both twins bound the head's lock wait by the server's lock_timeout: after the timeout
+    nobody waits in pg_locks, the token keeps its place, and a later wait gets the turn."""
+    namespace = f"w{secrets.token_hex(4)}"
+    holder = inturn.Gate.from_url(postgres_dsn, namespace=namespace).backend
+    waiter = inturn.Gate.from_url(postgres_dsn, namespace=namespace).backend
+    assert await holder.join("k", "h", 5.0) is not None
+    if mode == "async":
+        assert await waiter.join("k", "w", 5.0) is None
+        started = time.monotonic()
+        assert await waiter.wait("k", "w", 0.3) is None
+    else:
+        sync = waiter.sync_twin()
+        assert await asyncio.to_thread(sync.join, "k", "w", 5.0) is None
+        started = time.monotonic()
+        assert await asyncio.to_thread(sync.wait, "k", "w", 0.3) is None
+    assert 0.25 < time.monotonic() - started < 2.0
+    assert advisory_waiters(admin) == 0  # the aborted wait was rolled back
+    await holder.release("k", "h")
+    if mode == "async":
+        grant = await waiter.wait("k", "w", 5)
+        assert grant is not None
+        await waiter.release("k", "w")
+    else:
+        assert await asyncio.to_thread(sync.wait, "k", "w", 5) is not None
+        await asyncio.to_thread(sync.release, "k", "w")
+    assert await waiter.footprint() == 0
+    for backend in (holder, waiter):
+        await backend.aclose()
+
+
+async def test_a_cancelled_head_stops_waiting_and_leaves_cleanly(
+    postgres_dsn: str, admin: psycopg.Connection
+) -> None:
+    """Cancelling the task of an async head cancels its lock wait in the server; leave()
+    then finds the lock did not come first, and the key is free once the holder goes."""
+    namespace = f"c{secrets.token_hex(4)}"
+    holder = inturn.Gate.from_url(postgres_dsn, namespace=namespace).backend
+    waiter = inturn.Gate.from_url(postgres_dsn, namespace=namespace).backend
+    assert await holder.join("k", "h", 5.0) is not None
+    assert await waiter.join("k", "w", 5.0) is None
+    waiting = asyncio.ensure_future(waiter.wait("k", "w", None))
+    await asyncio.to_thread(until, lambda: advisory_waiters(admin) == 1)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert advisory_waiters(admin) == 0
+    assert await waiter.leave("k", "w") is None
+    await holder.release("k", "h")
+    assert not await waiter.is_busy("k")
+    assert await waiter.footprint() == 0
+    for backend in (holder, waiter):
+        await backend.aclose()

@@ -2,51 +2,71 @@
 
 Every statement runs on an ``autocommit`` connection. A turn is one
 transaction that holds a transaction-level advisory lock on the key's 64-bit
-hash (see :mod:`._postgres` for why): ``BEGIN`` + settings + the lock, the
+hash (see the package docstring for why): ``BEGIN`` + settings + the lock, the
 fence, renewals, then ``COMMIT`` (or the server ending the session).
 
 Placeholders written ``{name}`` are filled by :func:`render` with values this
 library produced itself and validated: the schema (an identifier matching
 ``SCHEMA_PATTERN``), integers (the key hash, milliseconds, a fence) and the
 application name (printable ASCII without quotes). User data (keys, holder
-ids, hosts) only ever travels as bound parameters (``%(name)s``).
+ids, hosts) only ever travels as bound parameters (``%(name)s``). The
+functions at the end make those values: lock ids from keys, milliseconds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
+import string
 
 __all__ = [
     "ACQUIRE",
-    "APPLIED",
     "AUDIT_CLOSE",
     "AUDIT_GRANT",
     "AUDIT_OPEN",
     "BEGIN",
     "BUSY",
+    "DEDUP_ABANDON",
+    "DEDUP_CLAIM",
+    "DEDUP_FINISH",
+    "DEDUP_ROWS",
+    "DIAGNOSE_RIGHTS",
+    "DIAGNOSE_SERVER",
     "FENCE",
     "FOOTPRINT",
-    "HAS_MIGRATIONS",
     "HELD",
-    "MIGRATE_BEGIN",
-    "MIGRATE_DONE",
-    "MIGRATIONS",
-    "MIGRATION_LOCK",
+    "IS_NEWEST",
+    "MB_DEAD",
+    "MB_DEAD_LETTERS",
+    "MB_DRAINING",
+    "MB_FOOTPRINT",
+    "MB_HINTED",
+    "MB_PENDING",
+    "MB_RENEW",
+    "MB_RESUME",
+    "MB_RETRY",
+    "MB_SUBMIT",
+    "MB_TAKE",
+    "PURGE",
     "RELEASE",
     "RELEASE_AUDITED",
     "RENEW",
     "ROLLBACK",
     "SCHEMA_PATTERN",
-    "SCHEMA_VERSION",
+    "START_RUNNING",
+    "STAT_BOXES",
+    "STAT_DEAD",
+    "STAT_LOCKS",
+    "STAT_OPEN_GRANTS",
+    "STOP_RUNNING",
+    "SUPERSEDE",
     "TRY",
     "render",
 ]
 
 SCHEMA_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 """The schema name: a lower-case identifier, so it never needs quoting."""
-
-MIGRATION_LOCK = 0x696E7475726E0001
-"""The advisory lock id that serializes concurrent ``migrate()`` calls ("inturn" + 1)."""
 
 # -- a turn's transaction --------------------------------------------------------------
 
@@ -242,27 +262,30 @@ STOP_RUNNING = (
 # -- mailboxes (migration 3) ----------------------------------------------------------
 
 MB_SUBMIT = (
-    "SELECT o_status, o_dropped FROM {schema}.mb_submit(%(lock)s, %(ns)s, %(mailbox)s,"
-    " %(key)s, %(body)s, %(max_pending)s, %(drop_oldest)s, %(token)s, %(lease_ms)s)"
+    "SELECT o_status, o_dropped, o_take, o_wait, o_messages FROM {schema}.mb_submit(%(lock)s,"
+    " %(ns)s, %(mailbox)s, %(key)s, %(body)s, %(max_pending)s, %(drop_oldest)s, %(token)s,"
+    " %(lease_ms)s, %(take)s, %(now)s)"
 )
-"""returns: (status 1 | 0 | -1, dropped 0 | 1): see mb_submit in migration 3."""
+"""returns: (status 1 | 0 | -1, dropped 0 | 1, then the first take's status, wait and
+messages as MB_TAKE's when the caller became the drainer and asked %(take)s > 0, else NULLs):
+see mb_submit in migration 4."""
 
 MB_TAKE = (
     "SELECT o_status, o_wait, o_messages FROM {schema}.mb_take(%(lock)s, %(ns)s,"
     " %(mailbox)s, %(key)s, %(token)s, %(limit)s, %(lease_ms)s, %(ack)s, %(now)s)"
 )
-"""returns: (status 1 | 0 | 2 | -1, wait seconds, messages): see mb_take in migration 3."""
+"""returns: (status 1 | 0 | 2 | -1, wait seconds, messages): see mb_take in migration 4."""
 
 MB_RETRY = (
     "SELECT {schema}.mb_retry(%(lock)s, %(ns)s, %(mailbox)s, %(key)s, %(token)s,"
-    " %(bodies)s::text[])"
+    " %(bodies)s::text[], %(not_before)s)"
 )
-"""returns: 1 | 0 not the drainer: see mb_retry in migration 3."""
+"""returns: 1 | 0 not the drainer: see mb_retry in migration 4."""
 
-MB_CLAIM = (
-    "SELECT {schema}.mb_claim(%(lock)s, %(ns)s, %(mailbox)s, %(key)s, %(token)s, %(lease_ms)s)"
+MB_RESUME = (
+    "SELECT {schema}.mb_resume(%(lock)s, %(ns)s, %(mailbox)s, %(key)s, %(token)s, %(lease_ms)s)"
 )
-"""returns: 1 claimed | 0 a live drainer exists | -1 nothing to drain."""
+"""returns: 1 resumed | 0 a live drainer exists | -1 nothing to drain (migration 4)."""
 
 MB_RENEW = (
     "UPDATE {schema}.mb_roles SET lease_until = clock_timestamp()"
@@ -310,369 +333,135 @@ MB_FOOTPRINT = (
 )
 """returns: the namespace's drainer roles and stored messages (0 when every queue is idle)."""
 
-# -- schema -------------------------------------------------------------------------
+# -- statistics and diagnosis (operators' calls, off the hot paths) --------------------
 
-SCHEMA_VERSION = 3
-"""The newest migration: 1 fences and audit, 2 dedup marks and supersede generations,
-3 mailboxes."""
-
-MIGRATIONS: dict[int, str] = {
-    1: """
-CREATE SEQUENCE IF NOT EXISTS {schema}.fence AS bigint CACHE 1;
-CREATE TABLE IF NOT EXISTS {schema}.grants (
-    fence        bigint PRIMARY KEY,
-    namespace    text NOT NULL,
-    key          text NOT NULL,
-    holder       text NOT NULL,
-    host         text NOT NULL,
-    pid          integer NOT NULL,
-    backend_pid  integer NOT NULL,
-    acquired_at  timestamptz NOT NULL,
-    released_at  timestamptz,
-    outcome      text NOT NULL DEFAULT 'held'
-                 CHECK (outcome IN ('held', 'released', 'lost'))
-);
-CREATE INDEX IF NOT EXISTS grants_key_time ON {schema}.grants (namespace, key, acquired_at);
-CREATE INDEX IF NOT EXISTS grants_open ON {schema}.grants (namespace, key)
-    WHERE released_at IS NULL;
-""",
-    2: """
-CREATE TABLE IF NOT EXISTS {schema}.dedup (
-    namespace    text NOT NULL,
-    key          text NOT NULL,
-    scope        text NOT NULL,
-    id           text NOT NULL,
-    done         boolean NOT NULL,
-    token        text NOT NULL,
-    fence        bigint,
-    lease_until  timestamptz,
-    result       text,
-    expires_at   timestamptz NOT NULL,
-    PRIMARY KEY (namespace, key, scope, id)
-);
-CREATE INDEX IF NOT EXISTS dedup_expiry ON {schema}.dedup (expires_at);
-CREATE SEQUENCE IF NOT EXISTS {schema}.generation AS bigint CACHE 1;
-CREATE TABLE IF NOT EXISTS {schema}.supersede (
-    namespace   text NOT NULL,
-    key         text NOT NULL,
-    scope       text NOT NULL,
-    generation  bigint NOT NULL,
-    running     text,
-    channel     text,
-    expires_at  timestamptz NOT NULL,
-    PRIMARY KEY (namespace, key, scope)
-);
-CREATE INDEX IF NOT EXISTS supersede_expiry ON {schema}.supersede (expires_at);
-
--- dedup_claim: start processing a message id unless it is done or in progress elsewhere.
--- An expired row counts as absent. An in-progress row is taken over when its lease lapsed,
--- by its own token, or by a claim with a greater fence.
--- returns: (o_state 'new' | 'done' | 'in_progress', o_result: the stored JSON text or NULL)
-CREATE OR REPLACE FUNCTION {schema}.dedup_claim(
-    p_namespace text, p_key text, p_scope text, p_id text, p_token text, p_fence bigint,
-    p_lease_ms bigint, p_window_ms bigint, OUT o_state text, OUT o_result text)
-LANGUAGE plpgsql AS $$
-DECLARE
-    m record;
-    t timestamptz;
-BEGIN
-    LOOP
-        t := clock_timestamp();
-        SELECT d.done, d.token, d.fence, d.lease_until, d.result, d.expires_at INTO m
-          FROM {schema}.dedup d
-         WHERE d.namespace = p_namespace AND d.key = p_key AND d.scope = p_scope
-           AND d.id = p_id
-           FOR UPDATE;
-        IF NOT FOUND THEN
-            INSERT INTO {schema}.dedup AS d
-                (namespace, key, scope, id, done, token, fence, lease_until, expires_at)
-            VALUES (p_namespace, p_key, p_scope, p_id, false, p_token, p_fence,
-                    t + p_lease_ms * interval '1 millisecond',
-                    t + p_window_ms * interval '1 millisecond')
-            ON CONFLICT DO NOTHING;
-            IF FOUND THEN
-                o_state := 'new';
-                RETURN;
-            END IF;
-            CONTINUE;  -- a concurrent claim inserted the row first: read it (fresh snapshot)
-        END IF;
-        IF m.expires_at > t THEN
-            IF m.done THEN
-                o_state := 'done';
-                o_result := m.result;
-                RETURN;
-            END IF;
-            IF NOT (t >= m.lease_until OR m.token = p_token
-                    OR (p_fence IS NOT NULL AND m.fence IS NOT NULL AND p_fence > m.fence)) THEN
-                o_state := 'in_progress';
-                RETURN;
-            END IF;
-        END IF;
-        UPDATE {schema}.dedup d
-           SET done = false, token = p_token, fence = p_fence, result = NULL,
-               lease_until = t + p_lease_ms * interval '1 millisecond',
-               expires_at = t + p_window_ms * interval '1 millisecond'
-         WHERE d.namespace = p_namespace AND d.key = p_key AND d.scope = p_scope
-           AND d.id = p_id;
-        o_state := 'new';
-        RETURN;
-    END LOOP;
-END
-$$;
-
--- supersede: become the newest call of (key, scope); with p_cancel, NOTIFY the running
--- call's channel with 'cancel|<token>', unless it is one of p_local (the caller's own
--- process cancels its running calls itself).
--- returns: the new generation (from a sequence: strictly increasing, never reused)
-CREATE OR REPLACE FUNCTION {schema}.supersede(
-    p_namespace text, p_key text, p_scope text, p_cancel boolean, p_keep_ms bigint,
-    p_local text[])
-RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    g bigint := nextval('{schema}.generation');
-    r record;
-BEGIN
-    INSERT INTO {schema}.supersede AS s (namespace, key, scope, generation, expires_at)
-    VALUES (p_namespace, p_key, p_scope, g,
-            clock_timestamp() + p_keep_ms * interval '1 millisecond')
-    ON CONFLICT (namespace, key, scope) DO UPDATE
-       SET generation = greatest(s.generation, excluded.generation),
-           expires_at = excluded.expires_at
-    RETURNING s.running, s.channel INTO r;
-    IF p_cancel AND r.running IS NOT NULL AND r.channel IS NOT NULL
-       AND r.channel <> ALL (p_local) THEN
-        PERFORM pg_notify(r.channel, 'cancel|' || r.running);
-    END IF;
-    RETURN g;
-END
-$$;
-""",
-    3: """
-CREATE SEQUENCE IF NOT EXISTS {schema}.mb_seq AS bigint;
-CREATE TABLE IF NOT EXISTS {schema}.mb_messages (
-    namespace  text NOT NULL,
-    mailbox    text NOT NULL,
-    key        text NOT NULL,
-    seq        bigint NOT NULL,
-    body       text NOT NULL,
-    in_flight  boolean NOT NULL DEFAULT false,
-    PRIMARY KEY (namespace, mailbox, key, seq)
-);
-CREATE TABLE IF NOT EXISTS {schema}.mb_roles (
-    namespace    text NOT NULL,
-    mailbox      text NOT NULL,
-    key          text NOT NULL,
-    token        text NOT NULL,
-    lease_until  timestamptz NOT NULL,
-    PRIMARY KEY (namespace, mailbox, key)
-);
-CREATE TABLE IF NOT EXISTS {schema}.mb_dead (
-    namespace  text NOT NULL,
-    mailbox    text NOT NULL,
-    seq        bigserial,
-    entry      text NOT NULL,
-    PRIMARY KEY (namespace, mailbox, seq)
-);
-
--- Every mb_* function first takes a transaction-level advisory lock on p_lock, the
--- (namespace, mailbox, key) hash: the operations of one key run one at a time, and each
--- statement after the lock reads fresh rows. Queue order is seq; the in-flight rows always
--- have the smallest seqs of their key (taken from the head; retries go below every row).
-
--- mb_submit: store a message; become the drainer if there is none (or its lease lapsed).
--- returns: (o_status 1 stored, caller drains | 0 stored | -1 full, o_dropped 0 | 1)
-CREATE OR REPLACE FUNCTION {schema}.mb_submit(
-    p_lock bigint, p_namespace text, p_mailbox text, p_key text, p_body text,
-    p_max_pending integer, p_drop_oldest boolean, p_token text, p_lease_ms bigint,
-    OUT o_status integer, OUT o_dropped integer)
-LANGUAGE plpgsql AS $$
-DECLARE
-    t timestamptz;
-BEGIN
-    PERFORM pg_advisory_xact_lock(p_lock);
-    t := clock_timestamp();
-    o_dropped := 0;
-    IF (SELECT count(*) FROM (SELECT 1 FROM {schema}.mb_messages m
-          WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox AND m.key = p_key
-            AND NOT m.in_flight LIMIT p_max_pending) n) >= p_max_pending THEN
-        IF NOT p_drop_oldest THEN
-            o_status := -1;
-            RETURN;
-        END IF;
-        DELETE FROM {schema}.mb_messages m
-         WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox AND m.key = p_key
-           AND m.seq = (SELECT min(h.seq) FROM {schema}.mb_messages h
-                         WHERE h.namespace = p_namespace AND h.mailbox = p_mailbox
-                           AND h.key = p_key AND NOT h.in_flight);
-        o_dropped := 1;
-    END IF;
-    INSERT INTO {schema}.mb_messages (namespace, mailbox, key, seq, body)
-    VALUES (p_namespace, p_mailbox, p_key, nextval('{schema}.mb_seq'), p_body);
-    INSERT INTO {schema}.mb_roles AS r (namespace, mailbox, key, token, lease_until)
-    VALUES (p_namespace, p_mailbox, p_key, p_token, t + p_lease_ms * interval '1 millisecond')
-    ON CONFLICT (namespace, mailbox, key) DO UPDATE
-       SET token = excluded.token, lease_until = excluded.lease_until
-     WHERE r.lease_until <= t;
-    o_status := CASE WHEN FOUND THEN 1 ELSE 0 END;
-END
-$$;
-
--- mb_take: renew the role, acknowledge the in-flight rows (p_ack), then hand back the
--- in-flight rows, or take up to p_limit from the head, or give the role up when empty.
--- p_now: the caller's clock (epoch seconds), compared with the head's "nb" (retry time).
--- returns: (o_status 1 taken | 0 empty, role given up | 2 head waits | -1 not the drainer,
---           o_wait seconds for status 2, o_messages oldest first for status 1)
-CREATE OR REPLACE FUNCTION {schema}.mb_take(
-    p_lock bigint, p_namespace text, p_mailbox text, p_key text, p_token text,
-    p_limit integer, p_lease_ms bigint, p_ack boolean, p_now double precision,
-    OUT o_status integer, OUT o_wait double precision, OUT o_messages text[])
-LANGUAGE plpgsql AS $$
-DECLARE
-    t timestamptz;
-    head text;
-    not_before double precision;
-BEGIN
-    PERFORM pg_advisory_xact_lock(p_lock);
-    t := clock_timestamp();
-    UPDATE {schema}.mb_roles r SET lease_until = t + p_lease_ms * interval '1 millisecond'
-     WHERE r.namespace = p_namespace AND r.mailbox = p_mailbox AND r.key = p_key
-       AND r.token = p_token AND r.lease_until > t;
-    IF NOT FOUND THEN
-        o_status := -1;
-        RETURN;
-    END IF;
-    IF p_ack THEN
-        DELETE FROM {schema}.mb_messages m
-         WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox AND m.key = p_key
-           AND m.in_flight;
-    END IF;
-    SELECT array_agg(m.body ORDER BY m.seq) INTO o_messages FROM {schema}.mb_messages m
-     WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox AND m.key = p_key
-       AND m.in_flight;
-    IF o_messages IS NOT NULL THEN
-        o_status := 1;
-        RETURN;
-    END IF;
-    SELECT m.body INTO head FROM {schema}.mb_messages m
-     WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox AND m.key = p_key
-     ORDER BY m.seq LIMIT 1;
-    IF NOT FOUND THEN
-        DELETE FROM {schema}.mb_roles r
-         WHERE r.namespace = p_namespace AND r.mailbox = p_mailbox AND r.key = p_key;
-        o_status := 0;
-        RETURN;
-    END IF;
-    BEGIN
-        not_before := coalesce((head::jsonb ->> 'nb')::double precision, 0);
-    EXCEPTION WHEN others THEN
-        not_before := 0;  -- not JSON (not written by inturn): no retry time
-    END;
-    IF not_before > p_now THEN
-        o_status := 2;
-        o_wait := not_before - p_now;
-        RETURN;
-    END IF;
-    WITH taken AS (
-        UPDATE {schema}.mb_messages m SET in_flight = true
-         WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox AND m.key = p_key
-           AND m.seq IN (SELECT h.seq FROM {schema}.mb_messages h
-                          WHERE h.namespace = p_namespace AND h.mailbox = p_mailbox
-                            AND h.key = p_key
-                          ORDER BY h.seq LIMIT p_limit)
-        RETURNING m.seq, m.body)
-    SELECT array_agg(taken.body ORDER BY taken.seq) INTO o_messages FROM taken;
-    o_status := 1;
-END
-$$;
-
--- mb_retry: replace the in-flight rows by p_bodies at the queue's head (oldest first).
--- An empty p_bodies acknowledges (mb_done).
--- returns: 1 | 0 another live drainer owns the queue (nothing changed)
-CREATE OR REPLACE FUNCTION {schema}.mb_retry(
-    p_lock bigint, p_namespace text, p_mailbox text, p_key text, p_token text,
-    p_bodies text[])
-RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    low bigint;
-BEGIN
-    PERFORM pg_advisory_xact_lock(p_lock);
-    IF EXISTS (SELECT 1 FROM {schema}.mb_roles r
-                WHERE r.namespace = p_namespace AND r.mailbox = p_mailbox AND r.key = p_key
-                  AND r.lease_until > clock_timestamp() AND r.token <> p_token) THEN
-        RETURN 0;
-    END IF;
-    DELETE FROM {schema}.mb_messages m
-     WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox AND m.key = p_key
-       AND m.in_flight;
-    SELECT coalesce(min(m.seq), 0) INTO low FROM {schema}.mb_messages m
-     WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox AND m.key = p_key;
-    INSERT INTO {schema}.mb_messages (namespace, mailbox, key, seq, body)
-    SELECT p_namespace, p_mailbox, p_key, low - cardinality(p_bodies) - 1 + b.n, b.body
-      FROM unnest(p_bodies) WITH ORDINALITY AS b(body, n);
-    RETURN 1;
-END
-$$;
-
--- mb_claim: the sweeper takes a queue whose drainer died; its in-flight rows go back to
--- the head (they have the smallest seqs), so they are delivered first.
--- returns: 1 claimed | 0 a live drainer exists | -1 nothing to drain (a lapsed role row
---          is deleted)
-CREATE OR REPLACE FUNCTION {schema}.mb_claim(
-    p_lock bigint, p_namespace text, p_mailbox text, p_key text, p_token text,
-    p_lease_ms bigint)
-RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    t timestamptz;
-BEGIN
-    PERFORM pg_advisory_xact_lock(p_lock);
-    t := clock_timestamp();
-    IF EXISTS (SELECT 1 FROM {schema}.mb_roles r
-                WHERE r.namespace = p_namespace AND r.mailbox = p_mailbox AND r.key = p_key
-                  AND r.lease_until > t) THEN
-        RETURN 0;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM {schema}.mb_messages m
-                    WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox
-                      AND m.key = p_key) THEN
-        DELETE FROM {schema}.mb_roles r
-         WHERE r.namespace = p_namespace AND r.mailbox = p_mailbox AND r.key = p_key;
-        RETURN -1;
-    END IF;
-    UPDATE {schema}.mb_messages m SET in_flight = false
-     WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox AND m.key = p_key
-       AND m.in_flight;
-    INSERT INTO {schema}.mb_roles AS r (namespace, mailbox, key, token, lease_until)
-    VALUES (p_namespace, p_mailbox, p_key, p_token, t + p_lease_ms * interval '1 millisecond')
-    ON CONFLICT (namespace, mailbox, key) DO UPDATE
-       SET token = excluded.token, lease_until = excluded.lease_until;
-    RETURN 1;
-END
-$$;
-""",
-}
-"""version -> DDL (idempotent). The fence sequence has CACHE 1: with a cache,
-sessions would hand out values out of order."""
-
-MIGRATE_BEGIN = (
-    "BEGIN; SELECT pg_advisory_xact_lock('{lock}'::bigint);"
-    " CREATE SCHEMA IF NOT EXISTS {schema};"
-    " CREATE TABLE IF NOT EXISTS {schema}.migrations"
-    " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
+STAT_LOCKS = (
+    "SELECT l.classid::bigint, l.objid::bigint, l.granted, l.pid"
+    " FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND a.application_name = %(app)s"
 )
-"""Start a migration: one at a time per database (an advisory lock), then the bookkeeping."""
+"""returns: one row per turn lock held or awaited by a session of this namespace
+(classid, objid: the two halves of the key's hash; granted; the session's pid)."""
 
-MIGRATE_DONE = "INSERT INTO {schema}.migrations (version) VALUES ({version}) ON CONFLICT DO NOTHING"
+STAT_OPEN_GRANTS = (
+    "SELECT key, holder, fence, extract(epoch FROM acquired_at) FROM {schema}.grants"
+    " WHERE namespace = %(ns)s AND released_at IS NULL ORDER BY fence"
+)
+"""returns: the audit rows still open (key, holder, fence, epoch seconds granted)."""
 
-HAS_MIGRATIONS = "SELECT to_regclass('{schema}.migrations') IS NOT NULL"
-"""returns: whether the schema was ever migrated."""
+STAT_BOXES = (
+    "SELECT mailbox, key, sum(queued)::bigint, sum(in_flight)::bigint, bool_or(draining)"
+    " FROM (SELECT mailbox, key, count(*) FILTER (WHERE NOT in_flight) AS queued,"
+    " count(*) FILTER (WHERE in_flight) AS in_flight, false AS draining"
+    " FROM {schema}.mb_messages WHERE namespace = %(ns)s"
+    " AND (%(key)s::text IS NULL OR key = %(key)s) GROUP BY mailbox, key"
+    " UNION ALL SELECT mailbox, key, 0, 0, lease_until > clock_timestamp()"
+    " FROM {schema}.mb_roles WHERE namespace = %(ns)s"
+    " AND (%(key)s::text IS NULL OR key = %(key)s)) b"
+    " GROUP BY mailbox, key HAVING sum(queued) + sum(in_flight) > 0 OR bool_or(draining)"
+    " ORDER BY mailbox, key LIMIT %(limit)s"
+)
+"""returns: (mailbox, key, queued, in flight, draining) per queue that is not empty or has
+a live drainer, at most %(limit)s rows (pass one more than wanted to learn of the rest)."""
 
-APPLIED = "SELECT coalesce(max(version), 0) FROM {schema}.migrations"
-"""returns: the newest applied migration."""
+STAT_DEAD = (
+    "SELECT mailbox, count(*) FROM {schema}.mb_dead WHERE namespace = %(ns)s"
+    " GROUP BY mailbox ORDER BY mailbox"
+)
+"""returns: (mailbox, dead letters) per mailbox that has any."""
+
+DIAGNOSE_SERVER = (
+    "SELECT current_setting('server_version_num')::integer, current_setting('server_version'),"
+    " current_setting('statement_timeout'),"
+    " (SELECT setting::bigint FROM pg_catalog.pg_settings WHERE name = 'statement_timeout'),"
+    " current_setting('idle_in_transaction_session_timeout'),"
+    " current_setting('lock_timeout'), current_user, current_database(),"
+    " has_database_privilege(current_database(), 'CREATE'),"
+    " to_regnamespace('{schema}') IS NOT NULL"
+)
+"""returns: (version number, version, statement_timeout, the same in ms,
+idle_in_transaction_session_timeout, lock_timeout, role, database, may create schemas,
+schema exists), as a new session of this role sees them."""
+
+DIAGNOSE_RIGHTS = (
+    "SELECT has_schema_privilege(n.oid, 'USAGE'),"
+    " (SELECT coalesce(bool_and(has_table_privilege(c.oid, 'SELECT')"
+    " AND has_table_privilege(c.oid, 'INSERT') AND has_table_privilege(c.oid, 'UPDATE')"
+    " AND has_table_privilege(c.oid, 'DELETE')), true)"
+    " FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relkind = 'r'),"
+    " (SELECT coalesce(bool_and(has_sequence_privilege(c.oid, 'USAGE')), true)"
+    " FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relkind = 'S'),"
+    " (SELECT coalesce(bool_and(has_function_privilege(p.oid, 'EXECUTE')), true)"
+    " FROM pg_catalog.pg_proc p WHERE p.pronamespace = n.oid),"
+    " EXISTS (SELECT 1 FROM pg_catalog.pg_class c"
+    " WHERE c.relnamespace = n.oid AND c.relname = 'migrations')"
+    " FROM pg_catalog.pg_namespace n WHERE n.nspname = '{schema}'"
+)
+"""returns: (USAGE on the schema, SELECT/INSERT/UPDATE/DELETE on all its tables, USAGE on
+all its sequences, EXECUTE on all its functions, migrations table exists), or no row."""
 
 
 def render(template: str, **values: object) -> str:
     """Fill a ``{name}`` template with values validated by the caller (never user data)."""
     return template.format(**values)
+
+
+def _placeholders(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+STATEMENTS = tuple(
+    name
+    for name, text in sorted(globals().items())
+    if name.isupper()
+    and isinstance(text, str)
+    and _placeholders(text) in ({"schema"}, {"schema", "limit"})
+)
+"""The statements whose only placeholder is the schema (and PURGE's limit): rendered once
+per backend, by name."""
+
+
+# -- values bound or rendered into the statements ----------------------------------------
+
+
+def key_hash(namespace: str, key: str) -> int:
+    """The advisory lock id of a key: a signed 64-bit hash, stable across processes.
+
+    blake2b over the length-prefixed namespace and the key (injective before
+    hashing), personalised so later kinds of lock (dedup, mailbox) get ids of
+    their own.
+    """
+    ns = namespace.encode()
+    data = len(ns).to_bytes(4, "big") + ns + key.encode()
+    digest = hashlib.blake2b(data, digest_size=8, person=b"inturn-turn").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def mailbox_hash(namespace: str, mailbox: str, key: str) -> int:
+    """The advisory lock id that serializes the mailbox operations of one key.
+
+    Length-prefixed namespace and mailbox name, then the key (injective before
+    hashing), personalised apart from :func:`key_hash`: never the id of a turn.
+    """
+    data = b""
+    for part in (namespace, mailbox):
+        raw = part.encode()
+        data += len(raw).to_bytes(4, "big") + raw
+    digest = hashlib.blake2b(data + key.encode(), digest_size=8, person=b"inturn-mbox").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def halves(h: int) -> dict[str, int]:
+    """How pg_locks shows a bigint advisory lock: classid (high 32 bits), objid (low 32)."""
+    unsigned = h & 0xFFFFFFFFFFFFFFFF
+    return {"classid": unsigned >> 32, "objid": unsigned & 0xFFFFFFFF}
+
+
+def whole(classid: int, objid: int) -> int:
+    """The signed 64-bit lock id whose :func:`halves` these are."""
+    return int.from_bytes(((classid << 32) | objid).to_bytes(8, "big"), "big", signed=True)
+
+
+def ms(seconds: float) -> int:
+    """Whole milliseconds, at least 1 (0 would mean "no timeout" to PostgreSQL)."""
+    return max(1, math.ceil(seconds * 1000))

@@ -1,0 +1,454 @@
+"""PostgresBackend: runs the engine's flows (:mod:`._plan`) on psycopg's async connections.
+
+What is its own: one pool per event loop (closed when its loop ends), how a
+step is awaited, and the per-loop LISTEN connection that delivers cancels of
+running calls (``on_busy="cancel"`` across processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg_pool
+
+from inturn._backends.base import (
+    ClaimResult,
+    Diagnostics,
+    Grant,
+    ResumeStatus,
+    Statistics,
+    Submitted,
+    Taken,
+)
+from inturn._errors import BackendUnavailable, ConfigurationError
+
+from . import _doctor
+from . import _sql as q
+from ._plan import MAX_CONNECTIONS, Plan
+from ._steps import IDLE, Connect, Flow, On, PutBack, Run, Sleep, Step, dead, map_errors
+from ._sync import SyncPostgresBackend
+from ._urls import CONNECT_TIMEOUT, connection_kwargs, masked, parse_url
+
+__all__ = ["PostgresBackend"]
+
+T = TypeVar("T")
+logger = logging.getLogger("inturn")
+
+LISTEN_RETRY_MAX = 2.0
+"""Longest pause (seconds) before the cancel listener reconnects."""
+
+
+async def _last(cur: Any) -> Any:
+    """The first row of a (multi-statement) query's last result."""
+    while cur.nextset():
+        pass
+    return None if cur.description is None else await cur.fetchone()
+
+
+@dataclass(slots=True)
+class _Listener:
+    """A loop's LISTEN connection for cancels of its running calls ("cancel|<token>")."""
+
+    channel: str
+    cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    broken: BaseException | None = None
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class _LoopPool:
+    pool: Any
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    keeper: asyncio.Task[None] | None = None
+
+
+class PostgresBackend:
+    """The async PostgreSQL backend. See the package docstring for what it guarantees.
+
+    ``pool`` is an open ``psycopg_pool.AsyncConnectionPool`` whose connections
+    are in ``autocommit`` mode (it is used from the loop it belongs to and is
+    not closed by :meth:`aclose`); ``sync_pool`` a ``psycopg_pool.ConnectionPool``
+    for the sync twin. Or give ``conninfo`` and the backend makes one pool per
+    event loop (and one for threads) of ``max_connections`` each.
+    ``audit=True`` records every grant in ``<schema>.grants``.
+    """
+
+    def __init__(
+        self,
+        pool: Any = None,
+        *,
+        sync_pool: Any = None,
+        conninfo: str | None = None,
+        namespace: str = "default",
+        schema: str = "inturn",
+        audit: bool = False,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        if pool is None and conninfo is None:
+            raise ConfigurationError("PostgresBackend needs a pool or a conninfo (or use from_url)")
+        if max_connections < 2:
+            raise ConfigurationError("max_connections must be at least 2 (a holder and a head)")
+        self._plan = Plan(namespace, schema, audit)
+        self._pool = pool
+        self._sync_pool = sync_pool
+        self._conninfo = conninfo
+        self._max = max_connections
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._twin: SyncPostgresBackend | None = None
+        self._listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Listener] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str = "default") -> PostgresBackend:
+        """Build the backend from a ``postgresql://`` URL (see the package docstring)."""
+        conninfo, options = parse_url(url)
+        return cls(conninfo=conninfo, namespace=namespace, **options)
+
+    # -- the executor -------------------------------------------------------------------
+
+    async def _drive(self, flow: Flow[T]) -> T:
+        """Run a flow: await each step, send its answer back (or throw its exception in)."""
+        answer: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = flow.send(answer) if error is None else flow.throw(error)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            finally:
+                error = None
+            try:
+                answer = await self._step(step)
+            except BaseException as exc:  # the flow decides, cancellation included
+                answer, error = None, exc
+
+    async def _step(self, step: Step) -> Any:
+        if isinstance(step, On):
+            return await _last(await step.conn.execute(step.sql, step.params))
+        if isinstance(step, Run):
+            conn = await self._getconn()
+            try:
+                with map_errors(step.what):
+                    cur = await conn.execute(step.sql, step.params)
+                    return list(await cur.fetchall()) if step.rows else await _last(cur)
+            finally:
+                await self._putconn(conn)
+        if isinstance(step, Connect):
+            return await self._getconn()
+        if isinstance(step, PutBack):
+            return await self._putconn(step.conn)
+        assert isinstance(step, Sleep)
+        return await step.waiter.sleep(step.seconds)
+
+    async def _pool_here(self) -> Any:
+        if self._pool is not None:
+            return self._pool
+        loop = asyncio.get_running_loop()
+        entry = self._pools.get(loop)
+        if entry is None:
+            pool = psycopg_pool.AsyncConnectionPool(
+                self._conninfo or "",
+                min_size=1,
+                max_size=self._max,
+                kwargs=connection_kwargs(),
+                timeout=CONNECT_TIMEOUT,
+                open=False,
+                name=f"inturn-{self._plan.sql.namespace}",
+            )
+            entry = self._pools[loop] = _LoopPool(pool)
+            # The keeper closes the pool when the loop shuts down (asyncio.run cancels it)
+            # while the loop still runs: its connections cannot outlive their loop.
+            entry.keeper = asyncio.ensure_future(self._keep(loop, entry))
+            try:
+                await pool.open(wait=False)
+            finally:
+                entry.ready.set()
+        elif not entry.ready.is_set():
+            await entry.ready.wait()
+        return entry.pool
+
+    async def _keep(self, loop: asyncio.AbstractEventLoop, entry: _LoopPool) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if self._pools.get(loop) is entry:
+                del self._pools[loop]
+            with contextlib.suppress(Exception):
+                await asyncio.shield(entry.pool.close(timeout=1.0))
+
+    async def _getconn(self) -> Any:
+        pool = await self._pool_here()
+        with map_errors("connect"):
+            return await pool.getconn()
+
+    async def _putconn(self, conn: Any) -> None:
+        """Give a connection back, out of any transaction (or discarded when dead)."""
+        if not dead(conn) and conn.info.transaction_status != IDLE:
+            try:
+                await conn.execute(q.ROLLBACK)
+            except Exception:
+                await conn.close()
+        pool = await self._pool_here()
+        await pool.putconn(conn)
+
+    # -- Backend ------------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        """Create or update inturn's schema (idempotent; concurrent calls run one at a time)."""
+        await self._drive(self._plan.migrate())
+
+    async def join(self, key: str, token: str, lease: float) -> Grant | None:
+        return await self._drive(self._plan.join(key, token, lease, sync=False))
+
+    async def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
+        return await self._drive(self._plan.try_acquire(key, token, lease))
+
+    async def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
+        return await self._drive(self._plan.wait(key, token, timeout))
+
+    async def renew(self, key: str, token: str, lease: float) -> bool:
+        return await self._drive(self._plan.renew(key, token, lease))
+
+    async def release(self, key: str, token: str, *, fence: int | None = None) -> None:
+        await self._drive(self._plan.release(key, token))
+
+    async def leave(self, key: str, token: str) -> Grant | None:
+        return await self._drive(self._plan.leave(key, token))
+
+    async def is_held(self, key: str, token: str) -> bool:
+        return await self._drive(self._plan.is_held(key, token))
+
+    async def is_busy(self, key: str) -> bool:
+        return await self._drive(self._plan.is_busy(key))
+
+    async def footprint(self) -> int:
+        return await self._drive(self._plan.footprint())
+
+    async def statistics(self, key: str | None = None, *, limit: int = 1000) -> Statistics:
+        return await self._drive(_doctor.statistics(self._plan, key, limit))
+
+    async def diagnose(self) -> Diagnostics:
+        server = masked(self._conninfo if self._conninfo is not None else self._pool.conninfo)
+        return await self._drive(_doctor.diagnose(self._plan, server))
+
+    # -- DedupBackend ---------------------------------------------------------------------
+
+    async def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult:
+        return await self._drive(self._plan.claim(key, scope, id, token, fence, lease, window))
+
+    async def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None:
+        await self._drive(self._plan.finish(key, scope, id, token, result, window))
+
+    async def abandon(self, key: str, scope: str, id: str, token: str) -> None:
+        await self._drive(self._plan.abandon(key, scope, id, token))
+
+    async def purge(self) -> None:
+        """Delete expired dedup marks and supersede rows now (see ``Plan.purge``)."""
+        await self._drive(self._plan.purge())
+
+    # -- SupersedeBackend -----------------------------------------------------------------
+
+    async def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int:
+        """Become the newest call of (key, scope); with ``cancel_running``, NOTIFY the running
+        call's loop, whatever process or loop of this one it runs in."""
+        return await self._drive(self._plan.supersede(key, scope, cancel_running))
+
+    async def is_newest(self, key: str, scope: str, generation: int) -> bool:
+        return await self._drive(self._plan.is_newest(key, scope, generation))
+
+    async def start_running(
+        self, key: str, scope: str, token: str, on_cancel: Callable[[], None]
+    ) -> None:
+        """Record the running call with this loop's NOTIFY channel; a newer call's
+        ``supersede(cancel_running=True)``, in any process, calls ``on_cancel``."""
+        listener = await self._listening()
+        listener.cancels[token] = on_cancel
+        try:
+            await self._drive(self._plan.start_running(key, scope, token, listener.channel))
+        except BaseException:
+            listener.cancels.pop(token, None)
+            raise
+
+    async def stop_running(self, key: str, scope: str, token: str) -> None:
+        listener = self._listeners.get(asyncio.get_running_loop())
+        if listener is not None:
+            listener.cancels.pop(token, None)
+        await self._drive(self._plan.stop_running(key, scope, token))
+
+    async def _listening(self) -> _Listener:
+        """This loop's cancel listener, once its LISTEN is in place."""
+        loop = asyncio.get_running_loop()
+        listener = self._listeners.get(loop)
+        if listener is None:
+            listener = self._listeners[loop] = _Listener(f"inturn_{secrets.token_hex(12)}")
+        if listener.task is None or listener.task.done():
+            listener.task = asyncio.ensure_future(self._listen(listener))
+        if not listener.ready.is_set():
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await listener.ready.wait()
+            except TimeoutError as exc:
+                broken = listener.broken or exc
+                message = f"PostgreSQL did not answer (listen): {broken}"
+                raise BackendUnavailable(message) from broken
+        return listener
+
+    async def _listen(self, listener: _Listener) -> None:
+        """LISTEN on the loop's channel on a connection of its own; reconnect with backoff.
+
+        Runs until cancelled (``aclose()``, or the loop shutting down). While it
+        is disconnected, cancels sent to this loop's running calls are lost.
+        """
+        backoff = 0.05
+        while True:
+            conn = None
+            try:
+                conninfo = self._conninfo if self._conninfo is not None else self._pool.conninfo
+                conn = await psycopg.AsyncConnection.connect(conninfo, **connection_kwargs())
+                await conn.execute(f'LISTEN "{listener.channel}"')  # our own [a-z0-9_] name
+                listener.broken = None
+                listener.ready.set()
+                backoff = 0.05
+                async for note in conn.notifies():
+                    on_cancel = listener.cancels.get(note.payload.removeprefix("cancel|"))
+                    if on_cancel is not None:
+                        on_cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                listener.ready.clear()
+                listener.broken = exc
+                logger.warning(
+                    "inturn: the PostgreSQL cancel listener lost its connection (%r); "
+                    "retrying in %.2fs",
+                    exc,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, LISTEN_RETRY_MAX)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close())
+
+    # -- MailboxBackend -------------------------------------------------------------------
+
+    async def mb_submit(
+        self,
+        name: str,
+        key: str,
+        message: str,
+        *,
+        max_pending: int,
+        drop_oldest: bool,
+        token: str,
+        lease: float,
+        take: int = 0,
+    ) -> Submitted:
+        flow = self._plan.mb_submit(
+            name, key, message, max_pending, drop_oldest, token, lease, take
+        )
+        return await self._drive(flow)
+
+    async def mb_take(
+        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+    ) -> Taken:
+        return await self._drive(self._plan.mb_take(name, key, token, limit, lease, ack))
+
+    async def mb_release_take(
+        self,
+        name: str,
+        key: str,
+        token: str,
+        turn_token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+    ) -> Taken:
+        flow = self._plan.mb_release_take(name, key, token, turn_token, limit, lease, ack)
+        return await self._drive(flow)
+
+    async def mb_done(self, name: str, key: str, token: str) -> None:
+        await self._drive(self._plan.mb_retry(name, key, token, [], 0.0))
+
+    async def mb_retry(
+        self, name: str, key: str, token: str, messages: list[str], *, not_before: float
+    ) -> None:
+        await self._drive(self._plan.mb_retry(name, key, token, messages, not_before))
+
+    async def mb_resume(self, name: str, key: str, token: str, *, lease: float) -> ResumeStatus:
+        return await self._drive(self._plan.mb_resume(name, key, token, lease))
+
+    async def mb_renew(self, name: str, key: str, token: str, *, lease: float) -> bool:
+        return await self._drive(self._plan.mb_renew(name, key, token, lease))
+
+    async def mb_pending(self, name: str, key: str) -> int:
+        return await self._drive(self._plan.mb_pending(name, key))
+
+    async def mb_draining(self, name: str, key: str) -> bool:
+        return await self._drive(self._plan.mb_draining(name, key))
+
+    async def mb_hint(self, name: str, key: str, present: bool) -> None:
+        """Nothing to do: the roles and queues themselves are the index (see mb_hinted)."""
+
+    async def mb_hinted(self, name: str) -> list[str]:
+        return await self._drive(self._plan.mb_hinted(name))
+
+    async def mb_dead(self, name: str, entries: list[str]) -> None:
+        await self._drive(self._plan.mb_dead(name, entries))
+
+    async def mb_dead_letters(self, name: str, limit: int) -> list[str]:
+        return await self._drive(self._plan.mb_dead_letters(name, limit))
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def sync_twin(self) -> SyncPostgresBackend:
+        if self._twin is None:
+            self._twin = SyncPostgresBackend(
+                self._plan,
+                pool=self._sync_pool,
+                conninfo=self._conninfo,
+                max_connections=self._max,
+            )
+        return self._twin
+
+    async def aclose(self) -> None:
+        """Close this loop's pool and cancel listener (those of other loops close when
+        their loop ends)."""
+        listener = self._listeners.pop(asyncio.get_running_loop(), None)
+        if listener is not None and listener.task is not None:
+            listener.task.cancel()
+            with contextlib.suppress(BaseException):
+                await listener.task
+        entry = self._pools.pop(asyncio.get_running_loop(), None)
+        if entry is not None and entry.keeper is not None:
+            entry.keeper.cancel()
+            with contextlib.suppress(BaseException):
+                await entry.keeper
+        if self._twin is not None:
+            self._twin.close()

@@ -1,0 +1,113 @@
+"""The steps a flow of :mod:`._plan` yields, which the executors (:mod:`._async`,
+:mod:`._sync`) carry out; and :func:`map_errors`, the one place driver errors are mapped.
+
+A flow yields a step, receives its answer (a row, rows, a connection, None),
+or has the step's exception thrown in at the ``yield``; it returns the call's
+result. Executors add no policy: how to run SQL, how to wait, nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+import psycopg
+import psycopg_pool
+from psycopg.pq import TransactionStatus
+
+from inturn._errors import BackendUnavailable
+
+from ._lines import Waiter
+
+__all__ = [
+    "IDLE",
+    "INERROR",
+    "INTRANS",
+    "TRANSPORT_ERRORS",
+    "Connect",
+    "Flow",
+    "On",
+    "PutBack",
+    "Run",
+    "Sleep",
+    "Step",
+    "dead",
+    "map_errors",
+]
+
+IDLE, INTRANS, INERROR = (
+    TransactionStatus.IDLE,
+    TransactionStatus.INTRANS,
+    TransactionStatus.INERROR,
+)
+TRANSPORT_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
+"""What says "the server did not answer" (a lost connection, no free connection, a cancel)."""
+
+
+def dead(conn: Any) -> bool:
+    return bool(conn.closed or conn.broken)
+
+
+@contextlib.contextmanager
+def map_errors(what: str) -> Iterator[None]:
+    """Raise the driver's transport errors as :class:`~inturn.BackendUnavailable`, chained.
+
+    A plain context manager: it wraps an ``await``, a blocking call or a
+    flow's ``yield`` alike. Errors that are not about reaching the server
+    (a constraint, a privilege) pass unchanged.
+    """
+    try:
+        yield
+    except TRANSPORT_ERRORS as exc:
+        raise BackendUnavailable(f"PostgreSQL did not answer ({what}): {exc}") from exc
+
+
+# -- steps ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Run ``sql`` on a pooled connection (errors mapped as ``what``); answers the last
+    result's first row, or every row with ``rows``."""
+
+    what: str
+    sql: str
+    params: Mapping[str, Any] | None = None
+    rows: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class On:
+    """Run ``sql`` on ``conn`` (a turn's own connection); answers the last result's first
+    row. Errors come back unmapped: the flow decides what they mean."""
+
+    conn: Any
+    sql: str
+    params: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Take a connection from the pool (errors mapped); answers it."""
+
+
+@dataclass(frozen=True, slots=True)
+class PutBack:
+    """Give ``conn`` back to the pool, out of any transaction (or discarded when dead)."""
+
+    conn: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Sleep until ``waiter`` is woken or ``seconds`` passed (None: no limit)."""
+
+    waiter: Waiter
+    seconds: float | None
+
+
+Step: TypeAlias = Run | On | Connect | PutBack | Sleep
+T = TypeVar("T")
+Flow: TypeAlias = Generator[Step, Any, T]

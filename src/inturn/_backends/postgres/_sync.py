@@ -1,0 +1,287 @@
+"""SyncPostgresBackend: runs the engine's flows (:mod:`._plan`) on psycopg's blocking connections.
+
+What is its own: one pool for every thread, and how a step blocks. It shares
+the async backend's :class:`~._plan.Plan`, so tasks and threads of one
+process wait in one FIFO line per key.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, TypeVar
+
+import psycopg_pool
+
+from inturn._backends.base import (
+    ClaimResult,
+    Diagnostics,
+    Grant,
+    ResumeStatus,
+    Statistics,
+    Submitted,
+    Taken,
+)
+
+from . import _doctor
+from . import _sql as q
+from ._plan import MAX_CONNECTIONS, Plan
+from ._steps import IDLE, Connect, Flow, On, PutBack, Run, Sleep, Step, dead, map_errors
+from ._urls import CONNECT_TIMEOUT, connection_kwargs, masked
+
+__all__ = ["SyncPostgresBackend"]
+
+T = TypeVar("T")
+
+
+def _last(cur: Any) -> Any:
+    """The first row of a (multi-statement) query's last result."""
+    while cur.nextset():
+        pass
+    return None if cur.description is None else cur.fetchone()
+
+
+class SyncPostgresBackend:
+    """The sync twin of :class:`PostgresBackend`; get it with ``PostgresBackend.sync_twin()``.
+
+    A waiting thread blocks in PostgreSQL's lock queue itself (bounded by
+    ``lock_timeout``) when it is the head of its line, and on a
+    ``threading.Event`` otherwise. Every call but ``wait`` may block on the
+    network: ``never_blocks`` is False.
+    """
+
+    never_blocks = False
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        pool: Any = None,
+        conninfo: str | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self._plan = plan
+        self._owned = pool is None
+        self._pool = pool
+        self._conninfo = conninfo
+        self._max = max_connections
+        self._lock = threading.Lock()
+
+    # -- the executor -------------------------------------------------------------------
+
+    def _drive(self, flow: Flow[T]) -> T:
+        """Run a flow: do each step, send its answer back (or throw its exception in)."""
+        answer: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = flow.send(answer) if error is None else flow.throw(error)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            finally:
+                error = None
+            try:
+                answer = self._step(step)
+            except BaseException as exc:  # the flow decides, KeyboardInterrupt included
+                answer, error = None, exc
+
+    def _step(self, step: Step) -> Any:
+        if isinstance(step, On):
+            return _last(step.conn.execute(step.sql, step.params))
+        if isinstance(step, Run):
+            conn = self._getconn()
+            try:
+                with map_errors(step.what):
+                    cur = conn.execute(step.sql, step.params)
+                    return list(cur.fetchall()) if step.rows else _last(cur)
+            finally:
+                self._putconn(conn)
+        if isinstance(step, Connect):
+            return self._getconn()
+        if isinstance(step, PutBack):
+            return self._putconn(step.conn)
+        assert isinstance(step, Sleep)
+        return step.waiter.sleep_sync(step.seconds)
+
+    def _pool_here(self) -> Any:
+        with self._lock:
+            if self._pool is None:
+                self._pool = psycopg_pool.ConnectionPool(
+                    self._conninfo or "",
+                    min_size=1,
+                    max_size=self._max,
+                    kwargs=connection_kwargs(),
+                    timeout=CONNECT_TIMEOUT,
+                    open=True,
+                    name=f"inturn-{self._plan.sql.namespace}-sync",
+                )
+            return self._pool
+
+    def _getconn(self) -> Any:
+        with map_errors("connect"):
+            return self._pool_here().getconn()
+
+    def _putconn(self, conn: Any) -> None:
+        """Give a connection back, out of any transaction (or discarded when dead)."""
+        if not dead(conn) and conn.info.transaction_status != IDLE:
+            try:
+                conn.execute(q.ROLLBACK)
+            except Exception:
+                conn.close()
+        with self._lock:
+            pool = self._pool
+        if pool is None:  # closed meanwhile (a late release): a new pool would refuse it
+            conn.close()
+            return
+        pool.putconn(conn)
+
+    # -- SyncBackend ----------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Create or update inturn's schema (idempotent; concurrent calls run one at a time)."""
+        self._drive(self._plan.migrate())
+
+    def join(self, key: str, token: str, lease: float) -> Grant | None:
+        return self._drive(self._plan.join(key, token, lease, sync=True))
+
+    def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
+        return self._drive(self._plan.try_acquire(key, token, lease))
+
+    def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
+        return self._drive(self._plan.wait(key, token, timeout))
+
+    def renew(self, key: str, token: str, lease: float) -> bool:
+        return self._drive(self._plan.renew(key, token, lease))
+
+    def release(self, key: str, token: str, *, fence: int | None = None) -> None:
+        self._drive(self._plan.release(key, token))
+
+    def leave(self, key: str, token: str) -> Grant | None:
+        return self._drive(self._plan.leave(key, token))
+
+    def is_held(self, key: str, token: str) -> bool:
+        return self._drive(self._plan.is_held(key, token))
+
+    def is_busy(self, key: str) -> bool:
+        return self._drive(self._plan.is_busy(key))
+
+    def footprint(self) -> int:
+        return self._drive(self._plan.footprint())
+
+    def statistics(self, key: str | None = None, *, limit: int = 1000) -> Statistics:
+        return self._drive(_doctor.statistics(self._plan, key, limit))
+
+    def diagnose(self) -> Diagnostics:
+        server = masked(self._conninfo if self._conninfo is not None else self._pool.conninfo)
+        return self._drive(_doctor.diagnose(self._plan, server))
+
+    # -- SyncDedupBackend -----------------------------------------------------------------
+
+    def claim(
+        self,
+        key: str,
+        scope: str,
+        id: str,
+        token: str,
+        *,
+        fence: int | None,
+        lease: float,
+        window: float,
+    ) -> ClaimResult:
+        return self._drive(self._plan.claim(key, scope, id, token, fence, lease, window))
+
+    def finish(
+        self, key: str, scope: str, id: str, token: str, result: str | None, *, window: float
+    ) -> None:
+        self._drive(self._plan.finish(key, scope, id, token, result, window))
+
+    def abandon(self, key: str, scope: str, id: str, token: str) -> None:
+        self._drive(self._plan.abandon(key, scope, id, token))
+
+    def purge(self) -> None:
+        """See :meth:`PostgresBackend.purge`."""
+        self._drive(self._plan.purge())
+
+    # -- SyncSupersedeBackend -------------------------------------------------------------
+
+    def supersede(self, key: str, scope: str, *, cancel_running: bool) -> int:
+        return self._drive(self._plan.supersede(key, scope, cancel_running))
+
+    def is_newest(self, key: str, scope: str, generation: int) -> bool:
+        return self._drive(self._plan.is_newest(key, scope, generation))
+
+    # -- SyncMailboxBackend ---------------------------------------------------------------
+
+    def mb_submit(
+        self,
+        name: str,
+        key: str,
+        message: str,
+        *,
+        max_pending: int,
+        drop_oldest: bool,
+        token: str,
+        lease: float,
+        take: int = 0,
+    ) -> Submitted:
+        flow = self._plan.mb_submit(
+            name, key, message, max_pending, drop_oldest, token, lease, take
+        )
+        return self._drive(flow)
+
+    def mb_take(
+        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+    ) -> Taken:
+        return self._drive(self._plan.mb_take(name, key, token, limit, lease, ack))
+
+    def mb_release_take(
+        self,
+        name: str,
+        key: str,
+        token: str,
+        turn_token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+    ) -> Taken:
+        flow = self._plan.mb_release_take(name, key, token, turn_token, limit, lease, ack)
+        return self._drive(flow)
+
+    def mb_done(self, name: str, key: str, token: str) -> None:
+        self._drive(self._plan.mb_retry(name, key, token, [], 0.0))
+
+    def mb_retry(
+        self, name: str, key: str, token: str, messages: list[str], *, not_before: float
+    ) -> None:
+        self._drive(self._plan.mb_retry(name, key, token, messages, not_before))
+
+    def mb_resume(self, name: str, key: str, token: str, *, lease: float) -> ResumeStatus:
+        return self._drive(self._plan.mb_resume(name, key, token, lease))
+
+    def mb_renew(self, name: str, key: str, token: str, *, lease: float) -> bool:
+        return self._drive(self._plan.mb_renew(name, key, token, lease))
+
+    def mb_pending(self, name: str, key: str) -> int:
+        return self._drive(self._plan.mb_pending(name, key))
+
+    def mb_draining(self, name: str, key: str) -> bool:
+        return self._drive(self._plan.mb_draining(name, key))
+
+    def mb_hint(self, name: str, key: str, present: bool) -> None:
+        """Nothing to do: the roles and queues themselves are the index (see mb_hinted)."""
+
+    def mb_hinted(self, name: str) -> list[str]:
+        return self._drive(self._plan.mb_hinted(name))
+
+    def mb_dead(self, name: str, entries: list[str]) -> None:
+        self._drive(self._plan.mb_dead(name, entries))
+
+    def mb_dead_letters(self, name: str, limit: int) -> list[str]:
+        return self._drive(self._plan.mb_dead_letters(name, limit))
+
+    def close(self) -> None:
+        """Close the pool this twin made (an injected pool is its owner's to close)."""
+        with self._lock:
+            pool, self._pool = (self._pool, None) if self._owned else (None, self._pool)
+        if pool is not None:
+            pool.close()
