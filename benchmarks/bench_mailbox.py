@@ -310,7 +310,8 @@ def _install_command_counter(counter: collections.Counter[str]) -> None:
 
     scripts: dict[str, str] = {}
     with contextlib.suppress(ImportError, AttributeError):
-        from inturn._backends.redis import _shared as _redis  # private: only to name the scripts in the breakdown
+        # private: only to name the scripts in the breakdown
+        from inturn._backends.redis import _shared as _redis
 
         scripts = {
             hashlib.sha1(lua.encode()).hexdigest(): name.upper()
