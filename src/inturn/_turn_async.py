@@ -12,10 +12,10 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from functools import partial
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ._backends.base import Confirmation, Grant
 from ._errors import BackendUnavailable, LeaseLost
@@ -95,6 +95,18 @@ class TurnRequest:
         self._task: asyncio.Task[object] | None = None
         self._cancel_sent = False
         self._exited = False
+
+    def __enter__(self) -> None:
+        raise TypeError(
+            "gate.turn(...) is for coroutines: use `async with gate.turn(key) as turn:`, "
+            "or `with gate.turn_sync(key) as turn:` in a thread"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ raised
+        return None
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("gate.turn(...) is not awaited: use `async with gate.turn(key) as turn:`")
 
     def _release_with(self, hook: ReleaseHook) -> None:
         """Release through ``hook`` (key, token) instead of a plain release; a plain release

@@ -85,6 +85,15 @@ class SyncTurnRequest:
         self._handle: TimerHandle | None = None
         self._release_hook: Callable[[str, str], object] | None = None
 
+    async def __aenter__(self) -> None:
+        raise TypeError(
+            "gate.turn_sync(...) is for threads: use `with gate.turn_sync(key) as turn:`, "
+            "or `async with gate.turn(key) as turn:` in a coroutine"
+        )
+
+    async def __aexit__(self, *exc_info: object) -> None:  # pragma: no cover - never entered
+        return None
+
     def _release_with(self, hook: Callable[[str, str], object]) -> None:
         """Release through ``hook`` (key, token) instead of a plain release (see the async
         twin). Not called at all when the turn was re-entered."""

@@ -162,3 +162,19 @@ def test_python_dash_m_runs_the_cli() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "with inturn" in out.stdout
+
+
+async def test_the_wrong_form_of_a_turn_says_which_to_use() -> None:
+    """`with gate.turn`, `await gate.turn` and `async with gate.turn_sync` name the right form."""
+    gate = inturn.Gate.from_url("memory://", namespace="misuse")
+    try:
+        with pytest.raises(TypeError, match=r"async with gate\.turn"), gate.turn("k"):
+            pass
+        with pytest.raises(TypeError, match="not awaited"):
+            await gate.turn("k")  # type: ignore[misc]
+        with pytest.raises(TypeError, match=r"with gate\.turn_sync"):
+            async with gate.turn_sync("k"):  # type: ignore[attr-defined]
+                pass
+        assert not await gate.is_busy("k")
+    finally:
+        await gate.aclose()
