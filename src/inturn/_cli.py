@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--url", default="memory://", help="backend URL (default: memory://)")
     demo.add_argument("--users", type=_positive, default=40, help="users in the burst")
     demo.add_argument("--messages", type=_positive, default=5, help="messages per user")
+    demo.add_argument(
+        "--picture",
+        default="",
+        metavar="DIR",
+        help="folder for the timeline picture (default: the system's temp folder)",
+    )
+    demo.add_argument("--no-picture", action="store_true", help="write no picture")
     migrate = commands.add_parser(
         "migrate",
         help="create or upgrade inturn's tables in a PostgreSQL database (idempotent)",
@@ -197,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from ._demo import main as demo_main
 
-        return demo_main(args.url, args.users, args.messages)
+        picture = None if args.no_picture else args.picture
+        return demo_main(args.url, args.users, args.messages, picture)
     if args.command == "migrate":
         return _migrate(args.url)
     if args.command == "status":
