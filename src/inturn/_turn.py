@@ -32,6 +32,7 @@ from typing import Literal
 
 from ._backends.base import Grant
 from ._errors import BackendUnavailable, Busy, TurnTimeout
+from ._keys import shown
 from ._policy import RETRY_BACKOFF, Deadline, LeaseClock
 from ._runtime import Runtime
 
@@ -207,10 +208,10 @@ class _TurnBase:
         self._runtime.metrics.count("leases_lost", reason=reason)
         logger.warning(
             "inturn: lost the turn of key %r (fence %d): %s",
-            self.key,
+            shown(self.key),
             self.fence,
             _REASONS[reason],
-            extra={"inturn_key": self.key, "inturn_fence": self.fence},
+            extra={"inturn_key": shown(self.key), "inturn_fence": self.fence},
         )
 
 
@@ -451,6 +452,12 @@ def acquire_flow(
             if remaining == 0:
                 metrics.count("turn_timeouts")
                 waited = asking.timeout or 0.0
+                logger.warning(
+                    "inturn: gave up waiting for the turn of key %r after %gs",
+                    shown(asking.key),
+                    waited,
+                    extra={"inturn_key": shown(asking.key)},
+                )
                 raise TurnTimeout(
                     f"waited {waited:g}s in line for the turn of key {asking.key!r}",
                     key=asking.key,

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from ._backends.base import Confirmation, Grant
 from ._errors import BackendUnavailable, LeaseLost
-from ._keys import new_token
+from ._keys import new_token, shown
 from ._policy import Deadline, LeaseClock, TurnSettings
 from ._runtime import CLEANUP_TIMEOUT, Runtime, log_cleanup_failure
 from ._turn import (
@@ -137,7 +137,7 @@ class TurnRequest:
         asked = (asking.asked_at, asking.joined_at)
         turn = Turn(runtime, self._key, asking.token, grant, asked=asked, clock=clock)
         self._turn = turn
-        runtime.granted(turn.waited)
+        runtime.granted(turn.key, turn.fence, turn.waited)
         self._task = asyncio.current_task()
         self._held_token = _mark_held(runtime.domain, self._key, turn)
         self._schedule()
@@ -334,7 +334,7 @@ class TurnRequest:
             async with asyncio.timeout(clock.expires_at - now):
                 ok = await self._runtime.backend.renew(turn.key, turn._token, due)
         except Exception as exc:  # any failure is a failed attempt: retried, or the lease lapses
-            logger.debug("inturn: renewal of key %r failed: %r", turn.key, exc)
+            logger.debug("inturn: renewal of key %r failed: %r", shown(turn.key), exc)
             ok = None
         lost = renewal_outcome(clock, ok, sent_at=now, ttl=due)
         if lost is not None:

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from ._backends.base import Confirmation, Grant
 from ._errors import BackendUnavailable, LeaseLost
-from ._keys import new_token
+from ._keys import new_token, shown
 from ._policy import Deadline, LeaseClock, TurnSettings
 from ._runtime import Runtime, bounded_pool, log_cleanup_failure, renewal_pool
 from ._timers import TimerHandle
@@ -123,7 +123,7 @@ class SyncTurnRequest:
         asked = (asking.asked_at, asking.joined_at)
         turn = SyncTurn(runtime, self._key, asking.token, grant, asked=asked, clock=clock)
         self._turn = turn
-        runtime.granted(turn.waited)
+        runtime.granted(turn.key, turn.fence, turn.waited)
         self._held_token = _mark_held(runtime.domain, self._key, turn)
         self._schedule()
         if grant.confirmed is not None:  # handed over before the backend recorded it
@@ -331,7 +331,7 @@ class SyncTurnRequest:
                 lambda: backend.renew(turn.key, turn._token, due), clock.expires_at - now
             )
         except Exception as exc:  # any failure is a failed attempt: retried, or the lease lapses
-            logger.debug("inturn: renewal of key %r failed: %r", turn.key, exc)
+            logger.debug("inturn: renewal of key %r failed: %r", shown(turn.key), exc)
             ok = None
         if not self._holding():  # the block exited while this renewal ran
             return
