@@ -220,7 +220,7 @@ def test_one_users_flood_does_not_hold_up_the_others(
     start_worker: Callable[..., Worker], producer: Celery, tmp_path: Path
 ) -> None:
     worker = start_worker()
-    flood, work = 60, 0.04  # 2.4 s of one user's work
+    flood, work = 50, 0.1  # 5 s of one user's work
     for seq in range(flood):
         mailbox_call(producer, "flood", seq, sleep=work)
     others_sent = time.monotonic()
@@ -233,9 +233,10 @@ def test_one_users_flood_does_not_hold_up_the_others(
     flood_end = max(s.end for s in history if s.key == "flood")
     others_end = max(s.end for s in history if s.key != "flood")
     # The flood's drain holds one of the two slots; every other user goes through the
-    # other one: the head-of-line bound is one slot per drained user, not the flood.
-    assert others_end - others_sent < 1.2, worker.text()[-4000:]
-    assert flood_end - others_sent > flood * work * 0.5
+    # other one: the head-of-line bound is one slot per drained user, not the flood. (Its
+    # other calls only pass through that slot to be stored: Celery's per-task overhead.)
+    assert others_end - others_sent < flood * work / 2, worker.text()[-4000:]
+    assert others_end < flood_end - 1.0
 
 
 def test_an_unsafe_configuration_is_warned_about_at_worker_start(
@@ -285,14 +286,10 @@ def test_the_keyed_router_is_stable_and_spreads_keys() -> None:
     router = KeyedRouter(queues=4, key="user_id")
     assert router("t", (), {"user_id": 42}, {}) == {"queue": f"inturn.shard.{shard_of(42, 4)}"}
     assert shard_of(42, 4) == shard_of("42", 4)
-    # Fixed values: the hash must be the same in every process and release.
-    assert [shard_of(k, 8) for k in ("a", "b", 1, 2)] == [
-        shard_of("a", 8),
-        shard_of("b", 8),
-        shard_of(1, 8),
-        shard_of(2, 8),
-    ]
-    counts = defaultdict(int)
+    # Fixed values: the hash must be the same in every process, run and release
+    # (Python's own `hash` of a str changes with each process).
+    assert [shard_of(k, 8) for k in ("a", "b", 1, 2, "user-42")] == [7, 5, 6, 4, 6]
+    counts: dict[int, int] = defaultdict(int)
     for user in range(4000):
         counts[shard_of(user, 4)] += 1
     assert all(800 < n < 1200 for n in counts.values()), counts
