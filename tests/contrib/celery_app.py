@@ -2,7 +2,9 @@
 
 Configured from the environment the test sets: ``INTURN_TEST_BROKER`` (the broker, a Redis
 URL), ``INTURN_URL`` (the gate), ``INTURN_TEST_DIR`` (where tasks write their histories and
-the fenced SQLite sink), ``INTURN_TEST_UNSAFE`` (start with unsafe settings, to be warned).
+the fenced SQLite sink), ``INTURN_TEST_UNSAFE`` (start with unsafe settings, to be warned),
+``INTURN_TEST_NO_SWEEPER`` (no sweeping timer in the worker processes: only the
+``inturn.sweep`` task resumes).
 
 Each body appends its span (``inturn.testing.Span``) to a per-process JSON-lines file as
 soon as it ends, so a killed process loses nothing it finished, and writes its effect to a
@@ -40,6 +42,8 @@ app.conf.update(
     inturn_lease=2.0,
     inturn_sweep_interval=0.5,
 )
+if os.environ.get("INTURN_TEST_NO_SWEEPER"):
+    app.conf.update(inturn_sweep_interval=None)  # only the inturn.sweep task resumes
 if os.environ.get("INTURN_TEST_UNSAFE"):
     app.conf.update(
         task_acks_late=False,

@@ -188,10 +188,13 @@ def test_bursts_run_in_turn_per_user_in_both_modes(
     assert "WARNING" not in worker.text().replace("WorkerLostError", "")
 
 
+@pytest.mark.parametrize("sweeper", ["timer", "task"])
 def test_a_killed_worker_child_is_attempted_again_and_its_effect_written_once(
-    start_worker: Callable[..., Worker], producer: Celery, tmp_path: Path
+    start_worker: Callable[..., Worker], producer: Celery, tmp_path: Path, sweeper: str
 ) -> None:
-    worker = start_worker()
+    # "timer": each worker process sweeps every 0.5 s; "task": only `inturn.sweep`, sent
+    # by the test as beat would, resumes the queue the killed process was draining.
+    worker = start_worker(**({"INTURN_TEST_NO_SWEEPER": "1"} if sweeper == "task" else {}))
     mailbox_call(producer, "kill1", 0)  # stalls on its first attempt
     deadline = time.monotonic() + 20
     marker = tmp_path / "stall-kill1-0"
@@ -202,6 +205,11 @@ def test_a_killed_worker_child_is_attempted_again_and_its_effect_written_once(
         mailbox_call(producer, "kill1", seq)
     time.sleep(0.3)
     os.kill(int(marker.read_text()), signal.SIGKILL)
+    if sweeper == "task":
+        deadline = time.monotonic() + 30
+        while len(effects(tmp_path)) < 4 and time.monotonic() < deadline:
+            producer.send_task("inturn.sweep")
+            time.sleep(0.5)
     done = wait_for(tmp_path, 4, timeout=30)
     assert sorted(done) == [("kill1", s) for s in range(4)], worker.text()[-6000:]
     assert all(writes == 1 for _, writes in done.values()), done
@@ -212,6 +220,7 @@ def test_a_killed_worker_child_is_attempted_again_and_its_effect_written_once(
     # Attempted again, by another process (the killed one never finished it).
     assert len(attempts) == 2, attempts
     assert attempts[0] != attempts[1]
+    assert "resumed key 'kill1'" in worker.text()  # by a sweep, after the lease ran out
     assert order_by_run(spans(tmp_path), "mailbox")["kill1"] == [0, 1, 2, 3]
     check_history(spans(tmp_path), fifo=True)
 

@@ -443,11 +443,15 @@ def _install(app: Any) -> None:
                 logger.warning("inturn: %s", warning)
 
     def ready(sender: Any = None, **_: object) -> None:
-        if id(getattr(sender, "app", None)) == id(app) and _serialized_mailbox_tasks(app):
-            try:
-                app.send_task(SWEEP_TASK)
-            except Exception:
-                logger.exception("inturn: could not send the sweep at worker start")
+        if id(getattr(sender, "app", None)) != id(app) or not _serialized_mailbox_tasks(app):
+            return
+        # To a queue this worker consumes (a shard worker may consume no default queue).
+        queues = getattr(getattr(sender, "task_consumer", None), "queues", None) or []
+        options = {"queue": queues[0].name} if queues else {}
+        try:
+            app.send_task(SWEEP_TASK, **options)
+        except Exception:
+            logger.exception("inturn: could not send the sweep at worker start")
 
     signals.celeryd_after_setup.connect(after_setup, weak=False)
     signals.worker_ready.connect(ready, weak=False)
