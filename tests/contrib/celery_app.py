@@ -70,6 +70,11 @@ def sink() -> sqlite3.Connection:
 
 
 def _record(mode: str, user: str, seq: int, fence: int, start: float, asked: float) -> None:
+    _span(mode, user, seq, fence, start, asked)
+    _effect(user, seq, fence)
+
+
+def _span(mode: str, user: str, seq: int, fence: int, start: float, asked: float) -> None:
     end = time.monotonic()
     span = Span(
         key=user,
@@ -82,6 +87,9 @@ def _record(mode: str, user: str, seq: int, fence: int, start: float, asked: flo
     )
     with open(DIR / f"history-{os.getpid()}.jsonl", "a", encoding="utf-8") as out:
         out.write(json.dumps(asdict(span)) + "\n")
+
+
+def _effect(user: str, seq: int, fence: int) -> None:
     with sink() as conn:
         # The fenced write: a lower (stale) fence never overwrites, nor counts.
         conn.execute(
@@ -150,3 +158,25 @@ async def async_task(user: str, seq: int, fence: int = 0) -> None:
     await asyncio.sleep(0.001)
     assert gate is current_gate(app)
     _record("async", user, seq, fence, start, start)
+
+
+@app.task(
+    name="t.batch",
+    base=SerializedTask,
+    inturn={"key": "user", "batch": True, "debounce": 0.3, "dedup": "msg_id"},
+)
+def batch_task(
+    user: str,
+    seq: int,
+    msg_id: str,
+    fence: int = 0,
+    inturn_messages: list[inturn.Message] | None = None,
+) -> None:
+    """One body per batch: the newest call's arguments, and every call in the batch."""
+    start = time.monotonic()
+    messages = inturn_messages or []
+    with open(DIR / f"batches-{os.getpid()}.txt", "a", encoding="utf-8") as out:
+        out.write(" ".join(str(m.payload["kwargs"]["seq"]) for m in messages) + f" | {seq}\n")
+    for m in messages:
+        _effect(user, m.payload["kwargs"]["seq"], fence)
+    _span("batch", user, seq, fence, start, messages[0].enqueued_at if messages else start)

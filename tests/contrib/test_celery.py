@@ -175,9 +175,22 @@ def test_bursts_run_in_turn_per_user_in_both_modes(
         mailbox_call(producer, user, 0)
         producer.send_task("t.async", kwargs={"user": f"a{user}", "seq": 0})
         sent += 2
+    for seq in range(6):  # a quick burst for a debounced batch task: one body or two
+        producer.send_task(
+            "t.batch", kwargs={"user": "batcher", "seq": seq, "msg_id": f"batcher:{seq}"}
+        )
+        sent += 1
     done = wait_for(tmp_path, sent, timeout=40)
     assert len(done) == sent, f"{len(done)}/{sent} done; worker log:\n{worker.text()[-3000:]}"
     assert all(writes == 1 for _, writes in done.values())
+    batches = [
+        line.split(" | ")
+        for path in tmp_path.glob("batches-*.txt")
+        for line in path.read_text().splitlines()
+    ]
+    assert 1 <= len(batches) < 6, batches  # coalesced
+    for seqs, newest in batches:  # each body got the newest call's arguments
+        assert seqs.split()[-1] == newest
     history = spans(tmp_path)
     # No two bodies of one user overlap, and fences grow in the order they ran: every mode.
     check_history(history, fifo=False)
