@@ -316,3 +316,21 @@ def test_the_keyed_router_is_stable_and_spreads_keys() -> None:
         counts[shard_of(user, 4)] += 1
     assert all(800 < n < 1200 for n in counts.values()), counts
     assert router("t", (), {"other": 1}, {}) is None
+
+
+def test_a_direct_call_runs_the_body_here_async_def_and_bind_included() -> None:
+    from inturn.contrib.celery import SerializedTask
+
+    app = Celery("direct", broker="memory://")
+    app.conf.update(inturn_url="memory://")
+
+    @app.task(base=SerializedTask, inturn={"key": "user"})
+    async def double(user: int) -> int:
+        return user * 2
+
+    @app.task(bind=True, base=SerializedTask, inturn={"key": "user", "dedup": "msg"})
+    def bound(self: object, user: int, msg: str) -> str:
+        return f"{user}:{msg}"
+
+    assert double(4) == 8
+    assert bound(1, "m") == "1:m"

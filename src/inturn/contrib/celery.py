@@ -287,10 +287,11 @@ class SerializedTask(Task):
         request = self.request
         if request.called_directly or request.is_eager or self._inturn_options is None:
             # A direct call or eager mode: run here and now, as Celery does.
-            return super().__call__(*args, **kwargs)
+            result = super().__call__(*args, **kwargs)
+            return _run_coroutine(result) if inspect.iscoroutine(result) else result
         options = self._inturn_options
         call = self._bind_arguments(args, kwargs)
-        key = call[options.key]
+        key = call.get(options.key)
         if isinstance(key, bool) or not isinstance(key, str | int):
             raise ConfigurationError(
                 f"task {self.name!r}: the key argument {options.key!r} must be a str or "
