@@ -201,6 +201,31 @@ def test_bursts_run_in_turn_per_user_in_both_modes(
     assert "WARNING" not in worker.text().replace("WorkerLostError", "")
 
 
+def test_delay_stores_the_call_first_so_each_user_keeps_the_send_order(
+    start_worker: Callable[..., Worker], env: dict[str, str], tmp_path: Path
+) -> None:
+    """Through the task's own .delay() (the sender has the task class), mailbox mode stores
+    each call before its message is sent: two prefork children picking up one user's
+    consecutive messages at once cannot reorder them. Every user's calls run in exactly the
+    order they were sent, each once."""
+    worker = start_worker(concurrency=4)
+    users, per_user = 8, 15
+    sender = (
+        "from tests.contrib.celery_app import mailbox_task as mailbox\n"
+        f"for seq in range({per_user}):\n"
+        f"    for u in range({users}):\n"
+        "        mailbox.delay(user=f'd{u}', seq=seq, msg_id=f'd{u}:{seq}', sleep=0.002)\n"
+    )
+    subprocess.run([sys.executable, "-c", sender], env=env, check=True, timeout=60)
+    done = wait_for(tmp_path, users * per_user, timeout=40)
+    assert len(done) == users * per_user, worker.text()[-3000:]
+    assert all(writes == 1 for _, writes in done.values())
+    runs = order_by_run(spans(tmp_path), "mailbox")
+    assert {u: runs[f"d{u}"] for u in range(users)} == {
+        u: list(range(per_user)) for u in range(users)
+    }
+
+
 @pytest.mark.parametrize("sweeper", ["timer", "task"])
 def test_a_killed_worker_child_is_attempted_again_and_its_effect_written_once(
     start_worker: Callable[..., Worker], producer: Celery, tmp_path: Path, sweeper: str

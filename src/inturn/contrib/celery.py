@@ -9,10 +9,12 @@
 
 Two modes (``inturn={"mode": ...}``):
 
-- ``"mailbox"`` (default): the worker that runs the task stores the call in the
-  key's mailbox and returns; if no drainer holds that key, this task becomes its
-  drainer and runs the key's calls one per turn, oldest first, until the queue is
-  empty. A worker slot never waits for another holder.
+- ``"mailbox"`` (default): ``.delay()``/``.apply_async()`` store the call in the
+  key's mailbox before the task message is sent, so the queue keeps the order of
+  the calls; the task message only kicks a worker. The call that found the key
+  without a drainer passes that role to its task: the worker running it drains
+  the key's calls one per turn, oldest first, until the queue is empty. Every
+  other task only returns: a worker slot never waits for another holder.
 - ``"turn"``: the body runs inside the key's turn; if the key stays busy past
   ``wait`` seconds, the task is retried (``self.retry(countdown=...)``) instead of
   holding its slot.
@@ -31,6 +33,7 @@ import logging
 import os
 import random
 import threading
+import uuid
 import weakref
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +58,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("inturn.celery")
+
+KICK = "_inturn_kick"
+"""The keyword a mailbox-mode task message carries instead of running the body: which key
+to drain and, when the sender took the key's drainer role, its token."""
 
 SWEEP_TASK = "inturn.sweep"
 """The name of the task that sweeps the mailboxes of an app's serialized tasks."""
@@ -290,18 +297,62 @@ class SerializedTask(Task):
             result = super().__call__(*args, **kwargs)
             return _run_coroutine(result) if inspect.iscoroutine(result) else result
         options = self._inturn_options
+        kick = kwargs.pop(KICK, None)
+        if kick is not None:  # the call was stored by its sender: drain if handed the role
+            box = self._mailbox()
+            if kick.get("token"):
+                box.drain_sync(kick["key"], kick["token"])
+                # A kick that waited in the broker past the lease finds its role lapsed:
+                # then this task drains, unless another drainer took the queue meanwhile.
+                box.resume_sync(kick["key"])
+            return None
         call = self._bind_arguments(args, kwargs)
+        key = self._key_of(call)
+        msg_id = self._message_id(call)
+        if options.mode == "turn":
+            return self._run_in_turn(key, msg_id, args, kwargs)
+        # Sent without a kick (send_task by name, an older sender): store and drain here.
+        self._mailbox().submit_sync(key, {"args": list(args), "kwargs": kwargs}, id=msg_id)
+        return None
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Send the task. In mailbox mode the call is stored in the key's mailbox first (so
+        the key's calls keep the order they were made in) and the message sent is a kick
+        for the worker; eager mode and turn mode send the call as Celery does."""
+        opts = self._inturn_options
+        if opts is None or opts.mode != "mailbox" or _setting(self.app, "task_always_eager"):
+            return super().apply_async(args, kwargs, task_id=task_id, **options)
+        args, kwargs = tuple(args or ()), dict(kwargs or {})
+        if KICK in kwargs:  # a retry or a re-send of a kick: send it as it is
+            return super().apply_async(args, kwargs, task_id=task_id, **options)
+        call = self._bind_arguments(args, kwargs)
+        key = self._key_of(call)
+        task_id = task_id or str(uuid.uuid4())
+        dedup = opts.dedup
+        msg_id = task_id if dedup == "task_id" else self._message_id(call)
+        token = self._mailbox().store_sync(key, {"args": list(args), "kwargs": kwargs}, id=msg_id)
+        kicked = {**kwargs, KICK: {"key": key, "token": token}}
+        # send_task: Celery's argument check would refuse the kick's extra keyword; the
+        # task's own execution options (queue, routing key, serializer) still apply.
+        options = {**self._get_exec_options(), **options}
+        return self.app.send_task(self.name, args=args, kwargs=kicked, task_id=task_id, **options)
+
+    def _key_of(self, call: Mapping[str, Any]) -> str | int:
+        options = self._inturn_options
+        assert options is not None
         key = call.get(options.key)
         if isinstance(key, bool) or not isinstance(key, str | int):
             raise ConfigurationError(
                 f"task {self.name!r}: the key argument {options.key!r} must be a str or "
                 f"an int, not {type(key).__name__}"
             )
-        msg_id = self._message_id(call)
-        if options.mode == "turn":
-            return self._run_in_turn(key, msg_id, args, kwargs)
-        self._mailbox().submit_sync(key, {"args": list(args), "kwargs": kwargs}, id=msg_id)
-        return None
+        return key
 
     def _bind_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         call = dict(zip(self._inturn_params, args, strict=False))
