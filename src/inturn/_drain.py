@@ -115,22 +115,34 @@ class _Role:
         return min(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)], left)
 
 
-def _retried(step: _DrainStep) -> _DrainStep:
-    """The step to send again after a transport error. A take whose answer was lost may
-    have run: its batch is in flight now, so the retry must not acknowledge blind (the
-    batch would be dropped unprocessed); without ``ack`` it is delivered again instead."""
-    return _Take(ack=False) if isinstance(step, _Take) else step
+class _Retries:
+    """A drain step's retries after transport errors, while the drainer's role lives."""
 
+    def __init__(self, role: _Role, name: str, key: str) -> None:
+        self._role, self._name, self._key = role, name, key
+        self._attempt = 0
 
-def _gave_up(name: str, key: str, exc: BaseException) -> None:
-    logger.warning(
-        "inturn: mailbox %r stops draining key %r: %r, and the drainer role lapsed "
-        "meanwhile (the sweeper resumes the queue)",
-        name,
-        shown(key),
-        exc,
-        extra={"inturn_key": shown(key)},
-    )
+    def after(self, step: _DrainStep, exc: BaseException) -> tuple[float, _DrainStep] | None:
+        """(pause, the step to send again), or None: the role lapsed, stop draining.
+
+        A take whose answer was lost may have run: its batch is in flight now, so the
+        retry must not acknowledge blind (the batch would be dropped unprocessed);
+        without ``ack`` it is delivered again instead."""
+        key = shown(self._key)
+        pause = self._role.retry_pause(self._attempt)
+        if pause is None:
+            logger.warning(
+                "inturn: mailbox %r stops draining key %r: %r, and the drainer role lapsed "
+                "meanwhile (the sweeper resumes the queue)",
+                self._name,
+                key,
+                exc,
+                extra={"inturn_key": key},
+            )
+            return None
+        logger.debug("inturn: mailbox %r retries key %r: %r", self._name, key, exc)
+        self._attempt += 1
+        return pause, _Take(ack=False) if isinstance(step, _Take) else step
 
 
 def drain_flow(box: Drainer, key: str, first: Taken | None) -> Generator[_DrainStep, Any, None]:
@@ -298,21 +310,17 @@ class Drainer:
                     step = flow.send(reply)
                 except StopIteration:
                     return
-                attempt = 0
+                retries = _Retries(role, self.name, key)
                 while True:
                     try:
                         reply = await self._step(step, key, token)
                         break
                     except TRANSIENT as exc:
-                        pause = role.retry_pause(attempt)
-                        if pause is None:
-                            _gave_up(self.name, key, exc)
+                        again = retries.after(step, exc)
+                        if again is None:
                             return
-                        logger.debug(
-                            "inturn: mailbox %r retries key %r: %r", self.name, shown(key), exc
-                        )
+                        pause, step = again
                         await asyncio.sleep(pause)
-                        attempt, step = attempt + 1, _retried(step)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -440,21 +448,17 @@ class Drainer:
                     step = flow.send(reply)
                 except StopIteration:
                     return
-                attempt = 0
+                retries = _Retries(role, self.name, key)
                 while True:
                     try:
                         reply = self._step_sync(store, step, key, token)
                         break
                     except TRANSIENT as exc:
-                        pause = role.retry_pause(attempt)
-                        if pause is None:
-                            _gave_up(self.name, key, exc)
+                        again = retries.after(step, exc)
+                        if again is None:
                             return
-                        logger.debug(
-                            "inturn: mailbox %r retries key %r: %r", self.name, shown(key), exc
-                        )
+                        pause, step = again
                         time.sleep(pause)  # a transport error's backoff, bounded by the role
-                        attempt, step = attempt + 1, _retried(step)
         except Exception:
             logger.exception("inturn: mailbox %r drain of key %r failed", self.name, shown(key))
         finally:
