@@ -13,9 +13,6 @@ import pytest
 
 from tests.fakes.telegram import FakeTelegram
 
-pytest.importorskip("aiogram")
-pytest.importorskip("telegram")
-
 
 @pytest.fixture
 def tg() -> Any:

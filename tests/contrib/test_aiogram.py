@@ -1,0 +1,200 @@
+"""inturn.contrib.aiogram with real aiogram polling a fake Bot API, on memory:// and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from aiogram import Bot, Dispatcher
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import TelegramAPIServer
+from aiogram.fsm.storage.base import StorageKey
+from aiogram.types import Message
+
+import inturn
+from inturn.contrib.aiogram import (
+    DedupMiddleware,
+    InturnEventIsolation,
+    MailboxMiddleware,
+    feed_from_mailbox,
+    turn_key,
+)
+from tests.contrib._gates import assert_idle, overlaps
+from tests.fakes.telegram import FakeTelegram
+
+
+@pytest.fixture
+def tg() -> Iterator[FakeTelegram]:
+    with FakeTelegram() as fake:
+        yield fake
+
+
+def make_bot(tg: FakeTelegram) -> Bot:
+    return Bot(tg.token, session=AiohttpSession(api=TelegramAPIServer.from_base(tg.url)))
+
+
+@contextlib.asynccontextmanager
+async def polling(tg: FakeTelegram, dp: Dispatcher, bot: Bot | None = None) -> AsyncIterator[Bot]:
+    bot = bot or make_bot(tg)
+    polls = tg.polls
+    task = asyncio.create_task(dp.start_polling(bot, handle_signals=False, polling_timeout=1))
+    try:
+        while tg.polls == polls and not task.done():  # noqa: ASYNC110 (a counter in a thread)
+            await asyncio.sleep(0.01)
+        yield bot
+    finally:
+        if not task.done():
+            await dp.stop_polling()
+        await task
+
+
+class Recorder:
+    """A handler that records each body's span per user and replies with the text."""
+
+    def __init__(self, work: float = 0.05) -> None:
+        self.work = work
+        self.spans: dict[int, list[tuple[float, float]]] = {}
+        self.started = asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self, message: Message) -> None:
+        assert message.from_user is not None
+        self.calls += 1
+        self.started.set()
+        start = time.monotonic()
+        await asyncio.sleep(self.work)
+        await message.answer(f"re {message.text}")
+        self.spans.setdefault(message.from_user.id, []).append((start, time.monotonic()))
+
+    def register(self, dp: Dispatcher) -> Dispatcher:
+        async def handle(message: Message) -> None:  # aiogram runs only real coroutine functions
+            await self(message)
+
+        dp.message()(handle)
+        return dp
+
+
+def isolated(gate: inturn.Gate, recorder: Recorder, **kwargs: Any) -> Dispatcher:
+    dp = Dispatcher(events_isolation=InturnEventIsolation(gate, **kwargs))
+    dp.update.outer_middleware(DedupMiddleware(gate))
+    return recorder.register(dp)
+
+
+async def test_a_users_burst_runs_one_at_a_time_in_order(
+    tg: FakeTelegram, gate: inturn.Gate
+) -> None:
+    recorder = Recorder(work=0.08)
+    async with polling(tg, isolated(gate, recorder)):
+        for n in range(5):  # 5 messages in 300 ms, while earlier ones are still being handled
+            tg.send_text(user_id=1, text=f"m{n}")
+            await asyncio.sleep(0.06)
+        await tg.wait_for_async(lambda sent: len(sent) == 5)
+    assert [c.text for c in tg.sent] == [f"re m{n}" for n in range(5)]
+    assert overlaps(recorder.spans[1]) == 0
+    await assert_idle(gate)
+
+
+async def test_without_isolation_aiogram_overlaps_a_users_updates(tg: FakeTelegram) -> None:
+    """The control: aiogram's default (handle_as_tasks, no isolation) runs them side by side."""
+    recorder = Recorder(work=0.2)
+    dp = recorder.register(Dispatcher())
+    async with polling(tg, dp):
+        for n in range(5):
+            tg.send_text(user_id=1, text=f"m{n}")
+            await asyncio.sleep(0.06)
+        await tg.wait_for_async(lambda sent: len(sent) == 5)
+    assert overlaps(recorder.spans[1]) > 0
+
+
+async def test_an_update_delivered_three_times_is_answered_once(
+    tg: FakeTelegram, gate: inturn.Gate
+) -> None:
+    recorder = Recorder(work=0.3)
+    async with polling(tg, isolated(gate, recorder)):
+        uid = tg.send_text(user_id=2, text="once")
+        tg.redeliver(uid)  # before: in the same poll, or the next
+        await asyncio.wait_for(recorder.started.wait(), 5)
+        tg.redeliver(uid)  # during its handler
+        await tg.wait_for_async(lambda sent: len(sent) == 1)
+        tg.redeliver(uid)  # after its reply
+        tg.send_text(user_id=2, text="barrier")  # in line behind every redelivery
+        await tg.wait_for_async(lambda sent: len(sent) == 2)
+    assert [c.text for c in tg.sent] == ["re once", "re barrier"]
+    assert recorder.calls == 2
+    await assert_idle(gate)
+
+
+async def test_without_dedup_a_redelivered_update_is_answered_again(tg: FakeTelegram) -> None:
+    """The control: the isolation alone orders duplicates; it does not drop them."""
+    recorder = Recorder(work=0.05)
+    async with inturn.Gate.from_url("memory://") as gate:
+        dp = recorder.register(Dispatcher(events_isolation=InturnEventIsolation(gate)))
+        async with polling(tg, dp):
+            tg.redeliver(tg.send_text(user_id=2, text="twice"))
+            await tg.wait_for_async(lambda sent: len(sent) == 2)
+    assert [c.text for c in tg.sent] == ["re twice", "re twice"]
+
+
+async def test_thirty_users_run_in_parallel(tg: FakeTelegram, gate: inturn.Gate) -> None:
+    recorder = Recorder(work=0.3)
+    async with polling(tg, isolated(gate, recorder)):
+        started = time.monotonic()
+        for user in range(100, 130):
+            tg.send_text(user_id=user, text="hi")
+        await tg.wait_for_async(lambda sent: len(sent) == 30, timeout=10)
+        wall = time.monotonic() - started
+    assert sorted(c.chat_id for c in tg.sent) == list(range(100, 130))  # type: ignore[type-var]
+    assert wall < 30 * 0.3 / 4, wall  # serially 9 s
+    await assert_idle(gate)
+
+
+async def test_chat_scope_serializes_a_group_and_keys_follow_the_scope(
+    tg: FakeTelegram, gate: inturn.Gate
+) -> None:
+    recorder = Recorder(work=0.08)
+    async with polling(tg, isolated(gate, recorder, scope="chat")):
+        for n in range(4):  # four members of one group
+            tg.send_text(user_id=10 + n, text=f"g{n}", chat_id=-500)
+        await tg.wait_for_async(lambda sent: len(sent) == 4)
+    assert [c.text for c in tg.sent] == [f"re g{n}" for n in range(4)]
+    assert overlaps([s for spans in recorder.spans.values() for s in spans]) == 0
+    key = StorageKey(bot_id=7, chat_id=-500, user_id=10)
+    assert InturnEventIsolation(gate, scope="chat").key_for(key) == turn_key(7, "chat", -500)
+    assert InturnEventIsolation(gate).key_for(key) == "tg:7:user:10"
+    with pytest.raises(inturn.ConfigurationError):
+        InturnEventIsolation(gate, scope="bot")  # type: ignore[arg-type]
+    await assert_idle(gate)
+
+
+async def test_mailbox_middleware_stores_updates_and_drains_them_in_turn(
+    tg: FakeTelegram, gate: inturn.Gate
+) -> None:
+    recorder = Recorder(work=0.05)
+    dp = Dispatcher()
+    bot = make_bot(tg)
+    mailbox = gate.mailbox("updates", handler=feed_from_mailbox(dp, bot))
+    dp.update.outer_middleware(MailboxMiddleware(mailbox))
+    got: list[inturn.Message] = []
+
+    @dp.message()
+    async def handle(message: Message, inturn_message: inturn.Message) -> None:
+        got.append(inturn_message)
+        await recorder(message)
+
+    async with polling(tg, dp, bot):
+        first = tg.send_text(user_id=3, text="m0")
+        for n in range(1, 5):
+            tg.send_text(user_id=3, text=f"m{n}")
+        tg.redeliver(first)
+        tg.send_text(user_id=4, text="other")
+        await tg.wait_for_async(lambda sent: len(sent) == 6)
+        assert await mailbox.drained(timeout=5)
+    mine = [c.text for c in tg.sent if c.chat_id == 3]
+    assert mine == [f"re m{n}" for n in range(5)]
+    assert overlaps(recorder.spans[3]) == 0
+    assert {m.key for m in got} == {"tg:424242:user:3", "tg:424242:user:4"}
+    await assert_idle(gate)
