@@ -140,15 +140,15 @@ async def test_without_dedup_a_redelivered_update_is_answered_again(tg: FakeTele
 
 
 async def test_thirty_users_run_in_parallel(tg: FakeTelegram, gate: inturn.Gate) -> None:
-    recorder = Recorder(work=0.3)
+    recorder = Recorder(work=0.5)
     async with polling(tg, isolated(gate, recorder)):
         started = time.monotonic()
         for user in range(100, 130):
             tg.send_text(user_id=user, text="hi")
-        await tg.wait_for_async(lambda sent: len(sent) == 30, timeout=10)
+        await tg.wait_for_async(lambda sent: len(sent) == 30, timeout=20)
         wall = time.monotonic() - started
     assert sorted(c.chat_id for c in tg.sent) == list(range(100, 130))  # type: ignore[type-var]
-    assert wall < 30 * 0.3 / 4, wall  # serially 9 s
+    assert wall < 30 * 0.5 / 3, wall  # serially 15 s; typically under 1 s
     await assert_idle(gate)
 
 

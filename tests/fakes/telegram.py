@@ -25,6 +25,7 @@ import email.policy
 import itertools
 import json
 import secrets
+import sys
 import threading
 import time
 import urllib.error
@@ -148,8 +149,7 @@ class FakeTelegram:
         class Handler(_Handler):
             owner = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -370,7 +370,7 @@ class FakeTelegram:
         return TimeoutError(f"condition on tg.{on} not met within {timeout}s; recorded: {seen}")
 
     def wait_for(
-        self, predicate: Callable[[list[Any]], Any], timeout: float = 5.0, *, on: str = "sent"
+        self, predicate: Callable[[list[Any]], Any], timeout: float = 10.0, *, on: str = "sent"
     ) -> Any:
         """Block until `predicate(tg.<on>)` is truthy (a copy of the list); returns its value.
 
@@ -398,7 +398,7 @@ class FakeTelegram:
         raise self._timeout_error(on, timeout)
 
     async def wait_for_async(
-        self, predicate: Callable[[list[Any]], Any], timeout: float = 5.0, *, on: str = "sent"
+        self, predicate: Callable[[list[Any]], Any], timeout: float = 10.0, *, on: str = "sent"
     ) -> Any:
         """`wait_for` for coroutines: polls every 10 ms without blocking the event loop."""
         deadline = time.monotonic() + timeout
@@ -620,6 +620,16 @@ _METHODS: dict[str, Callable[[FakeTelegram, dict[str, Any]], Any]] = {
 }
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # bots open dozens of connections at once (default: 5)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client hung up (a keep-alive connection closed at shutdown)
+        super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     owner: FakeTelegram
     protocol_version = "HTTP/1.1"
@@ -633,7 +643,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (a poll cut short at shutdown)
 
     def _dispatch(self) -> None:
         parsed = urllib.parse.urlsplit(self.path)
