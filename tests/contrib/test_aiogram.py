@@ -198,3 +198,38 @@ async def test_mailbox_middleware_stores_updates_and_drains_them_in_turn(
     assert overlaps(recorder.spans[3]) == 0
     assert {m.key for m in got} == {"tg:424242:user:3", "tg:424242:user:4"}
     await assert_idle(gate)
+
+
+async def test_webhook_retries_are_answered_once(tg: FakeTelegram, gate: inturn.Gate) -> None:
+    """Webhook mode (aiohttp server): Telegram's retries of one update reach the bot while it
+    is handled and after; it replies once, and the user's updates stay in order."""
+    from aiogram.webhook.aiohttp_server import SimpleRequestHandler
+    from aiohttp import web
+
+    recorder = Recorder(work=0.2)
+    dp = isolated(gate, recorder)
+    bot = make_bot(tg)
+    app = web.Application()
+    SimpleRequestHandler(dispatcher=dp, bot=bot, secret_token="s3").register(app, path="/hook")
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        await bot.set_webhook(f"http://{host}:{port}/hook", secret_token="s3")
+        uid = tg.send_text(user_id=5, text="w0")  # POSTed by the fake in the background
+        await asyncio.wait_for(recorder.started.wait(), 10)
+        assert await asyncio.to_thread(tg.post_update, uid) == 200  # a retry, during
+        tg.send_text(user_id=5, text="w1")
+        await tg.wait_for_async(lambda sent: len(sent) == 2)
+        assert await asyncio.to_thread(tg.post_update, uid) == 200  # a retry, after
+        tg.send_text(user_id=5, text="w2")
+        await tg.wait_for_async(lambda sent: len(sent) == 3)
+        assert await asyncio.to_thread(tg.post_update, uid, secret_token="wrong") == 401
+    finally:
+        await runner.cleanup()
+        await bot.session.close()
+    assert [c.text for c in tg.sent] == ["re w0", "re w1", "re w2"]
+    assert recorder.calls == 3
+    await assert_idle(gate)
