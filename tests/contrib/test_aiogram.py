@@ -38,7 +38,10 @@ def make_bot(tg: FakeTelegram) -> Bot:
 
 
 @contextlib.asynccontextmanager
-async def polling(tg: FakeTelegram, dp: Dispatcher, bot: Bot | None = None) -> AsyncIterator[Bot]:
+async def polling(
+    tg: FakeTelegram, dp: Dispatcher, bot: Bot | None = None, recorder: Recorder | None = None
+) -> AsyncIterator[Bot]:
+    """Polls until the block ends, then lets running handlers finish before it stops."""
     bot = bot or make_bot(tg)
     polls = tg.polls
     task = asyncio.create_task(dp.start_polling(bot, handle_signals=False, polling_timeout=1))
@@ -47,6 +50,8 @@ async def polling(tg: FakeTelegram, dp: Dispatcher, bot: Bot | None = None) -> A
             await asyncio.sleep(0.01)
         yield bot
     finally:
+        if recorder is not None:
+            await recorder.settled()
         if not task.done():
             await dp.stop_polling()
         await task
@@ -60,15 +65,25 @@ class Recorder:
         self.spans: dict[int, list[tuple[float, float]]] = {}
         self.started = asyncio.Event()
         self.calls = 0
+        self.running = 0
 
     async def __call__(self, message: Message) -> None:
         assert message.from_user is not None
         self.calls += 1
+        self.running += 1
         self.started.set()
         start = time.monotonic()
-        await asyncio.sleep(self.work)
-        await message.answer(f"re {message.text}")
+        try:
+            await asyncio.sleep(self.work)
+            await message.answer(f"re {message.text}")
+        finally:
+            self.running -= 1
         self.spans.setdefault(message.from_user.id, []).append((start, time.monotonic()))
+
+    async def settled(self) -> None:
+        while self.running:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the turn's release after the handler
 
     def register(self, dp: Dispatcher) -> Dispatcher:
         async def handle(message: Message) -> None:  # aiogram runs only real coroutine functions
@@ -88,7 +103,7 @@ async def test_a_users_burst_runs_one_at_a_time_in_order(
     tg: FakeTelegram, gate: inturn.Gate
 ) -> None:
     recorder = Recorder(work=0.08)
-    async with polling(tg, isolated(gate, recorder)):
+    async with polling(tg, isolated(gate, recorder), recorder=recorder):
         for n in range(5):  # 5 messages in 300 ms, while earlier ones are still being handled
             tg.send_text(user_id=1, text=f"m{n}")
             await asyncio.sleep(0.06)
@@ -102,7 +117,7 @@ async def test_without_isolation_aiogram_overlaps_a_users_updates(tg: FakeTelegr
     """The control: aiogram's default (handle_as_tasks, no isolation) runs them side by side."""
     recorder = Recorder(work=0.2)
     dp = recorder.register(Dispatcher())
-    async with polling(tg, dp):
+    async with polling(tg, dp, recorder=recorder):
         for n in range(5):
             tg.send_text(user_id=1, text=f"m{n}")
             await asyncio.sleep(0.06)
@@ -110,11 +125,26 @@ async def test_without_isolation_aiogram_overlaps_a_users_updates(tg: FakeTelegr
     assert overlaps(recorder.spans[1]) > 0
 
 
+async def test_a_batch_of_one_poll_keeps_its_order(tg: FakeTelegram, gate: inturn.Gate) -> None:
+    """Eight updates of one user that arrive in one getUpdates answer run in their order."""
+    recorder = Recorder(work=0.02)
+    async with polling(tg, isolated(gate, recorder), recorder=recorder):
+        for user in (1, 2):
+            for n in range(8):
+                tg.send_text(user_id=user, text=f"u{user}m{n}")
+        await tg.wait_for_async(lambda sent: len(sent) == 16)
+    for user in (1, 2):
+        texts = [c.text for c in tg.sent if c.chat_id == user]
+        assert texts == [f"re u{user}m{n}" for n in range(8)]
+        assert overlaps(recorder.spans[user]) == 0
+    await assert_idle(gate)
+
+
 async def test_an_update_delivered_three_times_is_answered_once(
     tg: FakeTelegram, gate: inturn.Gate
 ) -> None:
     recorder = Recorder(work=0.3)
-    async with polling(tg, isolated(gate, recorder)):
+    async with polling(tg, isolated(gate, recorder), recorder=recorder):
         uid = tg.send_text(user_id=2, text="once")
         tg.redeliver(uid)  # before: in the same poll, or the next
         await asyncio.wait_for(recorder.started.wait(), 5)
@@ -133,7 +163,7 @@ async def test_without_dedup_a_redelivered_update_is_answered_again(tg: FakeTele
     recorder = Recorder(work=0.05)
     async with inturn.Gate.from_url("memory://") as gate:
         dp = recorder.register(Dispatcher(events_isolation=InturnEventIsolation(gate)))
-        async with polling(tg, dp):
+        async with polling(tg, dp, recorder=recorder):
             tg.redeliver(tg.send_text(user_id=2, text="twice"))
             await tg.wait_for_async(lambda sent: len(sent) == 2)
     assert [c.text for c in tg.sent] == ["re twice", "re twice"]
@@ -141,7 +171,7 @@ async def test_without_dedup_a_redelivered_update_is_answered_again(tg: FakeTele
 
 async def test_thirty_users_run_in_parallel(tg: FakeTelegram, gate: inturn.Gate) -> None:
     recorder = Recorder(work=0.5)
-    async with polling(tg, isolated(gate, recorder)):
+    async with polling(tg, isolated(gate, recorder), recorder=recorder):
         started = time.monotonic()
         for user in range(100, 130):
             tg.send_text(user_id=user, text="hi")
@@ -156,7 +186,7 @@ async def test_chat_scope_serializes_a_group_and_keys_follow_the_scope(
     tg: FakeTelegram, gate: inturn.Gate
 ) -> None:
     recorder = Recorder(work=0.08)
-    async with polling(tg, isolated(gate, recorder, scope="chat")):
+    async with polling(tg, isolated(gate, recorder, scope="chat"), recorder=recorder):
         for n in range(4):  # four members of one group
             tg.send_text(user_id=10 + n, text=f"g{n}", chat_id=-500)
         await tg.wait_for_async(lambda sent: len(sent) == 4)
@@ -185,7 +215,7 @@ async def test_mailbox_middleware_stores_updates_and_drains_them_in_turn(
         got.append(inturn_message)
         await recorder(message)
 
-    async with polling(tg, dp, bot):
+    async with polling(tg, dp, bot, recorder):
         first = tg.send_text(user_id=3, text="m0")
         for n in range(1, 5):
             tg.send_text(user_id=3, text=f"m{n}")

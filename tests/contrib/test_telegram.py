@@ -52,6 +52,11 @@ class Recorder:
             self.running -= 1
         self.spans.setdefault(update.effective_user.id, []).append((start, time.monotonic()))
 
+    async def settled(self) -> None:
+        while self.running:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the turn's release after the handler
+
 
 @contextlib.asynccontextmanager
 async def polling(
@@ -75,6 +80,7 @@ async def polling(
         try:
             yield app
         finally:
+            await recorder.settled()
             await app.updater.stop()
             await app.stop()
 
@@ -102,6 +108,21 @@ async def test_without_the_processor_ptb_overlaps_a_users_updates(tg: FakeTelegr
             await asyncio.sleep(0.06)
         await tg.wait_for_async(lambda sent: len(sent) == 5)
     assert overlaps(recorder.spans[1]) > 0
+
+
+async def test_a_batch_of_one_poll_keeps_its_order(tg: FakeTelegram, gate: inturn.Gate) -> None:
+    """Eight updates of one user that arrive in one getUpdates answer run in their order."""
+    recorder = Recorder(work=0.02)
+    async with polling(tg, recorder, InturnUpdateProcessor(gate, 16)):
+        for user in (1, 2):
+            for n in range(8):
+                tg.send_text(user_id=user, text=f"u{user}m{n}")
+        await tg.wait_for_async(lambda sent: len(sent) == 16)
+    for user in (1, 2):
+        texts = [c.text for c in tg.sent if c.chat_id == user]
+        assert texts == [f"re u{user}m{n}" for n in range(8)]
+        assert overlaps(recorder.spans[user]) == 0
+    await assert_idle(gate)
 
 
 async def test_an_update_delivered_three_times_is_answered_once(
