@@ -14,7 +14,21 @@ Bot API's wire format (`POST /bot<token>/<method>`, JSON, urlencoded or multipar
 
 Updates reach the bot by long polling (`getUpdates` with `offset`/`timeout`; an update stays
 pending until a later `offset` confirms it, as Telegram does) or, once the bot has called
-`setWebhook`, by a POST to its webhook URL (`post_update` does one POST by hand).
+`setWebhook`, by POSTs to its webhook URL from one delivery thread, in order
+(`post_update(update_id, url=...)` does one POST by hand and returns the HTTP status).
+
+Making updates: `send_text(user_id, text, chat_id=None)` (a group when `chat_id` differs),
+`send_callback(user_id, data)`, `send_update({...})` for any other kind; each returns its
+update_id, and `redeliver(update_id)` hands the same update out once more.
+
+What the bot did: `sent` (sendMessage), `actions` (sendChatAction), `edits`
+(editMessageText) and `calls` (everything but getUpdates) are lists of `Call` (method,
+params, at = time.monotonic(), chat_id, text, message_id, action); `polls` counts getUpdates
+calls, `pending` lists unconfirmed update_ids, `webhook_posts` holds (update_id, status).
+
+Failures: `fail_next(method, status=429, retry_after=1, times=1)` answers the next calls of a
+method with Telegram's error body (`parameters.retry_after` for 429). An unknown method gets
+a 404 whose description names it.
 """
 
 from __future__ import annotations
@@ -140,6 +154,8 @@ class FakeTelegram:
         self.webhook_secret: str | None = None
         self.polls = 0  # getUpdates calls served
         self.webhook_posts: list[tuple[int, int]] = []  # (update_id, HTTP status) per POST
+        self._outbox: list[tuple[int, str]] = []
+        self._poster: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -271,12 +287,28 @@ class FakeTelegram:
                 self._pending.append(_Pending(update, forced=forced, seq=next(self._seq)))
                 self._cond.notify_all()
                 return
-        threading.Thread(
-            target=self.post_update,
-            args=(update["update_id"],),
-            kwargs={"url": webhook},
-            daemon=True,
-        ).start()
+        # One delivery thread POSTs in order, each after the previous answer (a webhook with
+        # max_connections=1): updates reach the bot in the order they were made.
+        with self._cond:
+            self._outbox.append((update["update_id"], webhook))
+            if self._poster is None or not self._poster.is_alive():
+                self._poster = threading.Thread(
+                    target=self._post_outbox, name="fake-telegram-webhook", daemon=True
+                )
+                self._poster.start()
+
+    def _post_outbox(self) -> None:
+        while True:
+            with self._cond:
+                if not self._outbox or self._closed:
+                    self._poster = None
+                    return
+                update_id, url = self._outbox.pop(0)
+            try:
+                self.post_update(update_id, url=url)
+            except OSError:  # the bot's server is gone; Telegram would retry, the fake drops it
+                with self._cond:
+                    self.webhook_posts.append((update_id, 0))
 
     def post_update(
         self, update_id: int, *, url: str | None = None, secret_token: str | None = None
