@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -263,3 +264,32 @@ async def test_webhook_retries_are_answered_once(tg: FakeTelegram, gate: inturn.
     assert [c.text for c in tg.sent] == ["re w0", "re w1", "re w2"]
     assert recorder.calls == 3
     await assert_idle(gate)
+
+
+async def test_two_processes_share_each_users_turn_and_dedup(redis_url: str) -> None:
+    """Two dispatchers with their own gates on one Redis both receive every update (two
+    workers behind a retrying balancer): each is answered once, and a user's handlers never
+    overlap across them."""
+    recorder = Recorder(work=0.05)
+    namespace = f"tg{secrets.token_hex(4)}"
+    with FakeTelegram() as tg:
+        async with (
+            inturn.Gate.from_url(redis_url, namespace=namespace) as gate_a,
+            inturn.Gate.from_url(redis_url, namespace=namespace) as gate_b,
+            polling(tg, isolated(gate_a, recorder), recorder=recorder),
+            polling(tg, isolated(gate_b, recorder), recorder=recorder),
+        ):
+            ids = []
+            for n in range(6):
+                for user in (1, 2):
+                    ids.append(tg.send_text(user_id=user, text=f"u{user}m{n}"))
+                await asyncio.sleep(0.03)
+            for update_id in ids:  # and each once more, to whichever polls first
+                tg.redeliver(update_id)
+            await tg.wait_for_async(lambda sent: len(sent) >= 12)
+            await asyncio.sleep(0.3)  # room for a wrong extra reply
+            await assert_idle(gate_a)
+    texts = sorted(c.text or "" for c in tg.sent)
+    assert texts == sorted(f"re u{u}m{n}" for u in (1, 2) for n in range(6))
+    assert overlaps(recorder.spans[1]) == 0
+    assert overlaps(recorder.spans[2]) == 0
