@@ -463,6 +463,19 @@ class FakeTelegram:
             if failure.retry_after is not None:
                 body["parameters"] = {"retry_after": failure.retry_after}
             return failure.status, body
+        if method.lower() in _RECORDED_NOOPS:  # answered True, kept in `calls`
+            chat_id = params.get("chat_id")
+            self._record(
+                Call(
+                    _RECORDED_NOOPS[method.lower()],
+                    params,
+                    time.monotonic(),
+                    chat_id=chat_id if isinstance(chat_id, int | str) else None,
+                    message_id=params.get("message_id"),
+                ),
+                None,
+            )
+            return 200, {"ok": True, "result": True}
         handler = _METHODS.get(method.lower())
         if handler is None:
             return 404, {
@@ -649,6 +662,19 @@ _METHODS: dict[str, Callable[[FakeTelegram, dict[str, Any]], Any]] = {
     "close": FakeTelegram._true,
     "setmycommands": FakeTelegram._true,
     "deletemycommands": FakeTelegram._true,
+}
+
+
+_RECORDED_NOOPS = {
+    name.lower(): name
+    for name in (
+        "deleteMessage",
+        "deleteMessages",
+        "editMessageReplyMarkup",
+        "setMessageReaction",
+        "pinChatMessage",
+        "unpinChatMessage",
+    )
 }
 
 
