@@ -228,6 +228,8 @@ async def test_mailbox_middleware_stores_updates_and_drains_them_in_turn(
     assert mine == [f"re m{n}" for n in range(5)]
     assert overlaps(recorder.spans[3]) == 0
     assert {m.key for m in got} == {"tg:424242:user:3", "tg:424242:user:4"}
+    (m0,) = [m for m in got if m.id == str(first)]
+    assert m0.payload["message"]["from"]["id"] == 3  # the update as Telegram sent it
     await assert_idle(gate)
 
 

@@ -161,7 +161,7 @@ class DedupMiddleware(BaseMiddleware):
     ``window`` seconds after it, is dropped (the handler does not run; aiogram logs it as not
     handled). An update whose handler raised is not remembered, so a retry runs again.
     Registered after :class:`InturnEventIsolation`'s lock (aiogram enters its own FSM
-    middleware first), the claim is made inside the user's turn.
+    middleware first), the claim is made inside the user's turn: give both the same scope.
     """
 
     def __init__(
@@ -238,7 +238,9 @@ class MailboxMiddleware(BaseMiddleware):
         key = _event_key(bot, data, self.scope)
         if key is None:
             return await handler(event, data)
-        payload = update.model_dump(mode="json", exclude_none=True, exclude_unset=True)
+        payload = update.model_dump(
+            mode="json", exclude_none=True, exclude_unset=True, by_alias=True
+        )  # Telegram's own field names ("from", not "from_user")
         await self.mailbox.submit(key, payload, id=update.update_id)
         return None
 
