@@ -1,0 +1,1 @@
+"""Local stand-ins for outside services that tests drive with real client libraries."""
