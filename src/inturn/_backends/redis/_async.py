@@ -276,10 +276,32 @@ class RedisBackend(Mailboxes):
             policy = None
         _doctor.warn_eviction(self._process, policy)
 
+    @staticmethod
+    async def _in_order(state: LoopState) -> None:
+        """Wait behind a JOIN that waits for this loop's first subscription.
+
+        A JOIN is sent only once the wake-up channel is subscribed; a call made
+        after it (a ``turn_nowait``, a claim, a submit) must not reach the server
+        first. They all wait on the same event, which resumes them in the order
+        they began waiting (and the mux keeps that order on the wire). Only the
+        first subscription is waited for: while the channel is being re-made after
+        a failure, calls go straight on (and fail, or succeed, on their own).
+        """
+        if state.subscribed.is_set() or state.broken is not None:
+            return
+        listener = state.listener
+        if listener is None or listener.done():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await state.subscribed.wait()
+
     async def _run(
         self, state: LoopState, name: str, key: str, args: list[Any], keys: list[str] | None = None
     ) -> Any:
         keys = self._process.keys.turn_keys(key) if keys is None else keys
+        if not state.subscribed.is_set():
+            await self._in_order(state)
         with map_errors(name):
             if state.mux is not None:
                 sha, lua = SHAS[name]
