@@ -95,6 +95,18 @@ __all__ = ["RedisBackend"]
 
 logger = logging.getLogger("inturn")
 
+_BACKENDS: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
+"""Every async Redis backend of this process: a forked child drops their loops' state."""
+
+
+def _after_fork_in_child() -> None:
+    for backend in list(_BACKENDS):
+        backend._forked()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class RedisBackend(Mailboxes):
     """The async Redis backend. See the module docstring for what it guarantees.
@@ -127,6 +139,13 @@ class RedisBackend(Mailboxes):
             weakref.WeakKeyDictionary()
         )
         self._twin: SyncRedisBackend | None = None
+        self._twin_lock = threading.Lock()
+        _BACKENDS.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's loops, listeners and connections are not ours
+        (each loop the child runs makes its own, on a channel of its own)."""
+        self._states = weakref.WeakKeyDictionary()
         self._twin_lock = threading.Lock()
 
     @classmethod

@@ -13,8 +13,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -59,6 +61,18 @@ from ._urls import close_client
 
 __all__ = ["SyncRedisBackend"]
 
+_TWINS: weakref.WeakSet[SyncRedisBackend] = weakref.WeakSet()
+"""Every sync twin of this process: a forked child remakes their per-process state."""
+
+
+def _after_fork_in_child() -> None:
+    for twin in list(_TWINS):
+        twin._forked()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class SyncRedisBackend(SyncMailboxes):
     """The sync twin of :class:`RedisBackend`, for threads: same keys, same guarantees.
@@ -86,14 +100,27 @@ class SyncRedisBackend(SyncMailboxes):
             self._mux = SyncMux(
                 pool, size=MAX_CONNECTIONS, wait=CONNECT_TIMEOUT, preload=tuple(SCRIPTS.values())
             )
+        self._stop = threading.Event()
+        self._forked()
+        self._pid = -1
+        _TWINS.add(self)
+
+    def _forked(self) -> None:
+        """The state of this process's threads: made anew in a forked child.
+
+        A gate made before ``fork()`` (Celery prefork) must not leave its children
+        sharing one wake-up channel: each child would take the others' waiters in
+        the line for its own and pass the turn among its own threads. Nor may a
+        child inherit a lock held at the fork, or the parent's waiters.
+        """
+        self._channel = f"{self._process.channel}.{os.getpid()}.{secrets.token_hex(3)}"
+        """This process's wake-up channel for its threads' waiters."""
         self._lock = threading.Lock()
         self._line = Lines()
         """This process's thread waiters (guarded by ``_lock``)."""
         self._subscribed = threading.Event()
         self._broken: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._pid = -1
-        self._stop = threading.Event()
         self._pubsub: Any = None
 
     def _listening(self) -> None:
@@ -124,7 +151,7 @@ class SyncRedisBackend(SyncMailboxes):
                 backoff = min(backoff * 2, 2.0)
                 continue
             try:
-                pubsub.subscribe(process.channel)
+                pubsub.subscribe(self._channel)
                 while True:
                     message = pubsub.get_message(timeout=CONNECT_TIMEOUT)
                     if message is not None and message["type"] == "subscribe":
@@ -227,7 +254,7 @@ class SyncRedisBackend(SyncMailboxes):
             self._line.waiters[token] = waiter  # a push may come before the reply
             self._line.changing(key, 1)  # no hand-over for the key until it has its place
         sent = time.monotonic()
-        args = [token, ms(lease), alive_ms(lease), self._process.channel, "join"]
+        args = [token, ms(lease), alive_ms(lease), self._channel, "join"]
         reply: Sequence[Any] = ()
         try:
             reply = self._run("join", key, args)
@@ -242,7 +269,7 @@ class SyncRedisBackend(SyncMailboxes):
 
     def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
         sent = time.monotonic()
-        args = [token, ms(lease), alive_ms(lease), self._process.channel, "try"]
+        args = [token, ms(lease), alive_ms(lease), self._channel, "try"]
         reply = self._run("join", key, args)
         return decode_grant(reply, sent, lease) if reply[0] == 1 else None
 
@@ -297,7 +324,7 @@ class SyncRedisBackend(SyncMailboxes):
                     waiter.solo = False
                     waiter.seq = 0
                     self._line.place(token, waiter)  # first, unknown: no hand-over passes it
-                args = [token, ms(waiter.lease), alive_ms(waiter.lease), self._process.channel]
+                args = [token, ms(waiter.lease), alive_ms(waiter.lease), self._channel]
                 sent = time.monotonic()
                 limit = None if limit is None else limit - (sent - begun)
                 reply = self._run("join", key, [*args, "join"], timeout=limit)
