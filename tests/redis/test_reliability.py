@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
 
 import inturn
+from inturn._backends.base import SubmitStatus, Taken
+from inturn._backends.redis import RedisBackend
+from inturn._errors import BackendUnavailable
 
 
 def _namespace() -> str:
@@ -138,3 +146,179 @@ def test_gate_made_before_fork_serves_each_child(redis_url: str) -> None:
         assert os.waitstatus_to_exitcode(status) == 0
         longest.append(json.loads(data))
     assert max(longest) < 1.0, longest
+
+
+# -- 3. a reply lost after the server ran the script ------------------------------------
+
+
+class LosingProxy:
+    """A loopback TCP proxy to Redis that loses one reply.
+
+    It forwards every byte, until a command carrying ``marker`` passes: then it waits
+    for the server's reply to that command (the server ran it), drops the reply and
+    closes the connection. Only once; afterwards it forwards everything.
+    """
+
+    def __init__(self, port: int, marker: bytes) -> None:
+        import socket
+        import threading
+
+        self.target = port
+        self.marker = marker
+        self.lost = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self._closed = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            armed = threading.Event()
+            for args in ((client, server, armed, True), (server, client, armed, False)):
+                thread = threading.Thread(target=self._pump, args=args, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _pump(self, source: Any, sink: Any, armed: Any, upstream: bool) -> None:
+        import contextlib
+
+        source.settimeout(0.2)
+        try:
+            while not self._closed.is_set():
+                try:
+                    data = source.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                if upstream and self.marker in data and not self.lost.is_set():
+                    armed.set()
+                elif not upstream and armed.is_set() and not self.lost.is_set():
+                    self.lost.set()  # the server ran it; its reply goes nowhere
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(2)
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(2)
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[Callable[[bytes], LosingProxy]]:
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    made: list[LosingProxy] = []
+
+    def make(marker: bytes) -> LosingProxy:
+        made.append(LosingProxy(port, marker))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+def _lengths(redis_url: str, backend: Any, key: str) -> tuple[int, int]:
+    queue, inflight = backend._process.keys.mailbox_keys("box", key)[:2]
+    with redis.Redis.from_url(redis_url) as client:
+        return int(client.llen(queue)), int(client.llen(inflight))
+
+
+async def test_submit_whose_reply_is_lost_is_stored_once(
+    redis_url: str, proxy: Callable[[bytes], LosingProxy]
+) -> None:
+    """The retried submit finds its own message: stored once, and the caller drains."""
+    lossy = proxy(b"lose-me")
+    backend = RedisBackend.from_url(lossy.url(), namespace=_namespace())
+    try:
+        done = await backend.mb_submit(
+            "box", "u", "m-lose-me", max_pending=10, drop_oldest=False, token="d", lease=5, take=5
+        )
+        assert lossy.lost.is_set()
+        assert done.status is SubmitStatus.DRAINER
+        assert done.first == Taken(messages=("m-lose-me",))
+        assert _lengths(redis_url, backend, "u") == (0, 1)
+    finally:
+        await backend.aclose()
+
+
+def test_sync_submit_whose_reply_is_lost_is_stored_once(
+    redis_url: str, proxy: Callable[[bytes], LosingProxy]
+) -> None:
+    lossy = proxy(b"lose-me")
+    backend = RedisBackend.from_url(lossy.url(), namespace=_namespace())
+    twin = backend.sync_twin()
+    try:
+        done = twin.mb_submit(
+            "box", "u", "m-lose-me", max_pending=10, drop_oldest=False, token="d", lease=5
+        )
+        assert lossy.lost.is_set()
+        assert done.status is SubmitStatus.DRAINER
+        assert _lengths(redis_url, backend, "u") == (1, 0)
+    finally:
+        twin.close()
+
+
+async def test_acknowledging_take_whose_reply_is_lost_is_not_resent(
+    redis_url: str, proxy: Callable[[bytes], LosingProxy]
+) -> None:
+    """A take that acknowledges is not sent twice (the second run would acknowledge the
+    batch the first took): the caller gets BackendUnavailable and takes again without
+    acknowledging, and finds that batch."""
+    lossy = proxy(b"not yet")
+    backend = RedisBackend.from_url(lossy.url(), namespace=_namespace())
+    try:
+        for text in ("m1", "m2"):
+            await backend.mb_submit(
+                "box", "u", text, max_pending=10, drop_oldest=False, token="tk", lease=5
+            )
+        first = await backend.mb_take("box", "u", "tk", limit=1, lease=5, ack=False)
+        assert first == Taken(messages=("m1",))
+        lossy.marker = b"tk\r\n$1\r\n1\r\n$4\r\n5000\r\n$1\r\n1\r\n"  # the take with ack
+        with pytest.raises(BackendUnavailable):
+            await backend.mb_take("box", "u", "tk", limit=1, lease=5, ack=True)
+        assert lossy.lost.is_set()
+        again = await backend.mb_take("box", "u", "tk", limit=1, lease=5, ack=False)
+        assert again == Taken(messages=("m2",))
+    finally:
+        await backend.aclose()
+
+
+async def test_retry_whose_reply_is_lost_puts_the_batch_back_once(
+    redis_url: str, proxy: Callable[[bytes], LosingProxy]
+) -> None:
+    lossy = proxy(b"again-lose-me")
+    backend = RedisBackend.from_url(lossy.url(), namespace=_namespace())
+    try:
+        await backend.mb_submit(
+            "box", "u", "m1", max_pending=10, drop_oldest=False, token="d", lease=5, take=5
+        )
+        await backend.mb_retry("box", "u", "d", ["m1-again-lose-me"], not_before=0.0)
+        assert lossy.lost.is_set()
+        assert _lengths(redis_url, backend, "u") == (1, 0)
+    finally:
+        await backend.aclose()

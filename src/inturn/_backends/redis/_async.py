@@ -79,6 +79,7 @@ from ._shared import (
     decode_grant,
     hand_over,
     holder_of,
+    idempotent,
     is_cluster,
     log_channel_lost,
     map_errors,
@@ -324,7 +325,9 @@ class RedisBackend(Mailboxes):
         with map_errors(name):
             if state.mux is not None:
                 sha, lua = SHAS[name]
-                return await state.mux.evalsha(sha, lua, keys, args)
+                return await state.mux.evalsha(
+                    sha, lua, keys, args, idempotent=idempotent(name, args)
+                )
             return await state.scripts[name](keys=keys, args=args)
 
     async def _script(self, call: Call, key: str, state: LoopState | None = None) -> Any:

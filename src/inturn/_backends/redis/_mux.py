@@ -17,7 +17,9 @@ Failure handling keeps redis-py's promises and adds one:
 
 - a dropped connection fails every call in flight with ``ConnectionError``;
   calls are retried (``RETRIES`` times, with backoff) on a new connection, as
-  redis-py's ``Retry`` did; the scripts are idempotent;
+  redis-py's ``Retry`` did, when they are idempotent (most scripts are); one
+  that is not (SUPERSEDE, a take that acknowledges) is retried only if it was
+  never written;
 - a server that stops answering (paused, overloaded) is noticed by a watchdog:
   when the oldest call in flight waited ``timeout`` seconds, the connection is
   dropped and its calls fail with ``TimeoutError`` (not retried: a stalled
@@ -110,11 +112,22 @@ class Mux:
         self._watch: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def evalsha(self, sha: str, lua: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def evalsha(
+        self,
+        sha: str,
+        lua: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        idempotent: bool = True,
+    ) -> Any:
         """Run a script by its SHA (loading it by EVAL when the server lacks it).
 
         Raises redis-py's exceptions: ``ConnectionError`` (after the retries),
-        ``TimeoutError`` and ``ResponseError``.
+        ``TimeoutError`` and ``ResponseError``. A call that is not ``idempotent``
+        is retried only if it never left (the connection was gone before it was
+        written): once written, its connection may drop after the server ran it,
+        and the ``ConnectionError`` goes to the caller, who knows how to ask again.
         """
         tries = 0
         while True:
@@ -129,16 +142,22 @@ class Mux:
                     link = await self._connect()
                 finally:
                     self._awaiting_link -= 1
+            written = False
             try:
                 try:
-                    return await self._send(link, ("EVALSHA", sha, len(keys), *keys, *args))
+                    reply = self._send(link, ("EVALSHA", sha, len(keys), *keys, *args))
+                    written = True
+                    return await reply
                 except redis.exceptions.NoScriptError:
-                    return await self._send(link, ("EVAL", lua, len(keys), *keys, *args))
+                    written = False
+                    reply = self._send(link, ("EVAL", lua, len(keys), *keys, *args))
+                    written = True
+                    return await reply
             except redis.exceptions.TimeoutError:
                 raise
             except (redis.exceptions.ConnectionError, OSError):
                 tries += 1
-                if tries > RETRIES or self._closed:
+                if tries > RETRIES or self._closed or (written and not idempotent):
                     raise
                 await asyncio.sleep(min(0.5, 0.05 * 2**tries))
 
@@ -340,30 +359,35 @@ class SyncMux:
         args: Sequence[Any],
         *,
         timeout: float | None = None,
+        idempotent: bool = True,
     ) -> Any:
         """Run a script by its SHA (loading it by EVAL when the server lacks it).
 
         ``timeout``: the longest wait for the reply (default: the socket timeout).
         Raises redis-py's exceptions: ``ConnectionError`` (after the retries),
-        ``TimeoutError`` and ``ResponseError``.
+        ``TimeoutError`` and ``ResponseError``. A call that is not ``idempotent``
+        is not sent again once it was written (see :meth:`Mux.evalsha`).
         """
         tries = 0
         until = None if timeout is None else time.monotonic() + timeout
         while True:
             conn = self._take(until)
+            written = [False]
             try:
                 try:
                     command = ("EVALSHA", sha, len(keys), *keys, *args)
-                    reply = self._call(conn, command, until)
+                    reply = self._call(conn, command, until, written)
                 except redis.exceptions.NoScriptError:
-                    reply = self._call(conn, ("EVAL", lua, len(keys), *keys, *args), until)
+                    written[0] = False
+                    command = ("EVAL", lua, len(keys), *keys, *args)
+                    reply = self._call(conn, command, until, written)
             except redis.exceptions.ResponseError:
                 self._give(conn)  # an error reply leaves the connection in step
                 raise
             except (redis.exceptions.ConnectionError, OSError):
                 self._retire(conn)
                 tries += 1
-                if tries > RETRIES or self._closed:
+                if tries > RETRIES or self._closed or (written[0] and not idempotent):
                     raise
                 time.sleep(min(0.5, 0.05 * 2**tries))
                 continue
@@ -385,10 +409,11 @@ class SyncMux:
                     conn.disconnect()
 
     @staticmethod
-    def _call(conn: Any, command: tuple[Any, ...], until: float | None) -> Any:
+    def _call(conn: Any, command: tuple[Any, ...], until: float | None, written: list[bool]) -> Any:
         pack = _hiredis_pack
         packed = pack(command) if pack is not None else conn.pack_command(*command)
         conn.send_packed_command([packed], check_health=False)
+        written[0] = True  # all of it reached the socket: the server may run it
         if until is None:
             return conn.read_response()
         return conn.read_response(timeout=_left(until))

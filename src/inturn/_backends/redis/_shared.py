@@ -542,3 +542,19 @@ def log_channel_lost(exc: BaseException, backoff: float) -> None:
     """WARNING on the first failure, DEBUG while the reconnection keeps failing."""
     level = logging.WARNING if backoff <= 0.05 else logging.DEBUG
     logger.log(level, "inturn: Redis wake-up channel lost (%r); reconnecting", exc)
+
+
+def idempotent(name: str, args: Sequence[Any]) -> bool:
+    """Whether a script may run twice with the same arguments (a resend after a lost reply).
+
+    SUPERSEDE counts a generation; a take that acknowledges (ack "1") deletes
+    the batch in flight, which a second run would take to be the next one.
+    Every other script is written to be safe twice (see :mod:`._lua`).
+    """
+    if name == "supersede":
+        return False
+    if name == "mb_take":
+        return str(args[3]) != "1"
+    if name == "mb_release_take":
+        return str(args[4]) != "1"
+    return True

@@ -48,6 +48,7 @@ from ._shared import (
     decode_grant,
     hand_over,
     holder_of,
+    idempotent,
     is_cluster,
     log_channel_lost,
     map_errors,
@@ -214,7 +215,9 @@ class SyncRedisBackend(SyncMailboxes):
         with map_errors(name):
             if self._mux is not None:
                 sha, lua = SHAS[name]
-                return self._mux.evalsha(sha, lua, keys, args, timeout=timeout)
+                return self._mux.evalsha(
+                    sha, lua, keys, args, timeout=timeout, idempotent=idempotent(name, args)
+                )
             return self._scripts[name](keys=keys, args=args)
 
     def _script(self, call: Call, key: str) -> Any:
