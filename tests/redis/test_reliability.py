@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -159,12 +160,15 @@ class LosingProxy:
     closes the connection. Only once; afterwards it forwards everything.
     """
 
-    def __init__(self, port: int, marker: bytes) -> None:
+    def __init__(self, port: int, marker: bytes, down_for: float = 0.0) -> None:
         import socket
         import threading
 
         self.target = port
         self.marker = marker
+        self.down_for = down_for
+        """Seconds new connections are refused (closed at once) after the lost reply."""
+        self.down_until = 0.0
         self.lost = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
@@ -187,6 +191,9 @@ class LosingProxy:
                 continue
             except OSError:
                 return
+            if time.monotonic() < self.down_until:
+                client.close()  # a server away (a failover): connections are cut at once
+                continue
             server = socket.create_connection(("127.0.0.1", self.target))
             armed = threading.Event()
             for args in ((client, server, armed, True), (server, client, armed, False)):
@@ -209,6 +216,7 @@ class LosingProxy:
                 if upstream and self.marker in data and not self.lost.is_set():
                     armed.set()
                 elif not upstream and armed.is_set() and not self.lost.is_set():
+                    self.down_until = time.monotonic() + self.down_for
                     self.lost.set()  # the server ran it; its reply goes nowhere
                     break
                 sink.sendall(data)
@@ -229,12 +237,12 @@ class LosingProxy:
 
 
 @pytest.fixture
-def proxy(redis_url: str) -> Iterator[Callable[[bytes], LosingProxy]]:
+def proxy(redis_url: str) -> Iterator[Callable[..., LosingProxy]]:
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     made: list[LosingProxy] = []
 
-    def make(marker: bytes) -> LosingProxy:
-        made.append(LosingProxy(port, marker))
+    def make(marker: bytes, down_for: float = 0.0) -> LosingProxy:
+        made.append(LosingProxy(port, marker, down_for))
         return made[-1]
 
     yield make
@@ -322,3 +330,47 @@ async def test_retry_whose_reply_is_lost_puts_the_batch_back_once(
         assert _lengths(redis_url, backend, "u") == (1, 0)
     finally:
         await backend.aclose()
+
+
+# -- 5. a finish that fails once does not make the handler run twice --------------------
+
+
+async def test_dedup_finish_rides_out_a_short_outage(
+    redis_url: str, proxy: Callable[..., LosingProxy]
+) -> None:
+    """The connection drops at FINISH and the server stays away 0.8 s (past the mux's own
+    retries): the finish is sent again within the claim's lease, so the id is done and
+    the handler is not run again."""
+    lossy = proxy(b"finish-me", down_for=0.8)
+    gate = inturn.Gate.from_url(lossy.url(), namespace=_namespace())
+    dedup = gate.dedup("replies", window=60)
+    runs = 0
+    try:
+        async with dedup.claim("u", "id-1", lease=5) as claim:
+            runs += 1
+            claim.result = "finish-me"
+        assert lossy.lost.is_set()
+        with pytest.raises(inturn.Duplicate) as found:
+            async with dedup.claim("u", "id-1", lease=5):
+                runs += 1
+        assert (found.value.state, found.value.result) == ("done", "finish-me")
+        assert runs == 1
+    finally:
+        await gate.aclose()
+
+
+def test_dedup_finish_sync_rides_out_a_short_outage(
+    redis_url: str, proxy: Callable[..., LosingProxy]
+) -> None:
+    lossy = proxy(b"finish-me", down_for=0.8)
+    gate = inturn.Gate.from_url(lossy.url(), namespace=_namespace())
+    dedup = gate.dedup("replies", window=60)
+    try:
+        with dedup.claim_sync("u", "id-1", lease=5) as claim:
+            claim.result = "finish-me"
+        assert lossy.lost.is_set()
+        with pytest.raises(inturn.Duplicate) as found, dedup.claim_sync("u", "id-1", lease=5):
+            pass
+        assert (found.value.state, found.value.result) == ("done", "finish-me")
+    finally:
+        gate.close()
