@@ -19,6 +19,7 @@ import inturn
 from inturn._backends.base import SubmitStatus, Taken
 from inturn._backends.redis import RedisBackend
 from inturn._errors import BackendUnavailable
+from tests.servers import RedisServer
 
 
 def _namespace() -> str:
@@ -374,3 +375,97 @@ def test_dedup_finish_sync_rides_out_a_short_outage(
         assert (found.value.state, found.value.result) == ("done", "finish-me")
     finally:
         gate.close()
+
+
+# -- 8. the turn layer's fixes, on Redis ------------------------------------------------
+
+
+def test_sync_holder_cut_off_learns_it_lost_the_turn_at_its_lease_end(
+    make_redis_server: Callable[..., RedisServer],
+) -> None:
+    """SIGSTOP the server under a turn_sync holder: turn.lost is set at the lease's end
+    (its renewals cannot answer), not seconds later."""
+    server = make_redis_server()
+    lease = 1.0
+    gate = inturn.Gate.from_url(server.url, namespace=_namespace(), lease=lease)
+    try:
+        with gate.turn_sync("k") as turn:
+            granted = time.monotonic()
+            server.pause()
+            try:
+                assert turn.lost.wait(lease + 2.0)
+                late = time.monotonic() - granted - lease
+            finally:
+                server.resume()
+        assert turn.lost_reason == "expired"
+        assert late < 0.3, f"learnt it {late:.2f}s after the lease's end"
+    finally:
+        server.resume()
+        gate.close()
+
+
+def test_a_stuck_server_does_not_delay_renewals_on_another(
+    make_redis_server: Callable[..., RedisServer],
+) -> None:
+    """Two gates on two servers; one server stalls under its holder. A holder on the healthy
+    server with a short lease keeps it for several lease periods."""
+    import threading
+
+    stuck, healthy = make_redis_server(), make_redis_server()
+    stuck_gate = inturn.Gate.from_url(stuck.url, namespace=_namespace(), lease=1.0)
+    healthy_gate = inturn.Gate.from_url(healthy.url, namespace=_namespace(), lease=0.4)
+    holding = threading.Event()
+    done = threading.Event()
+
+    def hold_on_the_stuck_server() -> None:
+        with stuck_gate.turn_sync("k"):
+            holding.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold_on_the_stuck_server, daemon=True)
+    holder.start()
+    try:
+        assert holding.wait(5)
+        stuck.pause()
+        time.sleep(0.2)  # its renewal is now in flight, stuck
+        with healthy_gate.turn_sync("k") as turn:
+            time.sleep(2.0)  # five lease periods
+            assert not turn.lost.is_set(), turn.lost_reason
+            assert turn.check()
+    finally:
+        stuck.resume()
+        done.set()
+        holder.join(15)
+        stuck_gate.close()
+        healthy_gate.close()
+
+
+async def test_drainer_rides_out_a_short_restart_with_aof(
+    make_redis_server: Callable[..., RedisServer],
+) -> None:
+    """A 0.5 s restart (AOF, fsync always) under a drain: all 10 messages run once,
+    without a sweep."""
+    server = make_redis_server({"appendonly": "yes", "appendfsync": "always"})
+    gate = inturn.Gate.from_url(server.url, namespace=_namespace(), lease=3.0)
+    seen: list[int] = []
+    started = asyncio.Event()
+
+    async def handler(message: inturn.Message) -> None:
+        started.set()
+        await asyncio.sleep(0.1)
+        seen.append(message.payload["n"])
+
+    box = gate.mailbox("aof", handler=handler, sweep_interval=None)
+    try:
+        for n in range(10):
+            await box.submit("u", {"n": n}, id=f"m{n}")
+        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.sleep(0.25)
+        server.kill()
+        await asyncio.sleep(0.5)
+        server.start()
+        await asyncio.wait_for(box.drained(), 20)
+        assert sorted(seen) == list(range(10)), seen
+        assert len(seen) == 10
+    finally:
+        await gate.aclose()
