@@ -70,6 +70,7 @@ from ._shared import (
     LoopState,
     Outage,
     ProcessChannel,
+    ReplicaWait,
     Scripts,
     Waiter,
     after_release,
@@ -90,7 +91,7 @@ from ._shared import (
     wake,
 )
 from ._sync import SyncRedisBackend
-from ._urls import aclose_client, factories, masked
+from ._urls import aclose_client, factories, masked, replica_wait, wait_options
 
 __all__ = ["RedisBackend"]
 
@@ -124,11 +125,14 @@ class RedisBackend(Mailboxes):
         *,
         sync_client: Any = None,
         namespace: str = "default",
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.1,
         _factory: Any = None,
         _sync_factory: Any = None,
     ) -> None:
         if client is None and _factory is None:
             raise ConfigurationError("RedisBackend needs a redis-py client (or use from_url)")
+        self._wait = replica_wait(wait_replicas, wait_timeout, cluster=is_cluster(client))
         process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._process = ProcessChannel(KeySpace(namespace), KeySpace(namespace).channel(process))
         self._url: str | None = None
@@ -153,8 +157,15 @@ class RedisBackend(Mailboxes):
     def from_url(cls, url: str, *, namespace: str = "default") -> RedisBackend:
         """Build the backend from a ``redis://``, ``rediss://``, ``unix://``,
         ``redis+sentinel://`` or ``redis+cluster://`` URL."""
+        url, wait = wait_options(url)
         make_async, make_sync = factories(url)
-        backend = cls(namespace=namespace, _factory=make_async, _sync_factory=make_sync)
+        backend = cls(
+            namespace=namespace,
+            wait_replicas=wait[0],
+            wait_timeout=wait[1],
+            _factory=make_async,
+            _sync_factory=make_sync,
+        )
         backend._url = url
         return backend
 
@@ -317,23 +328,40 @@ class RedisBackend(Mailboxes):
                 await state.subscribed.wait()
 
     async def _run(
-        self, state: LoopState, name: str, key: str, args: list[Any], keys: list[str] | None = None
+        self,
+        state: LoopState,
+        name: str,
+        key: str,
+        args: list[Any],
+        keys: list[str] | None = None,
+        *,
+        wait: ReplicaWait | None = None,
     ) -> Any:
+        """Run a script; with ``wait``, return once replicas have its write (see ReplicaWait)."""
         keys = self._process.keys.turn_keys(key) if keys is None else keys
         if not state.subscribed.is_set():
             await self._in_order(state)
         with map_errors(name):
             if state.mux is not None:
                 sha, lua = SHAS[name]
-                return await state.mux.evalsha(
-                    sha, lua, keys, args, idempotent=idempotent(name, args)
+                then = None if wait is None else wait.command()
+                reply = await state.mux.evalsha(
+                    sha, lua, keys, args, idempotent=idempotent(name, args), then=then
                 )
+                if wait is None:
+                    return reply
+                wait.check(reply[1], name)
+                return reply[0]
             return await state.scripts[name](keys=keys, args=args)
 
-    async def _script(self, call: Call, key: str, state: LoopState | None = None) -> Any:
-        """Run a script whose KEYS and ARGV :class:`Scripts` built."""
+    async def _script(
+        self, call: Call, key: str, state: LoopState | None = None, *, durable: bool = False
+    ) -> Any:
+        """Run a script whose KEYS and ARGV :class:`Scripts` built; ``durable``: wait for
+        replicas when the backend is configured to (``wait_replicas``)."""
         name, keys, args = call
-        return await self._run(state or self._state(), name, key, args, keys)
+        wait = self._wait if durable else None
+        return await self._run(state or self._state(), name, key, args, keys, wait=wait)
 
     # -- the Backend protocol -----------------------------------------------------------
 
@@ -611,7 +639,9 @@ class RedisBackend(Mailboxes):
                         "RedisBackend(client, sync_client=redis.Redis(...))"
                     )
                 client = self._sync_factory()
-            self._twin = SyncRedisBackend(client, self._process, owned=self._sync_client is None)
+            self._twin = SyncRedisBackend(
+                client, self._process, owned=self._sync_client is None, wait=self._wait
+            )
         return self._twin
 
     async def aclose(self) -> None:

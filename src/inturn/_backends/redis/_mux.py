@@ -120,6 +120,7 @@ class Mux:
         args: Sequence[Any],
         *,
         idempotent: bool = True,
+        then: tuple[Any, ...] | None = None,
     ) -> Any:
         """Run a script by its SHA (loading it by EVAL when the server lacks it).
 
@@ -128,6 +129,10 @@ class Mux:
         is retried only if it never left (the connection was gone before it was
         written): once written, its connection may drop after the server ran it,
         and the ``ConnectionError`` goes to the caller, who knows how to ask again.
+
+        ``then``: a command sent right behind the script on the same connection (a
+        ``WAIT`` for replicas, which counts this connection's writes); the reply is
+        then the pair (script's reply, its reply).
         """
         tries = 0
         while True:
@@ -146,13 +151,15 @@ class Mux:
             try:
                 try:
                     reply = self._send(link, ("EVALSHA", sha, len(keys), *keys, *args))
+                    after = None if then is None else self._send(link, then)
                     written = True
-                    return await reply
+                    return await _both(reply, after)
                 except redis.exceptions.NoScriptError:
                     written = False
                     reply = self._send(link, ("EVAL", lua, len(keys), *keys, *args))
+                    after = None if then is None else self._send(link, then)
                     written = True
-                    return await reply
+                    return await _both(reply, after)
             except redis.exceptions.TimeoutError:
                 raise
             except (redis.exceptions.ConnectionError, OSError):
@@ -360,6 +367,7 @@ class SyncMux:
         *,
         timeout: float | None = None,
         idempotent: bool = True,
+        then: tuple[Any, ...] | None = None,
     ) -> Any:
         """Run a script by its SHA (loading it by EVAL when the server lacks it).
 
@@ -381,6 +389,8 @@ class SyncMux:
                     written[0] = False
                     command = ("EVAL", lua, len(keys), *keys, *args)
                     reply = self._call(conn, command, until, written)
+                if then is not None:  # on the same connection: a WAIT counts its writes
+                    reply = (reply, self._call(conn, then, until, [True]))
             except redis.exceptions.ResponseError:
                 self._give(conn)  # an error reply leaves the connection in step
                 raise
@@ -484,6 +494,24 @@ class SyncMux:
         with self._free:
             self._count = max(0, self._count - 1)
             self._free.notify()
+
+
+async def _both(reply: asyncio.Future[Any], after: asyncio.Future[Any] | None) -> Any:
+    """A script's reply, or (its reply, the reply of the command sent behind it)."""
+    try:
+        result = await reply
+    except BaseException:
+        if after is not None:  # its failure is the same as the script's: not reported twice
+            after.add_done_callback(_retrieve)
+        raise
+    if after is None:
+        return result
+    return result, await after
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _left(until: float) -> float:

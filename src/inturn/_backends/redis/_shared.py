@@ -558,3 +558,33 @@ def idempotent(name: str, args: Sequence[Any]) -> bool:
     if name == "mb_release_take":
         return str(args[4]) != "1"
     return True
+
+
+@dataclass(frozen=True)
+class ReplicaWait:
+    """Wait for replicas before a submit is acknowledged (``?wait_replicas=N&wait_timeout=S``).
+
+    Replication is asynchronous: a primary that fails over right after a write
+    acknowledged to the caller loses it unless a replica had it. The submit's
+    script is followed, on the same connection, by ``WAIT replicas timeout_ms``,
+    and the submit returns once that many replicas have its write, or at the
+    timeout (then a WARNING says how many had it: the message is stored on the
+    primary only, and is lost if the primary fails now).
+    """
+
+    replicas: int
+    timeout: float
+
+    def command(self) -> tuple[Any, ...]:
+        return ("WAIT", self.replicas, ms(self.timeout))
+
+    def check(self, acked: Any, what: str) -> None:
+        if int(acked) < self.replicas:
+            logger.warning(
+                "inturn: %s acknowledged by %d of %d replicas within %gs: "
+                "a failover now would lose it",
+                what,
+                int(acked),
+                self.replicas,
+                self.timeout,
+            )

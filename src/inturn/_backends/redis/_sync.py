@@ -39,6 +39,7 @@ from ._shared import (
     Lines,
     Outage,
     ProcessChannel,
+    ReplicaWait,
     Scripts,
     Waiter,
     after_release,
@@ -86,8 +87,16 @@ class SyncRedisBackend(SyncMailboxes):
     never_blocks = False
     """Every call is a round trip to Redis: the turn layer bounds it in a worker."""
 
-    def __init__(self, client: Any, process: ProcessChannel, *, owned: bool = False) -> None:
+    def __init__(
+        self,
+        client: Any,
+        process: ProcessChannel,
+        *,
+        owned: bool = False,
+        wait: ReplicaWait | None = None,
+    ) -> None:
         self._client = client
+        self._wait = wait
         self._process = process
         self._owned = owned
         self._calls = Scripts(process.keys, cluster=is_cluster(client))
@@ -209,21 +218,35 @@ class SyncRedisBackend(SyncMailboxes):
         keys: list[str] | None = None,
         *,
         timeout: float | None = None,
+        wait: ReplicaWait | None = None,
     ) -> Any:
-        """Run a script; ``timeout`` bounds the wait for its reply (not on a Cluster)."""
+        """Run a script; ``timeout`` bounds the wait for its reply (not on a Cluster);
+        ``wait``: return once replicas have its write (see ReplicaWait)."""
         keys = self._process.keys.turn_keys(key) if keys is None else keys
         with map_errors(name):
             if self._mux is not None:
                 sha, lua = SHAS[name]
-                return self._mux.evalsha(
-                    sha, lua, keys, args, timeout=timeout, idempotent=idempotent(name, args)
+                then = None if wait is None else wait.command()
+                reply = self._mux.evalsha(
+                    sha,
+                    lua,
+                    keys,
+                    args,
+                    timeout=timeout,
+                    idempotent=idempotent(name, args),
+                    then=then,
                 )
+                if wait is None:
+                    return reply
+                wait.check(reply[1], name)
+                return reply[0]
             return self._scripts[name](keys=keys, args=args)
 
-    def _script(self, call: Call, key: str) -> Any:
-        """Run a script whose KEYS and ARGV :class:`Scripts` built."""
+    def _script(self, call: Call, key: str, *, durable: bool = False) -> Any:
+        """Run a script whose KEYS and ARGV :class:`Scripts` built (``durable``: see
+        :meth:`RedisBackend._script`)."""
         name, keys, args = call
-        return self._run(name, key, args, keys)
+        return self._run(name, key, args, keys, wait=self._wait if durable else None)
 
     @contextlib.contextmanager
     def _changing(self, key: str) -> Iterator[None]:
