@@ -671,3 +671,25 @@ def test_failover_loses_no_acknowledged_submit_with_wait(
     assert total >= 5
     assert lost == 0
     assert without > 0  # the window WAIT closes is real
+
+
+async def test_diagnose_reports_replication_without_wait(
+    make_redis_server: Callable[..., RedisServer],
+) -> None:
+    """Replicas and neither WAIT nor min-replicas-to-write: a warning; either: ok."""
+    primary = make_redis_server()
+    _replica_of(make_redis_server, primary)
+
+    async def finding(url: str) -> Any:
+        backend = RedisBackend.from_url(url)
+        try:
+            report = await backend.diagnose()
+        finally:
+            await backend.aclose()
+        return next(f for f in report.findings if f.check == "replication")
+
+    assert (await finding(primary.url)).level == "warning"
+    assert (await finding(primary.url + "?wait_replicas=1")).level == "ok"
+    with redis.Redis(port=primary.port) as client:
+        client.config_set("min-replicas-to-write", 1)
+    assert (await finding(primary.url)).level == "ok"

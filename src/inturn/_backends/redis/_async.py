@@ -564,7 +564,8 @@ class RedisBackend(Mailboxes):
         """See :meth:`Backend.diagnose` (version, eviction policy, persistence, rights)."""
         client = self._state().client
         server = masked(self._url) if self._url else _doctor.server_of(client)
-        return await _doctor.diagnose(client, server)
+        wait = self._wait.replicas if self._wait is not None else 0
+        return await _doctor.diagnose(client, server, wait=wait)
 
     # -- dedup and newest-call-wins -----------------------------------------------------
 
