@@ -174,13 +174,13 @@ async def test_cluster_master_dies_under_a_holder_and_a_waiter(
         while not stop.is_set():
             n += 1
             for call in (
-                lambda: _nowait(gate),
-                lambda: _claim(dedup, n),
-                lambda: box.submit("k", {"n": n}),
-                lambda: gate.statistics(),
+                _nowait(gate),
+                _claim(dedup, n),
+                box.submit("k", {"n": n}),
+                gate.statistics(),
             ):
                 try:
-                    await asyncio.wait_for(call(), 5)
+                    await asyncio.wait_for(call, 5)
                 except (inturn.Busy, inturn.Duplicate, inturn.BackendUnavailable, TimeoutError):
                     pass
                 except BaseException as exc:
