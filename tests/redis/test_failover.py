@@ -9,7 +9,8 @@ import contextlib
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -173,14 +174,15 @@ async def test_cluster_master_dies_under_a_holder_and_a_waiter(
         n = 0
         while not stop.is_set():
             n += 1
-            for call in (
-                _nowait(gate),
-                _claim(dedup, n),
-                box.submit("k", {"n": n}),
-                gate.statistics(),
-            ):
+            calls: list[Callable[[], Awaitable[Any]]] = [
+                partial(_nowait, gate),
+                partial(_claim, dedup, n),
+                partial(box.submit, "k", {"n": n}),
+                gate.statistics,
+            ]
+            for call in calls:
                 try:
-                    await asyncio.wait_for(call, 5)
+                    await asyncio.wait_for(call(), 5)
                 except (inturn.Busy, inturn.Duplicate, inturn.BackendUnavailable, TimeoutError):
                     pass
                 except BaseException as exc:
