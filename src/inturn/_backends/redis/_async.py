@@ -45,6 +45,7 @@ from typing import Any
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.sentinel
 import redis.exceptions
 
 from inturn._backends.base import (
@@ -183,7 +184,10 @@ class RedisBackend(Mailboxes):
             else:
                 pool = client.connection_pool
                 timeout = pool.connection_kwargs.get("socket_timeout") or SOCKET_TIMEOUT
-                mux = Mux(pool, timeout=timeout, preload=tuple(SCRIPTS.values()))
+                master = None
+                if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
+                    master = pool.get_master_address
+                mux = Mux(pool, timeout=timeout, preload=tuple(SCRIPTS.values()), master=master)
             channel = f"{self._process.channel}.{secrets.token_hex(4)}"
             calls = Scripts(self._process.keys, cluster=is_cluster(client))
             state = LoopState(client=client, scripts=scripts, channel=channel, mux=mux, calls=calls)

@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 import redis.cluster
+import redis.sentinel
 
 from inturn._backends.base import ClaimResult, Grant, Statistics
 from inturn._errors import BackendUnavailable
@@ -107,8 +108,15 @@ class SyncRedisBackend(SyncMailboxes):
             self._scripts = {name: client.register_script(lua) for name, lua in SCRIPTS.items()}
         else:
             pool = client.connection_pool
+            master = None
+            if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+                master = pool.get_master_address
             self._mux = SyncMux(
-                pool, size=MAX_CONNECTIONS, wait=CONNECT_TIMEOUT, preload=tuple(SCRIPTS.values())
+                pool,
+                size=MAX_CONNECTIONS,
+                wait=CONNECT_TIMEOUT,
+                preload=tuple(SCRIPTS.values()),
+                master=master,
             )
         self._stop = threading.Event()
         self._forked()
