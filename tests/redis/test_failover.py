@@ -19,7 +19,7 @@ import redis.cluster
 
 import inturn
 from inturn._backends.redis import RedisBackend
-from tests.servers import HOST, RedisServer
+from tests.servers import HOST, RedisSentinel, RedisServer
 
 
 def _namespace() -> str:
@@ -230,3 +230,94 @@ async def _nowait(gate: inturn.Gate) -> None:
 async def _claim(dedup: Any, n: int) -> None:
     async with dedup.claim("k", f"id{n}"):
         pass
+
+
+# -- Sentinel: the old master paused, a failover, and the old master back --------------
+
+
+class FailoverSentinel(RedisSentinel):
+    """A Sentinel that fails ``mymaster`` over half a second after it stops answering."""
+
+    def _launch(self, port: int, bus_port: int) -> None:
+        super()._launch(port, bus_port)
+        for line in (
+            ("down-after-milliseconds", "500"),
+            ("failover-timeout", "2000"),
+        ):
+            with redis.Redis(port=port) as client:
+                client.execute_command("SENTINEL", "SET", self.service, *line)
+
+
+@pytest.fixture
+def sentinel_pair(
+    make_redis_server: Callable[..., RedisServer],
+) -> Iterator[tuple[RedisServer, RedisServer, FailoverSentinel]]:
+    primary = make_redis_server()
+    replica = make_redis_server({"replicaof": f"{HOST} {primary.port}"})
+    sentinel = FailoverSentinel(primary.port)
+    sentinel.start()
+    try:
+        deadline = time.monotonic() + 20
+        with redis.Redis(port=sentinel.port, decode_responses=True) as client:
+            while not client.execute_command("SENTINEL", "REPLICAS", sentinel.service):
+                assert time.monotonic() < deadline, "the sentinel did not find the replica"
+                time.sleep(0.1)
+        yield primary, replica, sentinel
+    finally:
+        primary.resume()
+        sentinel.stop()
+
+
+@pytest.mark.slow
+async def test_sentinel_old_master_back_cannot_keep_a_stale_holder(
+    sentinel_pair: tuple[RedisServer, RedisServer, FailoverSentinel],
+) -> None:
+    """The master is paused; Sentinel promotes its replica, where another process takes
+    the key; the old master comes back. A process that was connected to it must not hold
+    the key as well without learning it within about one renewal interval."""
+    primary, replica, sentinel = sentinel_pair
+    lease = 1.5
+    namespace = _namespace()
+    old_side = inturn.Gate.from_url(sentinel.url, namespace=namespace, lease=lease)
+    new_side = inturn.Gate.from_url(sentinel.url, namespace=namespace, lease=lease)
+    try:
+        async with old_side.turn("warm"):  # connected to the master, before the pause
+            pass
+        primary.pause()
+        deadline = time.monotonic() + 20
+        while sentinel.master_addr() != (HOST, replica.port):
+            assert time.monotonic() < deadline, "no failover"
+            await asyncio.sleep(0.05)
+        async with new_side.turn("k", timeout=15) as held:
+            primary.resume()
+            await asyncio.sleep(0.05)
+            outcome: dict[str, float | None] = {}
+
+            async def stale_side() -> None:  # a task of its own: turns are re-entrant per task
+                try:
+                    async with old_side.turn("k", timeout=3) as stale:
+                        # Granted while the other holds it: the stale master said yes.
+                        outcome["stale_at"] = begun = time.monotonic()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stale.lost.wait(), 6)
+                        outcome["learnt"] = (
+                            time.monotonic() - begun if stale.lost.is_set() else None
+                        )
+                except inturn.TurnTimeout:
+                    pass  # it waited in line on the new master: the right answer
+
+            await stale_side_task(stale_side)
+            stale_at, learnt = outcome.get("stale_at"), outcome.get("learnt")
+            print(f"stale grant: {stale_at is not None}; learnt in {learnt}")
+            if stale_at is not None:
+                assert learnt is not None, "the stale holder never learnt it lost the turn"
+                assert learnt < lease / 3 + 0.8
+            assert not held.lost.is_set()
+    finally:
+        primary.resume()
+        await old_side.aclose()
+        await new_side.aclose()
+
+
+async def stale_side_task(body: Callable[[], Awaitable[None]]) -> None:
+    await asyncio.ensure_future(body())
