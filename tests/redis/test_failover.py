@@ -321,3 +321,57 @@ async def test_sentinel_old_master_back_cannot_keep_a_stale_holder(
 
 async def stale_side_task(body: Callable[[], Awaitable[None]]) -> None:
     await asyncio.ensure_future(body())
+
+
+@pytest.mark.slow
+def test_sentinel_old_master_back_sync_twin(
+    sentinel_pair: tuple[RedisServer, RedisServer, FailoverSentinel],
+) -> None:
+    """The same from threads: the sync twin's connections to the old master are retired
+    once Sentinel names the new one, so the join waits in line there (or, if it got a
+    stale grant, its holder learns within about one renewal interval)."""
+    import threading
+
+    primary, replica, sentinel = sentinel_pair
+    lease = 1.5
+    namespace = _namespace()
+    old_side = inturn.Gate.from_url(sentinel.url, namespace=namespace, lease=lease)
+    new_side = inturn.Gate.from_url(sentinel.url, namespace=namespace, lease=lease)
+    outcome: dict[str, Any] = {}
+
+    def stale_side() -> None:
+        try:
+            with old_side.turn_sync("k", timeout=3) as stale:
+                begun = time.monotonic()
+                stale.lost.wait(6)
+                outcome["learnt"] = time.monotonic() - begun if stale.lost.is_set() else None
+        except inturn.TurnTimeout:
+            outcome["waited"] = True
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    try:
+        with old_side.turn_sync("warm"):
+            pass
+        primary.pause()
+        deadline = time.monotonic() + 20
+        while sentinel.master_addr() != (HOST, replica.port):
+            assert time.monotonic() < deadline, "no failover"
+            time.sleep(0.05)
+        with new_side.turn_sync("k", timeout=15) as held:
+            primary.resume()
+            time.sleep(0.05)
+            thread = threading.Thread(target=stale_side, daemon=True)
+            thread.start()
+            thread.join(15)
+            assert not thread.is_alive()
+            assert not held.lost.is_set()
+        print(outcome)
+        assert "error" not in outcome, outcome
+        if "learnt" in outcome:
+            assert outcome["learnt"] is not None
+            assert outcome["learnt"] < lease / 3 + 0.8
+    finally:
+        primary.resume()
+        old_side.close()
+        new_side.close()
