@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import secrets
 import subprocess
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
@@ -192,9 +193,33 @@ async def test_cluster_master_dies_under_a_holder_and_a_waiter(
                         raise
             await asyncio.sleep(0.05)
 
+    # A thread holds another key of the same master through the window (turn_sync).
+    same = next(
+        f"s{i}"
+        for i in range(1000)
+        if cluster.master_of(backend._process.keys.turn_keys(f"s{i}")[0]) == master.port
+    )
+    sync_held = threading.Event()
+    sync_go = threading.Event()
+
+    def sync_holder() -> None:
+        try:
+            with gate.turn_sync(same) as turn:
+                sync_held.set()
+                sync_go.wait(30)
+                outcome["sync_lost"] = turn.lost_reason
+                outcome["sync_check"] = turn.check()
+        except BaseException as exc:
+            outcome["sync_holder"] = exc
+            if _raw_redis_error(exc):
+                escaped.append(exc)
+
+    thread = threading.Thread(target=sync_holder, daemon=True)
+    thread.start()
     stop = asyncio.Event()
     tasks = [asyncio.ensure_future(c) for c in (holder(), waiter(), poke(stop))]
     try:
+        assert await asyncio.to_thread(sync_held.wait, 10)
         await asyncio.wait_for(held.wait(), 10)
         await asyncio.sleep(0.3)  # the waiter is in line
         killed = time.monotonic()
@@ -203,10 +228,13 @@ async def test_cluster_master_dies_under_a_holder_and_a_waiter(
         settled = time.monotonic() - killed
         await asyncio.sleep(1.0)
         let_go.set()
+        sync_go.set()
         await asyncio.wait_for(asyncio.gather(*tasks[:2]), 35)
+        await asyncio.to_thread(thread.join, 15)
     finally:
         stop.set()
         let_go.set()
+        sync_go.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await gate.aclose()
         master.start()
@@ -215,11 +243,13 @@ async def test_cluster_master_dies_under_a_holder_and_a_waiter(
     assert not escaped, escaped
     assert "granted" in outcome, outcome
     assert "holder" not in outcome, outcome
-    if lease > 2 * settled:  # the lease outlived the window: its renewal resumed
-        assert (outcome["lost"], outcome["check"]) == (None, True), outcome
-    else:
-        assert outcome["lost"] in (None, "expired", "taken"), outcome
-        assert outcome["check"] == (outcome["lost"] is None), outcome
+    assert "sync_holder" not in outcome, outcome
+    for lost, check in (("lost", "check"), ("sync_lost", "sync_check")):
+        if lease > 2 * settled:  # the lease outlived the window: its renewal resumed
+            assert (outcome[lost], outcome[check]) == (None, True), outcome
+        else:
+            assert outcome[lost] in (None, "expired", "taken"), outcome
+            assert outcome[check] == (outcome[lost] is None), outcome
 
 
 async def _nowait(gate: inturn.Gate) -> None:
