@@ -213,7 +213,7 @@ class SyncRedisBackend(SyncMailboxes):
 
     def _open_pubsub(self, attempt: int) -> Any:
         client = self._client
-        if isinstance(client, redis.cluster.RedisCluster):  # see RedisBackend._open_pubsub
+        if isinstance(client, redis.cluster.RedisCluster):  # see _listener._open_pubsub
             nodes = client.get_nodes()  # type: ignore[no-untyped-call]
             client = nodes[attempt % len(nodes)].redis_connection
         return client.pubsub()
