@@ -28,7 +28,7 @@ from types import TracebackType
 
 from ._backends.base import ClaimResult, DedupBackend, SyncDedupBackend
 from ._errors import BackendUnavailable, ConfigurationError, Duplicate
-from ._keys import new_token, normalize_key
+from ._keys import new_token, normalize_key, shown
 from ._runtime import Runtime, renewal_pool
 from ._timers import TimerHandle
 
@@ -173,9 +173,9 @@ class _ClaimBase:
             "inturn: the claim of message %r of key %r (%s) was taken over while it ran: "
             "its result will not be recorded",
             c.id,
-            c.key,
+            shown(c.key),
             c.scope,
-            extra={"inturn_key": c.key},
+            extra={"inturn_key": shown(c.key)},
         )
         return False
 

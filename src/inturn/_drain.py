@@ -23,6 +23,7 @@ from typing import Any
 from ._backends.base import MailboxBackend, SyncMailboxBackend, Taken
 from ._dedup import Deduplicator
 from ._errors import ConfigurationError, Duplicate
+from ._keys import shown
 from ._message import Message, PendingCounter
 from ._policy import RETRY_BACKOFF
 from ._runtime import Runtime, renewal_pool
@@ -126,9 +127,9 @@ def _gave_up(name: str, key: str, exc: BaseException) -> None:
         "inturn: mailbox %r stops draining key %r: %r, and the drainer role lapsed "
         "meanwhile (the sweeper resumes the queue)",
         name,
-        key,
+        shown(key),
         exc,
-        extra={"inturn_key": key},
+        extra={"inturn_key": shown(key)},
     )
 
 
@@ -152,8 +153,8 @@ def drain_flow(box: Drainer, key: str, first: Taken | None) -> Generator[_DrainS
             logger.warning(
                 "inturn: mailbox %r lost the drainer role of key %r",
                 box.name,
-                key,
-                extra={"inturn_key": key},
+                shown(key),
+                extra={"inturn_key": shown(key)},
             )
             return
         if taken.retry_in > 0:
@@ -253,12 +254,12 @@ class Drainer:
             logger.warning(
                 "inturn: mailbox %r handler failed for key %r (attempt %d of %d, retry in %gs): %s",
                 self.name,
-                key,
+                shown(key),
                 attempts,
                 self.max_attempts,
                 pause,
                 error,
-                extra={"inturn_key": key},
+                extra={"inturn_key": shown(key)},
             )
             retry = [json.dumps({**s, "a": attempts}) for s in stored]
             return _Failure(attempts, pause, error, retry, now + pause, [])
@@ -266,10 +267,10 @@ class Drainer:
             "inturn: mailbox %r gave up on %d message(s) of key %r after %d attempts: %s",
             self.name,
             len(stored),
-            key,
+            shown(key),
             attempts,
             error,
-            extra={"inturn_key": key},
+            extra={"inturn_key": shown(key)},
         )
         dead = [json.dumps({"m": s, "e": error, "at": now, "n": attempts}) for s in stored]
         self._runtime.metrics.count("mailbox_dead_letters", len(dead), mailbox=self.name)
@@ -307,13 +308,15 @@ class Drainer:
                         if pause is None:
                             _gave_up(self.name, key, exc)
                             return
-                        logger.debug("inturn: mailbox %r retries key %r: %r", self.name, key, exc)
+                        logger.debug(
+                            "inturn: mailbox %r retries key %r: %r", self.name, shown(key), exc
+                        )
                         await asyncio.sleep(pause)
                         attempt, step = attempt + 1, _retried(step)
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("inturn: mailbox %r drain of key %r failed", self.name, key)
+            logger.exception("inturn: mailbox %r drain of key %r failed", self.name, shown(key))
         finally:
             renewer.cancel()
 
@@ -358,7 +361,7 @@ class Drainer:
             try:
                 alive = await self._store.mb_renew(self.name, key, token, lease=lease)
             except Exception as exc:  # a transport error: try again next time
-                logger.debug("inturn: renewing the drainer role of %r failed: %r", key, exc)
+                logger.debug("inturn: renewing the drainer role of %r failed: %r", shown(key), exc)
                 continue
             if not alive:
                 role.lost = True
@@ -447,11 +450,13 @@ class Drainer:
                         if pause is None:
                             _gave_up(self.name, key, exc)
                             return
-                        logger.debug("inturn: mailbox %r retries key %r: %r", self.name, key, exc)
+                        logger.debug(
+                            "inturn: mailbox %r retries key %r: %r", self.name, shown(key), exc
+                        )
                         time.sleep(pause)  # a transport error's backoff, bounded by the role
                         attempt, step = attempt + 1, _retried(step)
         except Exception:
-            logger.exception("inturn: mailbox %r drain of key %r failed", self.name, key)
+            logger.exception("inturn: mailbox %r drain of key %r failed", self.name, shown(key))
         finally:
             renewal.stop()
 

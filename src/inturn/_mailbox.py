@@ -51,7 +51,7 @@ from ._backends.base import (
 from ._dedup import DEFAULT_WINDOW, Deduplicator
 from ._drain import Drainer
 from ._errors import ConfigurationError, InvalidPayload, MailboxFull
-from ._keys import new_token, normalize_key
+from ._keys import new_token, normalize_key, shown
 from ._message import DeadLetter, Message, dead_letter, envelope
 from ._runtime import Runtime, renewal_pool
 from ._timers import TimerHandle
@@ -203,9 +203,9 @@ class Mailbox:
             logger.warning(
                 "inturn: mailbox %r dropped the oldest message of key %r (max_pending=%d)",
                 self.name,
-                key,
+                shown(key),
                 self.max_pending,
-                extra={"inturn_key": key},
+                extra={"inturn_key": shown(key)},
             )
 
     # -- submitting: async ------------------------------------------------------------
@@ -341,7 +341,7 @@ class Mailbox:
                 await self._store.mb_hint(self.name, key, False)
             elif status == ResumeStatus.RESUMED:
                 resumed += 1
-                logger.info("inturn: mailbox %r resumed key %r", self.name, key)
+                logger.info("inturn: mailbox %r resumed key %r", self.name, shown(key))
                 await self._start_drain(key, token)
         return resumed
 
@@ -362,7 +362,7 @@ class Mailbox:
                 store.mb_hint(self.name, key, False)
             elif status == ResumeStatus.RESUMED:
                 resumed += 1
-                logger.info("inturn: mailbox %r resumed key %r", self.name, key)
+                logger.info("inturn: mailbox %r resumed key %r", self.name, shown(key))
                 self._start_drain_sync(key, token, inline=inline)
         return resumed
 

@@ -32,6 +32,7 @@ from typing import Literal
 
 from ._backends.base import Grant
 from ._errors import BackendUnavailable, Busy, TurnTimeout
+from ._keys import shown
 from ._policy import RETRY_BACKOFF, Deadline, LeaseClock
 from ._runtime import Runtime
 
@@ -156,7 +157,6 @@ class _TurnBase:
         self._clock = clock
         self._confirmation = grant.confirmed
         self._released = False
-        self._arm()
 
     @property
     def waited(self) -> float:
@@ -194,11 +194,9 @@ class _TurnBase:
             return self.fence
         return None
 
-    def _arm(self) -> None:
-        """Make ``lost``: an asyncio.Event or a threading.Event, by the subclass."""
-        raise NotImplementedError
-
     def _signal_lost(self) -> None:
+        """Set ``lost`` if it was made already (it is made on first use: most turns never
+        look at it, and a threading.Event costs more than the rest of a memory turn)."""
         raise NotImplementedError
 
     def _set_lost(self, reason: str) -> None:
@@ -210,10 +208,10 @@ class _TurnBase:
         self._runtime.metrics.count("leases_lost", reason=reason)
         logger.warning(
             "inturn: lost the turn of key %r (fence %d): %s",
-            self.key,
+            shown(self.key),
             self.fence,
             _REASONS[reason],
-            extra={"inturn_key": self.key, "inturn_fence": self.fence},
+            extra={"inturn_key": shown(self.key), "inturn_fence": self.fence},
         )
 
 
@@ -232,14 +230,26 @@ class Turn(_TurnBase):
     Pass ``fence`` to any sink that can refuse stale writes.
     """
 
-    __slots__ = ("lost",)
+    __slots__ = ("_lost",)
+    _lost: asyncio.Event
 
-    def _arm(self) -> None:
-        self.lost: asyncio.Event = _LostEvent(self)
+    @property
+    def lost(self) -> asyncio.Event:
         """Set when the lease is lost (``is_set()`` also reads the holder's clock)."""
+        try:
+            return self._lost
+        except AttributeError:
+            event = self._lost = _LostEvent(self)
+            if self.lost_reason is not None:
+                asyncio.Event.set(event)
+            return event
 
     def _signal_lost(self) -> None:
-        asyncio.Event.set(self.lost)
+        try:
+            event = self._lost
+        except AttributeError:
+            return
+        asyncio.Event.set(event)
 
     async def check(self) -> bool:
         """Ask the backend whether this turn is still held: False once lost, and False
@@ -259,14 +269,32 @@ class SyncTurn(_TurnBase):
     with ``on_lost="cancel"`` the block raises :class:`LeaseLost` when it exits.
     """
 
-    __slots__ = ("lost",)
+    __slots__ = ("_lost",)
+    _lost: threading.Event
 
-    def _arm(self) -> None:
-        self.lost: threading.Event = _SyncLostEvent(self)
+    @property
+    def lost(self) -> threading.Event:
         """Set when the lease is lost (``is_set()`` also reads the holder's clock)."""
+        try:
+            return self._lost
+        except AttributeError:
+            pass
+        with _make_lock:  # the renewal thread may signal while the holder asks
+            try:
+                return self._lost
+            except AttributeError:
+                event = self._lost = _SyncLostEvent(self)
+                if self.lost_reason is not None:
+                    threading.Event.set(event)
+                return event
 
     def _signal_lost(self) -> None:
-        threading.Event.set(self.lost)
+        with _make_lock:
+            try:
+                event = self._lost
+            except AttributeError:
+                return
+        threading.Event.set(event)
 
     def check(self) -> bool:
         """Ask the backend whether this turn is still held: False once lost, and False
@@ -277,6 +305,10 @@ class SyncTurn(_TurnBase):
         if not held and not self._released:
             self._set_lost("taken")
         return held
+
+
+_make_lock = threading.Lock()
+"""Guards making a thread's ``lost`` event against the renewal thread signalling it."""
 
 
 class _LostEvent(asyncio.Event):
@@ -420,6 +452,12 @@ def acquire_flow(
             if remaining == 0:
                 metrics.count("turn_timeouts")
                 waited = asking.timeout or 0.0
+                logger.warning(
+                    "inturn: gave up waiting for the turn of key %r after %gs",
+                    shown(asking.key),
+                    waited,
+                    extra={"inturn_key": shown(asking.key)},
+                )
                 raise TurnTimeout(
                     f"waited {waited:g}s in line for the turn of key {asking.key!r}",
                     key=asking.key,

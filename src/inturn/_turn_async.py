@@ -12,14 +12,14 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from functools import partial
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ._backends.base import Confirmation, Grant
 from ._errors import BackendUnavailable, LeaseLost
-from ._keys import new_token
+from ._keys import new_token, shown
 from ._policy import Deadline, LeaseClock, TurnSettings
 from ._runtime import CLEANUP_TIMEOUT, Runtime, log_cleanup_failure
 from ._turn import (
@@ -96,6 +96,18 @@ class TurnRequest:
         self._cancel_sent = False
         self._exited = False
 
+    def __enter__(self) -> None:
+        raise TypeError(
+            "gate.turn(...) is for coroutines: use `async with gate.turn(key) as turn:`, "
+            "or `with gate.turn_sync(key) as turn:` in a thread"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ raised
+        return None
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("gate.turn(...) is not awaited: use `async with gate.turn(key) as turn:`")
+
     def _release_with(self, hook: ReleaseHook) -> None:
         """Release through ``hook`` (key, token) instead of a plain release; a plain release
         is its retry. Not called at all when the turn was re-entered."""
@@ -125,7 +137,7 @@ class TurnRequest:
         asked = (asking.asked_at, asking.joined_at)
         turn = Turn(runtime, self._key, asking.token, grant, asked=asked, clock=clock)
         self._turn = turn
-        runtime.granted(turn.waited)
+        runtime.granted(turn.key, turn.fence, turn.waited)
         self._task = asyncio.current_task()
         self._held_token = _mark_held(runtime.domain, self._key, turn)
         self._schedule()
@@ -322,7 +334,7 @@ class TurnRequest:
             async with asyncio.timeout(clock.expires_at - now):
                 ok = await self._runtime.backend.renew(turn.key, turn._token, due)
         except Exception as exc:  # any failure is a failed attempt: retried, or the lease lapses
-            logger.debug("inturn: renewal of key %r failed: %r", turn.key, exc)
+            logger.debug("inturn: renewal of key %r failed: %r", shown(turn.key), exc)
             ok = None
         lost = renewal_outcome(clock, ok, sent_at=now, ttl=due)
         if lost is not None:

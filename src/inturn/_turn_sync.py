@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from ._backends.base import Confirmation, Grant
 from ._errors import BackendUnavailable, LeaseLost
-from ._keys import new_token
+from ._keys import new_token, shown
 from ._policy import Deadline, LeaseClock, TurnSettings
 from ._runtime import Runtime, bounded_pool, log_cleanup_failure, renewal_pool
 from ._timers import TimerHandle
@@ -85,6 +85,15 @@ class SyncTurnRequest:
         self._handle: TimerHandle | None = None
         self._release_hook: Callable[[str, str], object] | None = None
 
+    async def __aenter__(self) -> None:
+        raise TypeError(
+            "gate.turn_sync(...) is for threads: use `with gate.turn_sync(key) as turn:`, "
+            "or `async with gate.turn(key) as turn:` in a coroutine"
+        )
+
+    async def __aexit__(self, *exc_info: object) -> None:  # pragma: no cover - never entered
+        return None
+
     def _release_with(self, hook: Callable[[str, str], object]) -> None:
         """Release through ``hook`` (key, token) instead of a plain release (see the async
         twin). Not called at all when the turn was re-entered."""
@@ -114,7 +123,7 @@ class SyncTurnRequest:
         asked = (asking.asked_at, asking.joined_at)
         turn = SyncTurn(runtime, self._key, asking.token, grant, asked=asked, clock=clock)
         self._turn = turn
-        runtime.granted(turn.waited)
+        runtime.granted(turn.key, turn.fence, turn.waited)
         self._held_token = _mark_held(runtime.domain, self._key, turn)
         self._schedule()
         if grant.confirmed is not None:  # handed over before the backend recorded it
@@ -322,7 +331,7 @@ class SyncTurnRequest:
                 lambda: backend.renew(turn.key, turn._token, due), clock.expires_at - now
             )
         except Exception as exc:  # any failure is a failed attempt: retried, or the lease lapses
-            logger.debug("inturn: renewal of key %r failed: %r", turn.key, exc)
+            logger.debug("inturn: renewal of key %r failed: %r", shown(turn.key), exc)
             ok = None
         if not self._holding():  # the block exited while this renewal ran
             return
