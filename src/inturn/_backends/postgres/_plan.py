@@ -248,12 +248,23 @@ class Plan:
     # -- turns --------------------------------------------------------------------
 
     def join(self, key: str, token: str, lease: float, *, sync: bool) -> Flow[Grant | None]:
-        """Backend.join. Only a key idle in this process talks to PostgreSQL: the head."""
-        yield from self._ready()
+        """Backend.join. Only a key idle in this process talks to PostgreSQL: the head.
+
+        The call takes its place in the key's local line before its first step (before
+        any await of the async twin): calls made in order are in line in that order,
+        whatever their first use of the schema or the pool costs. A join retried with a
+        token already in line (or already holding) keeps its place (idempotent).
+        """
+        known, holding = self.lines.find(token)
+        if holding is not None:
+            return holding.grant
+        if known is not None:
+            return None  # still in line from the first attempt: wait() goes on from there
         waiter = Waiter(key, token, lease, sync=sync)
         if not self.lines.enter(waiter):
             return None  # behind others of this process: only the head talks to PostgreSQL
         try:
+            yield from self._ready()
             waiter.conn = yield Connect()
             sent = time.monotonic()
             got = yield from self._try_lock(key, lease, waiter.conn)
@@ -269,12 +280,12 @@ class Plan:
         return grant
 
     def try_acquire(self, key: str, token: str, lease: float) -> Flow[Grant | None]:
-        yield from self._ready()
         holding = Holding(key, None)
         if not self.lines.hold_if_idle(key, token, holding):
             return None
         got = None
         try:
+            yield from self._ready()
             holding.conn = yield Connect()
             sent = time.monotonic()
             got = yield from self._try_lock(key, lease, holding.conn)
