@@ -3,12 +3,21 @@ timeouts, hostile keys, lost replies, restarts during a drain."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
+import psycopg
 import pytest
+from psycopg import sql
+
+import inturn
+
+from .conftest import advisory_waiters, until
 
 _BURST = textwrap.dedent(
     """
@@ -56,3 +65,89 @@ def test_a_burst_in_a_fresh_process_runs_in_the_order_it_was_made(postgres_dsn: 
         orders += json.loads(out)
     assert len(orders) == 20
     assert all(order == [0, 1, 2, 3, 4] for order in orders), orders
+
+
+@pytest.fixture
+def short_role_timeouts(postgres_dsn: str, admin: psycopg.Connection) -> Iterator[str]:
+    """The role's defaults in the test's database, as a managed database might set them."""
+    db = admin.info.dbname
+    settings = {
+        "statement_timeout": "1s",
+        "lock_timeout": "300ms",
+        "idle_session_timeout": "1s",
+        "idle_in_transaction_session_timeout": "1s",
+    }
+    for name, value in settings.items():
+        admin.execute(
+            sql.SQL("ALTER ROLE postgres IN DATABASE {} SET {} = {}").format(
+                sql.Identifier(db), sql.Identifier(name), sql.Literal(value)
+            )
+        )
+    yield postgres_dsn
+    admin.execute(sql.SQL("ALTER ROLE postgres IN DATABASE {} RESET ALL").format(sql.Identifier(db)))
+
+
+async def test_role_timeouts_do_not_cut_waits_or_turns_short(short_role_timeouts: str) -> None:
+    """statement_timeout 1s, lock_timeout 300ms, idle_session_timeout 1s for the role: a
+    waiter with timeout=10 behind a 2.5 s turn gets it (async and a thread), and calls after
+    an idle pause still work (before: BackendUnavailable after 1 s)."""
+    gate = inturn.Gate.from_url(short_role_timeouts, namespace=f"t{secrets.token_hex(3)}")
+    held = asyncio.Event()
+    got: list[str] = []
+
+    async def holder() -> None:
+        async with gate.turn("k", timeout=10):
+            held.set()
+            await asyncio.sleep(2.5)
+            got.append("holder")
+
+    async def waiter() -> None:
+        await held.wait()
+        async with gate.turn("k", timeout=10):
+            got.append("async waiter")
+
+    def thread_waiter() -> None:
+        with gate.turn_sync("k", timeout=10):
+            got.append("thread waiter")
+
+    async def in_thread() -> None:
+        await held.wait()
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(thread_waiter)
+
+    await asyncio.gather(holder(), waiter(), in_thread())
+    assert got == ["holder", "async waiter", "thread waiter"]
+    await asyncio.sleep(1.5)  # longer than idle_session_timeout: pooled connections sat idle
+    async with gate.turn("k", timeout=10) as turn:
+        assert turn.fence > 0
+    await asyncio.to_thread(thread_waiter)
+    await gate.aclose()
+
+
+async def test_a_lock_wait_cancelled_by_the_server_is_retried_cleanly(
+    postgres_dsn: str, admin: psycopg.Connection
+) -> None:
+    """The head's lock wait is cancelled on the server (pg_cancel_backend, as a role's
+    statement_timeout did): the waiter rides it out and gets the turn (before: the retried
+    wait ran in the aborted transaction and raised InFailedSqlTransaction)."""
+    gate = inturn.Gate.from_url(postgres_dsn, namespace=f"t{secrets.token_hex(3)}")
+    held = asyncio.Event()
+
+    async def holder() -> None:
+        async with gate.turn("k", timeout=10):
+            held.set()
+            await asyncio.to_thread(until, lambda: advisory_waiters(admin) == 1)
+            admin.execute(
+                "SELECT pg_cancel_backend(pid) FROM pg_locks"
+                " WHERE locktype = 'advisory' AND NOT granted"
+            )
+            await asyncio.sleep(0.5)
+
+    async def waiter() -> int:
+        await held.wait()
+        async with gate.turn("k", timeout=10) as turn:
+            return turn.fence
+
+    _, fence = await asyncio.gather(holder(), waiter())
+    assert fence > 0
+    await gate.aclose()

@@ -53,6 +53,11 @@ async def _last(cur: Any) -> Any:
     return None if cur.description is None else await cur.fetchone()
 
 
+async def _configure(conn: Any) -> None:
+    """Every new pooled connection: see :data:`._sql.SESSION`."""
+    await conn.execute(q.SESSION)
+
+
 @dataclass(slots=True)
 class _Listener:
     """A loop's LISTEN connection for cancels of its running calls ("cancel|<token>")."""
@@ -163,6 +168,7 @@ class PostgresBackend:
                 min_size=1,
                 max_size=self._max,
                 kwargs=connection_kwargs(),
+                configure=_configure,
                 timeout=CONNECT_TIMEOUT,
                 open=False,
                 name=f"inturn-{self._plan.sql.namespace}",
@@ -329,6 +335,7 @@ class PostgresBackend:
             try:
                 conninfo = self._conninfo if self._conninfo is not None else self._pool.conninfo
                 conn = await psycopg.AsyncConnection.connect(conninfo, **connection_kwargs())
+                await conn.execute(q.SESSION)
                 await conn.execute(f'LISTEN "{listener.channel}"')  # our own [a-z0-9_] name
                 listener.broken = None
                 listener.ready.set()

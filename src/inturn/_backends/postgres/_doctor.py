@@ -33,7 +33,7 @@ __all__ = ["MIN_SERVER_VERSION", "diagnose", "statistics"]
 MIN_SERVER_VERSION = 140000
 """PostgreSQL 14: the turn's transaction sets ``client_connection_check_interval``."""
 SHORT_STATEMENT_TIMEOUT_MS = 60_000
-"""A role-level ``statement_timeout`` below this ends typical lock waits early."""
+"""A role-level ``statement_timeout`` below this is named (turns set their own)."""
 
 
 def statistics(plan: Plan, key: str | None, limit: int) -> Flow[Statistics]:
@@ -179,11 +179,11 @@ def _statement_timeout(milliseconds: int, facts: dict[str, str]) -> Finding:
     setting, role = facts["statement_timeout"], facts["role"]
     if 0 < milliseconds < SHORT_STATEMENT_TIMEOUT_MS:
         return Finding(
-            "warning",
+            "ok",
             "statement_timeout",
-            f"statement_timeout is {setting} for role {role}: a turn's lock wait is one "
-            "statement, so a longer wait fails with BackendUnavailable; "
-            f"ALTER ROLE {role} SET statement_timeout = 0",
+            f"statement_timeout is {setting} for role {role}: a turn's transaction sets its "
+            "own (its lock wait is bounded by the request's timeout); dedup and mailbox "
+            "statements, all short, keep the role's",
         )
     return Finding("ok", "statement_timeout", f"statement_timeout is {setting}")
 

@@ -329,9 +329,11 @@ class Plan:
         if waiter.conn is None:
             waiter.conn = yield Connect()
         conn = waiter.conn
-        begun = conn.info.transaction_status == INTRANS
         with map_errors("lock"):
             try:
+                if conn.info.transaction_status == INERROR:  # a wait that failed: retried
+                    yield On(conn, q.ROLLBACK)
+                begun = conn.info.transaction_status == INTRANS
                 yield On(conn, self.sql.acquire(waiter.key, waiter.lease, left, begun=begun))
             except psycopg.errors.LockNotAvailable:
                 yield from self._lock_outcome(waiter)  # rolls the aborted transaction back

@@ -570,12 +570,15 @@ $$;
 sessions would hand out values out of order."""
 
 MIGRATE_BEGIN = (
-    "BEGIN; SELECT pg_advisory_xact_lock('{lock}'::bigint);"
+    "BEGIN; SELECT set_config('statement_timeout', '0', true),"
+    " set_config('lock_timeout', '0', true);"
+    " SELECT pg_advisory_xact_lock('{lock}'::bigint);"
     " CREATE SCHEMA IF NOT EXISTS {schema};"
     " CREATE TABLE IF NOT EXISTS {schema}.migrations"
     " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
 )
-"""Start a migration: one at a time per database (an advisory lock), then the bookkeeping."""
+"""Start a migration: one at a time per database (an advisory lock), then the bookkeeping.
+Neither the wait for a concurrent migration nor the DDL is cut short by a role's timeouts."""
 
 MIGRATE_DONE = "INSERT INTO {schema}.migrations (version) VALUES ({version}) ON CONFLICT DO NOTHING"
 

@@ -54,6 +54,7 @@ __all__ = [
     "RENEW",
     "ROLLBACK",
     "SCHEMA_PATTERN",
+    "SESSION",
     "START_RUNNING",
     "STAT_BOXES",
     "STAT_DEAD",
@@ -75,7 +76,10 @@ BEGIN = (
     " SELECT set_config('application_name', '{app}', true),"
     " set_config('idle_in_transaction_session_timeout', '{lease_ms}', true),"
     " set_config('client_connection_check_interval', '1000', true),"
-    " set_config('lock_timeout', '{lock_timeout_ms}', true);"
+    " set_config('lock_timeout', '{lock_timeout_ms}', true),"
+    " set_config('statement_timeout', '0', true);"
+    " SELECT set_config(name, '0', true) FROM pg_catalog.pg_settings"
+    " WHERE name = 'transaction_timeout';"
 )
 """Open a turn's transaction (simple protocol, no result needed).
 
@@ -83,7 +87,17 @@ BEGIN = (
 waits or holds (reverted at COMMIT). {lease_ms}: the lease; a holder that
 sends nothing for that long is disconnected by the server, which releases its
 lock. {lock_timeout_ms}: bound of a blocking lock wait (0 = none).
+
+Every timeout that could end the turn is set here, whatever the role's or the
+database's defaults (managed databases often set ``statement_timeout``): the lock
+wait is one statement, bounded by ``lock_timeout`` alone; the turn is one
+transaction, bounded by the lease alone (``transaction_timeout``, PostgreSQL 17+,
+is switched off where it exists).
 """
+
+SESSION = "SET idle_session_timeout = 0"
+"""Run once on every connection inturn opens: a role's ``idle_session_timeout`` would
+otherwise close pooled connections between uses (the next call on one would fail)."""
 
 TRY = (
     "SELECT CASE WHEN pg_try_advisory_xact_lock('{key_hash}'::bigint)"

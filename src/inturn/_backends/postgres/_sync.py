@@ -40,6 +40,11 @@ def _last(cur: Any) -> Any:
     return None if cur.description is None else cur.fetchone()
 
 
+def _configure(conn: Any) -> None:
+    """Every new pooled connection: see :data:`._sql.SESSION`."""
+    conn.execute(q.SESSION)
+
+
 class SyncPostgresBackend:
     """The sync twin of :class:`PostgresBackend`; get it with ``PostgresBackend.sync_twin()``.
 
@@ -110,6 +115,7 @@ class SyncPostgresBackend:
                     min_size=1,
                     max_size=self._max,
                     kwargs=connection_kwargs(),
+                    configure=_configure,
                     timeout=CONNECT_TIMEOUT,
                     open=True,
                     name=f"inturn-{self._plan.sql.namespace}-sync",
