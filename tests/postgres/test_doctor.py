@@ -165,7 +165,8 @@ async def test_diagnose_names_the_grant_a_role_lacks(
         assert rights.level == "error"
         assert f"GRANT USAGE ON SCHEMA inturn TO {role}" in rights.message
         [timeout] = [f for f in found.findings if f.check == "statement_timeout"]
-        assert timeout.level == "ok" and "sets its own" in timeout.message
+        assert timeout.level == "ok"
+        assert "sets its own" in timeout.message
         assert found.facts["statement_timeout"] == "5s"
     finally:
         admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))

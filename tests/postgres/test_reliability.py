@@ -4,7 +4,9 @@ timeouts, hostile keys, lost replies, restarts during a drain."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
 import secrets
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 from psycopg import sql
 
 import inturn
+from tests.servers import PostgresServer
 
 from .conftest import advisory_waiters, until
 
@@ -84,7 +87,9 @@ def short_role_timeouts(postgres_dsn: str, admin: psycopg.Connection) -> Iterato
             )
         )
     yield postgres_dsn
-    admin.execute(sql.SQL("ALTER ROLE postgres IN DATABASE {} RESET ALL").format(sql.Identifier(db)))
+    admin.execute(
+        sql.SQL("ALTER ROLE postgres IN DATABASE {} RESET ALL").format(sql.Identifier(db))
+    )
 
 
 async def test_role_timeouts_do_not_cut_waits_or_turns_short(short_role_timeouts: str) -> None:
@@ -151,3 +156,54 @@ async def test_a_lock_wait_cancelled_by_the_server_is_retried_cleanly(
     _, fence = await asyncio.gather(holder(), waiter())
     assert fence > 0
     await gate.aclose()
+
+
+def _crash(server: PostgresServer) -> None:
+    """kill -9 of the postmaster, as `pg_ctl stop -m immediate`: WAL not yet written is lost."""
+    server._run(
+        str(server.bindir / "pg_ctl"),
+        "stop",
+        "--wait",
+        "--mode=immediate",
+        "--pgdata",
+        str(server.data_dir),
+        timeout=15,
+    )
+    server._terminate()  # forgets the process group
+    server.start()
+
+
+@pytest.mark.slow
+async def test_fences_grow_across_server_crashes() -> None:
+    """12 crashes at random points right after a burst of grants, the last turn still held,
+    with synchronous_commit=off on the server: the key's next fence is greater than every
+    fence handed out before (before: the sequence rewound, a fence was handed out twice)."""
+    rng = random.Random(1234)
+    with PostgresServer() as server:
+        dsn = server.dsn
+        seen = 0
+        for _ in range(12):
+            backend = inturn.PostgresBackend(conninfo=dsn)
+            grants = []
+            for _ in range(rng.randint(5, 70)):
+                token = secrets.token_hex(8)
+                grant = await backend.join("k", token, 30.0)
+                assert grant is not None
+                grants.append(grant.fence)
+                if len(grants) < 5 or rng.random() < 0.9:
+                    await backend.release("k", token)
+                else:
+                    break  # the holder still runs when the server dies
+            assert grants == sorted(set(grants))
+            assert grants[0] > seen
+            seen = max(grants)
+            await asyncio.sleep(rng.random() * 0.02)
+            await asyncio.to_thread(_crash, server)
+            with contextlib.suppress(Exception):
+                await backend.aclose()
+        backend = inturn.PostgresBackend(conninfo=dsn)
+        grant = await backend.join("k", "last", 30.0)
+        assert grant is not None
+        assert grant.fence > seen
+        await backend.release("k", "last")
+        await backend.aclose()

@@ -301,10 +301,20 @@ class Plan:
         return holding.grant
 
     def _try_lock(self, key: str, lease: float, conn: Any) -> Flow[tuple[int, Any] | None]:
-        """BEGIN + try-lock on ``conn``; (fence, server time) or None (transaction left open)."""
+        """BEGIN + try-lock on ``conn``; (fence, server time) or None (transaction left open).
+
+        A failure to take the fence once the lock is held raises; the caller then gives
+        the connection back, which rolls the transaction (and the lock) back.
+        """
         with map_errors("try lock"):
-            fence, at = yield On(conn, self.sql.try_lock(key, lease))
-        return None if fence is None else (int(fence), at)
+            taken, at = yield On(conn, self.sql.try_lock(key, lease))
+        if not taken:
+            return None
+        return (yield from self._new_fence()), at
+
+    def _new_fence(self) -> Flow[int]:
+        """A fence, durable before it is returned (see ``_sql.FENCE``)."""
+        return int((yield Run("fence", self.sql["FENCE"]))[2])
 
     def wait(self, key: str, token: str, timeout: float | None) -> Flow[Grant | None]:
         waiter, holding = self.lines.find(token)
@@ -375,8 +385,8 @@ class Plan:
         conn = waiter.conn
         sent = time.monotonic()
         with map_errors("fence"):
-            fence, _, at = yield On(conn, self.sql["FENCE"], {"lease_ms": str(ms(waiter.lease))})
-        grant = Grant(fence=int(fence), granted_at=sent)
+            _, at = yield On(conn, q.LEASE, {"lease_ms": str(ms(waiter.lease))})
+        grant = Grant(fence=(yield from self._new_fence()), granted_at=sent)
         waiter.conn = None
         self.lines.granted(waiter, Holding(waiter.key, conn, grant, sent + waiter.lease))
         yield from self._audit(waiter.key, waiter.token, grant.fence, conn, at)

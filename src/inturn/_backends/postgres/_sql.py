@@ -37,6 +37,7 @@ __all__ = [
     "FOOTPRINT",
     "HELD",
     "IS_NEWEST",
+    "LEASE",
     "MB_DEAD",
     "MB_DEAD_LETTERS",
     "MB_DRAINING",
@@ -99,14 +100,10 @@ SESSION = "SET idle_session_timeout = 0"
 """Run once on every connection inturn opens: a role's ``idle_session_timeout`` would
 otherwise close pooled connections between uses (the next call on one would fail)."""
 
-TRY = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock('{key_hash}'::bigint)"
-    " THEN nextval('{schema}.fence') END, clock_timestamp()"
-)
+TRY = "SELECT pg_try_advisory_xact_lock('{key_hash}'::bigint), clock_timestamp()"
 """Take the lock only if it is free. Appended to BEGIN.
 
-returns: one row (fence or NULL when the lock is taken, server time). The CASE
-evaluates nextval only after the lock was granted, so fences follow grants.
+returns: one row (taken, server time). The fence follows (FENCE), once taken.
 """
 
 ACQUIRE = "SELECT pg_advisory_xact_lock('{key_hash}'::bigint)"
@@ -116,14 +113,30 @@ returns: one row, once granted. Ends with lock_timeout (55P03) or a cancel
 (57014), which abort the transaction.
 """
 
-FENCE = (
-    "SELECT nextval('{schema}.fence'),"
-    " set_config('idle_in_transaction_session_timeout', %(lease_ms)s, true),"
+LEASE = (
+    "SELECT set_config('idle_in_transaction_session_timeout', %(lease_ms)s, true),"
     " clock_timestamp()"
 )
-"""After ACQUIRE: the grant's fence, and the lease counted from this statement.
+"""After ACQUIRE, on the turn's connection: the lease counted from this statement.
 
-%(lease_ms)s: text. returns: (fence, _, server time).
+%(lease_ms)s: text. returns: (_, server time).
+"""
+
+FENCE = (
+    "SELECT set_config('synchronous_commit', 'on', true), pg_current_xact_id(),"
+    " nextval('{schema}.fence')"
+)
+"""The grant's fence, taken once the lock is held, on another (pooled) connection in a
+statement of its own that commits before the holder sees the fence.
+
+A sequence is not transactional, but its WAL record is only written out by a later
+commit that flushes: a fence taken inside the turn's still-open transaction could be
+handed out again after a server crash (the sequence rewinds to what reached the
+disk). This statement takes a transaction id so that its commit is a real one, and
+makes that commit synchronous whatever the role's or server's ``synchronous_commit``:
+the fence (and everything in the WAL before it) is on disk, and on synchronous
+standbys where configured, before the holder gets it. Taken after the grant, fences
+follow grants. returns: (_, _, fence).
 """
 
 RENEW = (
