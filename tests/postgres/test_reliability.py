@@ -207,3 +207,69 @@ async def test_fences_grow_across_server_crashes() -> None:
         assert grant.fence > seen
         await backend.release("k", "last")
         await backend.aclose()
+
+
+HOSTILE = [
+    "a\x00b",
+    "\x00",
+    "\x01",
+    "\x010",  # what NUL is escaped to: must stay a key of its own
+    "\x01\x00",
+    "k" * 1024,
+    "user:1",
+    "{user}",
+    "line\nbreak",
+    "ünïcødé 🙂",
+]
+
+
+async def test_hostile_keys_and_ids_round_trip_in_every_operation(postgres_dsn: str) -> None:
+    """NUL (which a text column cannot hold), the escape character itself, 1 KiB, ':', '{',
+    newlines and unicode, in keys, ids, scopes, mailbox names, messages and results: turns,
+    dedup, supersede, mailboxes and statistics keep each one apart and give it back as it
+    was (before: a raw psycopg.DataError from dedup and mailboxes)."""
+    gate = inturn.Gate.from_url(postgres_dsn + "?audit=1", namespace="ns\x00")
+    store = gate.backend
+    assert isinstance(store, inturn.PostgresBackend)
+    box = "box\x00"
+    for n, key in enumerate(HOSTILE):
+        async with gate.turn(key, timeout=5) as turn:
+            stats = await store.statistics(key)
+            assert [(k.key, k.holder is not None) for k in stats.keys] == [(key, True)]
+            assert turn.fence > 0
+        with gate.turn_sync(key, timeout=5) as turn:
+            assert turn.fence > 0
+        # dedup: the id and the result too
+        claimed = await store.claim(key, key, key, "t", fence=None, lease=5, window=60)
+        assert claimed.state == "new"
+        await store.finish(key, key, key, "t", f'"{key}\x00"', window=60)
+        done = await store.claim(key, key, key, "u", fence=None, lease=5, window=60)
+        assert done == inturn.ClaimResult("done", f'"{key}\x00"')
+        await store.abandon(key, key, key + "other", "t")
+        # newest call wins
+        generation = await store.supersede(key, key, cancel_running=False)
+        assert await store.is_newest(key, key, generation)
+        await store.start_running(key, key, "t", lambda: None)
+        await store.stop_running(key, key, "t")
+        # mailboxes: n + 1 messages for the n-th key, bodies with NUL
+        for i in range(n + 1):
+            await store.mb_submit(
+                box, key, f"{key}\x00{i}", max_pending=100, drop_oldest=False, token="d", lease=30
+            )
+    assert sorted(await store.mb_hinted(box)) == sorted(HOSTILE)
+    stats = await store.statistics()
+    assert {b.key: b.queued for b in stats.boxes} == {k: n + 1 for n, k in enumerate(HOSTILE)}
+    assert {b.mailbox for b in stats.boxes} == {box}
+    for n, key in enumerate(HOSTILE):
+        assert await store.mb_pending(box, key) == n + 1
+        taken = await store.mb_take(box, key, "d", limit=100, lease=30, ack=False)
+        assert taken.messages == tuple(f"{key}\x00{i}" for i in range(n + 1))
+        await store.mb_retry(box, key, "d", [f"again {key}"], not_before=0.0)
+        taken = await store.mb_take(box, key, "d", limit=1, lease=30, ack=False)
+        assert taken.messages == (f"again {key}",)
+        await store.mb_dead(box, [f"dead {key}"])
+        await store.mb_done(box, key, "d")
+    dead = await store.mb_dead_letters(box, 100)
+    assert sorted(dead) == sorted(f"dead {k}" for k in HOSTILE)
+    assert (await store.statistics()).dead_letters == {box: len(HOSTILE)}
+    await gate.aclose()

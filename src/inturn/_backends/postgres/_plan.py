@@ -30,7 +30,7 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 from . import _schema as v
 from . import _sql as q
 from ._lines import Holding, LocalLines, Waiter
-from ._sql import halves, key_hash, mailbox_hash, ms
+from ._sql import halves, key_hash, mailbox_hash, ms, stored, unstored
 from ._steps import (
     INERROR,
     INTRANS,
@@ -81,6 +81,8 @@ class _Statements:
                 f"schema must be a lower-case SQL identifier (a-z, 0-9, _), not {schema!r}"
             )
         self.namespace = namespace
+        self.ns = stored(namespace)
+        """The namespace as its rows keep it (see ``_sql.stored``)."""
         self.schema = schema
         self.audit = audit
         safe = "".join(
@@ -128,8 +130,8 @@ class _Statements:
 
     def audit_row(self, key: str, token: str, fence: int, conn: Any, at: Any) -> dict[str, Any]:
         return {
-            "namespace": self.namespace,
-            "key": key,
+            "namespace": self.ns,
+            "key": stored(key),
             "fence": fence,
             "holder": token,
             "host": self.host,
@@ -150,17 +152,23 @@ class _Statements:
         return [s.strip().rstrip(";") for s in (start, *todo, "COMMIT")]
 
     def mark(self, key: str, scope: str, id: str, token: str) -> dict[str, Any]:
-        return {"ns": self.namespace, "key": key, "scope": scope, "id": id, "token": token}
+        return {
+            "ns": self.ns,
+            "key": stored(key),
+            "scope": stored(scope),
+            "id": stored(id),
+            "token": token,
+        }
 
     def scope(self, key: str, scope: str) -> dict[str, Any]:
         """A (key, scope) pair of the supersede table."""
-        return {"ns": self.namespace, "key": key, "scope": scope}
+        return {"ns": self.ns, "key": stored(key), "scope": stored(scope)}
 
     def mailbox(self, name: str) -> dict[str, Any]:
-        return {"ns": self.namespace, "mailbox": name}
+        return {"ns": self.ns, "mailbox": stored(name)}
 
     def box(self, name: str, key: str) -> dict[str, Any]:
-        return {"ns": self.namespace, "mailbox": name, "key": key}
+        return {"ns": self.ns, "mailbox": stored(name), "key": stored(key)}
 
     def locked_box(self, name: str, key: str, token: str) -> dict[str, Any]:
         """A box and the lock id that serializes its operations, for the mb_* functions."""
@@ -174,14 +182,14 @@ class _Statements:
 def _claimed(row: Any) -> ClaimResult:
     state = str(row[0])
     if state == "done":
-        return ClaimResult("done", row[1])
+        return ClaimResult("done", None if row[1] is None else unstored(row[1]))
     return ClaimResult("new" if state == "new" else "in_progress")
 
 
 def _taken(status: int, wait: Any, messages: Any) -> Taken:
     """mb_take's answer: 1 taken, 0 empty (role given up), 2 head waits, -1 not the drainer."""
     if status == 1:
-        return Taken(messages=tuple(messages or ()))
+        return Taken(messages=tuple(unstored(m) for m in messages or ()))
     if status == 2:
         return Taken(retry_in=float(wait))
     return Taken(lost_role=status == -1)
@@ -498,7 +506,7 @@ class Plan:
         count = self.lines.footprint()
         count += int((yield Run("footprint", q.FOOTPRINT, {"app": s.app}))[0])
         if self.migrated:
-            ns = {"ns": s.namespace}
+            ns = {"ns": s.ns}
             if s.audit:
                 count += int((yield Run("footprint", s["AUDIT_OPEN"], ns))[0])
             count += int((yield Run("footprint", s["MB_FOOTPRINT"], ns))[0])
@@ -526,7 +534,8 @@ class Plan:
     def finish(
         self, key: str, scope: str, id: str, token: str, result: str | None, window: float
     ) -> Flow[None]:
-        params = {**self.sql.mark(key, scope, id, token), "result": result}
+        params = {**self.sql.mark(key, scope, id, token)}
+        params["result"] = None if result is None else stored(result)
         yield from self._call("DEDUP_FINISH", {**params, "window_ms": ms(window)})
 
     def abandon(self, key: str, scope: str, id: str, token: str) -> Flow[None]:
@@ -576,7 +585,7 @@ class Plan:
     ) -> Flow[Submitted]:
         """Store, maybe become the drainer, and with ``take`` also take: one round trip."""
         params = self.sql.locked_box(name, key, token)
-        params.update(body=message, max_pending=max_pending, drop_oldest=drop_oldest)
+        params.update(body=stored(message), max_pending=max_pending, drop_oldest=drop_oldest)
         params.update(lease_ms=ms(lease), take=take, now=time.time())
         return _submitted((yield from self._call("MB_SUBMIT", params)))
 
@@ -608,7 +617,7 @@ class Plan:
         self, name: str, key: str, token: str, messages: list[str], not_before: float
     ) -> Flow[None]:
         params = self.sql.locked_box(name, key, token)
-        params.update(bodies=messages, not_before=not_before)
+        params.update(bodies=[stored(m) for m in messages], not_before=not_before)
         yield from self._call("MB_RETRY", params)
 
     def mb_resume(self, name: str, key: str, token: str, lease: float) -> Flow[ResumeStatus]:
@@ -628,12 +637,14 @@ class Plan:
     def mb_hinted(self, name: str) -> Flow[list[str]]:
         """The roles and queues themselves are the index: ``mb_hint`` has nothing to do."""
         rows = yield from self._call("MB_HINTED", self.sql.mailbox(name), rows=True)
-        return [str(r[0]) for r in rows]
+        return [unstored(r[0]) for r in rows]
 
     def mb_dead(self, name: str, entries: list[str]) -> Flow[None]:
         if entries:
-            yield from self._call("MB_DEAD", {**self.sql.mailbox(name), "entries": entries})
+            params = {**self.sql.mailbox(name), "entries": [stored(e) for e in entries]}
+            yield from self._call("MB_DEAD", params)
 
     def mb_dead_letters(self, name: str, limit: int) -> Flow[list[str]]:
         params = {**self.sql.mailbox(name), "limit": limit}
-        return [str(r[0]) for r in (yield from self._call("MB_DEAD_LETTERS", params, rows=True))]
+        rows = yield from self._call("MB_DEAD_LETTERS", params, rows=True)
+        return [unstored(r[0]) for r in rows]

@@ -478,6 +478,32 @@ def mailbox_hash(namespace: str, mailbox: str, key: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+_ESCAPE = "\x01"
+
+
+def stored(text: str) -> str:
+    """A user's string (key, id, scope, mailbox, namespace, message, result) as a text column
+    keeps it: PostgreSQL's text cannot hold NUL, which every other engine accepts.
+
+    Injective, and the identity for text without NUL that does not start with U+0001
+    (so rows written before this encoding keep their meaning): otherwise U+0001, then the
+    text with U+0001 doubled and NUL written as U+0001 "0". :func:`unstored` reverses it.
+    """
+    if "\x00" not in text and not text.startswith(_ESCAPE):
+        return text
+    return _ESCAPE + text.replace(_ESCAPE, _ESCAPE * 2).replace("\x00", _ESCAPE + "0")
+
+
+_ESCAPED = re.compile("\x01(.)", re.DOTALL)
+
+
+def unstored(text: str) -> str:
+    """The user's string that :func:`stored` made ``text`` of."""
+    if not text.startswith(_ESCAPE):
+        return text
+    return _ESCAPED.sub(lambda m: "\x00" if m[1] == "0" else m[1], text[1:])
+
+
 def halves(h: int) -> dict[str, int]:
     """How pg_locks shows a bigint advisory lock: classid (high 32 bits), objid (low 32)."""
     unsigned = h & 0xFFFFFFFFFFFFFFFF
