@@ -273,3 +273,86 @@ async def test_hostile_keys_and_ids_round_trip_in_every_operation(postgres_dsn: 
     assert sorted(dead) == sorted(f"dead {k}" for k in HOSTILE)
     assert (await store.statistics()).dead_letters == {box: len(HOSTILE)}
     await gate.aclose()
+
+
+class _Proxy:
+    """A loopback TCP proxy in front of PostgreSQL that, once armed with a marker, forwards
+    the request containing it and then closes that connection instead of forwarding the
+    reply: the server ran (and committed) the statement, the client never hears of it."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.marker: bytes | None = None
+        self.dropped = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        armed = asyncio.Event()
+
+        async def upward() -> None:
+            while data := await reader.read(65536):
+                if self.marker is not None and self.marker in data:
+                    self.marker = None
+                    armed.set()
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downward() -> None:
+            while data := await up_reader.read(65536):
+                if armed.is_set():
+                    self.dropped += 1
+                    return  # the reply is lost
+                writer.write(data)
+                await writer.drain()
+
+        tasks = [asyncio.ensure_future(upward()), asyncio.ensure_future(downward())]
+        with contextlib.suppress(Exception):
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        for w in (writer, up_writer):
+            w.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_write_whose_reply_is_lost_is_not_run_twice(postgres_dsn: str) -> None:
+    """The connection drops after the server committed, before the reply: mb_submit raises
+    BackendUnavailable and is not retried (stored once); mb_retry, which a drainer retries,
+    runs twice harmlessly (before: its retry stored the retried batch a second time)."""
+    info = psycopg.conninfo.conninfo_to_dict(postgres_dsn)
+    proxy = _Proxy(int(str(info["port"])))
+    port = await proxy.start()
+    store = inturn.PostgresBackend(conninfo=psycopg.conninfo.make_conninfo(postgres_dsn, port=port))
+    await store.migrate()
+
+    async def submit(body: str) -> inturn.Submitted:
+        return await store.mb_submit(
+            "box", "u", body, max_pending=10, drop_oldest=False, token="d", lease=30
+        )
+
+    proxy.marker = b"mb_submit"
+    with pytest.raises(inturn.BackendUnavailable):
+        await submit("one")
+    assert proxy.dropped == 1
+    assert await store.mb_pending("box", "u") == 1  # committed once, not retried
+    taken = await store.mb_take("box", "u", "d", limit=10, lease=30, ack=False)
+    assert taken.messages == ("one",)
+    proxy.marker = b"mb_retry"
+    with pytest.raises(inturn.BackendUnavailable):
+        await store.mb_retry("box", "u", "d", ["one, again"], not_before=0.0)
+    assert proxy.dropped == 2
+    await store.mb_retry("box", "u", "d", ["one, again"], not_before=0.0)  # the retry
+    taken = await store.mb_take("box", "u", "d", limit=10, lease=30, ack=False)
+    assert taken.messages == ("one, again",)
+    await store.mb_done("box", "u", "d")
+    assert await store.mb_pending("box", "u") == 0
+    await store.aclose()
+    await proxy.close()
