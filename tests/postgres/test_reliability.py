@@ -11,6 +11,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -356,3 +357,67 @@ async def test_a_write_whose_reply_is_lost_is_not_run_twice(postgres_dsn: str) -
     assert await store.mb_pending("box", "u") == 0
     await store.aclose()
     await proxy.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("ids", "threads"), [(True, False), (False, False), (True, True)])
+async def test_a_restart_during_a_drain_loses_and_repeats_nothing(ids: bool, threads: bool) -> None:
+    """`pg_ctl restart -m fast` while a drain of 10 messages runs (after the 3rd): the drainer
+    rides it out and all 10 are handled, once each, in order, without a sweep (with message
+    ids; without, at most the message in flight at the restart is delivered again); for an
+    async handler and a def handler (drained in a thread)."""
+    with PostgresServer() as server:
+        gate = inturn.Gate.from_url(server.dsn, namespace="restart")
+        handled: list[int] = []
+        loop = asyncio.get_running_loop()
+        third = asyncio.Event()
+
+        def record(message: inturn.Message) -> None:
+            handled.append(message.payload)
+            if len(handled) == 3:
+                loop.call_soon_threadsafe(third.set)
+
+        async def handler(message: inturn.Message) -> None:
+            await asyncio.sleep(0.2)
+            record(message)
+
+        def sync_handler(message: inturn.Message) -> None:
+            time.sleep(0.2)
+            record(message)
+
+        box = gate.mailbox("box", handler=sync_handler if threads else handler, sweep_interval=None)
+        for n in range(10):
+            await box.submit("u", n, id=f"m{n}" if ids else None)
+        await third.wait()
+        await asyncio.to_thread(server.restart)
+        assert len(handled) < 10  # the restart came in the middle of the drain
+        assert await box.drained(timeout=30)
+        if ids:
+            assert handled == list(range(10))
+        else:
+            assert sorted(set(handled)) == list(range(10))
+            assert len(handled) <= 11
+            assert handled == sorted(handled)
+        assert await box.pending("u") == 0
+        await box.aclose()
+        await gate.aclose()
+
+
+async def test_no_call_fails_on_a_connection_the_restart_ended() -> None:
+    """After `pg_ctl restart -m fast`, every idle pooled connection holds the server's FATAL:
+    the pool replaces them before use, so the next calls (async and threads) succeed (before:
+    the first call on each such connection raised BackendUnavailable)."""
+    with PostgresServer() as server:
+        store = inturn.PostgresBackend(conninfo=server.dsn)
+        twin = store.sync_twin()
+
+        async def burst() -> None:
+            await asyncio.gather(*(store.mb_pending("box", f"u{n}") for n in range(4)))
+            await asyncio.to_thread(lambda: [twin.mb_pending("box", f"u{n}") for n in range(2)])
+
+        await burst()  # the pools hold idle connections now
+        await asyncio.to_thread(server.restart)
+        for _ in range(3):
+            await burst()
+            assert not await store.is_busy("k")
+        await store.aclose()
