@@ -286,6 +286,7 @@ class _Proxy:
         self.marker: bytes | None = None
         self.dropped = 0
         self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -293,6 +294,7 @@ class _Proxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        self.writers.update((writer, up_writer))
         armed = asyncio.Event()
 
         async def upward() -> None:
@@ -316,12 +318,20 @@ class _Proxy:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
             task.cancel()
-        for w in (writer, up_writer):
+        await self._shut(writer, up_writer)
+
+    async def _shut(self, *writers: asyncio.StreamWriter) -> None:
+        for w in writers:
+            self.writers.discard(w)
             w.close()
+            with contextlib.suppress(Exception):
+                await w.wait_closed()
 
     async def close(self) -> None:
         assert self.server is not None
         self.server.close()
+        await self._shut(*self.writers)
+        await self.server.wait_closed()
 
 
 async def test_a_write_whose_reply_is_lost_is_not_run_twice(postgres_dsn: str) -> None:
