@@ -309,20 +309,13 @@ class Plan:
         return holding.grant
 
     def _try_lock(self, key: str, lease: float, conn: Any) -> Flow[tuple[int, Any] | None]:
-        """BEGIN + try-lock on ``conn``; (fence, server time) or None (transaction left open).
-
-        A failure to take the fence once the lock is held raises; the caller then gives
-        the connection back, which rolls the transaction (and the lock) back.
-        """
+        """BEGIN + try-lock (and the fence, in the same statement) on ``conn``; (fence,
+        server time) or None (transaction left open)."""
         with map_errors("try lock"):
-            taken, at = yield On(conn, self.sql.try_lock(key, lease))
+            taken, at, fence = yield On(conn, self.sql.try_lock(key, lease))
         if not taken:
             return None
-        return (yield from self._new_fence()), at
-
-    def _new_fence(self) -> Flow[int]:
-        """A fence, durable before it is returned (see ``_sql.FENCE``)."""
-        return int((yield Run("fence", self.sql["FENCE"]))[2])
+        return int(fence), at
 
     def wait(self, key: str, token: str, timeout: float | None) -> Flow[Grant | None]:
         waiter, holding = self.lines.find(token)
@@ -393,8 +386,8 @@ class Plan:
         conn = waiter.conn
         sent = time.monotonic()
         with map_errors("fence"):
-            _, at = yield On(conn, q.LEASE, {"lease_ms": str(ms(waiter.lease))})
-        grant = Grant(fence=(yield from self._new_fence()), granted_at=sent)
+            _, at, fence = yield On(conn, self.sql["LEASE"], {"lease_ms": str(ms(waiter.lease))})
+        grant = Grant(fence=int(fence), granted_at=sent)
         waiter.conn = None
         self.lines.granted(waiter, Holding(waiter.key, conn, grant, sent + waiter.lease))
         yield from self._audit(waiter.key, waiter.token, grant.fence, conn, at)

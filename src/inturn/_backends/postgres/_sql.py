@@ -33,7 +33,6 @@ __all__ = [
     "DEDUP_ROWS",
     "DIAGNOSE_RIGHTS",
     "DIAGNOSE_SERVER",
-    "FENCE",
     "FOOTPRINT",
     "HELD",
     "IS_NEWEST",
@@ -100,10 +99,28 @@ SESSION = "SET idle_session_timeout = 0"
 """Run once on every connection inturn opens: a role's ``idle_session_timeout`` would
 otherwise close pooled connections between uses (the next call on one would fail)."""
 
-TRY = "SELECT pg_try_advisory_xact_lock('{key_hash}'::bigint), clock_timestamp()"
-"""Take the lock only if it is free. Appended to BEGIN.
+NEXT_FENCE = (
+    "setval('{schema}.fence', greatest(nextval('{schema}.fence'),"
+    " (extract(epoch FROM clock_timestamp()) * 1000000)::bigint))"
+)
+"""The expression of a grant's fence: the sequence's next value, floored by the server's
+clock in microseconds (and the sequence moved up to it).
 
-returns: one row (taken, server time). The fence follows (FENCE), once taken.
+Taken inside the turn's transaction, a sequence value may not reach the disk before a
+server crash, and the sequence then rewinds; the clock does not: fences keep growing
+across crashes and restarts without a WAL flush per grant (as on Redis), unless the
+server's clock steps back while the sequence also rewound. Two grants of one key are
+always more than a microsecond apart (the first one's COMMIT lies between them).
+"""
+
+TRY = (
+    "SELECT t.taken, clock_timestamp(), CASE WHEN t.taken THEN "
+    + NEXT_FENCE
+    + " END FROM (SELECT pg_try_advisory_xact_lock('{key_hash}'::bigint) AS taken) t"
+)
+"""Take the lock only if it is free, and then its fence. Appended to BEGIN.
+
+returns: one row (taken, server time, fence or NULL).
 """
 
 ACQUIRE = "SELECT pg_advisory_xact_lock('{key_hash}'::bigint)"
@@ -115,28 +132,12 @@ returns: one row, once granted. Ends with lock_timeout (55P03) or a cancel
 
 LEASE = (
     "SELECT set_config('idle_in_transaction_session_timeout', %(lease_ms)s, true),"
-    " clock_timestamp()"
+    " clock_timestamp(), " + NEXT_FENCE
 )
-"""After ACQUIRE, on the turn's connection: the lease counted from this statement.
+"""After ACQUIRE, on the turn's connection: the lease counted from this statement, and
+the grant's fence (see NEXT_FENCE).
 
-%(lease_ms)s: text. returns: (_, server time).
-"""
-
-FENCE = (
-    "SELECT set_config('synchronous_commit', 'on', true), pg_current_xact_id(),"
-    " nextval('{schema}.fence')"
-)
-"""The grant's fence, taken once the lock is held, on another (pooled) connection in a
-statement of its own that commits before the holder sees the fence.
-
-A sequence is not transactional, but its WAL record is only written out by a later
-commit that flushes: a fence taken inside the turn's still-open transaction could be
-handed out again after a server crash (the sequence rewinds to what reached the
-disk). This statement takes a transaction id so that its commit is a real one, and
-makes that commit synchronous whatever the role's or server's ``synchronous_commit``:
-the fence (and everything in the WAL before it) is on disk, and on synchronous
-standbys where configured, before the holder gets it. Taken after the grant, fences
-follow grants. returns: (_, _, fence).
+%(lease_ms)s: text. returns: (_, server time, fence).
 """
 
 RENEW = (
