@@ -55,6 +55,7 @@ from ._keys import new_token, normalize_key, shown
 from ._message import DeadLetter, Message, dead_letter, envelope
 from ._runtime import Runtime, renewal_pool
 from ._timers import TimerHandle
+from ._turn_sync import refuse_on_a_loop
 
 __all__ = ["DeadLetter", "Handler", "Mailbox", "Message"]
 
@@ -253,6 +254,10 @@ class Mailbox:
             raise ConfigurationError(
                 f"mailbox {self.name!r} has an async handler: use `await mailbox.submit(...)`, "
                 "or give it a plain def handler to submit from threads"
+            )
+        if self.inline:
+            refuse_on_a_loop(
+                "mailbox.submit_sync(...) with drain='inline'", "await mailbox.submit(...)"
             )
         key, text = self._encode(key, payload, id)
         token = new_token()

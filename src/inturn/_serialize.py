@@ -35,7 +35,7 @@ from ._errors import Busy, ConfigurationError, Duplicate, Skipped, Superseded
 from ._keys import new_token, normalize_key
 from ._runtime import Runtime
 from ._turn_async import TurnRequest
-from ._turn_sync import SyncTurnRequest
+from ._turn_sync import SyncTurnRequest, refuse_on_a_loop
 
 __all__ = ["POLICIES", "OnBusy", "Serializer"]
 
@@ -307,6 +307,11 @@ class _Plan:
     # -- sync -------------------------------------------------------------------------
 
     def run_sync(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.on_busy != "skip":
+            refuse_on_a_loop(
+                f"{self.fn.__qualname__}(...), a serialized def,",
+                f"await asyncio.to_thread({self.fn.__qualname__}, ...)",
+            )
         call = self.bind(args, kwargs)
         try:
             return self._call_sync(call)

@@ -8,6 +8,7 @@ the line from a daemon thread; renewal runs on the process's timer thread.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import time
@@ -46,6 +47,20 @@ logger = logging.getLogger("inturn")
 T = TypeVar("T")
 
 
+def refuse_on_a_loop(call: str, instead: str) -> None:
+    """Raise if an event loop runs in this thread: a sync call that waits for a turn would
+    block the loop, and deadlock against a holder that needs the loop to release."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"{call} waits for a turn and would block the running event loop (and can deadlock "
+        f"against a holder on it): use `{instead}` here, or call it from a thread "
+        "(asyncio.to_thread)"
+    )
+
+
 class SyncTurnRequest(_Request[SyncTurn]):
     """``with`` this to wait for, hold and release a key's turn from a thread."""
 
@@ -77,6 +92,8 @@ class SyncTurnRequest(_Request[SyncTurn]):
         again = self._reentered()
         if again is not None:
             return again
+        if not self._nowait:
+            refuse_on_a_loop("gate.turn_sync(...)", "async with gate.turn(key) as turn:")
         asking = self._asking()
         turn = self._hold(asking, grant := self._drive(asking))
         self._schedule()

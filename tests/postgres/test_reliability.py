@@ -238,8 +238,12 @@ async def test_hostile_keys_and_ids_round_trip_in_every_operation(postgres_dsn: 
             stats = await store.statistics(key)
             assert [(k.key, k.holder is not None) for k in stats.keys] == [(key, True)]
             assert turn.fence > 0
-        with gate.turn_sync(key, timeout=5) as turn:
-            assert turn.fence > 0
+
+        def sync_turn(key: str = key) -> int:
+            with gate.turn_sync(key, timeout=5) as turn:
+                return turn.fence
+
+        assert await asyncio.to_thread(sync_turn) > 0
         # dedup: the id and the result too
         claimed = await store.claim(key, key, key, "t", fence=None, lease=5, window=60)
         assert claimed.state == "new"

@@ -581,11 +581,15 @@ async def test_join_on_a_full_server_gives_backend_unavailable(
             with pytest.raises(inturn.BackendUnavailable, match="out of memory"):
                 async with gate.turn("new", timeout=1):
                     pass
-            with (
-                pytest.raises(inturn.BackendUnavailable, match="out of memory"),
-                gate.turn_sync("new", timeout=1),
-            ):
-                pass
+
+            def sync_join() -> None:
+                with (
+                    pytest.raises(inturn.BackendUnavailable, match="out of memory"),
+                    gate.turn_sync("new", timeout=1),
+                ):
+                    pass
+
+            await asyncio.to_thread(sync_join)
             assert await gate.backend.footprint() == 0
     finally:
         await client.aclose()

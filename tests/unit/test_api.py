@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -185,5 +186,33 @@ async def test_the_wrong_form_of_a_turn_says_which_to_use() -> None:
             async with gate.turn_sync("k"):  # type: ignore[attr-defined]
                 pass
         assert not await gate.is_busy("k")
+    finally:
+        await gate.aclose()
+
+
+async def test_a_waiting_sync_call_on_a_running_loop_raises_at_once() -> None:
+    """turn_sync, a serialized def that waits and an inline sync drain raise at once on a
+    running loop (they would block it, and deadlock against a holder on it); calls that
+    never wait (nowait, store_sync) are allowed."""
+    gate = inturn.Gate.from_url("memory://", namespace="on-a-loop")
+
+    @gate.serialize(key="user")
+    def reply(user: str) -> str:
+        return "sent"
+
+    def handler(msg: inturn.Message) -> None: ...
+
+    box = gate.mailbox("inline", handler=handler, drain="inline")
+    try:
+        async with gate.turn("k"):  # a holder on this very loop
+            with pytest.raises(RuntimeError, match="block the running event loop"):
+                gate.turn_sync("k", timeout=1).__enter__()
+        with pytest.raises(RuntimeError, match="serialized def"):
+            reply("u")
+        with pytest.raises(RuntimeError, match="submit_sync"):
+            box.submit_sync("u", 1)
+        with gate.turn_nowait_sync("free"):
+            pass
+        assert await asyncio.to_thread(reply, "u") == "sent"
     finally:
         await gate.aclose()
