@@ -34,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Apply inturn's schema migrations to the database a postgresql:// URL names.",
     )
     migrate.add_argument("url", help="postgresql://user@host:port/dbname")
+    torture = commands.add_parser(
+        "torture",
+        help="run the fault scenarios against throwaway servers and print what broke",
+        description=(
+            "Start throwaway redis-server / PostgreSQL servers on loopback (the binaries must be "
+            "installed), run a random mix of fault scenarios for N minutes, print a table; "
+            "exit 1 on a violation that must never happen."
+        ),
+    )
+    torture.add_argument("--minutes", type=float, default=2.0, help="how long (default 2)")
+    torture.add_argument("--backend", choices=("redis", "postgres", "all"), default="all")
+    torture.add_argument("--seed", type=int, default=None, help="seed of the random mix")
     return parser
 
 
@@ -66,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo_main(args.url, args.users, args.messages)
     if args.command == "migrate":
         return _migrate(args.url)
+    if args.command == "torture":
+        from ._torture.run import main as torture_main
+
+        return torture_main(args.minutes, args.backend, args.seed)
     raise AssertionError(args.command)  # argparse refuses unknown commands
 
 

@@ -1,0 +1,644 @@
+"""The fault scenarios: each runs workers against a real server, injects its fault, checks.
+
+A scenario is a function ``(lab, backend, rng) -> Outcome``. :class:`Expect` says what must
+hold under that fault (0 stale writes accepted by the sink, always; the rest per scenario and
+backend: exclusion, every violation reported to its holder, no acknowledged message lost,
+order). :func:`breaches` lists what did not hold. Servers are started by the :class:`Lab` on
+loopback ports in temp dirs and stopped at ``close()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inturn._torture.checker import Report, check, load_records
+from inturn._torture.proxy import FaultProxy
+from inturn._torture.servers import (
+    HOST,
+    PostgresServer,
+    RedisCluster,
+    RedisSentinel,
+    RedisServer,
+)
+
+__all__ = ["SCENARIOS", "Expect", "Lab", "Outcome", "Scenario", "breaches", "run"]
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What must hold. Stale writes accepted by the sink must be 0 in every scenario."""
+
+    exclusion: bool = True
+    """0 overlapping turns (the backend promises exclusion under this fault)."""
+    reported: bool = True
+    """Every overlap that happened was reported to the holder that was overtaken."""
+    no_loss: bool = False
+    """No acknowledged message lost (persistence promises it under this fault)."""
+    order: bool = False
+    """No FIFO breach (checked where the backend promises exact order)."""
+    no_errors: bool = False
+    """No call raised (a fault the library must absorb)."""
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    backend: str
+    expect: Expect
+    report: Report
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def breaches(self) -> list[str]:
+        return breaches(self)
+
+
+def breaches(outcome: Outcome) -> list[str]:
+    """The promises this outcome broke (empty: the scenario passed)."""
+    r, e = outcome.report, outcome.expect
+    found: list[str] = []
+    if r.stale_accepted:
+        found.append(f"{r.stale_accepted} stale write(s) accepted by the sink")
+    if e.exclusion and r.overlaps:
+        found.append(f"{r.overlaps} overlapping turn(s)")
+    if e.reported and r.silent:
+        found.append(f"{r.silent} overlap(s) never reported to the holder")
+    if r.fence_order:
+        found.append(f"{r.fence_order} fence(s) out of order")
+    if e.no_loss and r.lost_messages:
+        found.append(f"{r.lost_messages} acknowledged message(s) lost")
+    if e.order and r.fifo:
+        found.append(f"{r.fifo} FIFO breach(es)")
+    if e.no_errors and r.errors:
+        found.append(f"{r.errors} call(s) raised: {r.error_types}")
+    found.extend(n for n in outcome.notes if n.startswith("BREACH"))
+    return found
+
+
+class Lab:
+    """Servers, proxies, temp files and worker processes of a torture run; ``close()`` ends all."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root or tempfile.mkdtemp(prefix="inturn-torture-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._pg: PostgresServer | None = None
+        self._cleanup: list[Callable[[], None]] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    # -- servers ----------------------------------------------------------------------
+    def redis(self, options: dict[str, str] | None = None) -> RedisServer:
+        server = RedisServer(options).start()
+        self._cleanup.append(server.stop)
+        return server
+
+    def postgres(self) -> PostgresServer:
+        if self._pg is None:
+            self._pg = PostgresServer().start()
+            self._cleanup.append(self._pg.stop)
+        self._pg.resume()
+        self._pg.start()
+        return self._pg
+
+    def postgres_db(self) -> tuple[PostgresServer, str]:
+        import psycopg
+
+        server = self.postgres()
+        name = f"t_{secrets.token_hex(5)}"
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return server, name
+
+    def proxy(self, port: int) -> FaultProxy:
+        proxy = FaultProxy(port)
+        self._cleanup.append(proxy.stop)
+        return proxy
+
+    # -- workers ----------------------------------------------------------------------
+    def spawn(self, cfg: dict[str, Any]) -> subprocess.Popen[bytes]:
+        path = self.root / f"{cfg['worker']}.json"
+        path.write_text(json.dumps(cfg), encoding="utf-8")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inturn._torture.worker", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=open(self.root / f"{cfg['worker']}.err", "wb"),  # noqa: SIM115
+        )
+        self.procs.append(proc)
+        return proc
+
+    def wait(self, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
+                    proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        for stop in reversed(self._cleanup):
+            with contextlib.suppress(Exception):
+                stop()
+        self._cleanup.clear()
+
+
+@dataclass
+class Run:
+    """One scenario run: its namespace, files and the workers' settings."""
+
+    lab: Lab
+    name: str
+    url: Callable[[str], str]
+    """The backend URL for a worker tag (through the proxy when there is one)."""
+    lease: float = 0.8
+    dir: Path = field(init=False)
+    namespace: str = field(init=False)
+    workers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.namespace = f"tt{secrets.token_hex(4)}"
+        self.dir = self.lab.root / f"{self.name}-{self.namespace}"
+        self.dir.mkdir(parents=True)
+
+    @property
+    def sink(self) -> Path:
+        return self.dir / "sink.db"
+
+    def spawn(self, worker: str, mode: str, **cfg: Any) -> subprocess.Popen[bytes]:
+        self.workers.append(worker)
+        base = {
+            "mode": mode,
+            "worker": worker,
+            "url": self.url(worker),
+            "namespace": self.namespace,
+            "lease": self.lease,
+            "sink": str(self.sink),
+            "out": str(self.dir / f"{worker}.jsonl"),
+            "keys": [f"user:{n}" for n in range(3)],
+            "seed": random.randrange(1 << 30),
+        }
+        return self.lab.spawn({**base, **cfg, "out": str(self.dir / f"{worker}.jsonl")})
+
+    def ready(self, *procs: subprocess.Popen[bytes]) -> None:
+        for proc in procs:
+            assert proc.stdout is not None
+            proc.stdout.readline()
+
+    def report(self, *, fifo: bool = False) -> Report:
+        records = load_records(*(self.dir / f"{w}.jsonl" for w in self.workers))
+        return check(records, self.sink, fifo=fifo)
+
+    def records(self) -> list[dict[str, Any]]:
+        return load_records(*(self.dir / f"{w}.jsonl" for w in self.workers))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    backends: tuple[str, ...]
+    fn: Callable[[Lab, str, random.Random], Outcome]
+    doc: str
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def scenario(
+    name: str, backends: tuple[str, ...] = ("redis", "postgres")
+) -> Callable[
+    [Callable[[Lab, str, random.Random], Outcome]], Callable[[Lab, str, random.Random], Outcome]
+]:
+    def register(
+        fn: Callable[[Lab, str, random.Random], Outcome],
+    ) -> Callable[[Lab, str, random.Random], Outcome]:
+        SCENARIOS[name] = Scenario(name, backends, fn, (fn.__doc__ or "").strip())
+        return fn
+
+    return register
+
+
+@contextlib.contextmanager
+def _backend(
+    lab: Lab,
+    backend: str,
+    name: str,
+    lease: float = 0.8,
+    redis_options: dict[str, str] | None = None,
+) -> Iterator[tuple[Run, Any, FaultProxy]]:
+    """A fresh server (Redis) or database (PostgreSQL) behind a fault proxy, and a Run."""
+    if backend == "redis":
+        server: Any = lab.redis(redis_options)
+        proxy = lab.proxy(server.port)
+        run_ = Run(lab, name, lambda tag: f"redis://{HOST}:{proxy.port_for(tag)}/0", lease)
+    else:
+        server, db = lab.postgres_db()
+        proxy = lab.proxy(server.port)
+        run_ = Run(
+            lab, name, lambda tag: f"postgresql://postgres@{HOST}:{proxy.port_for(tag)}/{db}", lease
+        )
+    yield run_, server, proxy
+
+
+def _outcome(
+    name: str,
+    backend: str,
+    expect: Expect,
+    run_: Run,
+    t0: float,
+    fifo: bool = False,
+    notes: list[str] | None = None,
+) -> Outcome:
+    return Outcome(
+        name, backend, expect, run_.report(fifo=fifo), time.monotonic() - t0, notes or []
+    )
+
+
+def _turn_workers(run_: Run, n: int, duration: float, **cfg: Any) -> list[subprocess.Popen[bytes]]:
+    procs = [
+        run_.spawn(f"w{i}", "turns", duration=duration, sync=(i == n - 1 and n > 1), **cfg)
+        for i in range(n)
+    ]
+    run_.ready(*procs)
+    return procs
+
+
+# -- scenarios ---------------------------------------------------------------------------
+
+
+@scenario("kill_holder")
+def kill_holder(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """SIGKILL holders at random points (two kills): the turn passes on, nobody overlaps."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "kill_holder") as (run_, _, _):
+        procs = _turn_workers(run_, 3, 2.5, hold=0.15, tasks=2)
+        for victim in rng.sample(procs[:2], 2):
+            time.sleep(rng.uniform(0.2, 0.8))
+            victim.kill()
+        lab.wait(procs, 20)
+        return _outcome("kill_holder", backend, Expect(exclusion=True), run_, t0)
+
+
+@scenario("kill_drainer")
+def kill_drainer(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """SIGKILL a mailbox drainer mid-stream; the sweeper resumes its queues: none lost."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "kill_drainer") as (run_, _, _):
+        keys = [f"user:{n}" for n in range(4)]
+        procs = [
+            run_.spawn(f"m{i}", "mailbox", keys=keys, per_key=6, pace=0.02, hold=0.02)
+            for i in range(2)
+        ]
+        run_.ready(*procs)
+        time.sleep(rng.uniform(0.2, 0.7))
+        procs[0].kill()
+        lab.wait(procs, 30)
+        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=15)], 30)
+        return _outcome("kill_drainer", backend, Expect(no_loss=True), run_, t0)
+
+
+@scenario("sigstop_holder")
+def sigstop_holder(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """SIGSTOP a holder past its lease, then SIGCONT: it may overlap, it must be told."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "sigstop_holder", lease=0.5) as (run_, _, _):
+        procs = _turn_workers(run_, 3, 3.0, hold=0.2, tasks=2)
+        time.sleep(rng.uniform(0.3, 0.8))
+        procs[0].send_signal(signal.SIGSTOP)
+        time.sleep(run_.lease * 3)
+        procs[0].send_signal(signal.SIGCONT)
+        lab.wait(procs, 30)
+        return _outcome("sigstop_holder", backend, Expect(exclusion=False), run_, t0)
+
+
+@scenario("blocked_loop")
+def blocked_loop(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """A holder's event loop blocked (time.sleep) past its lease: told when it runs again."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "blocked_loop", lease=0.5) as (run_, _, _):
+        procs = [
+            run_.spawn("w0", "turns", duration=2.5, hold=0.1, tasks=2, block=1.2, block_p=0.3),
+            run_.spawn("w1", "turns", duration=2.5, hold=0.1, tasks=2),
+        ]
+        run_.ready(*procs)
+        lab.wait(procs, 30)
+        return _outcome("blocked_loop", backend, Expect(exclusion=False), run_, t0)
+
+
+def _restart_redis(
+    lab: Lab, name: str, options: dict[str, str], rng: random.Random, no_loss: bool
+) -> Outcome:
+    t0 = time.monotonic()
+    with _backend(lab, "redis", name, redis_options=options) as (run_, server, _):
+        keys = [f"user:{n}" for n in range(4)]
+        procs = _turn_workers(run_, 2, 3.0, hold=0.1, tasks=2)
+        procs.append(run_.spawn("m0", "mailbox", keys=keys, per_key=8, pace=0.03))
+        run_.ready(procs[-1])
+        time.sleep(rng.uniform(0.4, 0.9))
+        server.kill()
+        time.sleep(0.3)
+        server.start()
+        lab.wait(procs, 40)
+        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=15)], 30)
+        return _outcome(name, "redis", Expect(exclusion=False, no_loss=no_loss), run_, t0)
+
+
+@scenario("redis_restart_aof", ("redis",))
+def redis_restart_aof(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """kill -9 Redis with AOF appendfsync always, restart: no acknowledged message lost;
+    leases that lapsed meanwhile are reported to their holders."""
+    options = {"appendonly": "yes", "appendfsync": "always"}
+    return _restart_redis(lab, "redis_restart_aof", options, rng, no_loss=True)
+
+
+@scenario("redis_restart_empty", ("redis",))
+def redis_restart_empty(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """kill -9 Redis without persistence, restart empty: leases and queued messages may be
+    lost (not promised); the sink refuses stale writes and the holder is told."""
+    return _restart_redis(lab, "redis_restart_empty", {}, rng, no_loss=False)
+
+
+def _restart_pg(lab: Lab, name: str, mode: str, rng: random.Random) -> Outcome:
+    t0 = time.monotonic()
+    with _backend(lab, "postgres", name) as (run_, server, _):
+        keys = [f"user:{n}" for n in range(4)]
+        procs = _turn_workers(run_, 2, 3.0, hold=0.1, tasks=2)
+        procs.append(run_.spawn("m0", "mailbox", keys=keys, per_key=8, pace=0.03))
+        run_.ready(procs[-1])
+        time.sleep(rng.uniform(0.4, 0.9))
+        server.restart(mode)
+        lab.wait(procs, 40)
+        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=15)], 30)
+        return _outcome(name, "postgres", Expect(exclusion=False, no_loss=True), run_, t0)
+
+
+@scenario("pg_restart_fast", ("postgres",))
+def pg_restart_fast(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """PostgreSQL fast shutdown and start: every lock is dropped; holders are told; nothing
+    committed is lost."""
+    return _restart_pg(lab, "pg_restart_fast", "fast", rng)
+
+
+@scenario("pg_restart_immediate", ("postgres",))
+def pg_restart_immediate(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """PostgreSQL immediate shutdown (crash recovery from WAL) and start."""
+    return _restart_pg(lab, "pg_restart_immediate", "immediate", rng)
+
+
+@scenario("stalled_server")
+def stalled_server(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """Every connection delayed (200 ms), then blackholed past the lease, then healed."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "stalled_server", lease=0.6) as (run_, _, proxy):
+        procs = _turn_workers(run_, 2, 3.5, hold=0.1, tasks=2)
+        time.sleep(0.3)
+        proxy.set_mode("delay", delay_ms=200)
+        time.sleep(0.6)
+        proxy.set_mode("blackhole")
+        time.sleep(run_.lease * 2)
+        proxy.set_mode("pass")
+        lab.wait(procs, 40)
+        return _outcome("stalled_server", backend, Expect(exclusion=False), run_, t0)
+
+
+@scenario("partition_one")
+def partition_one(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """One worker's connections blackholed longer than the lease, the others untouched."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "partition_one", lease=0.6) as (run_, _, proxy):
+        procs = _turn_workers(run_, 3, 3.5, hold=0.15, tasks=2)
+        time.sleep(rng.uniform(0.3, 0.7))
+        proxy.set_mode("blackhole", tag="w0")
+        time.sleep(run_.lease * 2.5)
+        proxy.set_mode("pass", tag="w0")
+        lab.wait(procs, 40)
+        return _outcome("partition_one", backend, Expect(exclusion=False), run_, t0)
+
+
+@scenario("drop_reply")
+def drop_reply(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """One reply dropped at a time (the server ran it, the client never heard), over and over,
+    under turns and mailbox submits: no overlap unreported, no acknowledged message lost."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "drop_reply") as (run_, _, proxy):
+        keys = [f"user:{n}" for n in range(3)]
+        procs = _turn_workers(run_, 2, 3.0, hold=0.05, tasks=2)
+        procs.append(run_.spawn("m0", "mailbox", keys=keys, per_key=8, pace=0.02))
+        run_.ready(procs[-1])
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            if proxy.pending_drops() == 0:
+                proxy.drop_reply_once(rng.choice(run_.workers))
+            time.sleep(rng.uniform(0.05, 0.15))
+        lab.wait(procs, 40)
+        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=15)], 30)
+        out = _outcome("drop_reply", backend, Expect(exclusion=False, no_loss=True), run_, t0)
+        out.notes.append(f"{proxy.dropped_replies} replies dropped")
+        return out
+
+
+@scenario("maxmemory", ("redis",))
+def maxmemory(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """Redis full (maxmemory + noeviction): calls are refused loudly, never half-done:
+    no overlap, no acknowledged message lost."""
+    import redis
+
+    t0 = time.monotonic()
+    opts = {"maxmemory": "3mb", "maxmemory-policy": "noeviction"}
+    with _backend(lab, "redis", "maxmemory", redis_options=opts) as (run_, server, _):
+        with redis.Redis(port=server.port) as client:
+            with contextlib.suppress(redis.exceptions.ResponseError):
+                for n in range(10_000):
+                    client.set(f"junk:{n}", "x" * 1000)
+            freed = 0
+            for n in range(400):  # leave some room, so some calls pass and some do not
+                freed += int(client.delete(f"junk:{n}"))
+        keys = [f"user:{n}" for n in range(3)]
+        procs = _turn_workers(run_, 2, 2.0, hold=0.05, tasks=2, timeout=2.0)
+        procs.append(run_.spawn("m0", "mailbox", keys=keys, per_key=10, pad=2000))
+        run_.ready(procs[-1])
+        lab.wait(procs, 40)
+        with redis.Redis(port=server.port) as client:
+            client.flushdb()  # room again, so the recovery can drain what was acknowledged
+        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=10)], 30)
+        return _outcome("maxmemory", "redis", Expect(exclusion=True, no_loss=True), run_, t0)
+
+
+@scenario("cancel_storm")
+def cancel_storm(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """Many waiters cancelled at random: no overlap, and the keys are not stuck afterwards
+    (a last worker gets every key at once)."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "cancel_storm") as (run_, _, _):
+        procs = [
+            run_.spawn(f"w{i}", "turns", duration=2.0, hold=0.03, tasks=8, cancel_p=0.6)
+            for i in range(2)
+        ]
+        run_.ready(*procs)
+        lab.wait(procs, 30)
+        after = run_.spawn("after", "burst", timeout=5.0)
+        lab.wait([after], 30)
+        out = _outcome("cancel_storm", backend, Expect(exclusion=True), run_, t0)
+        late = [r for r in run_.records() if r["worker"] == "after"]
+        if sum(1 for r in late if r["t"] == "span") != 15:
+            out.notes.append(f"BREACH keys stuck after the storm: {late[:3]}")
+        return out
+
+
+@scenario("first_burst")
+def first_burst(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """Fresh processes ask 5 times at once per key: each process's calls are granted in
+    call order, none overlap."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "first_burst") as (run_, _, _):
+        keys = [f"user:{n}" for n in range(4)]
+        procs = [run_.spawn(f"b{i}", "burst", keys=keys) for i in range(2)]
+        lab.wait(procs, 30)
+        out = _outcome("first_burst", backend, Expect(exclusion=True, no_errors=True), run_, t0)
+        order: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+        for r in run_.records():
+            if r["t"] == "span":
+                order[(r["worker"], r["key"])].append((r["fence"], r["task"]))
+        spans = sum(len(v) for v in order.values())
+        for (worker, key), calls in order.items():
+            tasks = [t for _, t in sorted(calls)]
+            if tasks != sorted(tasks):
+                out.notes.append(f"BREACH {worker} {key}: calls granted in order {tasks}")
+        if spans != 2 * 4 * 5:
+            out.notes.append(f"BREACH {spans} of 40 calls ran")
+        return out
+
+
+@scenario("fork_gate")
+def fork_gate(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """A gate made (and used) before fork(): parent and child both contend, no overlap."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "fork_gate") as (run_, _, _):
+        proc = run_.spawn("f0", "fork", duration=1.5, hold=0.02, tasks=2)
+        other = run_.spawn("w1", "turns", duration=1.5, hold=0.02, tasks=2)
+        lab.wait([proc, other], 30)
+        out = _outcome("fork_gate", backend, Expect(exclusion=True, no_errors=True), run_, t0)
+        if not any(r["worker"] == "f0-child" and r["t"] == "span" for r in run_.records()):
+            out.notes.append("BREACH the forked child ran no turn")
+        return out
+
+
+HOSTILE_KEYS = [
+    "nul\x00key",
+    "{brace",
+    "brace}",
+    "{}",
+    "a:b:c",
+    "line\nbreak\r\n",
+    "k" * 1024,
+    "ключ-ユーザー-🙂",
+    " ",
+    "'\";--",
+]
+
+
+@scenario("hostile_input")
+def hostile_input(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """Keys with NUL, braces, colons, newlines, 1 KiB, unicode; payloads near the 64 KiB cap:
+    turns exclude, every message arrives intact."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "hostile_input") as (run_, _, _):
+        procs = [
+            run_.spawn("w0", "turns", keys=HOSTILE_KEYS, duration=1.5, hold=0.01, tasks=3),
+            run_.spawn(
+                "w1", "turns", keys=HOSTILE_KEYS, duration=1.5, hold=0.01, tasks=3, sync=True
+            ),
+            run_.spawn("m0", "mailbox", keys=HOSTILE_KEYS, per_key=2, pad=60_000),
+        ]
+        lab.wait(procs, 40)
+        out = _outcome(
+            "hostile_input", backend, Expect(exclusion=True, no_loss=True, no_errors=True), run_, t0
+        )
+        handled = [r for r in run_.records() if r["t"] == "handled"]
+        keys = {r["key"] for r in handled}
+        if keys != set(HOSTILE_KEYS):
+            out.notes.append(f"BREACH keys came back changed: {sorted(keys ^ set(HOSTILE_KEYS))}")
+        if any(r["size"] < 60_000 for r in handled):
+            out.notes.append("BREACH a payload came back truncated")
+        return out
+
+
+@scenario("cluster_failover", ("redis",))
+def cluster_failover(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """Kill the Cluster master that serves the keys; its replica takes over."""
+    t0 = time.monotonic()
+    cluster = RedisCluster(3, {"cluster-node-timeout": "1000"}, replicas=1).start()
+    lab._cleanup.append(cluster.stop)
+    url = f"redis+cluster://{HOST}:{cluster.nodes[0].port}/0"
+    run_ = Run(lab, "cluster_failover", lambda tag: url, 0.8)
+    procs = _turn_workers(run_, 2, 4.0, hold=0.1, tasks=2, timeout=15)
+    time.sleep(0.5)
+    victim = cluster.master_of_slot(rng.randrange(16384))
+    victim.kill()
+    lab.wait(procs, 60)
+    return _outcome("cluster_failover", "redis", Expect(exclusion=False), run_, t0)
+
+
+def _sentinel_failover(lab: Lab, name: str, pause: bool, rng: random.Random) -> Outcome:
+    t0 = time.monotonic()
+    primary = lab.redis()
+    replica = lab.redis({"replicaof": f"{HOST} {primary.port}"})
+    sentinel = RedisSentinel(primary.port, down_after_ms=800).start()
+    lab._cleanup.append(sentinel.stop)
+    run_ = Run(lab, name, lambda tag: sentinel.url, 0.8)
+    procs = _turn_workers(run_, 2, 5.0, hold=0.1, tasks=2, timeout=15)
+    time.sleep(0.5)
+    if pause:
+        primary.pause()
+        time.sleep(3.0)
+        primary.resume()
+    else:
+        primary.kill()
+    lab.wait(procs, 60)
+    out = _outcome(name, "redis", Expect(exclusion=False), run_, t0)
+    out.notes.append(f"sentinel names {sentinel.master_addr()}; replica was :{replica.port}")
+    return out
+
+
+@scenario("sentinel_failover_kill", ("redis",))
+def sentinel_failover_kill(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """Kill the Sentinel master; the replica is promoted and the workers follow."""
+    return _sentinel_failover(lab, "sentinel_failover_kill", False, rng)
+
+
+@scenario("sentinel_failover_pause", ("redis",))
+def sentinel_failover_pause(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """Pause the Sentinel master past down-after (it is failed over), then resume it."""
+    return _sentinel_failover(lab, "sentinel_failover_pause", True, rng)
+
+
+def run(name: str, backend: str, *, seed: int | None = None, lab: Lab | None = None) -> Outcome:
+    """Run one scenario on one backend (in its own :class:`Lab` unless one is given)."""
+    own = lab is None
+    lab = lab or Lab()
+    try:
+        return SCENARIOS[name].fn(lab, backend, random.Random(seed))
+    finally:
+        if own:
+            lab.close()
