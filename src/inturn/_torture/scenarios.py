@@ -76,10 +76,10 @@ def breaches(outcome: Outcome) -> list[str]:
         found.append(f"{r.stale_accepted} stale write(s) accepted by the sink")
     if e.exclusion and r.overlaps:
         found.append(f"{r.overlaps} overlapping turn(s)")
+    if e.exclusion and r.fence_order:
+        found.append(f"{r.fence_order} turn(s) ran after a higher fence")
     if e.reported and r.silent:
-        found.append(f"{r.silent} overlap(s) never reported to the holder")
-    if r.fence_order:
-        found.append(f"{r.fence_order} fence(s) out of order")
+        found.append(f"{r.silent} violation(s) never reported to the holder")
     if e.no_loss and r.lost_messages:
         found.append(f"{r.lost_messages} acknowledged message(s) lost")
     if e.order and r.fifo:
@@ -114,10 +114,14 @@ class Lab:
         self._pg.start()
         return self._pg
 
-    def postgres_db(self) -> tuple[PostgresServer, str]:
+    def postgres_db(self, private: bool = False) -> tuple[PostgresServer, str]:
         import psycopg
 
-        server = self.postgres()
+        if private:  # one this run may restart without disturbing the others
+            server = PostgresServer().start()
+            self._cleanup.append(server.stop)
+        else:
+            server = self.postgres()
         name = f"t_{secrets.token_hex(5)}"
         with psycopg.connect(server.dsn, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
@@ -130,13 +134,15 @@ class Lab:
 
     # -- workers ----------------------------------------------------------------------
     def spawn(self, cfg: dict[str, Any]) -> subprocess.Popen[bytes]:
-        path = self.root / f"{cfg['worker']}.json"
+        base = Path(cfg["out"]).with_suffix("")
+        path = base.with_suffix(".json")
         path.write_text(json.dumps(cfg), encoding="utf-8")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "inturn._torture.worker", str(path)],
-            stdout=subprocess.PIPE,
-            stderr=open(self.root / f"{cfg['worker']}.err", "wb"),  # noqa: SIM115
-        )
+        with open(base.with_suffix(".err"), "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "inturn._torture.worker", str(path)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
         self.procs.append(proc)
         return proc
 
@@ -210,6 +216,16 @@ class Run:
         records = load_records(*(self.dir / f"{w}.jsonl" for w in self.workers))
         return check(records, self.sink, fifo=fifo)
 
+    def until_active(self, spans: int = 2, within: float = 15.0) -> None:
+        """Wait until the workers have run ``spans`` turns or handled messages (they are
+        connected and busy), so the fault lands on work in progress."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            done = sum(1 for r in self.records() if r["t"] in ("span", "handled"))
+            if done >= spans:
+                return
+            time.sleep(0.05)
+
     def records(self) -> list[dict[str, Any]]:
         return load_records(*(self.dir / f"{w}.jsonl" for w in self.workers))
 
@@ -246,6 +262,7 @@ def _backend(
     name: str,
     lease: float = 0.8,
     redis_options: dict[str, str] | None = None,
+    private: bool = False,
 ) -> Iterator[tuple[Run, Any, FaultProxy]]:
     """A fresh server (Redis) or database (PostgreSQL) behind a fault proxy, and a Run."""
     if backend == "redis":
@@ -253,7 +270,7 @@ def _backend(
         proxy = lab.proxy(server.port)
         run_ = Run(lab, name, lambda tag: f"redis://{HOST}:{proxy.port_for(tag)}/0", lease)
     else:
-        server, db = lab.postgres_db()
+        server, db = lab.postgres_db(private)
         proxy = lab.proxy(server.port)
         run_ = Run(
             lab, name, lambda tag: f"postgresql://postgres@{HOST}:{proxy.port_for(tag)}/{db}", lease
@@ -275,6 +292,18 @@ def _outcome(
     )
 
 
+def _liveness(run_: Run, out: Outcome) -> Outcome:
+    """After the fault healed, a fresh process must get every key's turn (5 calls each)
+    within 5 s: a key left wedged by the fault is a breach."""
+    run_.lab.wait([run_.spawn("after", "burst", timeout=5.0)], 30)
+    late = [r for r in run_.records() if r["worker"] == "after"]
+    spans = sum(1 for r in late if r["t"] == "span")
+    if spans != 15:
+        errors = sorted({f"{r['key']}: {r['type']}" for r in late if r["t"] == "error"})
+        out.notes.append(f"BREACH a key stayed wedged after the fault: {spans}/15 turns, {errors}")
+    return out
+
+
 def _turn_workers(run_: Run, n: int, duration: float, **cfg: Any) -> list[subprocess.Popen[bytes]]:
     procs = [
         run_.spawn(f"w{i}", "turns", duration=duration, sync=(i == n - 1 and n > 1), **cfg)
@@ -289,32 +318,59 @@ def _turn_workers(run_: Run, n: int, duration: float, **cfg: Any) -> list[subpro
 
 @scenario("kill_holder")
 def kill_holder(lab: Lab, backend: str, rng: random.Random) -> Outcome:
-    """SIGKILL holders at random points (two kills): the turn passes on, nobody overlaps."""
+    """SIGKILL holders at several points: one kills itself while waiting in line, one in the
+    body (holding), one right after a release, one from outside at a random moment. The
+    turn passes on within the lease, nobody overlaps."""
     t0 = time.monotonic()
     with _backend(lab, backend, "kill_holder") as (run_, _, _):
-        procs = _turn_workers(run_, 3, 2.5, hold=0.15, tasks=2)
-        for victim in rng.sample(procs[:2], 2):
-            time.sleep(rng.uniform(0.2, 0.8))
-            victim.kill()
+        procs = [
+            run_.spawn(
+                f"d{i}",
+                "turns",
+                duration=2.5,
+                hold=0.1,
+                tasks=2,
+                die_at=point,
+                die_after=rng.randint(1, 6),
+            )
+            for i, point in enumerate(("waiting", "body", "released"))
+        ]
+        procs += _turn_workers(run_, 2, 2.5, hold=0.1, tasks=2)
+        run_.ready(*procs[:3])
+        run_.until_active()
+        time.sleep(rng.uniform(0.1, 0.5))
+        procs[3].kill()
         lab.wait(procs, 20)
-        return _outcome("kill_holder", backend, Expect(exclusion=True), run_, t0)
+        return _liveness(run_, _outcome("kill_holder", backend, Expect(exclusion=True), run_, t0))
 
 
 @scenario("kill_drainer")
 def kill_drainer(lab: Lab, backend: str, rng: random.Random) -> Outcome:
-    """SIGKILL a mailbox drainer mid-stream; the sweeper resumes its queues: none lost."""
+    """SIGKILL mailbox drainers: one right after a handler's effect (before the ack), one from
+    outside at a random moment; the sweeper resumes their queues: none lost. A message whose
+    effect was applied but not acknowledged may be applied again (a duplicate effect: counted,
+    at-least-once)."""
     t0 = time.monotonic()
     with _backend(lab, backend, "kill_drainer") as (run_, _, _):
         keys = [f"user:{n}" for n in range(4)]
         procs = [
-            run_.spawn(f"m{i}", "mailbox", keys=keys, per_key=6, pace=0.02, hold=0.02)
-            for i in range(2)
+            run_.spawn(
+                f"m{i}",
+                "mailbox",
+                keys=keys,
+                per_key=6,
+                pace=0.02,
+                hold=0.02,
+                **({"die_at": "effect", "die_after": rng.randint(1, 10)} if i else {}),
+            )
+            for i in range(3)
         ]
         run_.ready(*procs)
-        time.sleep(rng.uniform(0.2, 0.7))
+        run_.until_active()
+        time.sleep(rng.uniform(0.1, 0.4))
         procs[0].kill()
         lab.wait(procs, 30)
-        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=15)], 30)
+        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=10)], 20)
         return _outcome("kill_drainer", backend, Expect(no_loss=True), run_, t0)
 
 
@@ -324,12 +380,15 @@ def sigstop_holder(lab: Lab, backend: str, rng: random.Random) -> Outcome:
     t0 = time.monotonic()
     with _backend(lab, backend, "sigstop_holder", lease=0.5) as (run_, _, _):
         procs = _turn_workers(run_, 3, 3.0, hold=0.2, tasks=2)
-        time.sleep(rng.uniform(0.3, 0.8))
+        run_.until_active()
+        time.sleep(rng.uniform(0.1, 0.5))
         procs[0].send_signal(signal.SIGSTOP)
         time.sleep(run_.lease * 3)
         procs[0].send_signal(signal.SIGCONT)
         lab.wait(procs, 30)
-        return _outcome("sigstop_holder", backend, Expect(exclusion=False), run_, t0)
+        return _liveness(
+            run_, _outcome("sigstop_holder", backend, Expect(exclusion=False), run_, t0)
+        )
 
 
 @scenario("blocked_loop")
@@ -353,15 +412,17 @@ def _restart_redis(
     with _backend(lab, "redis", name, redis_options=options) as (run_, server, _):
         keys = [f"user:{n}" for n in range(4)]
         procs = _turn_workers(run_, 2, 3.0, hold=0.1, tasks=2)
-        procs.append(run_.spawn("m0", "mailbox", keys=keys, per_key=8, pace=0.03))
+        procs.append(run_.spawn("m0", "mailbox", keys=keys, per_key=8, pace=0.03, drain_timeout=8))
         run_.ready(procs[-1])
-        time.sleep(rng.uniform(0.4, 0.9))
+        run_.until_active(4)
+        time.sleep(rng.uniform(0.1, 0.5))
         server.kill()
         time.sleep(0.3)
         server.start()
         lab.wait(procs, 40)
-        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=15)], 30)
-        return _outcome(name, "redis", Expect(exclusion=False, no_loss=no_loss), run_, t0)
+        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=10)], 20)
+        out = _outcome(name, "redis", Expect(exclusion=False, no_loss=no_loss), run_, t0)
+        return _liveness(run_, out)
 
 
 @scenario("redis_restart_aof", ("redis",))
@@ -381,16 +442,18 @@ def redis_restart_empty(lab: Lab, backend: str, rng: random.Random) -> Outcome:
 
 def _restart_pg(lab: Lab, name: str, mode: str, rng: random.Random) -> Outcome:
     t0 = time.monotonic()
-    with _backend(lab, "postgres", name) as (run_, server, _):
+    with _backend(lab, "postgres", name, private=True) as (run_, server, _):
         keys = [f"user:{n}" for n in range(4)]
         procs = _turn_workers(run_, 2, 3.0, hold=0.1, tasks=2)
-        procs.append(run_.spawn("m0", "mailbox", keys=keys, per_key=8, pace=0.03))
+        procs.append(run_.spawn("m0", "mailbox", keys=keys, per_key=8, pace=0.03, drain_timeout=8))
         run_.ready(procs[-1])
-        time.sleep(rng.uniform(0.4, 0.9))
+        run_.until_active(4)
+        time.sleep(rng.uniform(0.1, 0.5))
         server.restart(mode)
         lab.wait(procs, 40)
-        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=15)], 30)
-        return _outcome(name, "postgres", Expect(exclusion=False, no_loss=True), run_, t0)
+        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=10)], 20)
+        out = _outcome(name, "postgres", Expect(exclusion=False, no_loss=True), run_, t0)
+        return _liveness(run_, out)
 
 
 @scenario("pg_restart_fast", ("postgres",))
@@ -412,14 +475,16 @@ def stalled_server(lab: Lab, backend: str, rng: random.Random) -> Outcome:
     t0 = time.monotonic()
     with _backend(lab, backend, "stalled_server", lease=0.6) as (run_, _, proxy):
         procs = _turn_workers(run_, 2, 3.5, hold=0.1, tasks=2)
-        time.sleep(0.3)
+        run_.until_active()
         proxy.set_mode("delay", delay_ms=200)
         time.sleep(0.6)
         proxy.set_mode("blackhole")
         time.sleep(run_.lease * 2)
         proxy.set_mode("pass")
         lab.wait(procs, 40)
-        return _outcome("stalled_server", backend, Expect(exclusion=False), run_, t0)
+        return _liveness(
+            run_, _outcome("stalled_server", backend, Expect(exclusion=False), run_, t0)
+        )
 
 
 @scenario("partition_one")
@@ -428,12 +493,15 @@ def partition_one(lab: Lab, backend: str, rng: random.Random) -> Outcome:
     t0 = time.monotonic()
     with _backend(lab, backend, "partition_one", lease=0.6) as (run_, _, proxy):
         procs = _turn_workers(run_, 3, 3.5, hold=0.15, tasks=2)
-        time.sleep(rng.uniform(0.3, 0.7))
+        run_.until_active()
+        time.sleep(rng.uniform(0.1, 0.4))
         proxy.set_mode("blackhole", tag="w0")
         time.sleep(run_.lease * 2.5)
         proxy.set_mode("pass", tag="w0")
         lab.wait(procs, 40)
-        return _outcome("partition_one", backend, Expect(exclusion=False), run_, t0)
+        return _liveness(
+            run_, _outcome("partition_one", backend, Expect(exclusion=False), run_, t0)
+        )
 
 
 @scenario("drop_reply")
@@ -444,18 +512,19 @@ def drop_reply(lab: Lab, backend: str, rng: random.Random) -> Outcome:
     with _backend(lab, backend, "drop_reply") as (run_, _, proxy):
         keys = [f"user:{n}" for n in range(3)]
         procs = _turn_workers(run_, 2, 3.0, hold=0.05, tasks=2)
-        procs.append(run_.spawn("m0", "mailbox", keys=keys, per_key=8, pace=0.02))
+        procs.append(run_.spawn("m0", "mailbox", keys=keys, per_key=8, pace=0.02, drain_timeout=8))
         run_.ready(procs[-1])
-        deadline = time.monotonic() + 2.5
+        run_.until_active()
+        deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             if proxy.pending_drops() == 0:
                 proxy.drop_reply_once(rng.choice(run_.workers))
             time.sleep(rng.uniform(0.05, 0.15))
         lab.wait(procs, 40)
-        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=15)], 30)
+        lab.wait([run_.spawn("recover", "recover", keys=keys, duration=10)], 20)
         out = _outcome("drop_reply", backend, Expect(exclusion=False, no_loss=True), run_, t0)
         out.notes.append(f"{proxy.dropped_replies} replies dropped")
-        return out
+        return _liveness(run_, out)
 
 
 @scenario("maxmemory", ("redis",))
@@ -497,13 +566,7 @@ def cancel_storm(lab: Lab, backend: str, rng: random.Random) -> Outcome:
         ]
         run_.ready(*procs)
         lab.wait(procs, 30)
-        after = run_.spawn("after", "burst", timeout=5.0)
-        lab.wait([after], 30)
-        out = _outcome("cancel_storm", backend, Expect(exclusion=True), run_, t0)
-        late = [r for r in run_.records() if r["worker"] == "after"]
-        if sum(1 for r in late if r["t"] == "span") != 15:
-            out.notes.append(f"BREACH keys stuck after the storm: {late[:3]}")
-        return out
+        return _liveness(run_, _outcome("cancel_storm", backend, Expect(exclusion=True), run_, t0))
 
 
 @scenario("first_burst")
@@ -592,12 +655,13 @@ def cluster_failover(lab: Lab, backend: str, rng: random.Random) -> Outcome:
     lab._cleanup.append(cluster.stop)
     url = f"redis+cluster://{HOST}:{cluster.nodes[0].port}/0"
     run_ = Run(lab, "cluster_failover", lambda tag: url, 0.8)
-    procs = _turn_workers(run_, 2, 4.0, hold=0.1, tasks=2, timeout=15)
-    time.sleep(0.5)
+    procs = _turn_workers(run_, 2, 4.0, hold=0.1, tasks=2, timeout=10)
+    run_.until_active(4)
     victim = cluster.master_of_slot(rng.randrange(16384))
     victim.kill()
     lab.wait(procs, 60)
-    return _outcome("cluster_failover", "redis", Expect(exclusion=False), run_, t0)
+    # As for Sentinel: the replica may not have every grant the master acknowledged.
+    return _outcome("cluster_failover", "redis", Expect(exclusion=False, reported=False), run_, t0)
 
 
 def _sentinel_failover(lab: Lab, name: str, pause: bool, rng: random.Random) -> Outcome:
@@ -607,8 +671,8 @@ def _sentinel_failover(lab: Lab, name: str, pause: bool, rng: random.Random) -> 
     sentinel = RedisSentinel(primary.port, down_after_ms=800).start()
     lab._cleanup.append(sentinel.stop)
     run_ = Run(lab, name, lambda tag: sentinel.url, 0.8)
-    procs = _turn_workers(run_, 2, 5.0, hold=0.1, tasks=2, timeout=15)
-    time.sleep(0.5)
+    procs = _turn_workers(run_, 2, 4.0, hold=0.1, tasks=2, timeout=10)
+    run_.until_active(4)
     if pause:
         primary.pause()
         time.sleep(3.0)
@@ -616,7 +680,9 @@ def _sentinel_failover(lab: Lab, name: str, pause: bool, rng: random.Random) -> 
     else:
         primary.kill()
     lab.wait(procs, 60)
-    out = _outcome(name, "redis", Expect(exclusion=False), run_, t0)
+    # Replication is asynchronous: a grant the old master acknowledged may never reach the
+    # promoted replica, and a paused master resumes still taking writes for a moment.
+    out = _outcome(name, "redis", Expect(exclusion=False, reported=False), run_, t0)
     out.notes.append(f"sentinel names {sentinel.master_addr()}; replica was :{replica.port}")
     return out
 

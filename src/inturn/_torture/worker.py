@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -31,6 +32,21 @@ from typing import Any
 from inturn._torture.sink import FencedSink
 
 __all__ = ["main"]
+
+
+class _Dying:
+    """``die_at`` (``waiting``, ``body``, ``released``, ``effect``) after ``die_after`` events:
+    SIGKILL this process at that point."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.point = cfg.get("die_at")
+        self.left = cfg.get("die_after", 1)
+
+    def at(self, point: str) -> None:
+        if point == self.point:
+            self.left -= 1
+            if self.left <= 0:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Recorder:
@@ -61,18 +77,23 @@ async def _turns_async(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
     block = cfg.get("block", 0.0)  # seconds the loop is blocked inside some bodies
     block_p = cfg.get("block_p", 0.0)
     cancel_p = cfg.get("cancel_p", 0.0)
-    timeout = cfg.get("timeout", 10.0)
+    timeout = cfg.get("timeout", 3.0)
     rng = random.Random(cfg.get("seed", os.getpid()))
+    dying = _Dying(cfg)
 
     async def one(n: int, key: str) -> None:
         sink = sinks[n]
         start = end = 0.0
         refused = False
         try:
-            async with gate.turn(key, timeout=timeout) as turn:
+            request = gate.turn(key, timeout=timeout)
+            if dying.point == "waiting":
+                asyncio.get_running_loop().call_later(0.01, dying.at, "waiting")
+            async with request as turn:
                 start = time.monotonic()
                 try:
                     refused |= not sink.write(key, turn.fence, rec.worker)
+                    dying.at("body")
                     if block and rng.random() < block_p:
                         time.sleep(block)  # noqa: ASYNC251 - a blocked event loop, on purpose
                     await asyncio.sleep(rng.random() * hold)
@@ -121,7 +142,7 @@ def _turns_sync(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
     keys: list[str] = cfg["keys"]
     deadline = time.monotonic() + cfg.get("duration", 30.0)
     hold = cfg.get("hold", 0.01)
-    timeout = cfg.get("timeout", 10.0)
+    timeout = cfg.get("timeout", 3.0)
 
     def thread(n: int) -> None:
         rng = random.Random(cfg.get("seed", os.getpid()) * 31 + n)
@@ -160,6 +181,7 @@ def _turns_sync(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
 def _handler(cfg: dict[str, Any], rec: Recorder) -> Any:
     sink = FencedSink(cfg["sink"])
     hold = cfg.get("hold", 0.005)
+    dying = _Dying(cfg)
 
     async def handler(msg: Any) -> None:
         payload = msg.payload
@@ -177,6 +199,7 @@ def _handler(cfg: dict[str, Any], rec: Recorder) -> Any:
             size=len(json.dumps(payload)),
             intact=payload == cfg.get("expect", {}).get(mid, payload),
         )
+        dying.at("effect")
         await asyncio.sleep(random.random() * hold)
 
     return handler
