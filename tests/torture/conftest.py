@@ -16,7 +16,14 @@ from inturn._torture.servers import MissingServerBinary
 
 # Every scenario runs on Redis; on PostgreSQL, its own restarts and these (all of them run in
 # `inturn torture --backend postgres`).
-PG_IN_CI = {"kill_holder", "kill_drainer", "sigstop_holder", "partition_one", "drop_reply"}
+PG_IN_CI = {
+    "kill_holder",
+    "kill_drainer",
+    "sigstop_holder",
+    "partition_one",
+    "drop_reply",
+    "first_burst",
+}
 CI_CASES = [
     (name, backend)
     for name, s in SCENARIOS.items()

@@ -15,7 +15,12 @@ import pytest
 from tests.torture.conftest import CI_CASES, Runs
 
 # Scenarios that fail today because of a known bug another engineer is fixing.
-KNOWN_BUGS: dict[tuple[str, str], str] = {}
+KNOWN_BUGS: dict[tuple[str, str], str] = {
+    ("first_burst", "postgres"): (
+        "PostgreSQL: a fresh process's first 5 concurrent calls per key are granted out of "
+        "call order (e.g. [1, 2, 0, 3, 4]); guarantee 3 says exact FIFO within a process"
+    ),
+}
 
 
 def _case(name: str, backend: str) -> object:

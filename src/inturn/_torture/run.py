@@ -24,6 +24,7 @@ class Row:
     lost: int = 0
     duplicates: int = 0
     stale: int = 0
+    breached_runs: int = 0
     breaches: list[str] = field(default_factory=list)
 
     def add(self, outcome: Outcome) -> None:
@@ -35,6 +36,7 @@ class Row:
         self.duplicates += r.duplicate_effects
         self.stale += r.stale_accepted
         self.breaches.extend(outcome.breaches)
+        self.breached_runs += bool(outcome.breaches)
 
 
 def missing_binaries(backend: str) -> list[str]:
@@ -110,7 +112,7 @@ def main(minutes: float, backend: str, seed: int | None) -> int:
                 print(f"  {name} on {b}: server did not start: {exc}", flush=True)
                 continue
             rows[(name, b)].add(outcome)
-            mark = "BREACH " + "; ".join(outcome.breaches) if outcome.breaches else "ok"
+            mark = "BREACH: " + "; ".join(outcome.breaches) if outcome.breaches else "ok"
             print(f"  {name:24} {b:8} {outcome.seconds:5.1f}s  {mark}", flush=True)
             lab.close()
             lab = Lab()

@@ -86,7 +86,7 @@ def breaches(outcome: Outcome) -> list[str]:
         found.append(f"{r.fifo} FIFO breach(es)")
     if e.no_errors and r.errors:
         found.append(f"{r.errors} call(s) raised: {r.error_types}")
-    found.extend(n for n in outcome.notes if n.startswith("BREACH"))
+    found.extend(n.removeprefix("BREACH ") for n in outcome.notes if n.startswith("BREACH"))
     return found
 
 
