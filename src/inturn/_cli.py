@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     torture.add_argument("--minutes", type=float, default=2.0, help="how long (default 2)")
     torture.add_argument("--backend", choices=("redis", "postgres", "all"), default="all")
     torture.add_argument("--seed", type=int, default=None, help="seed of the random mix")
+    torture.add_argument(
+        "--jobs", type=_positive, default=3, help="scenarios run at a time (default 3)"
+    )
     return parser
 
 
@@ -81,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "torture":
         from ._torture.run import main as torture_main
 
-        return torture_main(args.minutes, args.backend, args.seed)
+        return torture_main(args.minutes, args.backend, args.seed, args.jobs)
     raise AssertionError(args.command)  # argparse refuses unknown commands
 
 

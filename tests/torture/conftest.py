@@ -23,6 +23,7 @@ PG_IN_CI = {
     "partition_one",
     "drop_reply",
     "first_burst",
+    "hostile_input",
 }
 CI_CASES = [
     (name, backend)

@@ -14,6 +14,8 @@ from inturn._torture import run as torture_run
 from inturn._torture.checker import check
 from inturn._torture.proxy import FaultProxy
 from inturn._torture.sink import FencedSink
+from inturn._torture.worker import Recorder
+from inturn.testing import History
 
 
 @pytest.fixture
@@ -95,3 +97,13 @@ def test_cli_says_which_binaries_are_missing(
     monkeypatch.setattr(torture_run.shutil, "which", lambda name: None)
     assert main(["torture", "--minutes", "0.01", "--backend", "redis"]) == 2
     assert "missing: redis-server, redis-cli" in capsys.readouterr().err
+
+
+def test_worker_spans_load_as_a_history(tmp_path: Path) -> None:
+    recorder = Recorder(str(tmp_path / "w.jsonl"), "w")
+    fields = {"key": "k", "fence": 1, "asked": 0.0, "joined": 0.1, "start": 0.2, "end": 0.3}
+    recorder.write("span", **fields, lost=False, refused=False, task=0)
+    recorder.write("error", key="k", type="TurnTimeout", message="")
+    recorder.close()
+    (span,) = History.load(tmp_path / "w.history")
+    assert (span.key, span.fence, span.worker) == ("k", 1, "w-t0")

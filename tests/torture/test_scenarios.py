@@ -20,6 +20,10 @@ KNOWN_BUGS: dict[tuple[str, str], str] = {
         "PostgreSQL: a fresh process's first 5 concurrent calls per key are granted out of "
         "call order (e.g. [1, 2, 0, 3, 4]); guarantee 3 says exact FIFO within a process"
     ),
+    ("hostile_input", "postgres"): (
+        "PostgreSQL: Mailbox.submit with a key containing NUL raises a raw psycopg.DataError "
+        "(text cannot contain 0x00) instead of an InturnError (InvalidKey); turns take the key"
+    ),
 }
 
 

@@ -5,11 +5,19 @@ from __future__ import annotations
 import random
 import shutil
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from inturn._torture.scenarios import SCENARIOS, Lab, Outcome, run
-from inturn._torture.servers import MissingServerBinary, ServerStartError, postgres_bindir
+from inturn._torture.scenarios import SCENARIOS, Lab, Outcome
+from inturn._torture.servers import (
+    MissingServerBinary,
+    PostgresServer,
+    ServerStartError,
+    postgres_bindir,
+)
 
 __all__ = ["Row", "main", "missing_binaries", "table"]
 
@@ -80,7 +88,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def main(minutes: float, backend: str, seed: int | None) -> int:
+def main(minutes: float, backend: str, seed: int | None, jobs: int = 3) -> int:
     missing = missing_binaries(backend)
     if missing:
         print(
@@ -95,31 +103,57 @@ def main(minutes: float, backend: str, seed: int | None) -> int:
     rows = {key: Row(*key) for key in plan}
     deadline = time.monotonic() + minutes * 60
     print(
-        f"inturn torture: seed {seed}, {len(plan)} scenario/backend pairs, {minutes:g} min",
+        f"inturn torture: seed {seed}, {len(plan)} scenario/backend pairs, {minutes:g} min, "
+        f"{jobs} at a time",
         flush=True,
     )
-    lab = Lab()
-    try:
-        queue: list[tuple[str, str]] = []
-        while time.monotonic() < deadline:
+    root = Path(tempfile.mkdtemp(prefix="inturn-torture-"))
+    shared = PostgresServer().start() if "postgres" in backends else None
+    lock = threading.Lock()
+    queue: list[tuple[str, str]] = []
+
+    def next_pair() -> tuple[str, str, int] | None:
+        with lock:
+            if time.monotonic() >= deadline:
+                return None
             if not queue:  # every pair once per round, in a random order
-                queue = plan[:]
+                queue.extend(plan)
                 rng.shuffle(queue)
             name, b = queue.pop()
+            return name, b, rng.randrange(1 << 31)
+
+    def worker() -> None:
+        while (pair := next_pair()) is not None:
+            name, b, run_seed = pair
+            lab = Lab(root / f"{name}-{b}-{run_seed}", postgres=shared)
             try:
-                outcome = run(name, b, seed=rng.randrange(1 << 31), lab=lab)
+                outcome = SCENARIOS[name].fn(lab, b, random.Random(run_seed))
             except ServerStartError as exc:
-                print(f"  {name} on {b}: server did not start: {exc}", flush=True)
+                print(f"  {name} on {b}: a server did not start: {exc}", flush=True)
                 continue
-            rows[(name, b)].add(outcome)
+            finally:
+                lab.close()
+            with lock:
+                rows[(name, b)].add(outcome)
             mark = "BREACH: " + "; ".join(outcome.breaches) if outcome.breaches else "ok"
             print(f"  {name:24} {b:8} {outcome.seconds:5.1f}s  {mark}", flush=True)
-            lab.close()
-            lab = Lab()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(jobs)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: finishing the runs under way", file=sys.stderr)
+        with lock:
+            deadline = 0.0
+        for t in threads:
+            t.join(120)
     finally:
-        lab.close()
+        if shared is not None:
+            shared.stop()
     ran = [r for r in rows.values() if r.runs]
     print()
     print(table(ran))

@@ -4,7 +4,8 @@ The config (JSON) says ``mode`` and its settings; every record goes to ``out`` a
 line, written and flushed at once so a SIGKILLed worker leaves what it did. Records:
 
 - ``span``: a turn as it ran (key, fence, asked, joined, start, end, worker) plus ``lost``
-  (``turn.lost`` set by the end) and ``refused`` (the sink refused one of its writes);
+  (``turn.lost`` set by the end) and ``refused`` (the sink refused one of its writes); the
+  spans alone also go to ``<out>.history`` in :meth:`inturn.testing.History.dump`'s format;
 - ``error``: a call that raised (type and message);
 - ``submitted``: a message whose ``submit`` returned (acknowledged), ``submit_error`` one
   whose submit raised; ``handled``: a handler call (message id, fence, accepted by the sink).
@@ -19,6 +20,7 @@ both processes contend).
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import os
 import random
@@ -26,10 +28,12 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from inturn._torture.sink import FencedSink
+from inturn.testing import Span
 
 __all__ = ["main"]
 
@@ -55,11 +59,30 @@ class Recorder:
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
         self._lock = threading.Lock()
 
+        # the spans alone, in History.dump's format (History.load reads it back)
+        self._history = open(Path(path).with_suffix(".history"), "a", encoding="utf-8")  # noqa: SIM115
+
     def write(self, kind: str, **fields: Any) -> None:
         line = json.dumps({"t": kind, "worker": self.worker, **fields})
         with self._lock:
             self._file.write(line + "\n")
             self._file.flush()
+            if kind == "span":
+                span = Span(
+                    fields["key"],
+                    fields["fence"],
+                    fields["asked"],
+                    fields["joined"],
+                    fields["start"],
+                    fields["end"],
+                    f"{self.worker}-t{fields['task']}",
+                )
+                self._history.write(json.dumps(asdict(span)) + "\n")
+                self._history.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        self._history.close()
 
 
 def _gate(cfg: dict[str, Any]) -> Any:
@@ -224,8 +247,15 @@ async def _mailbox(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
             payload = {"id": mid, "pad": pad} if pad else {"id": mid}
             try:
                 await box.submit(key, payload, id=mid)
-            except (inturn.InturnError, OSError) as exc:
-                rec.write("submit_error", key=key, id=mid, type=type(exc).__name__)
+            except Exception as exc:  # a raw driver error is recorded, and judged, too
+                rec.write(
+                    "submit_error",
+                    key=key,
+                    id=mid,
+                    type=type(exc).__name__,
+                    inturn_error=isinstance(exc, inturn.InturnError),
+                    message=str(exc)[:200],
+                )
                 await asyncio.sleep(0.05)
             else:
                 rec.write("submitted", key=key, id=mid)
@@ -308,6 +338,7 @@ def _fork(cfg: dict[str, Any], rec: Recorder) -> None:
 
 
 def main(config_path: str) -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the harness asks a hung worker
     cfg = json.loads(Path(config_path).read_text(encoding="utf-8"))
     rec = Recorder(cfg["out"], cfg["worker"])
     mode = cfg["mode"]
