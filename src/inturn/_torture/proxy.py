@@ -50,6 +50,10 @@ class _Conn:
             with contextlib.suppress(OSError):
                 if rst:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                # close() alone is deferred while the other pump thread sits in recv() on
+                # this socket: the peer would never see the end (a half-open link)
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 sock.close()
 
 

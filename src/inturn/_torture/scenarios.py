@@ -516,6 +516,37 @@ def partition_one(lab: Lab, backend: str, rng: random.Random) -> Outcome:
         )
 
 
+@scenario("long_partition")
+def long_partition(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """One worker (async and threads) partitioned for 3x its calls' timeout: every call
+    returns by its timeout (granted, TurnTimeout or BackendUnavailable), none hangs."""
+    t0 = time.monotonic()
+    timeout = 1.5
+    with _backend(lab, backend, "long_partition", lease=0.6) as (run_, _, proxy):
+        procs = [
+            run_.spawn("w0", "turns", duration=3.0, hold=0.05, tasks=2, timeout=timeout),
+            run_.spawn("w1", "turns", duration=3.0, hold=0.05, tasks=2, timeout=timeout, sync=True),
+            run_.spawn("w2", "turns", duration=3.0, hold=0.05, tasks=2, timeout=timeout),
+        ]
+        run_.ready(*procs)
+        run_.until_active()
+        proxy.set_mode("blackhole", tag="w0")
+        proxy.set_mode("blackhole", tag="w1")
+        time.sleep(timeout * 3)
+        proxy.set_mode("pass")
+        lab.wait(procs, 30)
+        out = _outcome("long_partition", backend, Expect(exclusion=False), run_, t0)
+        bound = timeout + 1.0
+        for r in run_.records():
+            waited = r["start"] - r["asked"] if r["t"] == "span" else r.get("elapsed", 0.0)
+            if r["t"] in ("span", "error") and waited > bound:
+                out.notes.append(
+                    f"BREACH {r['worker']} waited {waited:.1f}s for {r['key']} "
+                    f"(timeout {timeout}s){': ' + r['type'] if r['t'] == 'error' else ''}"
+                )
+        return _liveness(run_, out)
+
+
 @scenario("drop_reply")
 def drop_reply(lab: Lab, backend: str, rng: random.Random) -> Outcome:
     """One reply dropped at a time (the server ran it, the client never heard), over and over,

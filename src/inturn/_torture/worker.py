@@ -108,6 +108,7 @@ async def _turns_async(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
         sink = sinks[n]
         start = end = 0.0
         refused = False
+        called = time.monotonic()
         try:
             request = gate.turn(key, timeout=timeout)
             if dying.point == "waiting":
@@ -138,7 +139,13 @@ async def _turns_async(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
         except asyncio.CancelledError:
             raise
         except (inturn.InturnError, OSError) as exc:
-            rec.write("error", key=key, type=type(exc).__name__, message=str(exc)[:200])
+            rec.write(
+                "error",
+                key=key,
+                type=type(exc).__name__,
+                message=str(exc)[:200],
+                elapsed=time.monotonic() - called,
+            )
             await asyncio.sleep(0.05)
 
     async def task(n: int) -> None:
@@ -172,6 +179,7 @@ def _turns_sync(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
         sink = FencedSink(cfg["sink"])
         while time.monotonic() < deadline:
             key = rng.choice(keys)
+            called = time.monotonic()
             try:
                 with gate.turn_sync(key, timeout=timeout) as turn:
                     start = time.monotonic()
@@ -191,7 +199,13 @@ def _turns_sync(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
                         task=n,
                     )
             except (inturn.InturnError, OSError) as exc:
-                rec.write("error", key=key, type=type(exc).__name__, message=str(exc)[:200])
+                rec.write(
+                    "error",
+                    key=key,
+                    type=type(exc).__name__,
+                    message=str(exc)[:200],
+                    elapsed=time.monotonic() - called,
+                )
                 time.sleep(0.05)
 
     threads = [threading.Thread(target=thread, args=(n,)) for n in range(cfg.get("tasks", 4))]
