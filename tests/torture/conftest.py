@@ -24,6 +24,7 @@ PG_IN_CI = {
     "drop_reply",
     "first_burst",
     "hostile_input",
+    "long_partition",
 }
 CI_CASES = [
     (name, backend)
@@ -31,7 +32,7 @@ CI_CASES = [
     for backend in s.backends
     if backend == "redis" or name.startswith("pg_") or name in PG_IN_CI
 ]
-_SLOW_FIRST = ("pg_", "drop_reply", "cluster", "sentinel", "redis_restart")
+_SLOW_FIRST = ("pg_", "drop_reply", "cluster", "sentinel", "redis_restart", "long_")
 
 
 class Runs:

@@ -24,6 +24,11 @@ KNOWN_BUGS: dict[tuple[str, str], str] = {
         "PostgreSQL: Mailbox.submit with a key containing NUL raises a raw psycopg.DataError "
         "(text cannot contain 0x00) instead of an InturnError (InvalidKey); turns take the key"
     ),
+    ("long_partition", "postgres"): (
+        "PostgreSQL: while the connection is blackholed, gate.turn(key, timeout=1.5) returns "
+        "(TurnTimeout, BackendUnavailable or a grant) only after ~4.5 s: the caller's "
+        "deadline does not bound the wait for a (re)connection"
+    ),
 }
 
 

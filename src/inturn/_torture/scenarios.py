@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,10 +174,14 @@ class Lab:
                 proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
-        for stop in reversed(self._cleanup):
+        stops, self._cleanup = list(reversed(self._cleanup)), []
+
+        def quietly(stop: Callable[[], None]) -> None:
             with contextlib.suppress(Exception):
                 stop()
-        self._cleanup.clear()
+
+        with ThreadPoolExecutor(max_workers=8) as pool:  # servers shut down side by side
+            list(pool.map(quietly, stops))
 
 
 @dataclass
@@ -225,12 +230,18 @@ class Run:
         records = load_records(*(self.dir / f"{w}.jsonl" for w in self.workers))
         return check(records, self.sink, fifo=fifo)
 
-    def until_active(self, spans: int = 2, within: float = 15.0) -> None:
-        """Wait until the workers have run ``spans`` turns or handled messages (they are
-        connected and busy), so the fault lands on work in progress."""
+    def until_active(
+        self, spans: int = 2, within: float = 15.0, workers: tuple[str, ...] = ()
+    ) -> None:
+        """Wait until the workers (or each of ``workers``) have run ``spans`` turns or
+        handled messages (connected and busy), so the fault lands on work in progress."""
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
-            done = sum(1 for r in self.records() if r["t"] in ("span", "handled"))
+            busy = [r for r in self.records() if r["t"] in ("span", "handled")]
+            if workers:
+                done = min(sum(1 for r in busy if r["worker"] == w) for w in workers)
+            else:
+                done = len(busy)
             if done >= spans:
                 return
             time.sleep(0.05)
@@ -529,7 +540,7 @@ def long_partition(lab: Lab, backend: str, rng: random.Random) -> Outcome:
             run_.spawn("w2", "turns", duration=3.0, hold=0.05, tasks=2, timeout=timeout),
         ]
         run_.ready(*procs)
-        run_.until_active()
+        run_.until_active(workers=("w0", "w1"))
         proxy.set_mode("blackhole", tag="w0")
         proxy.set_mode("blackhole", tag="w1")
         time.sleep(timeout * 3)
