@@ -9,7 +9,9 @@ scenarios that need them. Parts:
 - :mod:`.worker`: worker processes (turns async and sync, mailbox submit and handle);
 - :mod:`.checker`: overlaps, FIFO, fences, stale writes, lost and duplicated messages, and
   which violations the holder was told about;
+- :mod:`.lab`: expectations, outcomes, the Lab that owns servers, proxies and workers;
 - :mod:`.scenarios`: the faults, each with its invariant; :mod:`.run` the long random mix
   behind ``inturn torture``;
-- :mod:`.servers`: throwaway redis-server, Cluster, Sentinel and PostgreSQL.
+- :mod:`.servers` (and :mod:`.postgres_server`): throwaway redis-server, Cluster, Sentinel
+  and PostgreSQL.
 """

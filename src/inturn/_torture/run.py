@@ -39,7 +39,7 @@ class Row:
         r = outcome.report
         self.runs += 1
         self.violations += r.violations
-        self.reported += r.overlaps_reported
+        self.reported += r.reported
         self.lost += r.lost_messages
         self.duplicates += r.duplicate_effects
         self.stale += r.stale_accepted
