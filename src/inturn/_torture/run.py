@@ -69,6 +69,7 @@ def table(rows: list[Row]) -> str:
         "messages lost",
         "duplicate effects",
         "stale writes accepted",
+        "runs breaching a promise",
     )
     lines = [head] + [
         (
@@ -80,6 +81,7 @@ def table(rows: list[Row]) -> str:
             str(r.lost),
             str(r.duplicates),
             str(r.stale),
+            str(r.breached_runs),
         )
         for r in rows
     ]
