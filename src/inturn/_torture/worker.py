@@ -288,9 +288,10 @@ async def _recover(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
         max_attempts=20,
     )
     deadline = time.monotonic() + cfg.get("duration", 20.0)
+    quiet = 0  # quiet checks in a row: pending() may not count a dead drainer's in-flight
     while time.monotonic() < deadline:
         try:
-            await box.sweep()
+            resumed = await box.sweep()
             await box.drained(timeout=1.0)
             pending = [await box.pending(k) for k in cfg["keys"]]
             draining = [await box.is_draining(k) for k in cfg["keys"]]
@@ -298,9 +299,11 @@ async def _recover(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
             rec.write("error", key="", type=type(exc).__name__, message=str(exc)[:200])
             await asyncio.sleep(0.2)
             continue
-        if not any(pending) and not any(draining):
+        quiet = quiet + 1 if not (any(pending) or any(draining) or resumed) else 0
+        if quiet >= 2:
             break
-        await asyncio.sleep(0.2)
+        # a dead drainer's role lapses after its lease: wait that long between quiet checks
+        await asyncio.sleep(cfg["lease"] * 1.5 if quiet else 0.2)
     await gate.aclose()
 
 
