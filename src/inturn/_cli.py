@@ -76,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
         "topology, schema, rights). Exits 1 when a guarantee cannot hold.",
     )
     server_options(doctor)
+    torture = commands.add_parser(
+        "torture",
+        help="run the fault scenarios against throwaway servers and print what broke",
+        description=(
+            "Start throwaway redis-server / PostgreSQL servers on loopback (the binaries must be "
+            "installed), run a random mix of fault scenarios for N minutes, print a table; "
+            "exit 1 on a violation that must never happen."
+        ),
+    )
+    torture.add_argument("--minutes", type=float, default=2.0, help="how long (default 2)")
+    torture.add_argument("--backend", choices=("redis", "postgres", "all"), default="all")
+    torture.add_argument("--seed", type=int, default=None, help="seed of the random mix")
+    torture.add_argument(
+        "--jobs", type=_positive, default=3, help="scenarios run at a time (default 3)"
+    )
     return parser
 
 
@@ -212,6 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(lambda: _status(args), args.verbose, "status")
     if args.command == "doctor":
         return _run(lambda: _doctor(args), args.verbose, "doctor")
+    if args.command == "torture":
+        from ._torture.run import main as torture_main
+
+        return torture_main(args.minutes, args.backend, args.seed, args.jobs)
     raise AssertionError(args.command)  # argparse refuses unknown commands
 
 
