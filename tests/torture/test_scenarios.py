@@ -14,16 +14,8 @@ import pytest
 
 from tests.torture.conftest import CI_CASES, Runs
 
-# Scenarios that fail today because of a known bug another engineer is fixing.
+# Scenarios that fail today because of a known bug, each named in its reason.
 KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("first_burst", "postgres"): (
-        "PostgreSQL: a fresh process's first 5 concurrent calls per key are granted out of "
-        "call order (e.g. [1, 2, 0, 3, 4]); guarantee 3 says exact FIFO within a process"
-    ),
-    ("hostile_input", "postgres"): (
-        "PostgreSQL: Mailbox.submit with a key containing NUL raises a raw psycopg.DataError "
-        "(text cannot contain 0x00) instead of an InturnError (InvalidKey); turns take the key"
-    ),
     ("long_partition", "postgres"): (
         "PostgreSQL: while the connection is blackholed, gate.turn(key, timeout=1.5) returns "
         "(TurnTimeout, BackendUnavailable or a grant) only after ~4.5 s: the caller's "
