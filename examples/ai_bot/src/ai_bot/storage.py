@@ -1,0 +1,274 @@
+"""The conversation store: SQLAlchemy 2 async, SQLite by default, PostgreSQL in deployment.
+
+A turn's write is *fenced*. Each conversation row keeps the highest fence that wrote it
+(and where that fence came from). A write carrying a lower fence from the same source is
+a stale holder's (its turn was lost and given to someone else): it is refused and logged.
+The check and the update are one conditional ``UPDATE``, atomic on both databases.
+
+A memory:// gate counts fences from 1 in every process, so fences are compared only
+within one source: the Redis or PostgreSQL gate's URL, or one memory:// process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["Conversation", "Incoming", "StaleFence", "Store", "Turn"]
+
+logger = logging.getLogger("ai_bot.storage")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Conversation(Base):
+    """One row per user: the fence floor and activity times."""
+
+    __tablename__ = "conversations"
+
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    chat_id: Mapped[int] = mapped_column(BigInteger)
+    fence: Mapped[int] = mapped_column(BigInteger, default=0)
+    fence_source: Mapped[str] = mapped_column(String(200), default="")
+    last_user_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_bot_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_proactive_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ChatMessage(Base):
+    """One line of a conversation: a user's message (with its Telegram id) or a reply."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("user_id", "tg_message_id", name="uq_messages_user_tg"),
+        Index("ix_messages_user_id_id", "user_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("conversations.user_id"))
+    role: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)
+    tg_message_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    fence: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class StaleFence(Exception):
+    """A write whose fence is lower than the one the conversation already holds."""
+
+    def __init__(self, user_id: int, fence: int, stored: int) -> None:
+        super().__init__(f"user {user_id}: fence {fence} is older than the stored fence {stored}")
+        self.user_id = user_id
+        self.fence = fence
+        self.stored = stored
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A user's message, as the turn answers it."""
+
+    message_id: int
+    text: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """What one reply writes: the user's messages it answered and the reply's text."""
+
+    user_id: int
+    chat_id: int
+    fence: int
+    fence_source: str
+    incoming: Sequence[Incoming]
+    reply: str
+    proactive: bool = False
+
+
+class Store:
+    """The bot's database. ``await Store.open(url)``; ``await store.aclose()``."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    async def open(cls, url: str, *, migrate: bool = True) -> Store:
+        kwargs: dict[str, object] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        store = cls(create_async_engine(url, **kwargs))
+        if migrate:
+            await store.migrate()
+        return store
+
+    async def migrate(self) -> None:
+        """Create the tables that are missing (idempotent)."""
+        async with self.engine.begin() as conn:
+            if self.engine.dialect.name == "sqlite":
+                await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            await conn.run_sync(Base.metadata.create_all)
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def history(self, user_id: int, limit: int) -> list[tuple[str, str]]:
+        """The last ``limit`` lines of the conversation, oldest first, as (role, text)."""
+        query = (
+            select(ChatMessage.role, ChatMessage.text)
+            .where(ChatMessage.user_id == user_id)
+            .order_by(ChatMessage.id.desc())
+            .limit(limit)
+        )
+        async with self._sessions() as session:
+            rows = (await session.execute(query)).all()
+        return [(role, text) for role, text in reversed(rows)]
+
+    async def answered(self, user_id: int, message_ids: Iterable[int]) -> set[int]:
+        """Which of ``message_ids`` were answered already (their turn was recorded)."""
+        ids = list(message_ids)
+        if not ids:
+            return set()
+        query = select(ChatMessage.tg_message_id).where(
+            ChatMessage.user_id == user_id, ChatMessage.tg_message_id.in_(ids)
+        )
+        async with self._sessions() as session:
+            return {int(i) for i in (await session.scalars(query)).all() if i is not None}
+
+    async def fence_of(self, user_id: int) -> tuple[int, str] | None:
+        async with self._sessions() as session:
+            row = await session.get(Conversation, user_id)
+            return None if row is None else (row.fence, row.fence_source)
+
+    async def idle_users(self, idle_seconds: float, *, now: float | None = None) -> list[int]:
+        """Users quiet for ``idle_seconds`` who wrote since their last proactive message."""
+        cutoff = (time.time() if now is None else now) - idle_seconds
+        query = select(Conversation.user_id).where(
+            Conversation.last_user_at > 0,
+            Conversation.last_user_at < cutoff,
+            Conversation.last_bot_at < cutoff,
+            Conversation.last_user_at > Conversation.last_proactive_at,
+        )
+        async with self._sessions() as session:
+            return [int(u) for u in (await session.scalars(query)).all()]
+
+    async def count_messages(self, user_id: int | None = None) -> int:
+        query = select(func.count(ChatMessage.id))
+        if user_id is not None:
+            query = query.where(ChatMessage.user_id == user_id)
+        async with self._sessions() as session:
+            return int((await session.scalar(query)) or 0)
+
+    # -- writing ------------------------------------------------------------------------
+
+    async def check_fence(self, user_id: int, fence: int, source: str) -> None:
+        """Raise :class:`StaleFence` now if a write with ``fence`` would be refused."""
+        stored = await self.fence_of(user_id)
+        if stored is not None and stored[1] == source and fence < stored[0]:
+            self._refused(user_id, fence, stored[0])
+
+    async def record(self, turn: Turn) -> None:
+        """Store a turn's messages and reply, fenced: raise :class:`StaleFence` (and log it)
+        when the conversation already holds a higher fence from the same source."""
+        now = time.time()
+        async with self._sessions() as session, session.begin():
+            await self._ensure_row(session, turn.user_id, turn.chat_id)
+            values: dict[str, object] = {"fence": turn.fence, "fence_source": turn.fence_source}
+            if turn.incoming:
+                values["last_user_at"] = max(m.at for m in turn.incoming)
+            if turn.proactive:
+                values["last_proactive_at"] = now
+            values["last_bot_at"] = now
+            fenced = (
+                update(Conversation)
+                .where(
+                    Conversation.user_id == turn.user_id,
+                    or_(
+                        Conversation.fence_source != turn.fence_source,
+                        Conversation.fence <= turn.fence,
+                    ),
+                )
+                .values(**values)
+            )
+            result = await session.execute(fenced)
+            if getattr(result, "rowcount", 1) == 0:
+                stored = await session.scalar(
+                    select(Conversation.fence).where(Conversation.user_id == turn.user_id)
+                )
+                self._refused(turn.user_id, turn.fence, int(stored or 0))
+            for m in turn.incoming:
+                session.add(
+                    ChatMessage(
+                        user_id=turn.user_id,
+                        role="user",
+                        text=m.text,
+                        tg_message_id=m.message_id,
+                        fence=turn.fence,
+                        created_at=m.at,
+                    )
+                )
+            session.add(
+                ChatMessage(
+                    user_id=turn.user_id,
+                    role="assistant",
+                    text=turn.reply,
+                    tg_message_id=None,
+                    fence=turn.fence,
+                    created_at=now,
+                )
+            )
+
+    async def _ensure_row(self, session: AsyncSession, user_id: int, chat_id: int) -> None:
+        if self.engine.dialect.name == "postgresql":
+            stmt = pg_insert(Conversation).on_conflict_do_nothing(index_elements=["user_id"])
+        else:
+            stmt = sqlite_insert(Conversation).on_conflict_do_nothing(index_elements=["user_id"])
+        await session.execute(
+            stmt.values(
+                user_id=user_id,
+                chat_id=chat_id,
+                fence=0,
+                fence_source="",
+                last_user_at=0.0,
+                last_bot_at=0.0,
+                last_proactive_at=0.0,
+            )
+        )
+
+    @staticmethod
+    def _refused(user_id: int, fence: int, stored: int) -> None:
+        logger.warning(
+            "refused a stale write for user %s: fence %s is older than the stored fence %s "
+            "(another reply holds this user's turn now)",
+            user_id,
+            fence,
+            stored,
+        )
+        raise StaleFence(user_id, fence, stored)
