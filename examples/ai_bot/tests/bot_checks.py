@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from ai_bot.responder import APOLOGY
 from tests.fakes.llm import FakeLLM, answered_texts
 from tests.fakes.telegram import FakeTelegram
-
-from ai_bot.responder import APOLOGY
 
 
 def replies_to(tg: FakeTelegram, user: int) -> list[str]:

@@ -20,11 +20,10 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.conftest import redis_server, redis_url  # noqa: E402, F401 - shared fixtures
-from tests.fakes.llm import FakeLLM  # noqa: E402
-from tests.fakes.telegram import FakeTelegram  # noqa: E402
-
-from ai_bot.config import Settings  # noqa: E402
+from ai_bot.config import Settings
+from tests.conftest import redis_server, redis_url  # noqa: F401 - shared fixtures
+from tests.fakes.llm import FakeLLM
+from tests.fakes.telegram import FakeTelegram
 
 
 @pytest.fixture
@@ -67,9 +66,7 @@ def bot_env(
 
 
 @pytest.fixture
-def make_env(
-    tg: FakeTelegram, llm: FakeLLM, tmp_path: Path
-) -> Callable[..., dict[str, str]]:
+def make_env(tg: FakeTelegram, llm: FakeLLM, tmp_path: Path) -> Callable[..., dict[str, str]]:
     def make(inturn_url: str = "memory://", **extra: str) -> dict[str, str]:
         return bot_env(tg, llm, inturn_url, tmp_path / "bot.sqlite3", **extra)
 
@@ -123,7 +120,7 @@ class BotProcess:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if "polling as @" in self.text():

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 from bot_checks import all_answered, answered, check_user, replies_to
 from conftest import BotProcess
+
 from tests.fakes.llm import FakeLLM, Request
 from tests.fakes.telegram import FakeTelegram
 
@@ -31,9 +32,7 @@ def burst(tg: FakeTelegram, user: int, texts: list[str], spread: float) -> dict[
     return sent_at
 
 
-@pytest.mark.parametrize(
-    "backend", [pytest.param("memory", marks=pytest.mark.slow), "redis"]
-)
+@pytest.mark.parametrize("backend", [pytest.param("memory", marks=pytest.mark.slow), "redis"])
 def test_burst_through_the_process(
     tg: FakeTelegram,
     llm: FakeLLM,
@@ -65,6 +64,7 @@ def proactive(env: dict[str, str], user: int) -> str:
     return done.stdout.strip()
 
 
+@pytest.mark.slow  # three interpreter starts; the in-process twin runs in the quick set
 def test_proactive_tick_from_another_process_during_a_burst(
     tg: FakeTelegram,
     llm: FakeLLM,
@@ -73,7 +73,12 @@ def test_proactive_tick_from_another_process_during_a_burst(
     spawn: Spawn,
 ) -> None:
     release = threading.Event()  # the burst's first model call waits for the tick
-    llm.latency = lambda request: 0.3 if release.wait(30) else 0.3
+
+    def after_the_tick(request: Request) -> float:
+        release.wait(30)
+        return 0.3
+
+    llm.latency = after_the_tick
     env = make_env(redis_url, PROACTIVE_IDLE_MINUTES="0")
     bot = spawn(env)
     texts = [f"q{i}" for i in range(4)]
@@ -126,6 +131,7 @@ def test_killed_mid_reply_then_restarted(
     assert "resumed key" in second.text() or "answered before" in second.text()
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_reply_under_way(
     tg: FakeTelegram,
     llm: FakeLLM,

@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 from bot_checks import all_answered, answered, check_user, replies_to
 from conftest import running_bot
-from tests.fakes.llm import FakeLLM
-from tests.fakes.telegram import FakeTelegram
 
 from ai_bot.proactive_messaging import Proactive
 from ai_bot.responder import APOLOGY
+from tests.fakes.llm import FakeLLM
+from tests.fakes.telegram import FakeTelegram
 
 USER = 7001
 
@@ -41,7 +41,8 @@ async def test_burst_is_answered_in_turn(
         await asyncio.sleep(0.3)  # nothing more comes
     check_user(tg, llm, USER, texts, sent_at)
     assert len(llm.for_user(USER)) < len(texts), "messages during a reply are batched"
-    assert tg.actions and all(a.action == "typing" for a in tg.actions)
+    assert tg.actions
+    assert all(a.action == "typing" for a in tg.actions)
 
 
 async def test_same_update_three_times_one_reply(
@@ -92,7 +93,9 @@ async def test_proactive_during_a_burst_never_overlaps(
         outcomes = [await proactive.send(USER, force=True)]
         sent_at = await burst
         await tg.wait_for_async(lambda _: all_answered(tg, USER, ["first", *texts]), 15)
-        while await bot.app.replies.is_draining(USER):  # the last reply is being recorded
+        for _ in range(200):  # the last reply is being recorded
+            if not await bot.app.replies.is_draining(USER):
+                break
             await asyncio.sleep(0.02)
         outcomes.append(await proactive.send(USER, force=True))  # idle now: it goes out
     assert outcomes == ["skipped", "sent"]
@@ -100,7 +103,8 @@ async def test_proactive_during_a_burst_never_overlaps(
     assert answered(tg, USER) == ["first", *texts]
     assert replies_to(tg, USER)[-1] == "checking in"
     proactive_calls = [r for r in llm.for_user(USER) if r.reply == "checking in"]
-    assert len(proactive_calls) == 1 and proactive_calls[0].answering == []
+    assert len(proactive_calls) == 1
+    assert proactive_calls[0].answering == []
     check_user(tg, llm, USER, ["first", *texts], {"first": 0.0, **sent_at})
 
 

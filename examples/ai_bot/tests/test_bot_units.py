@@ -6,16 +6,16 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import inturn
 import pytest
 from conftest import running_bot
-from tests.fakes.llm import FakeLLM
-from tests.fakes.telegram import FakeTelegram
 
+import inturn
 from ai_bot.__main__ import main
 from ai_bot.config import Settings, SettingsError
 from ai_bot.responder import split_message
 from ai_bot.storage import Incoming, StaleFence, Store, Turn
+from tests.fakes.llm import FakeLLM
+from tests.fakes.telegram import FakeTelegram
 
 
 @pytest.mark.parametrize(

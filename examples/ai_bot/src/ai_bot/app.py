@@ -7,10 +7,11 @@ import logging
 import urllib.parse
 import uuid
 
-import inturn
 from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
+
+import inturn
 
 from .config import Settings
 from .responder import Responder
@@ -37,7 +38,9 @@ def fence_source(settings: Settings) -> str:
     if settings.inturn_url.startswith("memory:"):
         return f"memory:{uuid.uuid4().hex}"  # counts from 1 again in every process
     parts = urllib.parse.urlsplit(settings.inturn_url)
-    where = f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path}#{settings.inturn_namespace}"
+    where = (
+        f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path}#{settings.inturn_namespace}"
+    )
     return f"{parts.scheme}:{hashlib.sha256(where.encode()).hexdigest()[:16]}"
 
 
@@ -65,7 +68,9 @@ class App:
         store = await Store.open(settings.database_url)
         return cls(settings, store, bot or make_bot(settings))
 
-    async def submit(self, user_id: int, chat_id: int, message_id: int, text: str, at: float) -> None:
+    async def submit(
+        self, user_id: int, chat_id: int, message_id: int, text: str, at: float
+    ) -> None:
         """Queue a user's message for their next reply (stored before this returns)."""
         await self.replies.submit(
             user_id,

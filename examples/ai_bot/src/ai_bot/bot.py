@@ -82,8 +82,12 @@ async def run_webhook(settings: Settings) -> None:
         await runner.setup()
         await web.TCPSite(runner, settings.webhook_host, settings.webhook_port).start()
         await app.bot.set_webhook(settings.webhook_url, secret_token=settings.webhook_secret)
-        logger.info("webhook at %s, listening on %s:%s", settings.webhook_url,
-                    settings.webhook_host, settings.webhook_port)
+        logger.info(
+            "webhook at %s, listening on %s:%s",
+            settings.webhook_url,
+            settings.webhook_host,
+            settings.webhook_port,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

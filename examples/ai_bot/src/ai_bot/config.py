@@ -48,7 +48,7 @@ class Settings:
     proactive_every_seconds: float = 300.0
     celery_broker_url: str | None = None
     webhook_url: str | None = None
-    webhook_host: str = "0.0.0.0"  # noqa: S104 - a webhook listens for Telegram's calls
+    webhook_host: str = "0.0.0.0"
     webhook_port: int = 8080
     webhook_secret: str | None = None
     shutdown_grace: float = 10.0
@@ -125,7 +125,7 @@ class Settings:
             proactive_every_seconds=number("PROACTIVE_EVERY_SECONDS", 300.0, low=1),
             celery_broker_url=text("CELERY_BROKER_URL") or None,
             webhook_url=webhook_url or None,
-            webhook_host=text("WEBHOOK_HOST", "0.0.0.0"),  # noqa: S104
+            webhook_host=text("WEBHOOK_HOST", "0.0.0.0"),
             webhook_port=int(port),
             webhook_secret=text("WEBHOOK_SECRET") or None,
             shutdown_grace=number("SHUTDOWN_GRACE", 10.0),

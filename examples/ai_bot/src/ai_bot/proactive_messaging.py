@@ -18,8 +18,9 @@ import logging
 import os
 from typing import Literal
 
+from celery import Celery  # type: ignore[import-untyped]
+
 import inturn
-from celery import Celery
 
 from .app import App
 from .config import Settings
@@ -109,7 +110,7 @@ celery_app.conf.update(
 )
 
 
-@celery_app.task(name="ai_bot.proactive_tick")
+@celery_app.task(name="ai_bot.proactive_tick")  # type: ignore[untyped-decorator]
 def proactive_tick() -> dict[str, str]:
     """One tick: a proactive message to each idle user whose turn is free."""
     outcome = asyncio.run(run_tick(Settings.from_env()))

@@ -15,10 +15,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import inturn
 from aiogram import Bot
 from aiogram.exceptions import TelegramRetryAfter
 from openai import AsyncOpenAI
+
+import inturn
 
 from .config import Settings
 from .storage import Incoming, StaleFence, Store, Turn

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -30,9 +31,14 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["Conversation", "Incoming", "StaleFence", "Store", "Turn"]
@@ -246,6 +252,7 @@ class Store:
             )
 
     async def _ensure_row(self, session: AsyncSession, user_id: int, chat_id: int) -> None:
+        stmt: Any
         if self.engine.dialect.name == "postgresql":
             stmt = pg_insert(Conversation).on_conflict_do_nothing(index_elements=["user_id"])
         else:
