@@ -105,14 +105,16 @@ class Responder:
                 continue
             seen.add(mid)
             incoming.append(Incoming(mid, str(m.payload["text"]), float(m.payload["at"])))
-        done = await self.store.answered(user_id, seen)
+        done, stored, history = await self.store.load(user_id, seen, self.settings.history_limit)
         if done:
             logger.info("user %s: messages %s were answered before; not again", user_id, done)
             incoming = [m for m in incoming if m.message_id not in done]
         if not incoming:
             return
+        fence = msgs[0].fence
+        await self.store.check_fence(user_id, fence, self.fence_source, stored)
         await self.send_ai_response(
-            user_id, chat_id, incoming, fence=msgs[0].fence, attempt=msgs[0].attempt
+            user_id, chat_id, incoming, fence=fence, attempt=msgs[0].attempt, history=history
         )
 
     # -- the reply ----------------------------------------------------------------------
@@ -126,6 +128,7 @@ class Responder:
         fence: int,
         attempt: int = 1,
         proactive: bool = False,
+        history: list[tuple[str, str]] | None = None,
     ) -> str | None:
         """Reply to ``incoming`` (or, ``proactive``, start a message): the caller holds the
         user's turn and passes its ``fence``. Returns the text sent (None: nothing sent).
@@ -133,8 +136,9 @@ class Responder:
         A failed model call sends a short apology on the first attempt and raises, so
         the mailbox retries it; a proactive message is simply not sent.
         """
-        await self.store.check_fence(user_id, fence, self.fence_source)
-        history = await self.store.history(user_id, self.settings.history_limit)
+        if history is None:  # else the caller loaded it and checked the fence
+            await self.store.check_fence(user_id, fence, self.fence_source)
+            history = await self.store.history(user_id, self.settings.history_limit)
         prompt: list[dict[str, str]] = [{"role": "system", "content": self.settings.system_prompt}]
         prompt += [{"role": role, "content": text} for role, text in history]
         prompt += [{"role": "user", "content": m.text} for m in incoming]

@@ -157,6 +157,37 @@ class Store:
             rows = (await session.execute(query)).all()
         return [(role, text) for role, text in reversed(rows)]
 
+    async def load(
+        self, user_id: int, message_ids: Iterable[int], limit: int
+    ) -> tuple[set[int], tuple[int, str] | None, list[tuple[str, str]]]:
+        """What a reply needs, in one connection: which of ``message_ids`` were answered,
+        the conversation's fence and source, and its last ``limit`` lines."""
+        ids = list(message_ids)
+        async with self._sessions() as session:
+            done: set[int] = set()
+            if ids:
+                query = select(ChatMessage.tg_message_id).where(
+                    ChatMessage.user_id == user_id, ChatMessage.tg_message_id.in_(ids)
+                )
+                done = {int(i) for i in (await session.scalars(query)).all() if i is not None}
+            row = (
+                await session.execute(
+                    select(Conversation.fence, Conversation.fence_source).where(
+                        Conversation.user_id == user_id
+                    )
+                )
+            ).first()
+            lines = (
+                await session.execute(
+                    select(ChatMessage.role, ChatMessage.text)
+                    .where(ChatMessage.user_id == user_id)
+                    .order_by(ChatMessage.id.desc())
+                    .limit(limit)
+                )
+            ).all()
+        fence = None if row is None else (int(row[0]), str(row[1]))
+        return done, fence, [(role, text) for role, text in reversed(lines)]
+
     async def answered(self, user_id: int, message_ids: Iterable[int]) -> set[int]:
         """Which of ``message_ids`` were answered already (their turn was recorded)."""
         ids = list(message_ids)
@@ -194,9 +225,13 @@ class Store:
 
     # -- writing ------------------------------------------------------------------------
 
-    async def check_fence(self, user_id: int, fence: int, source: str) -> None:
-        """Raise :class:`StaleFence` now if a write with ``fence`` would be refused."""
-        stored = await self.fence_of(user_id)
+    async def check_fence(
+        self, user_id: int, fence: int, source: str, stored: tuple[int, str] | None = None
+    ) -> None:
+        """Raise :class:`StaleFence` now if a write with ``fence`` would be refused
+        (against ``stored``, the conversation's fence and source, when given)."""
+        if stored is None:
+            stored = await self.fence_of(user_id)
         if stored is not None and stored[1] == source and fence < stored[0]:
             self._refused(user_id, fence, stored[0])
 
@@ -205,7 +240,6 @@ class Store:
         when the conversation already holds a higher fence from the same source."""
         now = time.time()
         async with self._sessions() as session, session.begin():
-            await self._ensure_row(session, turn.user_id, turn.chat_id)
             values: dict[str, object] = {"fence": turn.fence, "fence_source": turn.fence_source}
             if turn.incoming:
                 values["last_user_at"] = max(m.at for m in turn.incoming)
@@ -228,7 +262,16 @@ class Store:
                 stored = await session.scalar(
                     select(Conversation.fence).where(Conversation.user_id == turn.user_id)
                 )
-                self._refused(turn.user_id, turn.fence, int(stored or 0))
+                if stored is not None:
+                    self._refused(turn.user_id, turn.fence, int(stored))
+                # the user's first turn: make the row (a racing first turn makes it too)
+                await self._ensure_row(session, turn.user_id, turn.chat_id)
+                result = await session.execute(fenced)
+                if getattr(result, "rowcount", 1) == 0:
+                    stored = await session.scalar(
+                        select(Conversation.fence).where(Conversation.user_id == turn.user_id)
+                    )
+                    self._refused(turn.user_id, turn.fence, int(stored or 0))
             for m in turn.incoming:
                 session.add(
                     ChatMessage(
