@@ -13,8 +13,8 @@ M messages ``--gap`` seconds apart, all users at once. Reported:
   model call per message (no batching);
 - total / longest serial (the goal: within 1.3x);
 - the bot's overhead per message: its CPU time (user + sys, from /proc) during the run,
-  after a warm-up message, divided by the messages; and the pick-up time, message sent -> its model call began,
-  for the calls that waited for no earlier reply of the same user;
+  after a warm-up message, divided by the messages; and the pick-up time, message sent ->
+  its model call began, for each user's first call (it waited for no earlier reply);
 - checks: every message answered once, in order; no two model calls of a user overlapped.
 """
 
