@@ -26,7 +26,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
     func,
+    insert,
     or_,
     select,
     update,
@@ -128,7 +130,17 @@ class Store:
             kwargs["connect_args"] = {"timeout": 30}
         else:
             kwargs["pool_pre_ping"] = True
-        store = cls(create_async_engine(url, **kwargs))
+        engine = create_async_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+
+            @event.listens_for(engine.sync_engine, "connect")
+            def _pragmas(conn: Any, _record: Any) -> None:
+                cursor = conn.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across app crashes
+                cursor.close()
+
+        store = cls(engine)
         if migrate:
             await store.migrate()
         return store
@@ -136,8 +148,6 @@ class Store:
     async def migrate(self) -> None:
         """Create the tables that are missing (idempotent)."""
         async with self.engine.begin() as conn:
-            if self.engine.dialect.name == "sqlite":
-                await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
             await conn.run_sync(Base.metadata.create_all)
 
     async def aclose(self) -> None:
@@ -272,27 +282,28 @@ class Store:
                         select(Conversation.fence).where(Conversation.user_id == turn.user_id)
                     )
                     self._refused(turn.user_id, turn.fence, int(stored or 0))
-            for m in turn.incoming:
-                session.add(
-                    ChatMessage(
-                        user_id=turn.user_id,
-                        role="user",
-                        text=m.text,
-                        tg_message_id=m.message_id,
-                        fence=turn.fence,
-                        created_at=m.at,
-                    )
-                )
-            session.add(
-                ChatMessage(
-                    user_id=turn.user_id,
-                    role="assistant",
-                    text=turn.reply,
-                    tg_message_id=None,
-                    fence=turn.fence,
-                    created_at=now,
-                )
+            rows = [
+                {
+                    "user_id": turn.user_id,
+                    "role": "user",
+                    "text": m.text,
+                    "tg_message_id": m.message_id,
+                    "fence": turn.fence,
+                    "created_at": m.at,
+                }
+                for m in turn.incoming
+            ]
+            rows.append(
+                {
+                    "user_id": turn.user_id,
+                    "role": "assistant",
+                    "text": turn.reply,
+                    "tg_message_id": None,
+                    "fence": turn.fence,
+                    "created_at": now,
+                }
             )
+            await session.execute(insert(ChatMessage), rows)
 
     async def _ensure_row(self, session: AsyncSession, user_id: int, chat_id: int) -> None:
         stmt: Any
