@@ -21,7 +21,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ai_bot.config import Settings
-from tests.conftest import redis_server, redis_url  # noqa: F401 - shared fixtures
+from tests.conftest import (  # noqa: F401 - shared fixtures
+    postgres_dsn,
+    postgres_server,
+    redis_server,
+    redis_url,
+)
 from tests.fakes.llm import FakeLLM
 from tests.fakes.telegram import FakeTelegram
 

@@ -171,3 +171,52 @@ def test_celery_task_runs_a_tick(
     assert proactive_tick.apply().get() == {"3": "sent"}
     assert [c.text for c in tg.sent] == ["answer to: hello", "checking in"]
     assert proactive_tick.apply().get() == {}  # once per quiet spell
+
+
+async def test_the_store_on_postgresql(postgres_dsn: str) -> None:
+    from ai_bot.config import normalize_database_url
+
+    store = await Store.open(normalize_database_url(postgres_dsn))
+    try:
+        await store.record(Turn(5, 50, 10, "redis:x", [Incoming(1, "hi", 1.0)], "hello"))
+        with pytest.raises(StaleFence):
+            await store.record(Turn(5, 50, 9, "redis:x", [Incoming(2, "yo", 2.0)], "stale"))
+        done, fence, history = await store.load(5, [1, 2], 10)
+        assert done == {1}
+        assert fence == (10, "redis:x")
+        assert history == [("user", "hi"), ("assistant", "hello")]
+        assert await store.chat_of(5) == 50
+        await store.migrate()  # idempotent
+    finally:
+        await store.aclose()
+
+
+async def test_webhook_mode(
+    tg: FakeTelegram, llm: FakeLLM, make_env: Callable[..., dict[str, str]]
+) -> None:
+    import asyncio
+
+    from ai_bot.bot import run_webhook
+    from tests.servers import free_port
+
+    port = free_port()
+    env = make_env(
+        WEBHOOK_URL=f"http://127.0.0.1:{port}/telegram",
+        WEBHOOK_HOST="127.0.0.1",
+        WEBHOOK_PORT=str(port),
+        WEBHOOK_SECRET="s3cret",
+    )
+    stop = asyncio.Event()
+    server = asyncio.create_task(run_webhook(Settings.from_env(env), stop))
+    for _ in range(500):
+        if tg.webhook_url:
+            break
+        await asyncio.sleep(0.02)
+    assert tg.webhook_secret == "s3cret"
+    update = tg.send_text(user_id=4, text="via webhook")
+    await tg.wait_for_async(lambda sent: sent, timeout=10)
+    tg.redeliver(update)  # a webhook retry
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.wait_for(server, 20)
+    assert [c.text for c in tg.sent] == ["answer to: via webhook"]

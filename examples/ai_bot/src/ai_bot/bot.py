@@ -60,8 +60,9 @@ async def run_polling(settings: Settings) -> None:
         logger.info("stopped")
 
 
-async def run_webhook(settings: Settings) -> None:
-    """Serve Telegram's webhook calls on WEBHOOK_HOST:WEBHOOK_PORT until SIGTERM/SIGINT."""
+async def run_webhook(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Serve Telegram's webhook calls on WEBHOOK_HOST:WEBHOOK_PORT until SIGTERM/SIGINT
+    (or until ``stop`` is set), then finish the replies under way as polling does."""
     from aiogram.webhook.aiohttp_server import SimpleRequestHandler, setup_application
     from aiohttp import web
 
@@ -88,10 +89,11 @@ async def run_webhook(settings: Settings) -> None:
             settings.webhook_host,
             settings.webhook_port,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        if stop is None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         logger.info("stopped taking updates; finishing the replies under way")
     finally:

@@ -51,8 +51,9 @@ class Proactive:
             idle = app.settings.proactive_idle_minutes * 60
             if user_id not in await app.store.idle_users(idle):
                 return False  # the user wrote meanwhile
+        chat_id = await app.store.chat_of(user_id)
         sent = await app.responder.send_ai_response(
-            user_id, user_id, [], fence=fence, proactive=True
+            user_id, user_id if chat_id is None else chat_id, [], fence=fence, proactive=True
         )
         return sent is not None
 

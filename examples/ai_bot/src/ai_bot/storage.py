@@ -209,6 +209,12 @@ class Store:
         async with self._sessions() as session:
             return {int(i) for i in (await session.scalars(query)).all() if i is not None}
 
+    async def chat_of(self, user_id: int) -> int | None:
+        """The chat the user's conversation is in (None: no conversation yet)."""
+        async with self._sessions() as session:
+            row = await session.get(Conversation, user_id)
+            return None if row is None else int(row.chat_id)
+
     async def fence_of(self, user_id: int) -> tuple[int, str] | None:
         async with self._sessions() as session:
             row = await session.get(Conversation, user_id)
