@@ -31,13 +31,11 @@ from sqlalchemy import (
     insert,
     or_,
     select,
-    update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
-    AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
@@ -256,38 +254,37 @@ class Store:
         when the conversation already holds a higher fence from the same source."""
         now = time.time()
         async with self._sessions() as session, session.begin():
-            values: dict[str, object] = {"fence": turn.fence, "fence_source": turn.fence_source}
+            values: dict[str, Any] = {"fence": turn.fence, "fence_source": turn.fence_source}
             if turn.incoming:
                 values["last_user_at"] = max(m.at for m in turn.incoming)
             if turn.proactive:
                 values["last_proactive_at"] = now
             values["last_bot_at"] = now
-            fenced = (
-                update(Conversation)
-                .where(
-                    Conversation.user_id == turn.user_id,
-                    or_(
-                        Conversation.fence_source != turn.fence_source,
-                        Conversation.fence <= turn.fence,
-                    ),
-                )
-                .values(**values)
+            # One statement: make the row, or update it only if the fence is not stale.
+            insert_: Any = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+            stmt = insert_(Conversation).values(
+                {
+                    "user_id": turn.user_id,
+                    "chat_id": turn.chat_id,
+                    "last_user_at": 0.0,
+                    "last_proactive_at": 0.0,
+                    **values,
+                }
+            )
+            fenced = stmt.on_conflict_do_update(
+                index_elements=["user_id"],
+                set_={name: getattr(stmt.excluded, name) for name in values},
+                where=or_(
+                    Conversation.fence_source != stmt.excluded.fence_source,
+                    Conversation.fence <= stmt.excluded.fence,
+                ),
             )
             result = await session.execute(fenced)
             if getattr(result, "rowcount", 1) == 0:
                 stored = await session.scalar(
                     select(Conversation.fence).where(Conversation.user_id == turn.user_id)
                 )
-                if stored is not None:
-                    self._refused(turn.user_id, turn.fence, int(stored))
-                # the user's first turn: make the row (a racing first turn makes it too)
-                await self._ensure_row(session, turn.user_id, turn.chat_id)
-                result = await session.execute(fenced)
-                if getattr(result, "rowcount", 1) == 0:
-                    stored = await session.scalar(
-                        select(Conversation.fence).where(Conversation.user_id == turn.user_id)
-                    )
-                    self._refused(turn.user_id, turn.fence, int(stored or 0))
+                self._refused(turn.user_id, turn.fence, int(stored or 0))
             rows = [
                 {
                     "user_id": turn.user_id,
@@ -310,24 +307,6 @@ class Store:
                 }
             )
             await session.execute(insert(ChatMessage), rows)
-
-    async def _ensure_row(self, session: AsyncSession, user_id: int, chat_id: int) -> None:
-        stmt: Any
-        if self.engine.dialect.name == "postgresql":
-            stmt = pg_insert(Conversation).on_conflict_do_nothing(index_elements=["user_id"])
-        else:
-            stmt = sqlite_insert(Conversation).on_conflict_do_nothing(index_elements=["user_id"])
-        await session.execute(
-            stmt.values(
-                user_id=user_id,
-                chat_id=chat_id,
-                fence=0,
-                fence_source="",
-                last_user_at=0.0,
-                last_bot_at=0.0,
-                last_proactive_at=0.0,
-            )
-        )
 
     @staticmethod
     def _refused(user_id: int, fence: int, stored: int) -> None:
