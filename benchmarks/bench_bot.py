@@ -1,6 +1,7 @@
 """The example bot (examples/ai_bot) under load: U users x M messages, a slow model.
 
     python benchmarks/bench_bot.py [--users 200] [--messages 5] [--latency 0.3] [--redis]
+                                   [--debounce 0.3] [--gap 0.05]
 
 Runs ``python -m ai_bot`` as a subprocess (long polling) against the local fakes of the
 Telegram Bot API and of an OpenAI-compatible API (``tests/fakes``), on memory:// (or on a
@@ -49,6 +50,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=5)
     parser.add_argument("--latency", type=float, default=0.3)
     parser.add_argument("--gap", type=float, default=0.05, help="seconds between a user's messages")
+    parser.add_argument(
+        "--debounce", type=float, default=0.0, help="REPLY_DEBOUNCE: wait for a burst to end"
+    )
     parser.add_argument("--redis", action="store_true", help="INTURN_URL on a local redis-server")
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
@@ -82,6 +86,7 @@ def run(
         "INTURN_URL": inturn_url,
         "DATABASE_URL": f"sqlite:///{tmp / 'bot.sqlite3'}",
         "PYTHONUNBUFFERED": "1",
+        "REPLY_DEBOUNCE": str(args.debounce),
     }
     log = (tmp / "bot.log").open("wb")
     bot = subprocess.Popen(
@@ -155,13 +160,15 @@ def run(
     print(f"backend: {inturn_url.split('@')[-1]}; database: SQLite")
     print(
         f"load: {args.users} users x {args.messages} messages ({total_messages}), "
-        f"{args.gap * 1000:.0f} ms apart, model latency {args.latency:g} s"
+        f"{args.gap * 1000:.0f} ms apart, model latency {args.latency:g} s, "
+        f"debounce {args.debounce:g} s"
     )
     print(f"model calls: {sum(calls)} ({statistics.mean(calls):.2f} per user; batched)")
     print(f"total: {total:.2f} s")
     print(f"longest user's serial time: {longest:.2f} s (its model calls one after another)")
     print(f"one call per message, serially: {args.messages * args.latency:.2f} s")
     print(f"total / longest serial: {total / longest:.2f}x (goal: within 1.3x)")
+    print(f"total / one call per message: {total / (args.messages * args.latency):.2f}x")
     print(
         f"bot CPU: {cpu:.2f} s = {cpu / total_messages * 1000:.2f} ms per message "
         f"(aiogram, inturn, SQLite, HTTP clients)"
