@@ -220,3 +220,28 @@ async def test_webhook_mode(
     stop.set()
     await asyncio.wait_for(server, 20)
     assert [c.text for c in tg.sent] == ["answer to: via webhook"]
+
+
+async def test_fake_llm_streams_and_fails_on_demand() -> None:
+    import openai
+
+    with FakeLLM(latency=0.05) as llm:
+        client = openai.AsyncOpenAI(base_url=llm.url, api_key="k", max_retries=0)
+        try:
+            stream = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "stream me"}], stream=True
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            assert text == "answer to: stream me"
+            llm.fail_next(status=503)
+            with pytest.raises(openai.APIStatusError):
+                await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "x"}], user="9"
+                )
+        finally:
+            await client.close()
+    assert [(r.stream, r.status, r.user) for r in llm.requests] == [
+        (True, 200, None),
+        (False, 503, "9"),
+    ]
+    assert all(r.end is not None and r.end - r.start >= 0.05 for r in llm.requests)

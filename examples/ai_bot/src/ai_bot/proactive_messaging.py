@@ -98,6 +98,7 @@ def _broker() -> str:
     return inturn_url if inturn_url.startswith(("redis://", "rediss://")) else "memory://"
 
 
+# A plain Celery app: the task runs the async tick with asyncio.run and builds its own gate.
 celery_app = Celery("ai_bot", broker=_broker())
 celery_app.conf.update(
     beat_schedule={
