@@ -52,7 +52,7 @@ from ._errors import (
     TurnTimeout,
 )
 from ._gate import Gate
-from ._keys import MAX_KEY_BYTES
+from ._keys import MAX_KEY_BYTES, log_keys
 from ._mailbox import DeadLetter, Mailbox, Message
 from ._metrics import InProcessMetrics, MetricsSink, Summary
 from ._serialize import Serializer
@@ -137,4 +137,5 @@ __all__ = [
     "TurnTimeout",
     "__version__",
     "content_id",
+    "log_keys",
 ]

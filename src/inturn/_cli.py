@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 
 def _positive(text: str) -> int:
@@ -28,13 +35,147 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--url", default="memory://", help="backend URL (default: memory://)")
     demo.add_argument("--users", type=_positive, default=40, help="users in the burst")
     demo.add_argument("--messages", type=_positive, default=5, help="messages per user")
+    demo.add_argument(
+        "--picture",
+        default="",
+        metavar="DIR",
+        help="folder for the timeline picture (default: the system's temp folder)",
+    )
+    demo.add_argument("--no-picture", action="store_true", help="write no picture")
     migrate = commands.add_parser(
         "migrate",
         help="create or upgrade inturn's tables in a PostgreSQL database (idempotent)",
         description="Apply inturn's schema migrations to the database a postgresql:// URL names.",
     )
     migrate.add_argument("url", help="postgresql://user@host:port/dbname")
+
+    def server_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--url",
+            default=os.environ.get("INTURN_URL", "memory://"),
+            help="backend URL (default: $INTURN_URL, else memory://)",
+        )
+        sub.add_argument("--namespace", default="default", help="the gate's namespace")
+        sub.add_argument("--json", action="store_true", help="print JSON instead of text")
+        sub.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+
+    status = commands.add_parser(
+        "status",
+        help="who holds which key, who waits, mailbox queues and dead letters",
+        description="Show the busy keys (holder, fence, lease left, line length), the mailbox "
+        "queues and the dead letters of a namespace, or of one KEY.",
+    )
+    status.add_argument("key", nargs="?", help="one key (a user id) instead of all")
+    status.add_argument("--limit", type=_positive, default=100, help="at most this many rows")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh in place")
+    server_options(status)
+    doctor = commands.add_parser(
+        "doctor",
+        help="check a server: can it keep inturn's guarantees?",
+        description="Check the backend's server (version, eviction policy, persistence, "
+        "topology, schema, rights). Exits 1 when a guarantee cannot hold.",
+    )
+    server_options(doctor)
     return parser
+
+
+_CREDENTIALS = re.compile(r"(://[^:/@\s]*):[^@/\s]*@")
+
+
+def mask(text: str) -> str:
+    """``text`` with the password of any URL in it replaced by ``***``."""
+    return _CREDENTIALS.sub(r"\1:***@", text)
+
+
+def _run(call: Callable[[], Coroutine[Any, Any, int]], verbose: bool, command: str) -> int:
+    """Run an async command; an error is one line with its cause (a traceback with
+    ``--verbose``), never a wall of text."""
+    from ._errors import InturnError
+
+    try:
+        return asyncio.run(call())
+    except KeyboardInterrupt:
+        return 130
+    except (InturnError, OSError, ValueError) as exc:
+        if verbose:
+            raise
+        print(f"inturn {command}: {mask(str(exc))}", file=sys.stderr)
+        return 1
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def _since(epoch: float | None) -> str:
+    return "-" if epoch is None else time.strftime("%H:%M:%S", time.localtime(epoch))
+
+
+def _format_status(snap: Any) -> str:
+    lines = [f"namespace {snap.namespace!r}"]
+    if snap.keys:
+        lines.append(
+            f"{'key':24} {'fence':>20} {'lease left':>10} {'since':>8} {'waiting':>7}  holder"
+        )
+        for k in snap.keys:
+            lines.append(
+                f"{k.key[:24]:24} {'-' if k.fence is None else k.fence:>20} "
+                f"{_seconds(k.lease_left):>10} {_since(k.held_since):>8} {k.waiting:>7}  "
+                f"{(k.holder or '-')[:16]}"
+            )
+    else:
+        lines.append("no busy keys")
+    if snap.boxes:
+        lines.append(f"{'mailbox':16} {'key':24} {'queued':>7} {'in flight':>9}  draining")
+        for b in snap.boxes:
+            lines.append(
+                f"{b.mailbox[:16]:16} {b.key[:24]:24} {b.queued:>7} {b.in_flight:>9}  "
+                f"{'yes' if b.draining else 'no'}"
+            )
+    else:
+        lines.append("no mailbox queues")
+    for name, count in sorted(snap.dead_letters.items()):
+        lines.append(f"dead letters in {name!r}: {count}")
+    if snap.truncated:
+        lines.append("(more than shown: raise --limit, or give a KEY)")
+    return "\n".join(lines)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from ._gate import Gate
+
+    async with Gate.from_url(args.url, namespace=args.namespace) as gate:
+        while True:
+            snap = await gate.statistics(args.key, limit=args.limit)
+            if args.json:
+                print(json.dumps(dataclasses.asdict(snap), default=str))
+            else:
+                text = _format_status(snap)
+                if args.watch:
+                    print("\x1b[H\x1b[J" + text, flush=True)  # home, clear: refresh in place
+                else:
+                    print(text)
+            if not args.watch:
+                return 0
+            await asyncio.sleep(args.watch)
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from ._gate import Gate
+
+    async with Gate.from_url(args.url, namespace=args.namespace) as gate:
+        report = await gate.diagnose()
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(report), "ok": report.ok}, default=str))
+    else:
+        version = report.version or "version unknown"
+        print(f"{report.backend} at {mask(report.server)}: {version}, {report.topology}")
+        for name, value in sorted(report.facts.items()):
+            print(f"  {name} = {value}")
+        for finding in report.findings:
+            print(f"  {finding.level.upper():7} {finding.check}: {finding.message}")
+        print("ok: inturn's guarantees can hold" if report.ok else "NOT OK: see the errors above")
+    return 0 if report.ok else 1
 
 
 def _migrate(url: str) -> int:
@@ -63,9 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from ._demo import main as demo_main
 
-        return demo_main(args.url, args.users, args.messages)
+        picture = None if args.no_picture else args.picture
+        return demo_main(args.url, args.users, args.messages, picture)
     if args.command == "migrate":
         return _migrate(args.url)
+    if args.command == "status":
+        return _run(lambda: _status(args), args.verbose, "status")
+    if args.command == "doctor":
+        return _run(lambda: _doctor(args), args.verbose, "doctor")
     raise AssertionError(args.command)  # argparse refuses unknown commands
 
 

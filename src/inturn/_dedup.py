@@ -27,8 +27,8 @@ import time
 from types import TracebackType
 
 from ._backends.base import ClaimResult, DedupBackend, SyncDedupBackend
-from ._errors import ConfigurationError, Duplicate
-from ._keys import new_token, normalize_key
+from ._errors import BackendUnavailable, ConfigurationError, Duplicate
+from ._keys import new_token, normalize_key, shown
 from ._runtime import Runtime, renewal_pool
 from ._timers import TimerHandle
 
@@ -148,7 +148,7 @@ class Deduplicator:
 
 
 class _ClaimBase:
-    __slots__ = ("_claim", "_lease", "_owner", "_renewal", "_renewing", "_token")
+    __slots__ = ("_claim", "_lease", "_owner", "_renewal", "_renewing", "_token", "_until")
 
     def __init__(
         self, owner: Deduplicator, key: str, id: str, fence: int | None, lease: float | None
@@ -159,10 +159,13 @@ class _ClaimBase:
         self._claim = Claim(key, owner.scope, id, fence)
         self._renewal: asyncio.TimerHandle | TimerHandle | None = None
         self._renewing: asyncio.Task[None] | None = None
+        self._until = 0.0
+        """When the claim's lease ends (monotonic), as of its last claim or renewal sent."""
 
-    def _renewed(self, found: ClaimResult) -> bool:
+    def _renewed(self, found: ClaimResult, sent: float) -> bool:
         """Record a renewal's answer; False once the claim is no longer ours."""
         if found.state == "new":
+            self._until = sent + self._lease
             return True
         c = self._claim
         c.lost = True
@@ -170,13 +173,14 @@ class _ClaimBase:
             "inturn: the claim of message %r of key %r (%s) was taken over while it ran: "
             "its result will not be recorded",
             c.id,
-            c.key,
+            shown(c.key),
             c.scope,
-            extra={"inturn_key": c.key},
+            extra={"inturn_key": shown(c.key)},
         )
         return False
 
-    def _found(self, found: ClaimResult) -> Claim:
+    def _found(self, found: ClaimResult, sent: float) -> Claim:
+        self._until = sent + self._lease
         if found.state != "new":
             c = self._claim
             self._owner._runtime.metrics.count("dedup_duplicates", scope=c.scope)
@@ -190,6 +194,19 @@ class _ClaimBase:
         result = self._claim.result
         return True, None if result is _NO_RESULT else encode_result(result)
 
+    def _again(self, exc: BackendUnavailable, tries: int) -> float:
+        """Seconds to wait before sending a failed finish again; raise ``exc`` past the lease.
+
+        The handler ran: a finish that failed on a transient error (a failover, a
+        dropped connection) is sent again while the claim is ours, rather than
+        leaving the id in progress and the message to be run twice. FINISH is safe
+        to run twice (a second run finds the id done and changes nothing).
+        """
+        pause = min(0.5, 0.05 * float(2**tries))
+        if time.monotonic() + pause >= self._until:
+            raise exc
+        return pause
+
 
 class ClaimRequest(_ClaimBase):
     """``async with dedup.claim(key, id) as claim`` (see :meth:`Deduplicator.claim`)."""
@@ -197,7 +214,8 @@ class ClaimRequest(_ClaimBase):
     __slots__ = ()
 
     async def __aenter__(self) -> Claim:
-        claim = self._found(await self._ask())
+        sent = time.monotonic()
+        claim = self._found(await self._ask(), sent)
         self._schedule()
         return claim
 
@@ -216,12 +234,13 @@ class ClaimRequest(_ClaimBase):
 
     async def _keep(self) -> None:
         """Renew the claim (the same token claims again); every third of its lease."""
+        sent = time.monotonic()
         try:
             found = await asyncio.wait_for(self._ask(), self._lease / 3)
         except Exception as exc:  # a transport error: try again next time
             logger.debug("inturn: renewing a dedup claim failed: %r", exc)
         else:
-            if not self._renewed(found):
+            if not self._renewed(found, sent):
                 return
         if self._renewal is not None:
             self._schedule()
@@ -240,7 +259,16 @@ class ClaimRequest(_ClaimBase):
         c, store = self._claim, self._owner._store()
         finished, text = self._outcome(exc)
         if finished:
-            await store.finish(c.key, c.scope, c.id, self._token, text, window=self._owner.window)
+            tries = 0
+            while True:
+                try:
+                    await store.finish(
+                        c.key, c.scope, c.id, self._token, text, window=self._owner.window
+                    )
+                    break
+                except BackendUnavailable as exc:
+                    await asyncio.sleep(self._again(exc, tries))
+                    tries += 1
         else:
             await store.abandon(c.key, c.scope, c.id, self._token)
 
@@ -251,7 +279,8 @@ class SyncClaimRequest(_ClaimBase):
     __slots__ = ()
 
     def __enter__(self) -> Claim:
-        claim = self._found(self._ask())
+        sent = time.monotonic()
+        claim = self._found(self._ask(), sent)
         self._schedule()
         return claim
 
@@ -271,12 +300,13 @@ class SyncClaimRequest(_ClaimBase):
             renewal_pool().submit(self._keep)
 
     def _keep(self) -> None:
+        sent = time.monotonic()
         try:
             found = self._ask()
         except Exception as exc:  # a transport error: try again next time
             logger.debug("inturn: renewing a dedup claim failed: %r", exc)
         else:
-            if not self._renewed(found):
+            if not self._renewed(found, sent):
                 return
         if self._renewal is not None:
             self._schedule()
@@ -293,6 +323,13 @@ class SyncClaimRequest(_ClaimBase):
         c, store = self._claim, self._owner._sync_store()
         finished, text = self._outcome(exc)
         if finished:
-            store.finish(c.key, c.scope, c.id, self._token, text, window=self._owner.window)
+            tries = 0
+            while True:
+                try:
+                    store.finish(c.key, c.scope, c.id, self._token, text, window=self._owner.window)
+                    break
+                except BackendUnavailable as exc:
+                    time.sleep(self._again(exc, tries))
+                    tries += 1
         else:
             store.abandon(c.key, c.scope, c.id, self._token)

@@ -23,6 +23,7 @@ from typing import Any
 from ._backends.base import MailboxBackend, SyncMailboxBackend, Taken
 from ._dedup import Deduplicator
 from ._errors import ConfigurationError, Duplicate
+from ._keys import shown
 from ._message import Message, PendingCounter
 from ._policy import RETRY_BACKOFF
 from ._runtime import Runtime, renewal_pool
@@ -114,22 +115,34 @@ class _Role:
         return min(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)], left)
 
 
-def _retried(step: _DrainStep) -> _DrainStep:
-    """The step to send again after a transport error. A take whose answer was lost may
-    have run: its batch is in flight now, so the retry must not acknowledge blind (the
-    batch would be dropped unprocessed); without ``ack`` it is delivered again instead."""
-    return _Take(ack=False) if isinstance(step, _Take) else step
+class _Retries:
+    """A drain step's retries after transport errors, while the drainer's role lives."""
 
+    def __init__(self, role: _Role, name: str, key: str) -> None:
+        self._role, self._name, self._key = role, name, key
+        self._attempt = 0
 
-def _gave_up(name: str, key: str, exc: BaseException) -> None:
-    logger.warning(
-        "inturn: mailbox %r stops draining key %r: %r, and the drainer role lapsed "
-        "meanwhile (the sweeper resumes the queue)",
-        name,
-        key,
-        exc,
-        extra={"inturn_key": key},
-    )
+    def after(self, step: _DrainStep, exc: BaseException) -> tuple[float, _DrainStep] | None:
+        """(pause, the step to send again), or None: the role lapsed, stop draining.
+
+        A take whose answer was lost may have run: its batch is in flight now, so the
+        retry must not acknowledge blind (the batch would be dropped unprocessed);
+        without ``ack`` it is delivered again instead."""
+        key = shown(self._key)
+        pause = self._role.retry_pause(self._attempt)
+        if pause is None:
+            logger.warning(
+                "inturn: mailbox %r stops draining key %r: %r, and the drainer role lapsed "
+                "meanwhile (the sweeper resumes the queue)",
+                self._name,
+                key,
+                exc,
+                extra={"inturn_key": key},
+            )
+            return None
+        logger.debug("inturn: mailbox %r retries key %r: %r", self._name, key, exc)
+        self._attempt += 1
+        return pause, _Take(ack=False) if isinstance(step, _Take) else step
 
 
 def drain_flow(box: Drainer, key: str, first: Taken | None) -> Generator[_DrainStep, Any, None]:
@@ -152,8 +165,8 @@ def drain_flow(box: Drainer, key: str, first: Taken | None) -> Generator[_DrainS
             logger.warning(
                 "inturn: mailbox %r lost the drainer role of key %r",
                 box.name,
-                key,
-                extra={"inturn_key": key},
+                shown(key),
+                extra={"inturn_key": shown(key)},
             )
             return
         if taken.retry_in > 0:
@@ -253,12 +266,12 @@ class Drainer:
             logger.warning(
                 "inturn: mailbox %r handler failed for key %r (attempt %d of %d, retry in %gs): %s",
                 self.name,
-                key,
+                shown(key),
                 attempts,
                 self.max_attempts,
                 pause,
                 error,
-                extra={"inturn_key": key},
+                extra={"inturn_key": shown(key)},
             )
             retry = [json.dumps({**s, "a": attempts}) for s in stored]
             return _Failure(attempts, pause, error, retry, now + pause, [])
@@ -266,10 +279,10 @@ class Drainer:
             "inturn: mailbox %r gave up on %d message(s) of key %r after %d attempts: %s",
             self.name,
             len(stored),
-            key,
+            shown(key),
             attempts,
             error,
-            extra={"inturn_key": key},
+            extra={"inturn_key": shown(key)},
         )
         dead = [json.dumps({"m": s, "e": error, "at": now, "n": attempts}) for s in stored]
         self._runtime.metrics.count("mailbox_dead_letters", len(dead), mailbox=self.name)
@@ -297,23 +310,21 @@ class Drainer:
                     step = flow.send(reply)
                 except StopIteration:
                     return
-                attempt = 0
+                retries = _Retries(role, self.name, key)
                 while True:
                     try:
                         reply = await self._step(step, key, token)
                         break
                     except TRANSIENT as exc:
-                        pause = role.retry_pause(attempt)
-                        if pause is None:
-                            _gave_up(self.name, key, exc)
+                        again = retries.after(step, exc)
+                        if again is None:
                             return
-                        logger.debug("inturn: mailbox %r retries key %r: %r", self.name, key, exc)
+                        pause, step = again
                         await asyncio.sleep(pause)
-                        attempt, step = attempt + 1, _retried(step)
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("inturn: mailbox %r drain of key %r failed", self.name, key)
+            logger.exception("inturn: mailbox %r drain of key %r failed", self.name, shown(key))
         finally:
             renewer.cancel()
 
@@ -358,7 +369,7 @@ class Drainer:
             try:
                 alive = await self._store.mb_renew(self.name, key, token, lease=lease)
             except Exception as exc:  # a transport error: try again next time
-                logger.debug("inturn: renewing the drainer role of %r failed: %r", key, exc)
+                logger.debug("inturn: renewing the drainer role of %r failed: %r", shown(key), exc)
                 continue
             if not alive:
                 role.lost = True
@@ -437,21 +448,19 @@ class Drainer:
                     step = flow.send(reply)
                 except StopIteration:
                     return
-                attempt = 0
+                retries = _Retries(role, self.name, key)
                 while True:
                     try:
                         reply = self._step_sync(store, step, key, token)
                         break
                     except TRANSIENT as exc:
-                        pause = role.retry_pause(attempt)
-                        if pause is None:
-                            _gave_up(self.name, key, exc)
+                        again = retries.after(step, exc)
+                        if again is None:
                             return
-                        logger.debug("inturn: mailbox %r retries key %r: %r", self.name, key, exc)
+                        pause, step = again
                         time.sleep(pause)  # a transport error's backoff, bounded by the role
-                        attempt, step = attempt + 1, _retried(step)
         except Exception:
-            logger.exception("inturn: mailbox %r drain of key %r failed", self.name, key)
+            logger.exception("inturn: mailbox %r drain of key %r failed", self.name, shown(key))
         finally:
             renewal.stop()
 

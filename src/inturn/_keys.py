@@ -8,13 +8,41 @@ Backends encode the normal form injectively for their own storage.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import secrets
+from typing import Literal
 
-from ._errors import InvalidKey
+from ._errors import ConfigurationError, InvalidKey
 
-__all__ = ["MAX_KEY_BYTES", "new_token", "normalize_key"]
+__all__ = ["MAX_KEY_BYTES", "log_keys", "new_token", "normalize_key", "shown"]
+
+LogKeys = Literal["full", "hash", "truncate"]
+_log_keys: list[LogKeys] = ["full"]
+
+
+def log_keys(mode: LogKeys) -> None:
+    """How log records show user keys: ``"full"`` (default), ``"hash"`` (a short, stable
+    hash: records of one user still group together) or ``"truncate"`` (the first 4
+    characters). User ids can be personal data. The environment variable
+    ``INTURN_LOG_KEYS`` sets it at import."""
+    if mode not in ("full", "hash", "truncate"):
+        raise ConfigurationError(f"log_keys must be 'full', 'hash' or 'truncate', not {mode!r}")
+    _log_keys[0] = mode
+
+
+def shown(key: str) -> str:
+    """``key`` as log records show it (see :func:`log_keys`)."""
+    mode = _log_keys[0]
+    if mode == "full":
+        return key
+    if mode == "hash":
+        return (
+            "#" + hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+        )
+    return key if len(key) <= 4 else key[:4] + "..."
+
 
 MAX_KEY_BYTES = 1024
 """The longest key, in bytes of UTF-8."""
@@ -68,3 +96,10 @@ class _Tokens:
 
 new_token = _Tokens()
 """A new request token, unique across processes (``new_token()``)."""
+
+
+_from_env = os.environ.get("INTURN_LOG_KEYS", "full")
+if _from_env == "hash":
+    _log_keys[0] = "hash"
+elif _from_env == "truncate":
+    _log_keys[0] = "truncate"

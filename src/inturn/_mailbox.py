@@ -51,7 +51,7 @@ from ._backends.base import (
 from ._dedup import DEFAULT_WINDOW, Deduplicator
 from ._drain import Drainer
 from ._errors import ConfigurationError, InvalidPayload, MailboxFull
-from ._keys import new_token, normalize_key
+from ._keys import new_token, normalize_key, shown
 from ._message import DeadLetter, Message, dead_letter, envelope
 from ._runtime import Runtime, renewal_pool
 from ._timers import TimerHandle
@@ -203,9 +203,9 @@ class Mailbox:
             logger.warning(
                 "inturn: mailbox %r dropped the oldest message of key %r (max_pending=%d)",
                 self.name,
-                key,
+                shown(key),
                 self.max_pending,
-                extra={"inturn_key": key},
+                extra={"inturn_key": shown(key)},
             )
 
     # -- submitting: async ------------------------------------------------------------
@@ -264,6 +264,55 @@ class Mailbox:
         if done.status == SubmitStatus.DRAINER:
             store.mb_hint(self.name, key, True)
             self._start_drain_sync(key, token, done.first)
+
+    def store_sync(
+        self, key: str | int, payload: Any, *, id: str | int | None = None
+    ) -> str | None:
+        """Store ``payload`` in ``key``'s queue and never drain here: for a producer that
+        hands draining to another process (a Celery worker), so the queue keeps the
+        producer's order.
+
+        Returns the drainer token when this call took the key's drainer role, else None
+        (a live drainer will take the message). Pass the token to
+        :meth:`drain_sync` (``key``, ``token``) where the queue is to be drained,
+        within the gate's lease; a token never used lapses after the lease, and the
+        sweeper resumes the queue. Raises as :meth:`submit` does.
+        """
+        key, text = self._encode(key, payload, id)
+        token = new_token()
+        store = self._sync_store()
+        args = {**self._submit_args(token), "take": 0}  # the drainer's first take is its own
+        done = store.mb_submit(self.name, key, text, **args)
+        self._submitted(key, done)
+        if done.status != SubmitStatus.DRAINER:
+            return None
+        store.mb_hint(self.name, key, True)
+        return token
+
+    def drain_sync(self, key: str | int, token: str) -> None:
+        """Drain ``key``'s queue here, as the drainer ``token`` names (from
+        :meth:`store_sync`), until it is empty or the role is lost. A ``def`` handler only."""
+        if self.is_async:
+            raise ConfigurationError(
+                f"mailbox {self.name!r} has an async handler: it drains on an event loop"
+            )
+        if self.sweep_interval is not None and self._sync_sweeper is None:
+            self._sweep_from_threads()  # a process that drains also sweeps
+        self._drainer.drain_sync(normalize_key(key), token)
+
+    def resume_sync(self, key: str | int) -> bool:
+        """Drain ``key``'s queue here if nobody does (a drainer died, or nobody took the
+        role); False when a live drainer owns it or nothing is queued."""
+        key = normalize_key(key)
+        store = self._sync_store()
+        token = new_token()
+        status = store.mb_resume(self.name, key, token, lease=self._lease)
+        if status == ResumeStatus.IDLE:
+            store.mb_hint(self.name, key, False)
+        if status != ResumeStatus.RESUMED:
+            return False
+        self._drainer.drain_sync(key, token)
+        return True
 
     def _start_drain_sync(
         self, key: str, token: str, first: Taken | None = None, *, inline: bool | None = None
@@ -341,7 +390,7 @@ class Mailbox:
                 await self._store.mb_hint(self.name, key, False)
             elif status == ResumeStatus.RESUMED:
                 resumed += 1
-                logger.info("inturn: mailbox %r resumed key %r", self.name, key)
+                logger.info("inturn: mailbox %r resumed key %r", self.name, shown(key))
                 await self._start_drain(key, token)
         return resumed
 
@@ -362,7 +411,7 @@ class Mailbox:
                 store.mb_hint(self.name, key, False)
             elif status == ResumeStatus.RESUMED:
                 resumed += 1
-                logger.info("inturn: mailbox %r resumed key %r", self.name, key)
+                logger.info("inturn: mailbox %r resumed key %r", self.name, shown(key))
                 self._start_drain_sync(key, token, inline=inline)
         return resumed
 

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ._backends.base import Backend, SyncBackend
+from ._keys import shown
 from ._metrics import MetricsSink
 from ._policy import TurnSettings
 from ._timers import TimerThread
@@ -74,9 +75,9 @@ def log_cleanup_failure(what: str, key: str, exc: BaseException) -> None:
     logger.warning(
         "inturn: could not %s for key %r: %r (the lease will lapse by itself)",
         what,
-        key,
+        shown(key),
         exc,
-        extra={"inturn_key": key},
+        extra={"inturn_key": shown(key)},
     )
 
 
@@ -198,10 +199,18 @@ class Runtime:
         """True once the sync twin exists (closing need not make one)."""
         return self._sync_backend is not None
 
-    def granted(self, waited: float) -> None:
-        """Count a grant and how long it waited."""
+    def granted(self, key: str, fence: int, waited: float) -> None:
+        """Count a grant and how long it waited (and log it at DEBUG)."""
         self.metrics.count("turns_granted")
         self.metrics.observe("turn_wait_seconds", waited)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "inturn: granted key %r (fence %d) after %.3fs in line",
+                shown(key),
+                fence,
+                waited,
+                extra={"inturn_key": shown(key), "inturn_fence": fence},
+            )
 
     # -- busy probes ---------------------------------------------------------------
 

@@ -25,14 +25,15 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from ._backends.base import Grant
 from ._errors import BackendUnavailable, Busy, TurnTimeout
-from ._policy import RETRY_BACKOFF, Deadline, LeaseClock
+from ._keys import new_token, shown
+from ._policy import RETRY_BACKOFF, Deadline, LeaseClock, TurnSettings
 from ._runtime import Runtime
 
 __all__ = [
@@ -156,7 +157,6 @@ class _TurnBase:
         self._clock = clock
         self._confirmation = grant.confirmed
         self._released = False
-        self._arm()
 
     @property
     def waited(self) -> float:
@@ -194,11 +194,9 @@ class _TurnBase:
             return self.fence
         return None
 
-    def _arm(self) -> None:
-        """Make ``lost``: an asyncio.Event or a threading.Event, by the subclass."""
-        raise NotImplementedError
-
     def _signal_lost(self) -> None:
+        """Set ``lost`` if it was made already (it is made on first use: most turns never
+        look at it, and a threading.Event costs more than the rest of a memory turn)."""
         raise NotImplementedError
 
     def _set_lost(self, reason: str) -> None:
@@ -210,10 +208,10 @@ class _TurnBase:
         self._runtime.metrics.count("leases_lost", reason=reason)
         logger.warning(
             "inturn: lost the turn of key %r (fence %d): %s",
-            self.key,
+            shown(self.key),
             self.fence,
             _REASONS[reason],
-            extra={"inturn_key": self.key, "inturn_fence": self.fence},
+            extra={"inturn_key": shown(self.key), "inturn_fence": self.fence},
         )
 
 
@@ -232,14 +230,26 @@ class Turn(_TurnBase):
     Pass ``fence`` to any sink that can refuse stale writes.
     """
 
-    __slots__ = ("lost",)
+    __slots__ = ("_lost",)
+    _lost: asyncio.Event
 
-    def _arm(self) -> None:
-        self.lost: asyncio.Event = _LostEvent(self)
+    @property
+    def lost(self) -> asyncio.Event:
         """Set when the lease is lost (``is_set()`` also reads the holder's clock)."""
+        try:
+            return self._lost
+        except AttributeError:
+            event = self._lost = _LostEvent(self)
+            if self.lost_reason is not None:
+                asyncio.Event.set(event)
+            return event
 
     def _signal_lost(self) -> None:
-        asyncio.Event.set(self.lost)
+        try:
+            event = self._lost
+        except AttributeError:
+            return
+        asyncio.Event.set(event)
 
     async def check(self) -> bool:
         """Ask the backend whether this turn is still held: False once lost, and False
@@ -259,14 +269,32 @@ class SyncTurn(_TurnBase):
     with ``on_lost="cancel"`` the block raises :class:`LeaseLost` when it exits.
     """
 
-    __slots__ = ("lost",)
+    __slots__ = ("_lost",)
+    _lost: threading.Event
 
-    def _arm(self) -> None:
-        self.lost: threading.Event = _SyncLostEvent(self)
+    @property
+    def lost(self) -> threading.Event:
         """Set when the lease is lost (``is_set()`` also reads the holder's clock)."""
+        try:
+            return self._lost
+        except AttributeError:
+            pass
+        with _make_lock:  # the renewal thread may signal while the holder asks
+            try:
+                return self._lost
+            except AttributeError:
+                event = self._lost = _SyncLostEvent(self)
+                if self.lost_reason is not None:
+                    threading.Event.set(event)
+                return event
 
     def _signal_lost(self) -> None:
-        threading.Event.set(self.lost)
+        with _make_lock:
+            try:
+                event = self._lost
+            except AttributeError:
+                return
+        threading.Event.set(event)
 
     def check(self) -> bool:
         """Ask the backend whether this turn is still held: False once lost, and False
@@ -277,6 +305,10 @@ class SyncTurn(_TurnBase):
         if not held and not self._released:
             self._set_lost("taken")
         return held
+
+
+_make_lock = threading.Lock()
+"""Guards making a thread's ``lost`` event against the renewal thread signalling it."""
 
 
 class _LostEvent(asyncio.Event):
@@ -303,6 +335,100 @@ class _SyncLostEvent(threading.Event):
         if not super().is_set():
             self._turn._note_lapse()
         return super().is_set()
+
+
+# -- a request's bookkeeping, shared by both twins -------------------------------------
+
+
+TurnT = TypeVar("TurnT", bound="_TurnBase")
+
+
+class _Request(Generic[TurnT]):
+    """What both request twins keep: the key, the settings, re-entrancy, the held turn.
+
+    The twins add how to wait (asyncio or threads), how to renew and how to release.
+    """
+
+    __slots__ = (
+        "_held_token",
+        "_key",
+        "_nowait",
+        "_release_hook",
+        "_reused",
+        "_runtime",
+        "_settings",
+        "_timeout",
+        "_turn",
+    )
+
+    _turn_type: type[TurnT]
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        key: str,
+        *,
+        timeout: float | None,
+        nowait: bool,
+        settings: TurnSettings,
+    ) -> None:
+        self._runtime = runtime
+        self._key = key
+        self._timeout = timeout
+        self._nowait = nowait
+        self._settings = settings
+        self._turn: TurnT | None = None
+        self._release_hook: Callable[[str, str], Any] | None = None
+        self._reused = False
+        self._held_token: contextvars.Token[object] | None = None
+
+    def _release_with(self, hook: Callable[[str, str], Any]) -> None:
+        """Release through ``hook`` (key, token) instead of a plain release; a plain release
+        is its retry. Not called at all when the turn was re-entered."""
+        self._release_hook = hook
+
+    def _reentered(self) -> TurnT | None:
+        """The turn this task or thread already holds for the key (then it is reused)."""
+        if self._turn is not None:
+            raise RuntimeError(f"a {type(self).__name__} can be entered only once")
+        again = _held_by_me(self._runtime.domain, self._key)
+        if isinstance(again, self._turn_type):
+            self._reused = True
+            self._turn = again
+            return again
+        return None
+
+    def _asking(self) -> Asking:
+        now = time.monotonic()
+        return Asking(
+            key=self._key,
+            token=new_token(),
+            lease=self._settings.first_lease,
+            deadline=Deadline.after(self._timeout, now),
+            timeout=self._timeout,
+            asked_at=now,
+        )
+
+    def _hold(self, asking: Asking, grant: Grant) -> TurnT:
+        """Make the held turn from its grant; count it; mark it held by this owner."""
+        s = self._settings
+        clock = LeaseClock.start(lease=s.lease, max_hold=s.max_hold, granted_at=grant.granted_at)
+        asked = (asking.asked_at, asking.joined_at)
+        turn = self._turn_type(
+            self._runtime, self._key, asking.token, grant, asked=asked, clock=clock
+        )
+        self._turn = turn
+        self._runtime.granted(turn.key, turn.fence, turn.waited)
+        self._held_token = _mark_held(self._runtime.domain, self._key, turn)
+        return turn
+
+    def _unhold(self, turn: TurnT) -> None:
+        """The block exits: report a lease that ran out meanwhile, stop being the holder."""
+        turn._note_lapse()
+        turn._released = True
+        if self._held_token is not None:
+            _unmark_held(self._runtime.domain, self._key, self._held_token)
+        self._runtime.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
 
 
 # -- the acquire flow, shared by both twins -------------------------------------------
@@ -420,6 +546,12 @@ def acquire_flow(
             if remaining == 0:
                 metrics.count("turn_timeouts")
                 waited = asking.timeout or 0.0
+                logger.warning(
+                    "inturn: gave up waiting for the turn of key %r after %gs",
+                    shown(asking.key),
+                    waited,
+                    extra={"inturn_key": shown(asking.key)},
+                )
                 raise TurnTimeout(
                     f"waited {waited:g}s in line for the turn of key {asking.key!r}",
                     key=asking.key,

@@ -9,18 +9,17 @@ a background task), and renewal runs on the holder's own event loop.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from functools import partial
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ._backends.base import Confirmation, Grant
 from ._errors import BackendUnavailable, LeaseLost
-from ._keys import new_token
-from ._policy import Deadline, LeaseClock, TurnSettings
+from ._keys import shown
+from ._policy import Deadline, TurnSettings
 from ._runtime import CLEANUP_TIMEOUT, Runtime, log_cleanup_failure
 from ._turn import (
     CONFIRM_WAIT,
@@ -33,9 +32,7 @@ from ._turn import (
     Step,
     Turn,
     Wait,
-    _held_by_me,
-    _mark_held,
-    _unmark_held,
+    _Request,
     acquire_flow,
     next_timer_at,
     renewal_due,
@@ -48,29 +45,12 @@ logger = logging.getLogger("inturn")
 
 T = TypeVar("T")
 
-ReleaseHook = Callable[[str, str], Awaitable[object]]
-"""A call that releases the turn (key, token) and does more in the same round trip."""
 
-
-class TurnRequest:
+class TurnRequest(_Request[Turn]):
     """``async with`` this to wait for, hold and release a key's turn (from ``Gate.turn``)."""
 
-    __slots__ = (
-        "_cancel_sent",
-        "_exited",
-        "_handle",
-        "_held_token",
-        "_key",
-        "_nowait",
-        "_release_hook",
-        "_renewing",
-        "_reused",
-        "_runtime",
-        "_settings",
-        "_task",
-        "_timeout",
-        "_turn",
-    )
+    __slots__ = ("_cancel_sent", "_exited", "_handle", "_renewing", "_task")
+    _turn_type = Turn
 
     def __init__(
         self,
@@ -81,53 +61,32 @@ class TurnRequest:
         nowait: bool,
         settings: TurnSettings,
     ) -> None:
-        self._runtime = runtime
-        self._key = key
-        self._timeout = timeout
-        self._nowait = nowait
-        self._settings = settings
-        self._turn: Turn | None = None
-        self._release_hook: ReleaseHook | None = None
-        self._reused = False
-        self._held_token: contextvars.Token[object] | None = None
+        super().__init__(runtime, key, timeout=timeout, nowait=nowait, settings=settings)
         self._handle: asyncio.TimerHandle | None = None
         self._renewing: asyncio.Task[None] | None = None
         self._task: asyncio.Task[object] | None = None
         self._cancel_sent = False
         self._exited = False
 
-    def _release_with(self, hook: ReleaseHook) -> None:
-        """Release through ``hook`` (key, token) instead of a plain release; a plain release
-        is its retry. Not called at all when the turn was re-entered."""
-        self._release_hook = hook
+    def __enter__(self) -> None:
+        raise TypeError(
+            "gate.turn(...) is for coroutines: use `async with gate.turn(key) as turn:`, "
+            "or `with gate.turn_sync(key) as turn:` in a thread"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ raised
+        return None
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("gate.turn(...) is not awaited: use `async with gate.turn(key) as turn:`")
 
     async def __aenter__(self) -> Turn:
-        if self._turn is not None:
-            raise RuntimeError("a TurnRequest can be entered only once")
-        runtime = self._runtime
-        again = _held_by_me(runtime.domain, self._key)
-        if isinstance(again, Turn):
-            self._reused = True
-            self._turn = again
+        again = self._reentered()
+        if again is not None:
             return again
-        now = time.monotonic()
-        asking = Asking(
-            key=self._key,
-            token=new_token(),
-            lease=self._settings.first_lease,
-            deadline=Deadline.after(self._timeout, now),
-            timeout=self._timeout,
-            asked_at=now,
-        )
-        grant = await self._drive(asking)
-        s = self._settings
-        clock = LeaseClock.start(lease=s.lease, max_hold=s.max_hold, granted_at=grant.granted_at)
-        asked = (asking.asked_at, asking.joined_at)
-        turn = Turn(runtime, self._key, asking.token, grant, asked=asked, clock=clock)
-        self._turn = turn
-        runtime.granted(turn.waited)
+        asking = self._asking()
+        turn = self._hold(asking, grant := await self._drive(asking))
         self._task = asyncio.current_task()
-        self._held_token = _mark_held(runtime.domain, self._key, turn)
         self._schedule()
         if grant.confirmed is not None:  # handed over before the backend recorded it
             grant.confirmed.add_done_callback(self._confirmed)
@@ -144,15 +103,11 @@ class TurnRequest:
         if self._reused:
             return
         self._exited = True
-        turn._note_lapse()  # a lease that ran out during the body is reported as lost
-        turn._released = True
         if self._handle is not None:
             self._handle.cancel()
         if self._renewing is not None:
             self._renewing.cancel()
-        if self._held_token is not None:
-            _unmark_held(self._runtime.domain, self._key, self._held_token)
-        self._runtime.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
+        self._unhold(turn)
         try:
             release = partial(self._runtime.backend.release, turn.key, turn._token)
             first: Callable[[], Awaitable[object]]
@@ -322,7 +277,7 @@ class TurnRequest:
             async with asyncio.timeout(clock.expires_at - now):
                 ok = await self._runtime.backend.renew(turn.key, turn._token, due)
         except Exception as exc:  # any failure is a failed attempt: retried, or the lease lapses
-            logger.debug("inturn: renewal of key %r failed: %r", turn.key, exc)
+            logger.debug("inturn: renewal of key %r failed: %r", shown(turn.key), exc)
             ok = None
         lost = renewal_outcome(clock, ok, sent_at=now, ttl=due)
         if lost is not None:

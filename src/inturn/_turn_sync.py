@@ -9,7 +9,6 @@ the line from a daemon thread; renewal runs on the process's timer thread.
 from __future__ import annotations
 
 import concurrent.futures
-import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -18,8 +17,8 @@ from typing import TypeVar
 
 from ._backends.base import Confirmation, Grant
 from ._errors import BackendUnavailable, LeaseLost
-from ._keys import new_token
-from ._policy import Deadline, LeaseClock, TurnSettings
+from ._keys import shown
+from ._policy import Deadline, TurnSettings
 from ._runtime import Runtime, bounded_pool, log_cleanup_failure, renewal_pool
 from ._timers import TimerHandle
 from ._turn import (
@@ -33,9 +32,7 @@ from ._turn import (
     Step,
     SyncTurn,
     Wait,
-    _held_by_me,
-    _mark_held,
-    _unmark_held,
+    _Request,
     acquire_flow,
     next_timer_at,
     renewal_due,
@@ -49,21 +46,11 @@ logger = logging.getLogger("inturn")
 T = TypeVar("T")
 
 
-class SyncTurnRequest:
+class SyncTurnRequest(_Request[SyncTurn]):
     """``with`` this to wait for, hold and release a key's turn from a thread."""
 
-    __slots__ = (
-        "_handle",
-        "_held_token",
-        "_key",
-        "_nowait",
-        "_release_hook",
-        "_reused",
-        "_runtime",
-        "_settings",
-        "_timeout",
-        "_turn",
-    )
+    __slots__ = ("_handle",)
+    _turn_type = SyncTurn
 
     def __init__(
         self,
@@ -74,48 +61,24 @@ class SyncTurnRequest:
         nowait: bool,
         settings: TurnSettings,
     ) -> None:
-        self._runtime = runtime
-        self._key = key
-        self._timeout = timeout
-        self._nowait = nowait
-        self._settings = settings
-        self._turn: SyncTurn | None = None
-        self._reused = False
-        self._held_token: contextvars.Token[object] | None = None
+        super().__init__(runtime, key, timeout=timeout, nowait=nowait, settings=settings)
         self._handle: TimerHandle | None = None
-        self._release_hook: Callable[[str, str], object] | None = None
 
-    def _release_with(self, hook: Callable[[str, str], object]) -> None:
-        """Release through ``hook`` (key, token) instead of a plain release (see the async
-        twin). Not called at all when the turn was re-entered."""
-        self._release_hook = hook
+    async def __aenter__(self) -> None:
+        raise TypeError(
+            "gate.turn_sync(...) is for threads: use `with gate.turn_sync(key) as turn:`, "
+            "or `async with gate.turn(key) as turn:` in a coroutine"
+        )
+
+    async def __aexit__(self, *exc_info: object) -> None:  # pragma: no cover - never entered
+        return None
 
     def __enter__(self) -> SyncTurn:
-        if self._turn is not None:
-            raise RuntimeError("a SyncTurnRequest can be entered only once")
-        runtime = self._runtime
-        again = _held_by_me(runtime.domain, self._key)
-        if isinstance(again, SyncTurn):
-            self._reused = True
-            self._turn = again
+        again = self._reentered()
+        if again is not None:
             return again
-        now = time.monotonic()
-        asking = Asking(
-            key=self._key,
-            token=new_token(),
-            lease=self._settings.first_lease,
-            deadline=Deadline.after(self._timeout, now),
-            timeout=self._timeout,
-            asked_at=now,
-        )
-        grant = self._drive(asking)
-        s = self._settings
-        clock = LeaseClock.start(lease=s.lease, max_hold=s.max_hold, granted_at=grant.granted_at)
-        asked = (asking.asked_at, asking.joined_at)
-        turn = SyncTurn(runtime, self._key, asking.token, grant, asked=asked, clock=clock)
-        self._turn = turn
-        runtime.granted(turn.waited)
-        self._held_token = _mark_held(runtime.domain, self._key, turn)
+        asking = self._asking()
+        turn = self._hold(asking, grant := self._drive(asking))
         self._schedule()
         if grant.confirmed is not None:  # handed over before the backend recorded it
             grant.confirmed.add_done_callback(self._confirmed)
@@ -140,13 +103,9 @@ class SyncTurnRequest:
             return
         handle = self._handle
         self._handle = None  # tells a renewal that is running now not to reschedule
-        turn._note_lapse()  # a lease that ran out during the body is reported as lost
-        turn._released = True
         if handle is not None:
             handle.cancel()
-        if self._held_token is not None:
-            _unmark_held(self._runtime.domain, self._key, self._held_token)
-        self._runtime.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
+        self._unhold(turn)
         hook = self._release_hook
         try:
             if hook is not None:
@@ -322,7 +281,7 @@ class SyncTurnRequest:
                 lambda: backend.renew(turn.key, turn._token, due), clock.expires_at - now
             )
         except Exception as exc:  # any failure is a failed attempt: retried, or the lease lapses
-            logger.debug("inturn: renewal of key %r failed: %r", turn.key, exc)
+            logger.debug("inturn: renewal of key %r failed: %r", shown(turn.key), exc)
             ok = None
         if not self._holding():  # the block exited while this renewal ran
             return

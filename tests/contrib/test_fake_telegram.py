@@ -13,9 +13,6 @@ import pytest
 
 from tests.fakes.telegram import FakeTelegram
 
-pytest.importorskip("aiogram")
-pytest.importorskip("telegram")
-
 
 @pytest.fixture
 def tg() -> Any:
@@ -39,6 +36,8 @@ async def test_aiogram_polls_replies_and_sees_429(tg: FakeTelegram) -> None:
     assert info.value.retry_after == 3
     with pytest.raises(TelegramNotFound, match="not implemented"):
         await bot.send_dice(1)
+    assert await bot.delete_message(1, 5) is True
+    assert [(c.method, c.chat_id, c.message_id) for c in tg.calls] == [("deleteMessage", 1, 5)]
 
     dp = Dispatcher()
 

@@ -14,7 +14,21 @@ Bot API's wire format (`POST /bot<token>/<method>`, JSON, urlencoded or multipar
 
 Updates reach the bot by long polling (`getUpdates` with `offset`/`timeout`; an update stays
 pending until a later `offset` confirms it, as Telegram does) or, once the bot has called
-`setWebhook`, by a POST to its webhook URL (`post_update` does one POST by hand).
+`setWebhook`, by POSTs to its webhook URL from one delivery thread, in order
+(`post_update(update_id, url=...)` does one POST by hand and returns the HTTP status).
+
+Making updates: `send_text(user_id, text, chat_id=None)` (a group when `chat_id` differs),
+`send_callback(user_id, data)`, `send_update({...})` for any other kind; each returns its
+update_id, and `redeliver(update_id)` hands the same update out once more.
+
+What the bot did: `sent` (sendMessage), `actions` (sendChatAction), `edits`
+(editMessageText) and `calls` (everything but getUpdates) are lists of `Call` (method,
+params, at = time.monotonic(), chat_id, text, message_id, action); `polls` counts getUpdates
+calls, `pending` lists unconfirmed update_ids, `webhook_posts` holds (update_id, status).
+
+Failures: `fail_next(method, status=429, retry_after=1, times=1)` answers the next calls of a
+method with Telegram's error body (`parameters.retry_after` for 429). An unknown method gets
+a 404 whose description names it.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import email.policy
 import itertools
 import json
 import secrets
+import sys
 import threading
 import time
 import urllib.error
@@ -139,6 +154,8 @@ class FakeTelegram:
         self.webhook_secret: str | None = None
         self.polls = 0  # getUpdates calls served
         self.webhook_posts: list[tuple[int, int]] = []  # (update_id, HTTP status) per POST
+        self._outbox: list[tuple[int, str]] = []
+        self._poster: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -148,8 +165,7 @@ class FakeTelegram:
         class Handler(_Handler):
             owner = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -271,12 +287,28 @@ class FakeTelegram:
                 self._pending.append(_Pending(update, forced=forced, seq=next(self._seq)))
                 self._cond.notify_all()
                 return
-        threading.Thread(
-            target=self.post_update,
-            args=(update["update_id"],),
-            kwargs={"url": webhook},
-            daemon=True,
-        ).start()
+        # One delivery thread POSTs in order, each after the previous answer (a webhook with
+        # max_connections=1): updates reach the bot in the order they were made.
+        with self._cond:
+            self._outbox.append((update["update_id"], webhook))
+            if self._poster is None or not self._poster.is_alive():
+                self._poster = threading.Thread(
+                    target=self._post_outbox, name="fake-telegram-webhook", daemon=True
+                )
+                self._poster.start()
+
+    def _post_outbox(self) -> None:
+        while True:
+            with self._cond:
+                if not self._outbox or self._closed:
+                    self._poster = None
+                    return
+                update_id, url = self._outbox.pop(0)
+            try:
+                self.post_update(update_id, url=url)
+            except OSError:  # the bot's server is gone; Telegram would retry, the fake drops it
+                with self._cond:
+                    self.webhook_posts.append((update_id, 0))
 
     def post_update(
         self, update_id: int, *, url: str | None = None, secret_token: str | None = None
@@ -370,7 +402,7 @@ class FakeTelegram:
         return TimeoutError(f"condition on tg.{on} not met within {timeout}s; recorded: {seen}")
 
     def wait_for(
-        self, predicate: Callable[[list[Any]], Any], timeout: float = 5.0, *, on: str = "sent"
+        self, predicate: Callable[[list[Any]], Any], timeout: float = 10.0, *, on: str = "sent"
     ) -> Any:
         """Block until `predicate(tg.<on>)` is truthy (a copy of the list); returns its value.
 
@@ -398,7 +430,7 @@ class FakeTelegram:
         raise self._timeout_error(on, timeout)
 
     async def wait_for_async(
-        self, predicate: Callable[[list[Any]], Any], timeout: float = 5.0, *, on: str = "sent"
+        self, predicate: Callable[[list[Any]], Any], timeout: float = 10.0, *, on: str = "sent"
     ) -> Any:
         """`wait_for` for coroutines: polls every 10 ms without blocking the event loop."""
         deadline = time.monotonic() + timeout
@@ -431,6 +463,19 @@ class FakeTelegram:
             if failure.retry_after is not None:
                 body["parameters"] = {"retry_after": failure.retry_after}
             return failure.status, body
+        if method.lower() in _RECORDED_NOOPS:  # answered True, kept in `calls`
+            chat_id = params.get("chat_id")
+            self._record(
+                Call(
+                    _RECORDED_NOOPS[method.lower()],
+                    params,
+                    time.monotonic(),
+                    chat_id=chat_id if isinstance(chat_id, int | str) else None,
+                    message_id=params.get("message_id"),
+                ),
+                None,
+            )
+            return 200, {"ok": True, "result": True}
         handler = _METHODS.get(method.lower())
         if handler is None:
             return 404, {
@@ -620,6 +665,29 @@ _METHODS: dict[str, Callable[[FakeTelegram, dict[str, Any]], Any]] = {
 }
 
 
+_RECORDED_NOOPS = {
+    name.lower(): name
+    for name in (
+        "deleteMessage",
+        "deleteMessages",
+        "editMessageReplyMarkup",
+        "setMessageReaction",
+        "pinChatMessage",
+        "unpinChatMessage",
+    )
+}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # bots open dozens of connections at once (default: 5)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client hung up (a keep-alive connection closed at shutdown)
+        super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     owner: FakeTelegram
     protocol_version = "HTTP/1.1"
@@ -633,7 +701,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (a poll cut short at shutdown)
 
     def _dispatch(self) -> None:
         parsed = urllib.parse.urlsplit(self.path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -139,9 +140,10 @@ def test_import_loads_only_the_standard_library() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_demo_shows_the_bug_and_the_fix(capsys: pytest.CaptureFixture[str]) -> None:
-    """`inturn demo`: overlaps without inturn, none with it; exit status 0."""
-    assert cli_main(["demo", "--users", "10", "--messages", "4"]) == 0
+def test_demo_shows_the_bug_and_the_fix(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`inturn demo`: overlaps, disorder and double answers without inturn, none with it;
+    nothing lost either way; the code and a timeline picture are shown; exit status 0."""
+    assert cli_main(["demo", "--users", "10", "--messages", "4", "--picture", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = {
         line.split()[0] + line.split()[1]: line.split()
@@ -149,16 +151,39 @@ def test_demo_shows_the_bug_and_the_fix(capsys: pytest.CaptureFixture[str]) -> N
         if "inturn " in line[:20]
     }
     without, with_ = rows["withoutinturn"], rows["withinturn"]
-    assert int(without[3]) > 0  # the seed's bug is real
-    assert with_[3:5] == ["0", "0"]
+    # calls, overlaps, out of order, answered twice, lost
+    assert int(without[3]) > 0  # two replies to one user at once: the bug is real
+    assert int(without[5]) == 10  # every redelivered update answered again
+    assert with_[3:7] == ["0", "0", "0", "0"]
+    assert without[6] == "0"
+    assert '@gate.serialize(key="user_id", dedup="update_id")' in out
+    svg = tmp_path / "inturn-demo-timeline.svg"
+    assert str(svg) in out
+    assert "#d62728" in svg.read_text()  # the collisions are drawn in red
 
 
 def test_python_dash_m_runs_the_cli() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "inturn", "demo", "--users", "2", "--messages", "2"],
+        [sys.executable, "-m", "inturn", "demo", "--users", "2", "--messages", "2", "--no-picture"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
     assert "with inturn" in out.stdout
+
+
+async def test_the_wrong_form_of_a_turn_says_which_to_use() -> None:
+    """`with gate.turn`, `await gate.turn` and `async with gate.turn_sync` name the right form."""
+    gate = inturn.Gate.from_url("memory://", namespace="misuse")
+    try:
+        with pytest.raises(TypeError, match=r"async with gate\.turn"), gate.turn("k"):
+            pass
+        with pytest.raises(TypeError, match="not awaited"):
+            await gate.turn("k")  # type: ignore[misc]
+        with pytest.raises(TypeError, match=r"with gate\.turn_sync"):
+            async with gate.turn_sync("k"):  # type: ignore[attr-defined]
+                pass
+        assert not await gate.is_busy("k")
+    finally:
+        await gate.aclose()

@@ -157,3 +157,34 @@ async def test_async_renewal_keeps_a_long_turn() -> None:
         await asyncio.sleep(1.0)
         assert await turn.check()
         assert not turn.lost.is_set()
+
+
+def test_a_memory_gate_refuses_to_work_after_fork() -> None:
+    """A memory:// gate made before fork() raises in the child (it would exclude nothing,
+    and its lock may be held by a parent thread), naming the fix."""
+    import os
+
+    gate = inturn.Gate.from_url("memory://", namespace="fork-check")
+    with gate.turn_sync("warm"):
+        pass
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what turn_sync did, exit without cleanup
+        try:
+            with gate.turn_sync("k", timeout=1):
+                outcome = b"ran"
+        except inturn.ConfigurationError as exc:
+            outcome = b"refused: " + str(exc).encode()[:200]
+        except BaseException as exc:
+            outcome = repr(exc).encode()[:200]
+        os.write(write, outcome)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        outcome = pipe.read()
+    os.waitpid(pid, 0)
+    assert outcome.startswith(b"refused: "), outcome
+    assert b"after the fork" in outcome
+    with gate.turn_sync("k"):  # the parent's gate still works
+        pass
+    gate.close()

@@ -88,3 +88,37 @@ async def _enter(gate: inturn.Gate, key: str, timeout: float) -> None:
 async def _enter_nowait(gate: inturn.Gate, key: str) -> None:
     async with gate.turn_nowait(key):
         pass
+
+
+async def test_log_records_can_hide_user_keys(caplog: pytest.LogCaptureFixture) -> None:
+    """log_keys("hash"): records name a short stable hash, never the user id; grants are
+    logged at DEBUG, give-ups and lost leases at WARNING, with key and fence attributes."""
+    import logging
+
+    gate = inturn.Gate.from_url("memory://", namespace="privacy")
+    inturn.log_keys("hash")
+    try:
+        with caplog.at_level(logging.DEBUG, logger="inturn"):
+            async with gate.turn("alice@example.com") as turn:
+                with pytest.raises(inturn.TurnTimeout):
+                    await asyncio.ensure_future(_late(gate))
+    finally:
+        inturn.log_keys("full")
+        await gate.aclose()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "alice" not in text
+    granted = [r for r in caplog.records if "granted" in r.getMessage()]
+    assert granted
+    assert granted[0].levelno == logging.DEBUG
+    assert granted[0].inturn_fence == turn.fence  # type: ignore[attr-defined]
+    assert granted[0].inturn_key.startswith("#")  # type: ignore[attr-defined]
+    gave_up = [r for r in caplog.records if "gave up" in r.getMessage()]
+    assert gave_up
+    assert gave_up[0].levelno == logging.WARNING
+    with pytest.raises(inturn.ConfigurationError):
+        inturn.log_keys("plain")  # type: ignore[arg-type]
+
+
+async def _late(gate: inturn.Gate) -> None:
+    async with gate.turn("alice@example.com", timeout=0.05):
+        pass

@@ -18,11 +18,14 @@ thread, for the sync twin).
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from inturn._backends._wakeup import Wakeup
 from inturn._backends.base import (
@@ -36,8 +39,29 @@ from inturn._backends.base import (
     Submitted,
     Taken,
 )
+from inturn._errors import ConfigurationError
 
 __all__ = ["Clock", "MemoryCore"]
+
+_cores: weakref.WeakSet[MemoryCore] = weakref.WeakSet()
+
+
+def _mark_forked() -> None:
+    for core in list(_cores):
+        core.forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def _refuse_after_fork() -> NoReturn:
+    raise ConfigurationError(
+        "this memory:// gate was made before fork(): in the child it would exclude nothing "
+        "from the parent and its other children. Make the gate in the child, after the "
+        "fork (Celery: in worker_process_init), or use redis:// or postgresql:// to "
+        "exclude across processes"
+    )
+
 
 Clock = Callable[[], float]
 
@@ -94,6 +118,9 @@ class MemoryCore:
     """The shared state and every atomic operation, under one lock."""
 
     def __init__(self, clock: Clock) -> None:
+        self.forked = False
+        """Set in a child process after ``fork()``: this state excludes nothing there."""
+        _cores.add(self)
         self._clock = clock
         self._lock = threading.Lock()
         self._keys: dict[str, _Key] = {}
@@ -135,6 +162,8 @@ class MemoryCore:
     # -- operations --------------------------------------------------------------------
 
     def join(self, key: str, token: str, lease: float, *, sync: bool) -> Grant | None:
+        if self.forked:
+            _refuse_after_fork()
         with self._lock:
             now = self._clock()
             entry = self._live(key, now)
@@ -147,6 +176,8 @@ class MemoryCore:
             return None
 
     def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
+        if self.forked:
+            _refuse_after_fork()
         with self._lock:
             now = self._clock()
             if self._live(key, now) is not None:
@@ -230,6 +261,8 @@ class MemoryCore:
         lease: float,
         window: float,
     ) -> ClaimResult:
+        if self.forked:
+            _refuse_after_fork()
         with self._lock:
             now = self._clock()
             self._purge_marks(now)
@@ -286,6 +319,8 @@ class MemoryCore:
         lease: float,
         take: int,
     ) -> Submitted:
+        if self.forked:
+            _refuse_after_fork()
         with self._lock:
             now = self._clock()
             box = self._boxes.setdefault(name, _Box())

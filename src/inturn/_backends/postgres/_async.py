@@ -33,7 +33,7 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 from . import _doctor
 from . import _sql as q
 from ._plan import MAX_CONNECTIONS, Plan
-from ._steps import IDLE, Connect, Flow, On, PutBack, Run, Sleep, Step, dead, map_errors
+from ._steps import IDLE, Connect, Flow, On, PutBack, Run, Sleep, Step, dead, map_errors, quiet
 from ._sync import SyncPostgresBackend
 from ._urls import CONNECT_TIMEOUT, connection_kwargs, masked, parse_url
 
@@ -51,6 +51,17 @@ async def _last(cur: Any) -> Any:
     while cur.nextset():
         pass
     return None if cur.description is None else await cur.fetchone()
+
+
+async def _configure(conn: Any) -> None:
+    """Every new pooled connection: see :data:`._sql.SESSION`."""
+    await conn.execute(q.SESSION)
+
+
+async def _check(conn: Any) -> None:
+    """A pooled connection on its way out: checked only when not quiet (see ``quiet``)."""
+    if not quiet(conn):
+        await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
 @dataclass(slots=True)
@@ -163,6 +174,8 @@ class PostgresBackend:
                 min_size=1,
                 max_size=self._max,
                 kwargs=connection_kwargs(),
+                configure=_configure,
+                check=_check,
                 timeout=CONNECT_TIMEOUT,
                 open=False,
                 name=f"inturn-{self._plan.sql.namespace}",
@@ -329,6 +342,7 @@ class PostgresBackend:
             try:
                 conninfo = self._conninfo if self._conninfo is not None else self._pool.conninfo
                 conn = await psycopg.AsyncConnection.connect(conninfo, **connection_kwargs())
+                await conn.execute(q.SESSION)
                 await conn.execute(f'LISTEN "{listener.channel}"')  # our own [a-z0-9_] name
                 listener.broken = None
                 listener.ready.set()

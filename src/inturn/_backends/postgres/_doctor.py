@@ -25,7 +25,7 @@ from . import _schema as v
 from . import _sql as q
 from ._lines import LineView
 from ._plan import Plan
-from ._sql import whole
+from ._sql import stored, unstored, whole
 from ._steps import Flow, Run
 
 __all__ = ["MIN_SERVER_VERSION", "diagnose", "statistics"]
@@ -33,7 +33,7 @@ __all__ = ["MIN_SERVER_VERSION", "diagnose", "statistics"]
 MIN_SERVER_VERSION = 140000
 """PostgreSQL 14: the turn's transaction sets ``client_connection_check_interval``."""
 SHORT_STATEMENT_TIMEOUT_MS = 60_000
-"""A role-level ``statement_timeout`` below this ends typical lock waits early."""
+"""A role-level ``statement_timeout`` below this is named (turns set their own)."""
 
 
 def statistics(plan: Plan, key: str | None, limit: int) -> Flow[Statistics]:
@@ -42,14 +42,14 @@ def statistics(plan: Plan, key: str | None, limit: int) -> Flow[Statistics]:
     applied = 0
     if (yield Run("statistics", s.has_migrations))[0]:
         applied = int((yield Run("statistics", s.applied))[0])
-    ns = {"ns": s.namespace}
+    ns = {"ns": s.ns}
     opened: list[Any] = []
     boxes: list[Any] = []
     dead: list[Any] = []
     if applied >= 1:
         opened = yield Run("statistics", s["STAT_OPEN_GRANTS"], ns, rows=True)
     if applied >= 3:
-        params = {**ns, "key": key, "limit": limit + 1}
+        params = {**ns, "key": None if key is None else stored(key), "limit": limit + 1}
         boxes = yield Run("statistics", s["STAT_BOXES"], params, rows=True)
         dead = yield Run("statistics", s["STAT_DEAD"], ns, rows=True)
 
@@ -57,7 +57,7 @@ def statistics(plan: Plan, key: str | None, limit: int) -> Flow[Statistics]:
     now = time.monotonic()
     local = {line.key: line for line in plan.lines.view()}
     ours = {pid for line in local.values() for pid in line.sessions}
-    audited = {str(r[0]): (str(r[1]), int(r[2]), float(r[3])) for r in opened}
+    audited = {unstored(r[0]): (str(r[1]), int(r[2]), float(r[3])) for r in opened}
     names = {s.hash(k): k for k in (*audited, *local, *([key] if key is not None else []))}
 
     held: dict[int, bool] = {}
@@ -83,10 +83,10 @@ def statistics(plan: Plan, key: str | None, limit: int) -> Flow[Statistics]:
         namespace=s.namespace,
         keys=tuple(keys[:limit]),
         boxes=tuple(
-            BoxState(str(box), str(k), int(queued), int(taken), bool(draining))
+            BoxState(unstored(box), unstored(k), int(queued), int(taken), bool(draining))
             for box, k, queued, taken, draining in boxes[:limit]
         ),
-        dead_letters={str(m): int(n) for m, n in dead},
+        dead_letters={unstored(m): int(n) for m, n in dead},
         truncated=len(keys) > limit or len(boxes) > limit,
     )
 
@@ -179,11 +179,11 @@ def _statement_timeout(milliseconds: int, facts: dict[str, str]) -> Finding:
     setting, role = facts["statement_timeout"], facts["role"]
     if 0 < milliseconds < SHORT_STATEMENT_TIMEOUT_MS:
         return Finding(
-            "warning",
+            "ok",
             "statement_timeout",
-            f"statement_timeout is {setting} for role {role}: a turn's lock wait is one "
-            "statement, so a longer wait fails with BackendUnavailable; "
-            f"ALTER ROLE {role} SET statement_timeout = 0",
+            f"statement_timeout is {setting} for role {role}: a turn's transaction sets its "
+            "own (its lock wait is bounded by the request's timeout); dedup and mailbox "
+            "statements, all short, keep the role's",
         )
     return Finding("ok", "statement_timeout", f"statement_timeout is {setting}")
 

@@ -30,7 +30,7 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 from . import _schema as v
 from . import _sql as q
 from ._lines import Holding, LocalLines, Waiter
-from ._sql import halves, key_hash, mailbox_hash, ms
+from ._sql import halves, key_hash, mailbox_hash, ms, stored, unstored
 from ._steps import (
     INERROR,
     INTRANS,
@@ -81,6 +81,8 @@ class _Statements:
                 f"schema must be a lower-case SQL identifier (a-z, 0-9, _), not {schema!r}"
             )
         self.namespace = namespace
+        self.ns = stored(namespace)
+        """The namespace as its rows keep it (see ``_sql.stored``)."""
         self.schema = schema
         self.audit = audit
         safe = "".join(
@@ -128,8 +130,8 @@ class _Statements:
 
     def audit_row(self, key: str, token: str, fence: int, conn: Any, at: Any) -> dict[str, Any]:
         return {
-            "namespace": self.namespace,
-            "key": key,
+            "namespace": self.ns,
+            "key": stored(key),
             "fence": fence,
             "holder": token,
             "host": self.host,
@@ -150,17 +152,23 @@ class _Statements:
         return [s.strip().rstrip(";") for s in (start, *todo, "COMMIT")]
 
     def mark(self, key: str, scope: str, id: str, token: str) -> dict[str, Any]:
-        return {"ns": self.namespace, "key": key, "scope": scope, "id": id, "token": token}
+        return {
+            "ns": self.ns,
+            "key": stored(key),
+            "scope": stored(scope),
+            "id": stored(id),
+            "token": token,
+        }
 
     def scope(self, key: str, scope: str) -> dict[str, Any]:
         """A (key, scope) pair of the supersede table."""
-        return {"ns": self.namespace, "key": key, "scope": scope}
+        return {"ns": self.ns, "key": stored(key), "scope": stored(scope)}
 
     def mailbox(self, name: str) -> dict[str, Any]:
-        return {"ns": self.namespace, "mailbox": name}
+        return {"ns": self.ns, "mailbox": stored(name)}
 
     def box(self, name: str, key: str) -> dict[str, Any]:
-        return {"ns": self.namespace, "mailbox": name, "key": key}
+        return {"ns": self.ns, "mailbox": stored(name), "key": stored(key)}
 
     def locked_box(self, name: str, key: str, token: str) -> dict[str, Any]:
         """A box and the lock id that serializes its operations, for the mb_* functions."""
@@ -174,14 +182,14 @@ class _Statements:
 def _claimed(row: Any) -> ClaimResult:
     state = str(row[0])
     if state == "done":
-        return ClaimResult("done", row[1])
+        return ClaimResult("done", None if row[1] is None else unstored(row[1]))
     return ClaimResult("new" if state == "new" else "in_progress")
 
 
 def _taken(status: int, wait: Any, messages: Any) -> Taken:
     """mb_take's answer: 1 taken, 0 empty (role given up), 2 head waits, -1 not the drainer."""
     if status == 1:
-        return Taken(messages=tuple(messages or ()))
+        return Taken(messages=tuple(unstored(m) for m in messages or ()))
     if status == 2:
         return Taken(retry_in=float(wait))
     return Taken(lost_role=status == -1)
@@ -248,12 +256,23 @@ class Plan:
     # -- turns --------------------------------------------------------------------
 
     def join(self, key: str, token: str, lease: float, *, sync: bool) -> Flow[Grant | None]:
-        """Backend.join. Only a key idle in this process talks to PostgreSQL: the head."""
-        yield from self._ready()
+        """Backend.join. Only a key idle in this process talks to PostgreSQL: the head.
+
+        The call takes its place in the key's local line before its first step (before
+        any await of the async twin): calls made in order are in line in that order,
+        whatever their first use of the schema or the pool costs. A join retried with a
+        token already in line (or already holding) keeps its place (idempotent).
+        """
+        known, holding = self.lines.find(token)
+        if holding is not None:
+            return holding.grant
+        if known is not None:
+            return None  # still in line from the first attempt: wait() goes on from there
         waiter = Waiter(key, token, lease, sync=sync)
         if not self.lines.enter(waiter):
             return None  # behind others of this process: only the head talks to PostgreSQL
         try:
+            yield from self._ready()
             waiter.conn = yield Connect()
             sent = time.monotonic()
             got = yield from self._try_lock(key, lease, waiter.conn)
@@ -269,12 +288,12 @@ class Plan:
         return grant
 
     def try_acquire(self, key: str, token: str, lease: float) -> Flow[Grant | None]:
-        yield from self._ready()
         holding = Holding(key, None)
         if not self.lines.hold_if_idle(key, token, holding):
             return None
         got = None
         try:
+            yield from self._ready()
             holding.conn = yield Connect()
             sent = time.monotonic()
             got = yield from self._try_lock(key, lease, holding.conn)
@@ -290,10 +309,20 @@ class Plan:
         return holding.grant
 
     def _try_lock(self, key: str, lease: float, conn: Any) -> Flow[tuple[int, Any] | None]:
-        """BEGIN + try-lock on ``conn``; (fence, server time) or None (transaction left open)."""
+        """BEGIN + try-lock on ``conn``; (fence, server time) or None (transaction left open).
+
+        A failure to take the fence once the lock is held raises; the caller then gives
+        the connection back, which rolls the transaction (and the lock) back.
+        """
         with map_errors("try lock"):
-            fence, at = yield On(conn, self.sql.try_lock(key, lease))
-        return None if fence is None else (int(fence), at)
+            taken, at = yield On(conn, self.sql.try_lock(key, lease))
+        if not taken:
+            return None
+        return (yield from self._new_fence()), at
+
+    def _new_fence(self) -> Flow[int]:
+        """A fence, durable before it is returned (see ``_sql.FENCE``)."""
+        return int((yield Run("fence", self.sql["FENCE"]))[2])
 
     def wait(self, key: str, token: str, timeout: float | None) -> Flow[Grant | None]:
         waiter, holding = self.lines.find(token)
@@ -318,9 +347,11 @@ class Plan:
         if waiter.conn is None:
             waiter.conn = yield Connect()
         conn = waiter.conn
-        begun = conn.info.transaction_status == INTRANS
         with map_errors("lock"):
             try:
+                if conn.info.transaction_status == INERROR:  # a wait that failed: retried
+                    yield On(conn, q.ROLLBACK)
+                begun = conn.info.transaction_status == INTRANS
                 yield On(conn, self.sql.acquire(waiter.key, waiter.lease, left, begun=begun))
             except psycopg.errors.LockNotAvailable:
                 yield from self._lock_outcome(waiter)  # rolls the aborted transaction back
@@ -362,8 +393,8 @@ class Plan:
         conn = waiter.conn
         sent = time.monotonic()
         with map_errors("fence"):
-            fence, _, at = yield On(conn, self.sql["FENCE"], {"lease_ms": str(ms(waiter.lease))})
-        grant = Grant(fence=int(fence), granted_at=sent)
+            _, at = yield On(conn, q.LEASE, {"lease_ms": str(ms(waiter.lease))})
+        grant = Grant(fence=(yield from self._new_fence()), granted_at=sent)
         waiter.conn = None
         self.lines.granted(waiter, Holding(waiter.key, conn, grant, sent + waiter.lease))
         yield from self._audit(waiter.key, waiter.token, grant.fence, conn, at)
@@ -475,7 +506,7 @@ class Plan:
         count = self.lines.footprint()
         count += int((yield Run("footprint", q.FOOTPRINT, {"app": s.app}))[0])
         if self.migrated:
-            ns = {"ns": s.namespace}
+            ns = {"ns": s.ns}
             if s.audit:
                 count += int((yield Run("footprint", s["AUDIT_OPEN"], ns))[0])
             count += int((yield Run("footprint", s["MB_FOOTPRINT"], ns))[0])
@@ -503,7 +534,8 @@ class Plan:
     def finish(
         self, key: str, scope: str, id: str, token: str, result: str | None, window: float
     ) -> Flow[None]:
-        params = {**self.sql.mark(key, scope, id, token), "result": result}
+        params = {**self.sql.mark(key, scope, id, token)}
+        params["result"] = None if result is None else stored(result)
         yield from self._call("DEDUP_FINISH", {**params, "window_ms": ms(window)})
 
     def abandon(self, key: str, scope: str, id: str, token: str) -> Flow[None]:
@@ -553,7 +585,7 @@ class Plan:
     ) -> Flow[Submitted]:
         """Store, maybe become the drainer, and with ``take`` also take: one round trip."""
         params = self.sql.locked_box(name, key, token)
-        params.update(body=message, max_pending=max_pending, drop_oldest=drop_oldest)
+        params.update(body=stored(message), max_pending=max_pending, drop_oldest=drop_oldest)
         params.update(lease_ms=ms(lease), take=take, now=time.time())
         return _submitted((yield from self._call("MB_SUBMIT", params)))
 
@@ -585,7 +617,7 @@ class Plan:
         self, name: str, key: str, token: str, messages: list[str], not_before: float
     ) -> Flow[None]:
         params = self.sql.locked_box(name, key, token)
-        params.update(bodies=messages, not_before=not_before)
+        params.update(bodies=[stored(m) for m in messages], not_before=not_before)
         yield from self._call("MB_RETRY", params)
 
     def mb_resume(self, name: str, key: str, token: str, lease: float) -> Flow[ResumeStatus]:
@@ -605,12 +637,14 @@ class Plan:
     def mb_hinted(self, name: str) -> Flow[list[str]]:
         """The roles and queues themselves are the index: ``mb_hint`` has nothing to do."""
         rows = yield from self._call("MB_HINTED", self.sql.mailbox(name), rows=True)
-        return [str(r[0]) for r in rows]
+        return [unstored(r[0]) for r in rows]
 
     def mb_dead(self, name: str, entries: list[str]) -> Flow[None]:
         if entries:
-            yield from self._call("MB_DEAD", {**self.sql.mailbox(name), "entries": entries})
+            params = {**self.sql.mailbox(name), "entries": [stored(e) for e in entries]}
+            yield from self._call("MB_DEAD", params)
 
     def mb_dead_letters(self, name: str, limit: int) -> Flow[list[str]]:
         params = {**self.sql.mailbox(name), "limit": limit}
-        return [str(r[0]) for r in (yield from self._call("MB_DEAD_LETTERS", params, rows=True))]
+        rows = yield from self._call("MB_DEAD_LETTERS", params, rows=True)
+        return [unstored(r[0]) for r in rows]

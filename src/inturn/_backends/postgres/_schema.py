@@ -22,7 +22,7 @@ MIGRATION_LOCK = 0x696E7475726E0001
 
 # -- versions -------------------------------------------------------------------------
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The newest migration: 1 fences and audit, 2 dedup marks and supersede generations,
 3 mailboxes, 4 the retry time in its own column and submit-and-take."""
 
@@ -565,17 +565,66 @@ BEGIN
 END
 $$;
 """,
+    5: """
+-- mb_retry, safe to run twice: a drainer retries a step whose answer was lost, and the
+-- first run may have committed. The batch it replaces is the in-flight rows; once they are
+-- gone (replaced by that first run, acknowledged, or put back by a sweeper) there is
+-- nothing to replace, and storing p_bodies again would duplicate them.
+-- returns: 1 | 0 another live drainer owns the queue (nothing changed)
+CREATE OR REPLACE FUNCTION {schema}.mb_retry(
+    p_lock bigint, p_namespace text, p_mailbox text, p_key text, p_token text,
+    p_bodies text[], p_not_before double precision)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    low bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_lock);
+    IF EXISTS (SELECT 1 FROM {schema}.mb_roles r
+                WHERE r.namespace = p_namespace AND r.mailbox = p_mailbox AND r.key = p_key
+                  AND r.lease_until > clock_timestamp() AND r.token <> p_token) THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM {schema}.mb_messages m
+     WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox AND m.key = p_key
+       AND m.in_flight;
+    IF NOT FOUND THEN
+        RETURN 1;  -- already replaced or acknowledged: a repeated call changes nothing
+    END IF;
+    SELECT coalesce(min(m.seq), 0) INTO low FROM {schema}.mb_messages m
+     WHERE m.namespace = p_namespace AND m.mailbox = p_mailbox AND m.key = p_key;
+    INSERT INTO {schema}.mb_messages (namespace, mailbox, key, seq, body, not_before)
+    SELECT p_namespace, p_mailbox, p_key, low - cardinality(p_bodies) - 1 + b.n, b.body,
+           p_not_before
+      FROM unnest(p_bodies) WITH ORDINALITY AS b(body, n);
+    RETURN 1;
+END
+$$;
+
+-- The mailbox functions wait for their key's advisory lock: a role's lock_timeout must not
+-- turn that short wait into an error.
+ALTER FUNCTION {schema}.mb_take(bigint, text, text, text, text, integer, bigint, boolean,
+    double precision) SET lock_timeout = 0;
+ALTER FUNCTION {schema}.mb_submit(bigint, text, text, text, text, integer, boolean, text,
+    bigint, integer, double precision) SET lock_timeout = 0;
+ALTER FUNCTION {schema}.mb_retry(bigint, text, text, text, text, text[], double precision)
+    SET lock_timeout = 0;
+ALTER FUNCTION {schema}.mb_resume(bigint, text, text, text, text, bigint) SET lock_timeout = 0;
+""",
 }
 """version -> DDL (idempotent). The fence sequence has CACHE 1: with a cache,
 sessions would hand out values out of order."""
 
 MIGRATE_BEGIN = (
-    "BEGIN; SELECT pg_advisory_xact_lock('{lock}'::bigint);"
+    "BEGIN; SELECT set_config('statement_timeout', '0', true),"
+    " set_config('lock_timeout', '0', true);"
+    " SELECT pg_advisory_xact_lock('{lock}'::bigint);"
     " CREATE SCHEMA IF NOT EXISTS {schema};"
     " CREATE TABLE IF NOT EXISTS {schema}.migrations"
     " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
 )
-"""Start a migration: one at a time per database (an advisory lock), then the bookkeeping."""
+"""Start a migration: one at a time per database (an advisory lock), then the bookkeeping.
+Neither the wait for a concurrent migration nor the DDL is cut short by a role's timeouts."""
 
 MIGRATE_DONE = "INSERT INTO {schema}.migrations (version) VALUES ({version}) ON CONFLICT DO NOTHING"
 

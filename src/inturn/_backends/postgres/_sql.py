@@ -37,6 +37,7 @@ __all__ = [
     "FOOTPRINT",
     "HELD",
     "IS_NEWEST",
+    "LEASE",
     "MB_DEAD",
     "MB_DEAD_LETTERS",
     "MB_DRAINING",
@@ -54,6 +55,7 @@ __all__ = [
     "RENEW",
     "ROLLBACK",
     "SCHEMA_PATTERN",
+    "SESSION",
     "START_RUNNING",
     "STAT_BOXES",
     "STAT_DEAD",
@@ -75,7 +77,10 @@ BEGIN = (
     " SELECT set_config('application_name', '{app}', true),"
     " set_config('idle_in_transaction_session_timeout', '{lease_ms}', true),"
     " set_config('client_connection_check_interval', '1000', true),"
-    " set_config('lock_timeout', '{lock_timeout_ms}', true);"
+    " set_config('lock_timeout', '{lock_timeout_ms}', true),"
+    " set_config('statement_timeout', '0', true);"
+    " SELECT set_config(name, '0', true) FROM pg_catalog.pg_settings"
+    " WHERE name = 'transaction_timeout';"
 )
 """Open a turn's transaction (simple protocol, no result needed).
 
@@ -83,16 +88,22 @@ BEGIN = (
 waits or holds (reverted at COMMIT). {lease_ms}: the lease; a holder that
 sends nothing for that long is disconnected by the server, which releases its
 lock. {lock_timeout_ms}: bound of a blocking lock wait (0 = none).
+
+Every timeout that could end the turn is set here, whatever the role's or the
+database's defaults (managed databases often set ``statement_timeout``): the lock
+wait is one statement, bounded by ``lock_timeout`` alone; the turn is one
+transaction, bounded by the lease alone (``transaction_timeout``, PostgreSQL 17+,
+is switched off where it exists).
 """
 
-TRY = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock('{key_hash}'::bigint)"
-    " THEN nextval('{schema}.fence') END, clock_timestamp()"
-)
+SESSION = "SET idle_session_timeout = 0"
+"""Run once on every connection inturn opens: a role's ``idle_session_timeout`` would
+otherwise close pooled connections between uses (the next call on one would fail)."""
+
+TRY = "SELECT pg_try_advisory_xact_lock('{key_hash}'::bigint), clock_timestamp()"
 """Take the lock only if it is free. Appended to BEGIN.
 
-returns: one row (fence or NULL when the lock is taken, server time). The CASE
-evaluates nextval only after the lock was granted, so fences follow grants.
+returns: one row (taken, server time). The fence follows (FENCE), once taken.
 """
 
 ACQUIRE = "SELECT pg_advisory_xact_lock('{key_hash}'::bigint)"
@@ -102,14 +113,30 @@ returns: one row, once granted. Ends with lock_timeout (55P03) or a cancel
 (57014), which abort the transaction.
 """
 
-FENCE = (
-    "SELECT nextval('{schema}.fence'),"
-    " set_config('idle_in_transaction_session_timeout', %(lease_ms)s, true),"
+LEASE = (
+    "SELECT set_config('idle_in_transaction_session_timeout', %(lease_ms)s, true),"
     " clock_timestamp()"
 )
-"""After ACQUIRE: the grant's fence, and the lease counted from this statement.
+"""After ACQUIRE, on the turn's connection: the lease counted from this statement.
 
-%(lease_ms)s: text. returns: (fence, _, server time).
+%(lease_ms)s: text. returns: (_, server time).
+"""
+
+FENCE = (
+    "SELECT set_config('synchronous_commit', 'on', true), pg_current_xact_id(),"
+    " nextval('{schema}.fence')"
+)
+"""The grant's fence, taken once the lock is held, on another (pooled) connection in a
+statement of its own that commits before the holder sees the fence.
+
+A sequence is not transactional, but its WAL record is only written out by a later
+commit that flushes: a fence taken inside the turn's still-open transaction could be
+handed out again after a server crash (the sequence rewinds to what reached the
+disk). This statement takes a transaction id so that its commit is a real one, and
+makes that commit synchronous whatever the role's or server's ``synchronous_commit``:
+the fence (and everything in the WAL before it) is on disk, and on synchronous
+standbys where configured, before the holder gets it. Taken after the grant, fences
+follow grants. returns: (_, _, fence).
 """
 
 RENEW = (
@@ -449,6 +476,32 @@ def mailbox_hash(namespace: str, mailbox: str, key: str) -> int:
         data += len(raw).to_bytes(4, "big") + raw
     digest = hashlib.blake2b(data + key.encode(), digest_size=8, person=b"inturn-mbox").digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+_ESCAPE = "\x01"
+
+
+def stored(text: str) -> str:
+    """A user's string (key, id, scope, mailbox, namespace, message, result) as a text column
+    keeps it: PostgreSQL's text cannot hold NUL, which every other engine accepts.
+
+    Injective, and the identity for text without NUL that does not start with U+0001
+    (so rows written before this encoding keep their meaning): otherwise U+0001, then the
+    text with U+0001 doubled and NUL written as U+0001 "0". :func:`unstored` reverses it.
+    """
+    if "\x00" not in text and not text.startswith(_ESCAPE):
+        return text
+    return _ESCAPE + text.replace(_ESCAPE, _ESCAPE * 2).replace("\x00", _ESCAPE + "0")
+
+
+_ESCAPED = re.compile("\x01(.)", re.DOTALL)
+
+
+def unstored(text: str) -> str:
+    """The user's string that :func:`stored` made ``text`` of."""
+    if not text.startswith(_ESCAPE):
+        return text
+    return _ESCAPED.sub(lambda m: "\x00" if m[1] == "0" else m[1], text[1:])
 
 
 def halves(h: int) -> dict[str, int]:

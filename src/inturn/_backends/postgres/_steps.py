@@ -9,6 +9,7 @@ result. Executors add no policy: how to run SQL, how to wait, nothing else.
 from __future__ import annotations
 
 import contextlib
+import select
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
@@ -35,6 +36,7 @@ __all__ = [
     "Step",
     "dead",
     "map_errors",
+    "quiet",
 ]
 
 IDLE, INTRANS, INERROR = (
@@ -48,6 +50,23 @@ TRANSPORT_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_po
 
 def dead(conn: Any) -> bool:
     return bool(conn.closed or conn.broken)
+
+
+def quiet(conn: Any) -> bool:
+    """True when nothing arrived on an idle pooled connection since its last use.
+
+    A server that restarted, or ended the session (``pg_terminate_backend``, a role's
+    ``idle_session_timeout``), left a FATAL message or EOF on the socket: then the
+    pool's check makes a round trip, and a dead connection is replaced before a
+    statement is sent on it. Statements are never retried (a reply lost after the
+    commit leaves the outcome unknown); this is how a restart costs no call an error.
+    A quiet connection costs one ``select()``, no round trip.
+    """
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable
 
 
 @contextlib.contextmanager

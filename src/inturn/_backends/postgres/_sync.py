@@ -25,7 +25,7 @@ from inturn._backends.base import (
 from . import _doctor
 from . import _sql as q
 from ._plan import MAX_CONNECTIONS, Plan
-from ._steps import IDLE, Connect, Flow, On, PutBack, Run, Sleep, Step, dead, map_errors
+from ._steps import IDLE, Connect, Flow, On, PutBack, Run, Sleep, Step, dead, map_errors, quiet
 from ._urls import CONNECT_TIMEOUT, connection_kwargs, masked
 
 __all__ = ["SyncPostgresBackend"]
@@ -38,6 +38,17 @@ def _last(cur: Any) -> Any:
     while cur.nextset():
         pass
     return None if cur.description is None else cur.fetchone()
+
+
+def _configure(conn: Any) -> None:
+    """Every new pooled connection: see :data:`._sql.SESSION`."""
+    conn.execute(q.SESSION)
+
+
+def _check(conn: Any) -> None:
+    """A pooled connection on its way out: checked only when not quiet (see ``quiet``)."""
+    if not quiet(conn):
+        psycopg_pool.ConnectionPool.check_connection(conn)
 
 
 class SyncPostgresBackend:
@@ -110,6 +121,8 @@ class SyncPostgresBackend:
                     min_size=1,
                     max_size=self._max,
                     kwargs=connection_kwargs(),
+                    configure=_configure,
+                    check=_check,
                     timeout=CONNECT_TIMEOUT,
                     open=True,
                     name=f"inturn-{self._plan.sql.namespace}-sync",

@@ -45,6 +45,7 @@ from typing import Any
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.sentinel
 import redis.exceptions
 
 from inturn._backends.base import (
@@ -58,10 +59,10 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 from . import _doctor
 from ._boxes import Mailboxes
 from ._keys import KeySpace
+from ._listener import listen_until_closed
 from ._mux import Mux
 from ._shared import (
     CONNECT_TIMEOUT,
-    IDLE_READ,
     SCRIPTS,
     SHAS,
     SOCKET_TIMEOUT,
@@ -70,6 +71,7 @@ from ._shared import (
     LoopState,
     Outage,
     ProcessChannel,
+    ReplicaWait,
     Scripts,
     Waiter,
     after_release,
@@ -79,8 +81,8 @@ from ._shared import (
     decode_grant,
     hand_over,
     holder_of,
+    idempotent,
     is_cluster,
-    log_channel_lost,
     map_errors,
     ms,
     queued,
@@ -89,11 +91,23 @@ from ._shared import (
     wake,
 )
 from ._sync import SyncRedisBackend
-from ._urls import aclose_client, factories, masked
+from ._urls import aclose_client, factories, masked, replica_wait, wait_options
 
 __all__ = ["RedisBackend"]
 
 logger = logging.getLogger("inturn")
+
+_BACKENDS: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
+"""Every async Redis backend of this process: a forked child drops their loops' state."""
+
+
+def _after_fork_in_child() -> None:
+    for backend in list(_BACKENDS):
+        backend._forked()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class RedisBackend(Mailboxes):
@@ -111,11 +125,14 @@ class RedisBackend(Mailboxes):
         *,
         sync_client: Any = None,
         namespace: str = "default",
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.1,
         _factory: Any = None,
         _sync_factory: Any = None,
     ) -> None:
         if client is None and _factory is None:
             raise ConfigurationError("RedisBackend needs a redis-py client (or use from_url)")
+        self._wait = replica_wait(wait_replicas, wait_timeout, cluster=is_cluster(client))
         process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._process = ProcessChannel(KeySpace(namespace), KeySpace(namespace).channel(process))
         self._url: str | None = None
@@ -128,13 +145,27 @@ class RedisBackend(Mailboxes):
         )
         self._twin: SyncRedisBackend | None = None
         self._twin_lock = threading.Lock()
+        _BACKENDS.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's loops, listeners and connections are not ours
+        (each loop the child runs makes its own, on a channel of its own)."""
+        self._states = weakref.WeakKeyDictionary()
+        self._twin_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "default") -> RedisBackend:
         """Build the backend from a ``redis://``, ``rediss://``, ``unix://``,
         ``redis+sentinel://`` or ``redis+cluster://`` URL."""
+        url, wait = wait_options(url)
         make_async, make_sync = factories(url)
-        backend = cls(namespace=namespace, _factory=make_async, _sync_factory=make_sync)
+        backend = cls(
+            namespace=namespace,
+            wait_replicas=wait[0],
+            wait_timeout=wait[1],
+            _factory=make_async,
+            _sync_factory=make_sync,
+        )
         backend._url = url
         return backend
 
@@ -152,7 +183,10 @@ class RedisBackend(Mailboxes):
             else:
                 pool = client.connection_pool
                 timeout = pool.connection_kwargs.get("socket_timeout") or SOCKET_TIMEOUT
-                mux = Mux(pool, timeout=timeout, preload=tuple(SCRIPTS.values()))
+                master = None
+                if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
+                    master = pool.get_master_address
+                mux = Mux(pool, timeout=timeout, preload=tuple(SCRIPTS.values()), master=master)
             channel = f"{self._process.channel}.{secrets.token_hex(4)}"
             calls = Scripts(self._process.keys, cluster=is_cluster(client))
             state = LoopState(client=client, scripts=scripts, channel=channel, mux=mux, calls=calls)
@@ -187,109 +221,67 @@ class RedisBackend(Mailboxes):
         while its loop still runs (its connections cannot outlive the loop).
         """
         try:
-            await self._listen_until_closed(state)
+            await listen_until_closed(self._process, state)
         finally:
             self._states.pop(asyncio.get_running_loop(), None)
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._close_state(state))
 
-    async def _listen_until_closed(self, state: LoopState) -> None:
-        process = self._process
-        backoff = 0.05
-        first = True
-        attempt = 0
-        while not state.closing:
-            attempt += 1
-            pubsub, node_client = await self._open_pubsub(state, attempt)
-            try:
-                await pubsub.subscribe(state.channel)
-                while not state.closing:  # the subscription is confirmed by its first message
-                    message = await pubsub.get_message(timeout=CONNECT_TIMEOUT)
-                    if message is not None and message["type"] == "subscribe":
-                        break
-                if not process.checked_eviction:
-                    await self._check_eviction(state)
-                state.broken = None
-                state.subscribed.set()
-                backoff = 0.05
-                if not first:  # pushes may have been lost while disconnected: re-check all
-                    for waiter in state.waiters.values():
-                        waiter.next_check = 0.0
-                        wake(waiter)
-                first = False
-                while not state.closing:
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=IDLE_READ
-                    )
-                    if message is not None and message["type"] == "message":
-                        self._dispatch(state, text(message["data"]))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                state.subscribed.clear()
-                state.broken = exc
-                log_channel_lost(exc, backoff)
-                for waiter in state.waiters.values():
-                    wake(waiter)  # they re-check, and fail fast while Redis is away
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())
-                    if node_client is not None:
-                        await asyncio.shield(aclose_client(node_client))
-
-    def _dispatch(self, state: LoopState, data: str) -> None:
-        """A push: a grant for one of this loop's waiters, or a cancel for a running call."""
-        if data.startswith("cancel|"):
-            on_cancel = state.cancels.get(data[7:])
-            if on_cancel is not None:
-                on_cancel()
-            return
-        granted = self._process.deliver(data, state.waiters)
-        if granted is not None:
-            wake(granted)
-
     @staticmethod
-    async def _open_pubsub(state: LoopState, attempt: int) -> tuple[Any, Any]:
-        """A Pub/Sub object, and the client made for it (Cluster only) to close after.
+    async def _in_order(state: LoopState) -> None:
+        """Wait behind a JOIN that waits for this loop's first subscription.
 
-        On a Cluster, classic PUBLISH reaches subscribers on every node, so the
-        listener subscribes on one node (another one after each failure).
+        A JOIN is sent only once the wake-up channel is subscribed; a call made
+        after it (a ``turn_nowait``, a claim, a submit) must not reach the server
+        first. They all wait on the same event, which resumes them in the order
+        they began waiting (and the mux keeps that order on the wire). Only the
+        first subscription is waited for: while the channel is being re-made after
+        a failure, calls go straight on (and fail, or succeed, on their own).
         """
-        client = state.client
-        if not isinstance(client, redis.asyncio.cluster.RedisCluster):
-            return client.pubsub(), None
-        await client.initialize()
-        nodes = client.get_nodes()
-        node = nodes[attempt % len(nodes)]
-        pool = redis.asyncio.ConnectionPool(
-            connection_class=node.connection_class, max_connections=2, **node.connection_kwargs
-        )
-        node_client = redis.asyncio.Redis(connection_pool=pool)
-        return node_client.pubsub(), node_client
-
-    async def _check_eviction(self, state: LoopState) -> None:
-        try:
-            policy = _doctor.policy_of(await state.client.config_get("maxmemory-policy"))
-        except Exception:  # CONFIG may be disabled (managed Redis): diagnose() says so
-            policy = None
-        _doctor.warn_eviction(self._process, policy)
+        if state.subscribed.is_set() or state.broken is not None:
+            return
+        listener = state.listener
+        if listener is None or listener.done():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await state.subscribed.wait()
 
     async def _run(
-        self, state: LoopState, name: str, key: str, args: list[Any], keys: list[str] | None = None
+        self,
+        state: LoopState,
+        name: str,
+        key: str,
+        args: list[Any],
+        keys: list[str] | None = None,
+        *,
+        wait: ReplicaWait | None = None,
     ) -> Any:
+        """Run a script; with ``wait``, return once replicas have its write (see ReplicaWait)."""
         keys = self._process.keys.turn_keys(key) if keys is None else keys
+        if not state.subscribed.is_set():
+            await self._in_order(state)
         with map_errors(name):
             if state.mux is not None:
                 sha, lua = SHAS[name]
-                return await state.mux.evalsha(sha, lua, keys, args)
+                then = None if wait is None else wait.command()
+                reply = await state.mux.evalsha(
+                    sha, lua, keys, args, idempotent=idempotent(name, args), then=then
+                )
+                if wait is None:
+                    return reply
+                wait.check(reply[1], name)
+                return reply[0]
             return await state.scripts[name](keys=keys, args=args)
 
-    async def _script(self, call: Call, key: str, state: LoopState | None = None) -> Any:
-        """Run a script whose KEYS and ARGV :class:`Scripts` built."""
+    async def _script(
+        self, call: Call, key: str, state: LoopState | None = None, *, durable: bool = False
+    ) -> Any:
+        """Run a script whose KEYS and ARGV :class:`Scripts` built; ``durable``: wait for
+        replicas when the backend is configured to (``wait_replicas``)."""
         name, keys, args = call
-        return await self._run(state or self._state(), name, key, args, keys)
+        wait = self._wait if durable else None
+        return await self._run(state or self._state(), name, key, args, keys, wait=wait)
 
     # -- the Backend protocol -----------------------------------------------------------
 
@@ -492,7 +484,8 @@ class RedisBackend(Mailboxes):
         """See :meth:`Backend.diagnose` (version, eviction policy, persistence, rights)."""
         client = self._state().client
         server = masked(self._url) if self._url else _doctor.server_of(client)
-        return await _doctor.diagnose(client, server)
+        wait = self._wait.replicas if self._wait is not None else 0
+        return await _doctor.diagnose(client, server, wait=wait)
 
     # -- dedup and newest-call-wins -----------------------------------------------------
 
@@ -567,7 +560,9 @@ class RedisBackend(Mailboxes):
                         "RedisBackend(client, sync_client=redis.Redis(...))"
                     )
                 client = self._sync_factory()
-            self._twin = SyncRedisBackend(client, self._process, owned=self._sync_client is None)
+            self._twin = SyncRedisBackend(
+                client, self._process, owned=self._sync_client is None, wait=self._wait
+            )
         return self._twin
 
     async def aclose(self) -> None:

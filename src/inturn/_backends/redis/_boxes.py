@@ -40,7 +40,9 @@ class Mailboxes:
     def _state(self) -> LoopState:
         raise NotImplementedError
 
-    async def _script(self, call: Call, key: str, state: LoopState | None = None) -> Any:
+    async def _script(
+        self, call: Call, key: str, state: LoopState | None = None, *, durable: bool = False
+    ) -> Any:
         raise NotImplementedError
 
     async def mb_submit(
@@ -68,7 +70,7 @@ class Mailboxes:
             lease=lease,
             take=take,
         )
-        return decode_submitted(await self._script(call, key, state))
+        return decode_submitted(await self._script(call, key, state, durable=True))
 
     async def mb_take(
         self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
@@ -166,7 +168,7 @@ class SyncMailboxes:
     _lock: threading.Lock
     _line: Lines
 
-    def _script(self, call: Call, key: str) -> Any:
+    def _script(self, call: Call, key: str, *, durable: bool = False) -> Any:
         raise NotImplementedError
 
     def mb_submit(
@@ -191,7 +193,7 @@ class SyncMailboxes:
             lease=lease,
             take=take,
         )
-        return decode_submitted(self._script(call, key))
+        return decode_submitted(self._script(call, key, durable=True))
 
     def mb_take(
         self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool

@@ -44,7 +44,14 @@ logger = logging.getLogger("inturn")
 MIN_VERSION = (7, 0)
 """The scripts declare flags (``#!lua flags=allow-oom``), which Redis 7.0 introduced."""
 
-SETTINGS = ("maxmemory-policy", "appendonly", "appendfsync", "save")
+SETTINGS = (
+    "maxmemory-policy",
+    "appendonly",
+    "appendfsync",
+    "save",
+    "min-replicas-to-write",
+    "min-replicas-max-lag",
+)
 
 
 # -- the checks -------------------------------------------------------------------------
@@ -118,6 +125,41 @@ def warn_eviction(process: ProcessChannel, policy: str | None) -> None:
         logger.debug("inturn: could not read maxmemory-policy")
 
 
+def replication_finding(replicas: int | None, config: dict[str, str], wait: int) -> Finding:
+    """Replicas copy writes after acknowledging them: a failover loses the last ones.
+
+    ``wait``: the replicas a submit waits for (``?wait_replicas=``). With replicas and
+    neither that nor ``min-replicas-to-write``, an acknowledged submit or turn grant
+    can be lost to a failover (the writes of the last replication round trip).
+    """
+    if not replicas:
+        return Finding("ok", "replication", "no replicas: a failover cannot lose writes")
+    min_replicas = max(
+        (int(v) for v in config.get("min-replicas-to-write", "0").split(",")), default=0
+    )
+    lag = config.get("min-replicas-max-lag", "?")
+    if wait or min_replicas:
+        how = []
+        if wait:
+            how.append(f"submits wait for {wait} replica(s) (WAIT)")
+        if min_replicas:
+            how.append(f"min-replicas-to-write {min_replicas}, min-replicas-max-lag {lag}")
+        return Finding("ok", "replication", f"{replicas} replica(s); " + "; ".join(how))
+    return Finding(
+        "warning",
+        "replication",
+        f"{replicas} replica(s), copied asynchronously: a failover loses the writes of the "
+        "last replication round trip (acknowledged submits, turn grants); add "
+        "?wait_replicas=1 to the URL and set min-replicas-to-write 1, min-replicas-max-lag 10",
+    )
+
+
+def replicas_of(reply: Any) -> int | None:
+    """The fewest ``connected_slaves`` of any primary in an INFO replication reply."""
+    counts = [int(info.get("connected_slaves", 0)) for info in _per_node(reply)]
+    return min(counts) if counts else None
+
+
 def policy_of(reply: Any) -> str | None:
     """The ``maxmemory-policy`` in a CONFIG GET reply (a Cluster's: the first node's)."""
     for config in _per_node(reply):
@@ -158,8 +200,13 @@ class _Report:
                 self.facts[name] = str(info[name])
         self.findings.append(version_finding(self.facts.get("redis_version")))
 
-    def config(self, reply: Any, refused: BaseException | None) -> None:
+    def config(
+        self, reply: Any, refused: BaseException | None, replicas: int | None, wait: int
+    ) -> None:
         config = {} if refused is not None else _merged(reply)
+        self.findings.append(replication_finding(replicas, config, wait))
+        if replicas is not None:
+            self.facts["replicas"] = str(replicas)
         self.facts.update({k: v for k, v in config.items() if k in SETTINGS})
         policies = config.get("maxmemory-policy")
         if policies is None:
@@ -210,7 +257,7 @@ def server_of(client: Any) -> str:
     return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
-async def diagnose(client: Any, server: str) -> Diagnostics:
+async def diagnose(client: Any, server: str, *, wait: int = 0) -> Diagnostics:
     """Check an async client's server: reachable, version, eviction, persistence, rights."""
     topology = topology_of(client)
     report = _Report()
@@ -229,11 +276,15 @@ async def diagnose(client: Any, server: str) -> Diagnostics:
     )
     with map_errors("diagnose"):  # the server may go away half-way
         try:
+            replicas = replicas_of(await client.info("replication", **target))
+        except redis.exceptions.ResponseError:
+            replicas = None
+        try:
             reply: Any = await client.config_get("*", **target)
             refused: BaseException | None = None
         except redis.exceptions.ResponseError as exc:  # CONFIG is off on managed servers
             reply, refused = None, exc
-        report.config(reply, refused)
+        report.config(reply, refused, replicas, wait)
         refused = None
         try:
             for lua in SCRIPTS.values():

@@ -54,6 +54,9 @@ FENCE_TTL = 30 * 24 * 3600
 SOLO_MAX = 64
 """Longest line JOIN scans to tell a waiter that everyone ahead is in its own event loop."""
 
+SUBMIT_SCAN = 64
+"""How far from the queue's tail MB_SUBMIT looks for its own message (a retried submit)."""
+
 _PRELUDE = """
 local function now_ms()
   local t = redis.call('TIME')
@@ -420,6 +423,19 @@ MB_SUBMIT = (
 -- ARGV[7]: how many to take if the caller becomes the drainer  ARGV[8]: the caller's clock
 -- returns: {1, dropped[, taken]} stored, caller drains (taken: as MB_TAKE's reply)
 --          | {0, dropped} stored | {-1, 0} full
+-- Safe to run twice (a retry after a lost reply): a message text is unique (it carries a
+-- unique tag), so a submit that finds its own text near the queue's tail or in flight was
+-- stored already; it stores nothing more and answers as the first run did (DRAINER if the
+-- role is its token, with the batch in flight again).
+if redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1, 'MAXLEN', SUBMIT_SCAN)
+    or redis.call('LPOS', KEYS[2], ARGV[1]) then
+  if redis.call('GET', KEYS[3]) ~= ARGV[4] then return {0, 0} end
+  if tonumber(ARGV[7]) > 0 then
+    return {1, 0, take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[7], ARGV[5],
+      '0', ARGV[8], KEYS[5], ARGV[6])}
+  end
+  return {1, 0}
+end
 local dropped = 0
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then
   if ARGV[3] ~= '1' then return {-1, 0} end
@@ -462,6 +478,9 @@ MB_RETRY = """#!lua flags=allow-oom
 -- returns: 1 | 0 not the drainer (the sweeper will redeliver them)
 local role = redis.call('GET', KEYS[3])
 if role and role ~= ARGV[1] then return 0 end
+-- Run twice (a retry after a lost reply), the batch must not go back twice: nothing in
+-- flight means the first run put it back already.
+if #ARGV >= 3 and redis.call('EXISTS', KEYS[2]) == 0 then return 1 end
 redis.call('DEL', KEYS[2])
 if #ARGV < 3 then return 1 end
 for i = #ARGV, 3, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end
@@ -477,7 +496,9 @@ MB_RESUME = """#!lua
 -- MB_RESUME: the sweeper takes a queue whose drainer died; in-flight messages go first.
 -- KEYS[1..4]: queue, in flight, role, not-before  ARGV[1]: token  ARGV[2]: role lease_ms
 -- returns: 1 resumed | 0 a live drainer exists | -1 nothing to drain (nothing left behind)
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local role = redis.call('GET', KEYS[3])
+if role == ARGV[1] then return 1 end  -- run twice (a lost reply): resumed already
+if role then return 0 end
 if redis.call('LLEN', KEYS[1]) == 0 and redis.call('LLEN', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[4])
   return -1
@@ -524,4 +545,5 @@ return {taken, false, false}
 )
 
 JOIN = JOIN.replace("SOLO_MAX", str(SOLO_MAX))
+MB_SUBMIT = MB_SUBMIT.replace("SUBMIT_SCAN", str(SUBMIT_SCAN))
 RELEASE = RELEASE.replace("FENCE_TTL", str(FENCE_TTL))

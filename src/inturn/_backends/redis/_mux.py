@@ -17,7 +17,9 @@ Failure handling keeps redis-py's promises and adds one:
 
 - a dropped connection fails every call in flight with ``ConnectionError``;
   calls are retried (``RETRIES`` times, with backoff) on a new connection, as
-  redis-py's ``Retry`` did; the scripts are idempotent;
+  redis-py's ``Retry`` did, when they are idempotent (most scripts are); one
+  that is not (SUPERSEDE, a take that acknowledges) is retried only if it was
+  never written;
 - a server that stops answering (paused, overloaded) is noticed by a watchdog:
   when the oldest call in flight waited ``timeout`` seconds, the connection is
   dropped and its calls fail with ``TimeoutError`` (not retried: a stalled
@@ -42,7 +44,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis
@@ -67,6 +69,13 @@ WATCH_EVERY = 1.0
 """Seconds between two checks of the watchdog, while calls are in flight."""
 DRAIN = 0.25
 """Seconds ``aclose`` waits for the replies of calls in flight."""
+MASTER_CHECK = 0.5
+"""Seconds between two checks, behind Sentinel, that a connection still goes to the master.
+
+A master that was paused and came back still takes writes until Sentinel demotes it
+(seconds later): a holder renewing there, or a waiter joining there, would not learn
+that the new master gave the key to someone else. A connection to an address that
+Sentinel no longer names is dropped; its calls go again to the new master."""
 
 _Pending = deque[tuple[asyncio.Future[Any], float]]
 """Calls in flight, in send order: each caller's future and the loop time it was sent."""
@@ -80,7 +89,7 @@ def sha1(lua: str) -> str:
 class _Link:
     """One connection and its calls in flight."""
 
-    __slots__ = ("conn", "dropped", "held", "pending", "reader", "writer")
+    __slots__ = ("conn", "dropped", "held", "pending", "reader", "watcher", "writer")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
@@ -88,6 +97,8 @@ class _Link:
         self.dropped = False
         self.pending: _Pending = deque()
         self.reader: asyncio.Task[None] | None = None
+        self.watcher: asyncio.Task[None] | None = None
+        """Behind Sentinel: checks that the connection still goes to the master."""
         self.held: list[bytes] | None = None
         """Commands held back until the end of this loop step (see ``Mux.submit``)."""
 
@@ -99,9 +110,16 @@ class Mux:
     """
 
     def __init__(
-        self, pool: redis.asyncio.ConnectionPool, *, timeout: float, preload: Sequence[str] = ()
+        self,
+        pool: redis.asyncio.ConnectionPool,
+        *,
+        timeout: float,
+        preload: Sequence[str] = (),
+        master: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         self._pool = pool
+        self._master = master
+        """Behind Sentinel: the master's current (host, port) (see ``MASTER_CHECK``)."""
         self._timeout = timeout
         self._preload = tuple(preload)
         self._link: _Link | None = None
@@ -110,11 +128,27 @@ class Mux:
         self._watch: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def evalsha(self, sha: str, lua: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def evalsha(
+        self,
+        sha: str,
+        lua: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        idempotent: bool = True,
+        then: tuple[Any, ...] | None = None,
+    ) -> Any:
         """Run a script by its SHA (loading it by EVAL when the server lacks it).
 
         Raises redis-py's exceptions: ``ConnectionError`` (after the retries),
-        ``TimeoutError`` and ``ResponseError``.
+        ``TimeoutError`` and ``ResponseError``. A call that is not ``idempotent``
+        is retried only if it never left (the connection was gone before it was
+        written): once written, its connection may drop after the server ran it,
+        and the ``ConnectionError`` goes to the caller, who knows how to ask again.
+
+        ``then``: a command sent right behind the script on the same connection (a
+        ``WAIT`` for replicas, which counts this connection's writes); the reply is
+        then the pair (script's reply, its reply).
         """
         tries = 0
         while True:
@@ -129,16 +163,24 @@ class Mux:
                     link = await self._connect()
                 finally:
                     self._awaiting_link -= 1
+            written = False
             try:
                 try:
-                    return await self._send(link, ("EVALSHA", sha, len(keys), *keys, *args))
+                    reply = self._send(link, ("EVALSHA", sha, len(keys), *keys, *args))
+                    after = None if then is None else self._send(link, then)
+                    written = True
+                    return await _both(reply, after)
                 except redis.exceptions.NoScriptError:
-                    return await self._send(link, ("EVAL", lua, len(keys), *keys, *args))
+                    written = False
+                    reply = self._send(link, ("EVAL", lua, len(keys), *keys, *args))
+                    after = None if then is None else self._send(link, then)
+                    written = True
+                    return await _both(reply, after)
             except redis.exceptions.TimeoutError:
                 raise
             except (redis.exceptions.ConnectionError, OSError):
                 tries += 1
-                if tries > RETRIES or self._closed:
+                if tries > RETRIES or self._closed or (written and not idempotent):
                     raise
                 await asyncio.sleep(min(0.5, 0.05 * 2**tries))
 
@@ -238,7 +280,24 @@ class Mux:
             conn.socket_timeout = None
             link = self._link = _Link(conn)
             link.reader = asyncio.ensure_future(self._read(link))
+            if self._master is not None:
+                link.watcher = asyncio.ensure_future(self._watch_master(link, self._master))
             return link
+
+    async def _watch_master(self, link: _Link, master: Callable[[], Awaitable[Any]]) -> None:
+        """Drop the connection once Sentinel names another master (see ``MASTER_CHECK``)."""
+        while not link.dropped:
+            await asyncio.sleep(MASTER_CHECK)
+            try:
+                async with asyncio.timeout(MASTER_CHECK * 2):
+                    host, port = await master()
+            except Exception:  # Sentinel unreachable: the connection's own errors still count
+                continue
+            if (str(host), int(port)) != (str(link.conn.host), int(link.conn.port)):
+                error = redis.exceptions.ConnectionError(
+                    f"inturn: Sentinel names another master ({host}:{port})"
+                )
+                self._drop(link, error)
 
     async def _load_scripts(self, conn: Any) -> None:
         """Load the scripts on a new connection (one round trip), so that EVALSHA finds
@@ -290,6 +349,9 @@ class Mux:
             future = link.pending.popleft()[0]
             if not future.done():
                 future.set_exception(exc)
+        watcher = link.watcher
+        if watcher is not None and watcher is not asyncio.current_task() and not watcher.done():
+            watcher.cancel()
         reader = link.reader  # it disconnects on its way out
         if reader is not None and reader is not asyncio.current_task() and not reader.done():
             reader.cancel()
@@ -319,9 +381,19 @@ class SyncMux:
     """
 
     def __init__(
-        self, pool: redis.ConnectionPool, *, size: int, wait: float, preload: Sequence[str] = ()
+        self,
+        pool: redis.ConnectionPool,
+        *,
+        size: int,
+        wait: float,
+        preload: Sequence[str] = (),
+        master: Callable[[], Any] | None = None,
     ) -> None:
         self._pool = pool
+        self._master = master
+        """Behind Sentinel: the master's current (host, port) (see ``MASTER_CHECK``)."""
+        self._address: tuple[str, int] | None = None
+        self._checked = 0.0
         self._size = size
         self._wait = wait
         self._preload = tuple(preload)
@@ -340,30 +412,38 @@ class SyncMux:
         args: Sequence[Any],
         *,
         timeout: float | None = None,
+        idempotent: bool = True,
+        then: tuple[Any, ...] | None = None,
     ) -> Any:
         """Run a script by its SHA (loading it by EVAL when the server lacks it).
 
         ``timeout``: the longest wait for the reply (default: the socket timeout).
         Raises redis-py's exceptions: ``ConnectionError`` (after the retries),
-        ``TimeoutError`` and ``ResponseError``.
+        ``TimeoutError`` and ``ResponseError``. A call that is not ``idempotent``
+        is not sent again once it was written (see :meth:`Mux.evalsha`).
         """
         tries = 0
         until = None if timeout is None else time.monotonic() + timeout
         while True:
             conn = self._take(until)
+            written = [False]
             try:
                 try:
                     command = ("EVALSHA", sha, len(keys), *keys, *args)
-                    reply = self._call(conn, command, until)
+                    reply = self._call(conn, command, until, written)
                 except redis.exceptions.NoScriptError:
-                    reply = self._call(conn, ("EVAL", lua, len(keys), *keys, *args), until)
+                    written[0] = False
+                    command = ("EVAL", lua, len(keys), *keys, *args)
+                    reply = self._call(conn, command, until, written)
+                if then is not None:  # on the same connection: a WAIT counts its writes
+                    reply = (reply, self._call(conn, then, until, [True]))
             except redis.exceptions.ResponseError:
                 self._give(conn)  # an error reply leaves the connection in step
                 raise
             except (redis.exceptions.ConnectionError, OSError):
                 self._retire(conn)
                 tries += 1
-                if tries > RETRIES or self._closed:
+                if tries > RETRIES or self._closed or (written[0] and not idempotent):
                     raise
                 time.sleep(min(0.5, 0.05 * 2**tries))
                 continue
@@ -385,15 +465,40 @@ class SyncMux:
                     conn.disconnect()
 
     @staticmethod
-    def _call(conn: Any, command: tuple[Any, ...], until: float | None) -> Any:
+    def _call(conn: Any, command: tuple[Any, ...], until: float | None, written: list[bool]) -> Any:
         pack = _hiredis_pack
         packed = pack(command) if pack is not None else conn.pack_command(*command)
         conn.send_packed_command([packed], check_health=False)
+        written[0] = True  # all of it reached the socket: the server may run it
         if until is None:
             return conn.read_response()
         return conn.read_response(timeout=_left(until))
 
+    def _check_master(self) -> None:
+        """Behind Sentinel, at most every ``MASTER_CHECK`` s: once Sentinel names another
+        master, connections to the old one are closed (idle) or retired (when given back)."""
+        with self._free:
+            if self._master is None or time.monotonic() - self._checked < MASTER_CHECK:
+                return
+            self._checked = time.monotonic()  # one thread asks; the others go on
+        try:
+            host, port = self._master()
+        except Exception:  # Sentinel unreachable: the connections' own errors still count
+            return
+        address = (str(host), int(port))
+        with self._free:
+            if self._address is None or address == self._address:
+                self._address = address
+                return
+            self._address = address
+            stale = [c for c in self._idle if (str(c.host), int(c.port)) != address]
+            self._idle = [c for c in self._idle if c not in stale]
+        for conn in stale:
+            self._retire(conn)
+
     def _take(self, until: float | None) -> Any:
+        if self._master is not None:
+            self._check_master()
         with self._free:
             if self._pid != os.getpid():  # forked: the parent's connections are not ours
                 self._pid, self._idle, self._count = os.getpid(), [], 0
@@ -445,8 +550,10 @@ class SyncMux:
         return conn
 
     def _give(self, conn: Any) -> None:
+        address = self._address
+        moved = address is not None and (str(conn.host), int(conn.port)) != address
         with self._free:
-            if not self._closed and self._pid == os.getpid():
+            if not self._closed and self._pid == os.getpid() and not moved:
                 self._idle.append(conn)
                 self._free.notify()
                 return
@@ -459,6 +566,24 @@ class SyncMux:
         with self._free:
             self._count = max(0, self._count - 1)
             self._free.notify()
+
+
+async def _both(reply: asyncio.Future[Any], after: asyncio.Future[Any] | None) -> Any:
+    """A script's reply, or (its reply, the reply of the command sent behind it)."""
+    try:
+        result = await reply
+    except BaseException:
+        if after is not None:  # its failure is the same as the script's: not reported twice
+            after.add_done_callback(_retrieve)
+        raise
+    if after is None:
+        return result
+    return result, await after
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _left(until: float) -> float:

@@ -542,3 +542,49 @@ def log_channel_lost(exc: BaseException, backoff: float) -> None:
     """WARNING on the first failure, DEBUG while the reconnection keeps failing."""
     level = logging.WARNING if backoff <= 0.05 else logging.DEBUG
     logger.log(level, "inturn: Redis wake-up channel lost (%r); reconnecting", exc)
+
+
+def idempotent(name: str, args: Sequence[Any]) -> bool:
+    """Whether a script may run twice with the same arguments (a resend after a lost reply).
+
+    SUPERSEDE counts a generation; a take that acknowledges (ack "1") deletes
+    the batch in flight, which a second run would take to be the next one.
+    Every other script is written to be safe twice (see :mod:`._lua`).
+    """
+    if name == "supersede":
+        return False
+    if name == "mb_take":
+        return str(args[3]) != "1"
+    if name == "mb_release_take":
+        return str(args[4]) != "1"
+    return True
+
+
+@dataclass(frozen=True)
+class ReplicaWait:
+    """Wait for replicas before a submit is acknowledged (``?wait_replicas=N&wait_timeout=S``).
+
+    Replication is asynchronous: a primary that fails over right after a write
+    acknowledged to the caller loses it unless a replica had it. The submit's
+    script is followed, on the same connection, by ``WAIT replicas timeout_ms``,
+    and the submit returns once that many replicas have its write, or at the
+    timeout (then a WARNING says how many had it: the message is stored on the
+    primary only, and is lost if the primary fails now).
+    """
+
+    replicas: int
+    timeout: float
+
+    def command(self) -> tuple[Any, ...]:
+        return ("WAIT", self.replicas, ms(self.timeout))
+
+    def check(self, acked: Any, what: str) -> None:
+        if int(acked) < self.replicas:
+            logger.warning(
+                "inturn: %s acknowledged by %d of %d replicas within %gs: "
+                "a failover now would lose it",
+                what,
+                int(acked),
+                self.replicas,
+                self.timeout,
+            )

@@ -13,13 +13,16 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
 import redis.cluster
+import redis.sentinel
 
 from inturn._backends.base import ClaimResult, Grant, Statistics
 from inturn._errors import BackendUnavailable
@@ -37,6 +40,7 @@ from ._shared import (
     Lines,
     Outage,
     ProcessChannel,
+    ReplicaWait,
     Scripts,
     Waiter,
     after_release,
@@ -46,6 +50,7 @@ from ._shared import (
     decode_grant,
     hand_over,
     holder_of,
+    idempotent,
     is_cluster,
     log_channel_lost,
     map_errors,
@@ -59,6 +64,18 @@ from ._urls import close_client
 
 __all__ = ["SyncRedisBackend"]
 
+_TWINS: weakref.WeakSet[SyncRedisBackend] = weakref.WeakSet()
+"""Every sync twin of this process: a forked child remakes their per-process state."""
+
+
+def _after_fork_in_child() -> None:
+    for twin in list(_TWINS):
+        twin._forked()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class SyncRedisBackend(SyncMailboxes):
     """The sync twin of :class:`RedisBackend`, for threads: same keys, same guarantees.
@@ -71,8 +88,16 @@ class SyncRedisBackend(SyncMailboxes):
     never_blocks = False
     """Every call is a round trip to Redis: the turn layer bounds it in a worker."""
 
-    def __init__(self, client: Any, process: ProcessChannel, *, owned: bool = False) -> None:
+    def __init__(
+        self,
+        client: Any,
+        process: ProcessChannel,
+        *,
+        owned: bool = False,
+        wait: ReplicaWait | None = None,
+    ) -> None:
         self._client = client
+        self._wait = wait
         self._process = process
         self._owned = owned
         self._calls = Scripts(process.keys, cluster=is_cluster(client))
@@ -83,17 +108,37 @@ class SyncRedisBackend(SyncMailboxes):
             self._scripts = {name: client.register_script(lua) for name, lua in SCRIPTS.items()}
         else:
             pool = client.connection_pool
+            master = None
+            if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+                master = pool.get_master_address
             self._mux = SyncMux(
-                pool, size=MAX_CONNECTIONS, wait=CONNECT_TIMEOUT, preload=tuple(SCRIPTS.values())
+                pool,
+                size=MAX_CONNECTIONS,
+                wait=CONNECT_TIMEOUT,
+                preload=tuple(SCRIPTS.values()),
+                master=master,
             )
+        self._stop = threading.Event()
+        self._forked()
+        self._pid = -1
+        _TWINS.add(self)
+
+    def _forked(self) -> None:
+        """The state of this process's threads: made anew in a forked child.
+
+        A gate made before ``fork()`` (Celery prefork) must not leave its children
+        sharing one wake-up channel: each child would take the others' waiters in
+        the line for its own and pass the turn among its own threads. Nor may a
+        child inherit a lock held at the fork, or the parent's waiters.
+        """
+        self._channel = f"{self._process.channel}.{os.getpid()}.{secrets.token_hex(3)}"
+        """This process's wake-up channel for its threads' waiters."""
         self._lock = threading.Lock()
         self._line = Lines()
         """This process's thread waiters (guarded by ``_lock``)."""
         self._subscribed = threading.Event()
         self._broken: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._pid = -1
-        self._stop = threading.Event()
         self._pubsub: Any = None
 
     def _listening(self) -> None:
@@ -124,7 +169,7 @@ class SyncRedisBackend(SyncMailboxes):
                 backoff = min(backoff * 2, 2.0)
                 continue
             try:
-                pubsub.subscribe(process.channel)
+                pubsub.subscribe(self._channel)
                 while True:
                     message = pubsub.get_message(timeout=CONNECT_TIMEOUT)
                     if message is not None and message["type"] == "subscribe":
@@ -168,7 +213,7 @@ class SyncRedisBackend(SyncMailboxes):
 
     def _open_pubsub(self, attempt: int) -> Any:
         client = self._client
-        if isinstance(client, redis.cluster.RedisCluster):  # see RedisBackend._open_pubsub
+        if isinstance(client, redis.cluster.RedisCluster):  # see _listener._open_pubsub
             nodes = client.get_nodes()  # type: ignore[no-untyped-call]
             client = nodes[attempt % len(nodes)].redis_connection
         return client.pubsub()
@@ -181,19 +226,35 @@ class SyncRedisBackend(SyncMailboxes):
         keys: list[str] | None = None,
         *,
         timeout: float | None = None,
+        wait: ReplicaWait | None = None,
     ) -> Any:
-        """Run a script; ``timeout`` bounds the wait for its reply (not on a Cluster)."""
+        """Run a script; ``timeout`` bounds the wait for its reply (not on a Cluster);
+        ``wait``: return once replicas have its write (see ReplicaWait)."""
         keys = self._process.keys.turn_keys(key) if keys is None else keys
         with map_errors(name):
             if self._mux is not None:
                 sha, lua = SHAS[name]
-                return self._mux.evalsha(sha, lua, keys, args, timeout=timeout)
+                then = None if wait is None else wait.command()
+                reply = self._mux.evalsha(
+                    sha,
+                    lua,
+                    keys,
+                    args,
+                    timeout=timeout,
+                    idempotent=idempotent(name, args),
+                    then=then,
+                )
+                if wait is None:
+                    return reply
+                wait.check(reply[1], name)
+                return reply[0]
             return self._scripts[name](keys=keys, args=args)
 
-    def _script(self, call: Call, key: str) -> Any:
-        """Run a script whose KEYS and ARGV :class:`Scripts` built."""
+    def _script(self, call: Call, key: str, *, durable: bool = False) -> Any:
+        """Run a script whose KEYS and ARGV :class:`Scripts` built (``durable``: see
+        :meth:`RedisBackend._script`)."""
         name, keys, args = call
-        return self._run(name, key, args, keys)
+        return self._run(name, key, args, keys, wait=self._wait if durable else None)
 
     @contextlib.contextmanager
     def _changing(self, key: str) -> Iterator[None]:
@@ -227,7 +288,7 @@ class SyncRedisBackend(SyncMailboxes):
             self._line.waiters[token] = waiter  # a push may come before the reply
             self._line.changing(key, 1)  # no hand-over for the key until it has its place
         sent = time.monotonic()
-        args = [token, ms(lease), alive_ms(lease), self._process.channel, "join"]
+        args = [token, ms(lease), alive_ms(lease), self._channel, "join"]
         reply: Sequence[Any] = ()
         try:
             reply = self._run("join", key, args)
@@ -242,7 +303,7 @@ class SyncRedisBackend(SyncMailboxes):
 
     def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
         sent = time.monotonic()
-        args = [token, ms(lease), alive_ms(lease), self._process.channel, "try"]
+        args = [token, ms(lease), alive_ms(lease), self._channel, "try"]
         reply = self._run("join", key, args)
         return decode_grant(reply, sent, lease) if reply[0] == 1 else None
 
@@ -297,7 +358,7 @@ class SyncRedisBackend(SyncMailboxes):
                     waiter.solo = False
                     waiter.seq = 0
                     self._line.place(token, waiter)  # first, unknown: no hand-over passes it
-                args = [token, ms(waiter.lease), alive_ms(waiter.lease), self._process.channel]
+                args = [token, ms(waiter.lease), alive_ms(waiter.lease), self._channel]
                 sent = time.monotonic()
                 limit = None if limit is None else limit - (sent - begun)
                 reply = self._run("join", key, [*args, "join"], timeout=limit)

@@ -18,9 +18,16 @@ from redis.retry import Retry
 
 from inturn._errors import ConfigurationError
 
-from ._shared import CONNECT_TIMEOUT, MAX_CONNECTIONS, SOCKET_TIMEOUT
+from ._shared import CONNECT_TIMEOUT, MAX_CONNECTIONS, SOCKET_TIMEOUT, ReplicaWait
 
-__all__ = ["aclose_client", "close_client", "factories", "masked"]
+__all__ = [
+    "aclose_client",
+    "close_client",
+    "factories",
+    "masked",
+    "replica_wait",
+    "wait_options",
+]
 
 
 def masked(url: str) -> str:
@@ -35,6 +42,46 @@ def masked(url: str) -> str:
         hidden = [(k, "***" if k == "password" else v) for k, v in query]
         parts = parts._replace(query=urllib.parse.urlencode(hidden, safe="*/"))
     return urllib.parse.urlunsplit(parts)
+
+
+_WAIT_OPTIONS = ("wait_replicas", "wait_timeout")
+
+
+def wait_options(url: str) -> tuple[str, tuple[int, float]]:
+    """The URL without inturn's ``wait_replicas`` and ``wait_timeout`` parameters (redis-py
+    does not know them), and their values (default 0 replicas, 0.1 s)."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    found = {k: v for k, v in query if k in _WAIT_OPTIONS}
+    if not found:
+        return url, (0, 0.1)
+    rest = urllib.parse.urlencode([(k, v) for k, v in query if k not in _WAIT_OPTIONS], safe="/")
+    try:
+        replicas = int(found.get("wait_replicas", "0"))
+        timeout = float(found.get("wait_timeout", "0.1"))
+    except ValueError as exc:
+        raise ConfigurationError(f"bad wait_replicas or wait_timeout in {masked(url)!r}") from exc
+    if parts.scheme.lower() == "redis+cluster" and replicas:
+        raise ConfigurationError(_NO_CLUSTER_WAIT)
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), (replicas, timeout)
+
+
+_NO_CLUSTER_WAIT = (
+    "wait_replicas is not supported on a Redis Cluster (its scripts go through redis-py by "
+    "slot, and WAIT must follow the write on its connection): set min-replicas-to-write "
+    "on the masters instead"
+)
+
+
+def replica_wait(replicas: int, timeout: float, *, cluster: bool) -> ReplicaWait | None:
+    """What a submit waits for (None: nothing), checked."""
+    if replicas < 0 or timeout < 0:
+        raise ConfigurationError("wait_replicas and wait_timeout must not be negative")
+    if not replicas:
+        return None
+    if cluster:
+        raise ConfigurationError(_NO_CLUSTER_WAIT)
+    return ReplicaWait(replicas, timeout)
 
 
 def _client_options(*, asynchronous: bool, cluster: bool = False) -> dict[str, Any]:
