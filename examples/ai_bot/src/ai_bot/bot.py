@@ -1,6 +1,7 @@
 """The Telegram side: aiogram 3 handlers, long polling or a webhook, and a clean SIGTERM.
 
-Every user message goes into the user's mailbox, which stores it and returns at once.
+A redelivered update (the same update_id) is handled once. Every user message goes into
+the user's mailbox, which stores it and returns at once.
 The mailbox answers one user's messages in turn: messages that arrive while a reply is
 being made are answered together in the next reply, and a message delivered again (the
 same Telegram message id) is answered once.
@@ -15,6 +16,8 @@ import time
 
 from aiogram import Dispatcher, F, Router
 from aiogram.types import Message
+
+from inturn.contrib.aiogram import DedupMiddleware
 
 from .app import App
 from .config import Settings
@@ -39,6 +42,9 @@ def build_router(app: App) -> Router:
 
 def build_dispatcher(app: App) -> Dispatcher:
     dp = Dispatcher()
+    # A re-polled update or a webhook retry (the same update_id) is handled once; the
+    # mailbox also drops a message id it has answered.
+    dp.update.outer_middleware(DedupMiddleware(app.gate))
     dp.include_router(build_router(app))
     return dp
 

@@ -18,7 +18,7 @@ import logging
 import os
 from typing import Literal
 
-from celery import Celery  # type: ignore[import-untyped]
+from celery import Celery  # type: ignore[import-untyped, unused-ignore]
 
 import inturn
 
