@@ -132,6 +132,8 @@ class Responder:
     ) -> str | None:
         """Reply to ``incoming`` (or, ``proactive``, start a message): the caller holds the
         user's turn and passes its ``fence``. Returns the text sent (None: nothing sent).
+        ``history``: the recorded conversation, when the caller loaded it (and checked the
+        fence) already.
 
         A failed model call sends a short apology on the first attempt and raises, so
         the mailbox retries it; a proactive message is simply not sent.
