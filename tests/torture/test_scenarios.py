@@ -15,13 +15,7 @@ import pytest
 from tests.torture.conftest import CI_CASES, Runs
 
 # Scenarios that fail today because of a known bug, each named in its reason.
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("long_partition", "postgres"): (
-        "PostgreSQL: while the connection is blackholed, gate.turn(key, timeout=1.5) returns "
-        "(TurnTimeout, BackendUnavailable or a grant) only after ~4.5 s: the caller's "
-        "deadline does not bound the wait for a (re)connection"
-    ),
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 
 def _case(name: str, backend: str) -> object:

@@ -33,7 +33,20 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 from . import _doctor
 from . import _sql as q
 from ._plan import MAX_CONNECTIONS, Plan
-from ._steps import IDLE, Connect, Flow, On, PutBack, Run, Sleep, Step, dead, map_errors, quiet
+from ._steps import (
+    IDLE,
+    Connect,
+    Flow,
+    On,
+    PutBack,
+    Run,
+    Sleep,
+    Step,
+    cut,
+    dead,
+    map_errors,
+    quiet,
+)
 from ._sync import SyncPostgresBackend
 from ._urls import CONNECT_TIMEOUT, connection_kwargs, masked, parse_url
 
@@ -44,6 +57,45 @@ logger = logging.getLogger("inturn")
 
 LISTEN_RETRY_MAX = 2.0
 """Longest pause (seconds) before the cancel listener reconnects."""
+
+
+CANCEL_WAIT = 0.25
+"""Seconds a cancelled statement waits for the server to confirm its cancel (twice)."""
+
+
+async def _statement(conn: Any, sql: str, params: Any, *, rows: bool = False) -> Any:
+    """Run one statement on ``conn``: its last result's first row, or every row.
+
+    Cancelled (a caller's deadline), it asks the server to cancel the statement and waits
+    for that at most CANCEL_WAIT; over a dead link (a partition, a half-open connection)
+    the answer never comes (psycopg itself would wait for it), so then the connection is
+    cut: the statement's task ends at once, and PostgreSQL rolls its transaction back
+    when it notices.
+    """
+
+    async def run() -> Any:
+        cur = await conn.execute(sql, params)
+        return list(await cur.fetchall()) if rows else await _last(cur)
+
+    task = asyncio.ensure_future(run())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            # Ask the server to cancel the statement, briefly; over a dead link that
+            # answer never comes, so the connection is cut instead.
+            with contextlib.suppress(Exception):
+                await conn.cancel_safe(timeout=CANCEL_WAIT)
+            await asyncio.wait({task}, timeout=CANCEL_WAIT)
+            if not task.done():
+                cut(conn)
+            task.add_done_callback(_swallow)
+        raise
+
+
+def _swallow(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: the connection was cut on purpose
 
 
 async def _last(cur: Any) -> Any:
@@ -147,13 +199,12 @@ class PostgresBackend:
 
     async def _step(self, step: Step) -> Any:
         if isinstance(step, On):
-            return await _last(await step.conn.execute(step.sql, step.params))
+            return await _statement(step.conn, step.sql, step.params)
         if isinstance(step, Run):
             conn = await self._getconn()
             try:
                 with map_errors(step.what):
-                    cur = await conn.execute(step.sql, step.params)
-                    return list(await cur.fetchall()) if step.rows else await _last(cur)
+                    return await _statement(conn, step.sql, step.params, rows=step.rows)
             finally:
                 await self._putconn(conn)
         if isinstance(step, Connect):

@@ -9,7 +9,9 @@ result. Executors add no policy: how to run SQL, how to wait, nothing else.
 from __future__ import annotations
 
 import contextlib
+import os
 import select
+import socket
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
@@ -34,6 +36,7 @@ __all__ = [
     "Run",
     "Sleep",
     "Step",
+    "cut",
     "dead",
     "map_errors",
     "quiet",
@@ -130,3 +133,18 @@ class Sleep:
 Step: TypeAlias = Run | On | Connect | PutBack | Sleep
 T = TypeVar("T")
 Flow: TypeAlias = Generator[Step, Any, T]
+
+
+def cut(conn: Any) -> None:
+    """Shut ``conn``'s socket down both ways: whatever waits on it fails at once.
+
+    For a statement that must not outlive its caller's deadline over a dead link (a
+    partition, a half-open connection), where psycopg would wait for the server's answer
+    forever; PostgreSQL rolls the connection's transaction back when it notices.
+    """
+    with contextlib.suppress(Exception):
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()

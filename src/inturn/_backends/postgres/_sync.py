@@ -25,8 +25,24 @@ from inturn._backends.base import (
 from . import _doctor
 from . import _sql as q
 from ._plan import MAX_CONNECTIONS, Plan
-from ._steps import IDLE, Connect, Flow, On, PutBack, Run, Sleep, Step, dead, map_errors, quiet
+from ._steps import (
+    IDLE,
+    Connect,
+    Flow,
+    On,
+    PutBack,
+    Run,
+    Sleep,
+    Step,
+    cut,
+    dead,
+    map_errors,
+    quiet,
+)
 from ._urls import CONNECT_TIMEOUT, connection_kwargs, masked
+
+WAIT_GRACE = 0.25
+"""How long past its timeout a thread's lock wait may run before its connection is cut."""
 
 __all__ = ["SyncPostgresBackend"]
 
@@ -160,7 +176,22 @@ class SyncPostgresBackend:
         return self._drive(self._plan.try_acquire(key, token, lease))
 
     def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
-        return self._drive(self._plan.wait(key, token, timeout))
+        if timeout is None:
+            return self._drive(self._plan.wait(key, token, timeout))
+        # The server bounds the lock wait (lock_timeout), but over a dead link its answer
+        # never comes: past the timeout (and a grace), cut the waiter's connection.
+        cutter = threading.Timer(timeout + WAIT_GRACE, self._cut_waiter, (token,))
+        cutter.daemon = True
+        cutter.start()
+        try:
+            return self._drive(self._plan.wait(key, token, timeout))
+        finally:
+            cutter.cancel()
+
+    def _cut_waiter(self, token: str) -> None:
+        waiter, _ = self._plan.lines.find(token)
+        if waiter is not None and waiter.conn is not None:
+            cut(waiter.conn)
 
     def renew(self, key: str, token: str, lease: float) -> bool:
         return self._drive(self._plan.renew(key, token, lease))
