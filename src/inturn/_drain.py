@@ -310,12 +310,13 @@ class Drainer:
                     step = flow.send(reply)
                 except StopIteration:
                     return
-                retries = _Retries(role, self.name, key)
+                retries: _Retries | None = None  # made on a step's first failure only
                 while True:
                     try:
                         reply = await self._step(step, key, token)
                         break
                     except TRANSIENT as exc:
+                        retries = retries or _Retries(role, self.name, key)
                         again = retries.after(step, exc)
                         if again is None:
                             return
@@ -448,12 +449,13 @@ class Drainer:
                     step = flow.send(reply)
                 except StopIteration:
                     return
-                retries = _Retries(role, self.name, key)
+                retries: _Retries | None = None
                 while True:
                     try:
                         reply = self._step_sync(store, step, key, token)
                         break
                     except TRANSIENT as exc:
+                        retries = retries or _Retries(role, self.name, key)
                         again = retries.after(step, exc)
                         if again is None:
                             return
