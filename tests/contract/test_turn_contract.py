@@ -1,10 +1,11 @@
-"""DESIGN.md's guarantees for the turn, checked on every backend, from tasks and threads."""
+"""The turn's guarantees, checked on every backend, from tasks and threads."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import random
+import time
 
 import pytest
 
@@ -126,8 +127,16 @@ async def test_timeout_race_with_hand_off_never_strands_the_turn(driver: Driver)
         racer = asyncio.ensure_future(driver.run("race", history, timeout=0.03, worker="r"))
         await asyncio.sleep(0.03)
         await holder.release()
-        with contextlib.suppress(inturn.TurnTimeout):
+        # A 30 ms deadline may also end the join itself (BackendUnavailable: "did not
+        # answer within the timeout") on a loaded machine; either way nothing is stranded.
+        with contextlib.suppress(inturn.TurnTimeout, inturn.BackendUnavailable):
             await racer
+        # A failed join leaves the line in the background: give it a moment, not more.
+        deadline = time.monotonic() + 2.0
+        for _ in range(200):  # polls a count: no event to wait on
+            if not await driver.gate.backend.footprint() or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
         assert await driver.gate.backend.footprint() == 0, f"round {round_}"
     check_history(history.spans)
 

@@ -8,6 +8,7 @@ process wait in one FIFO line per key.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, TypeVar
 
 import psycopg_pool
@@ -92,6 +93,7 @@ class SyncPostgresBackend:
         self._conninfo = conninfo
         self._max = max_connections
         self._lock = threading.Lock()
+        self._waiting = threading.local()  # the deadline of this thread's wait, if any
 
     # -- the executor -------------------------------------------------------------------
 
@@ -146,8 +148,10 @@ class SyncPostgresBackend:
             return self._pool
 
     def _getconn(self) -> Any:
+        until: float | None = getattr(self._waiting, "until", None)
+        limit = CONNECT_TIMEOUT if until is None else max(0.0, until - time.monotonic())
         with map_errors("connect"):
-            return self._pool_here().getconn()
+            return self._pool_here().getconn(timeout=min(CONNECT_TIMEOUT, limit))
 
     def _putconn(self, conn: Any) -> None:
         """Give a connection back, out of any transaction (or discarded when dead)."""
@@ -180,12 +184,15 @@ class SyncPostgresBackend:
             return self._drive(self._plan.wait(key, token, timeout))
         # The server bounds the lock wait (lock_timeout), but over a dead link its answer
         # never comes: past the timeout (and a grace), cut the waiter's connection.
+        # A connection taken for the wait is waited for no longer than that either.
         cutter = threading.Timer(timeout + WAIT_GRACE, self._cut_waiter, (token,))
         cutter.daemon = True
         cutter.start()
+        self._waiting.until = time.monotonic() + timeout + WAIT_GRACE
         try:
             return self._drive(self._plan.wait(key, token, timeout))
         finally:
+            self._waiting.until = None
             cutter.cancel()
 
     def _cut_waiter(self, token: str) -> None:
