@@ -17,6 +17,7 @@ import html
 import random
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -302,7 +303,7 @@ def main(url: str, users: int, messages: int, picture: str | None = "") -> int:
     )
     print(f"with inturn: {verdict} (fences and overlaps checked by inturn.testing)")
     print("\nThe code that made the difference:\n")
-    print("    " + THE_FIX.replace("\n", "\n    "))
+    print(textwrap.indent(THE_FIX, "    "))
     if picture is not None:
         folder = Path(picture) if picture else Path(tempfile.gettempdir())
         folder.mkdir(parents=True, exist_ok=True)
