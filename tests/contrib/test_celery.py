@@ -194,8 +194,9 @@ def test_bursts_run_in_turn_per_user_in_both_modes(
     history = spans(tmp_path)
     # No two bodies of one user overlap, and fences grow in the order they ran: every mode.
     check_history(history, fifo=False)
-    # Mailbox mode: each user's calls ran in the order they entered the mailbox (FIFO).
-    check_history([s for s in history if s.worker.startswith("mailbox")], fifo=True)
+    # Sent by name, each call is stored by the worker that runs it: the order they reach the
+    # mailbox is not the send order (the .delay() test checks that order exactly), and the
+    # time recorded in a message is taken just before its store, so no FIFO check here.
     runs = order_by_run(history, "mailbox")
     assert all(sorted(runs[u]) == list(range(12)) for u in hot)
     assert "WARNING" not in worker.text().replace("WorkerLostError", "")

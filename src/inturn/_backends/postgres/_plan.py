@@ -328,10 +328,10 @@ class Plan:
                 return None
             waiter.rearm()  # before the check: a wake from now on resolves the new sleep
             if self.lines.is_head(waiter):
-                return (yield from self._lock_wait(waiter, left))
+                return (yield from self._lock_wait(waiter, deadline))
             yield Sleep(waiter, left)
 
-    def _lock_wait(self, waiter: Waiter, left: float | None) -> Flow[Grant | None]:
+    def _lock_wait(self, waiter: Waiter, deadline: float | None) -> Flow[Grant | None]:
         """The head waits in PostgreSQL's lock queue, bounded by the server's lock_timeout.
 
         A cancelled task ends the wait too (psycopg cancels the statement); the
@@ -345,6 +345,9 @@ class Plan:
                 if conn.info.transaction_status == INERROR:  # a wait that failed: retried
                     yield On(conn, q.ROLLBACK)
                 begun = conn.info.transaction_status == INTRANS
+                # The server's lock_timeout counts from this statement: what is left now,
+                # after taking a connection, not what was left when the wait began.
+                left = None if deadline is None else max(0.001, deadline - time.monotonic())
                 yield On(conn, self.sql.acquire(waiter.key, waiter.lease, left, begun=begun))
             except psycopg.errors.LockNotAvailable:
                 yield from self._lock_outcome(waiter)  # rolls the aborted transaction back

@@ -42,8 +42,9 @@ from ._steps import (
 )
 from ._urls import CONNECT_TIMEOUT, connection_kwargs, masked
 
-WAIT_GRACE = 0.25
-"""How long past its timeout a thread's lock wait may run before its connection is cut."""
+WAIT_GRACE = 0.5
+"""How long past its timeout a thread's lock wait may run before its connection is cut (the
+server's own lock_timeout answers well before, unless the link is dead)."""
 
 __all__ = ["SyncPostgresBackend"]
 
