@@ -26,8 +26,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, Self
+
+from tests.fakes._http import LoopbackService
 
 __all__ = ["FakeLLM", "Request", "answered_texts"]
 
@@ -86,8 +87,10 @@ class _Failure:
 Latency = float | Callable[[Request], float]
 
 
-class FakeLLM:
+class FakeLLM(LoopbackService):
     """A fake OpenAI-compatible server; see the module docstring."""
+
+    _thread_name = "fake-llm"
 
     def __init__(
         self,
@@ -103,8 +106,6 @@ class FakeLLM:
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._failures: list[_Failure] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._closed = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -115,44 +116,16 @@ class FakeLLM:
         class Handler(_Handler):
             owner = fake
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fake-llm",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
+        return self._serve(_Server(("127.0.0.1", 0), Handler))
 
     def close(self) -> None:
         self._closed.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._stop()
 
     @property
     def url(self) -> str:
         """The base URL for the client, e.g. http://127.0.0.1:41234/v1."""
-        if self._server is None:
-            raise RuntimeError("FakeLLM is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/v1"
+        return f"{self._origin()}/v1"
 
     # -- control -------------------------------------------------------------------------
 

@@ -48,8 +48,9 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, Self
+
+from tests.fakes._http import LoopbackService
 
 __all__ = ["Call", "FakeTelegram"]
 
@@ -131,8 +132,10 @@ def _parse_body(content_type: str, body: bytes, query: str) -> dict[str, Any]:
     return params
 
 
-class FakeTelegram:
+class FakeTelegram(LoopbackService):
     """A fake Bot API server for one bot token; see the module docstring."""
+
+    _thread_name = "fake-telegram"
 
     def __init__(self, token: str | None = None) -> None:
         self.token = token or f"{BOT_ID}:{secrets.token_urlsafe(24)}"
@@ -143,8 +146,6 @@ class FakeTelegram:
         self._pending: list[_Pending] = []
         self._failures: dict[str, list[_Failure]] = {}
         self._closed = False
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.updates: dict[int, dict[str, Any]] = {}  # every update made, by update_id
         self.calls: list[Call] = []  # every call, in arrival order (getUpdates excluded)
         self.sent: list[Call] = []
@@ -165,46 +166,18 @@ class FakeTelegram:
         class Handler(_Handler):
             owner = fake
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fake-telegram",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
+        return self._serve(_Server(("127.0.0.1", 0), Handler))
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._stop()
 
     @property
     def url(self) -> str:
         """The server's base URL, e.g. http://127.0.0.1:41234 (API calls go to /bot<token>/...)."""
-        if self._server is None:
-            raise RuntimeError("FakeTelegram is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self._origin()
 
     @property
     def bot_user(self) -> dict[str, Any]:
