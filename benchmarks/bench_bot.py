@@ -55,6 +55,12 @@ def main() -> int:
     )
     parser.add_argument("--redis", action="store_true", help="INTURN_URL on a local redis-server")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        default="",
+        help="sample the bot under load with py-spy (installed apart); raw stacks to FILE",
+    )
     args = parser.parse_args()
 
     server = None
@@ -105,6 +111,14 @@ def run(
     tg.wait_for(lambda sent: sent, 60)
     time.sleep(0.5)
     cpu_start = _cpu(bot.pid)
+    spy = None
+    if args.py_spy:
+        spy = subprocess.Popen(
+            ["py-spy", "record", "-p", str(bot.pid), "-o", args.py_spy, "-f", "raw", "-r", "200"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)
     users = list(range(100_000, 100_000 + args.users))
     texts = {u: [f"u{u}m{i}" for i in range(args.messages)] for u in users}
     sent_at: dict[str, float] = {}
@@ -128,6 +142,9 @@ def run(
     last = max(c.at for c in tg.sent)
     total = last - first
     cpu = _cpu(bot.pid) - cpu_start
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
     bot.send_signal(signal.SIGTERM)
     bot.wait(60)
     log.close()

@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 
-from aiogram import Dispatcher, F, Router
+from aiogram import Dispatcher, Router
 from aiogram.types import Message
 
 from inturn.contrib.aiogram import DedupMiddleware
@@ -30,7 +30,9 @@ logger = logging.getLogger("ai_bot")
 def build_router(app: App) -> Router:
     router = Router(name="ai_bot")
 
-    @router.message(F.text)
+    # No filter: aiogram runs a plain (sync) filter such as ``F.text`` in a worker thread
+    # for every update; the handler checks for text itself.
+    @router.message()
     async def on_text(message: Message) -> None:
         user = message.from_user
         if user is None or message.text is None:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -24,8 +24,10 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
+    bindparam,
     event,
     func,
     insert,
@@ -120,6 +122,7 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._upserts: dict[tuple[str, ...], Any] = {}
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True) -> Store:
@@ -253,33 +256,21 @@ class Store:
         """Store a turn's messages and reply, fenced: raise :class:`StaleFence` (and log it)
         when the conversation already holds a higher fence from the same source."""
         now = time.time()
+        values: dict[str, Any] = {"fence": turn.fence, "fence_source": turn.fence_source}
+        if turn.incoming:
+            values["last_user_at"] = max(m.at for m in turn.incoming)
+        if turn.proactive:
+            values["last_proactive_at"] = now
+        values["last_bot_at"] = now
+        params = {
+            "user_id": turn.user_id,
+            "chat_id": turn.chat_id,
+            "last_user_at": 0.0,
+            "last_proactive_at": 0.0,
+            **values,
+        }
         async with self._sessions() as session, session.begin():
-            values: dict[str, Any] = {"fence": turn.fence, "fence_source": turn.fence_source}
-            if turn.incoming:
-                values["last_user_at"] = max(m.at for m in turn.incoming)
-            if turn.proactive:
-                values["last_proactive_at"] = now
-            values["last_bot_at"] = now
-            # One statement: make the row, or update it only if the fence is not stale.
-            insert_: Any = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
-            stmt = insert_(Conversation).values(
-                {
-                    "user_id": turn.user_id,
-                    "chat_id": turn.chat_id,
-                    "last_user_at": 0.0,
-                    "last_proactive_at": 0.0,
-                    **values,
-                }
-            )
-            fenced = stmt.on_conflict_do_update(
-                index_elements=["user_id"],
-                set_={name: getattr(stmt.excluded, name) for name in values},
-                where=or_(
-                    Conversation.fence_source != stmt.excluded.fence_source,
-                    Conversation.fence <= stmt.excluded.fence,
-                ),
-            )
-            result = await session.execute(fenced)
+            result = await session.execute(self._fenced_upsert(tuple(values)), params)
             if getattr(result, "rowcount", 1) == 0:
                 stored = await session.scalar(
                     select(Conversation.fence).where(Conversation.user_id == turn.user_id)
@@ -306,7 +297,29 @@ class Store:
                     "created_at": now,
                 }
             )
-            await session.execute(insert(ChatMessage), rows)
+            await session.execute(insert(cast(Table, ChatMessage.__table__)), rows)
+
+    def _fenced_upsert(self, updated: tuple[str, ...]) -> Any:
+        """One statement: make the conversation row, or update ``updated`` columns only
+        if the stored fence is not higher (from the same source). Built once per set of
+        columns, with bind parameters, so a reply does not rebuild it."""
+        stmt = self._upserts.get(updated)
+        if stmt is None:
+            insert_: Any = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+            columns = ("user_id", "chat_id", "last_user_at", "last_proactive_at", *updated)
+            base = insert_(Conversation.__table__).values(
+                {name: bindparam(name) for name in dict.fromkeys(columns)}
+            )
+            stmt = base.on_conflict_do_update(
+                index_elements=["user_id"],
+                set_={name: getattr(base.excluded, name) for name in updated},
+                where=or_(
+                    Conversation.fence_source != base.excluded.fence_source,
+                    Conversation.fence <= base.excluded.fence,
+                ),
+            )
+            self._upserts[updated] = stmt
+        return stmt
 
     @staticmethod
     def _refused(user_id: int, fence: int, stored: int) -> None:
