@@ -154,11 +154,18 @@ def test_celery_task_runs_a_tick(
     make_env: Callable[..., dict[str, str]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The beat tick sends one ``send_proactive`` task per idle user: an
+    ``inturn.contrib.celery`` task in the user's turn, skipped while the turn is busy."""
     import asyncio
+    import threading
+
+    import inturn
+    from ai_bot.proactive_messaging import celery_app, proactive_tick, send_proactive
 
     env = make_env(PROACTIVE_IDLE_MINUTES="0")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setitem(celery_app.conf, "task_always_eager", True)  # tasks run inline
 
     async def converse() -> None:
         async with running_bot(env):
@@ -166,11 +173,32 @@ def test_celery_task_runs_a_tick(
             await tg.wait_for_async(lambda sent: sent, timeout=10)
 
     asyncio.run(converse())
-    from ai_bot.proactive_messaging import proactive_tick
+    assert celery_app.conf.inturn_namespace == "ai_bot"  # the bot's namespace: its turns
 
-    assert proactive_tick.apply().get() == {"3": "sent"}
+    # the user's turn is busy (held by another thread, through the same memory://
+    # namespace): the task is skipped
+    holder = inturn.Gate.from_url(celery_app.conf.inturn_url, namespace="ai_bot")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with holder.turn_sync(3):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(10)
+        assert send_proactive.apply(kwargs={"user_id": 3}).get() is None
+    finally:
+        release.set()
+        thread.join(10)
+    assert [c.text for c in tg.sent] == ["answer to: hello"]
+
+    assert proactive_tick.apply().get() == {"3": "queued"}
     assert [c.text for c in tg.sent] == ["answer to: hello", "checking in"]
     assert proactive_tick.apply().get() == {}  # once per quiet spell
+    holder.close()
 
 
 async def test_the_store_on_postgresql(postgres_dsn: str) -> None:

@@ -83,6 +83,7 @@ _OPTION_NAMES = frozenset(
         "wait",
         "countdown",
         "busy_retries",
+        "on_busy",
     }
 )
 
@@ -106,6 +107,7 @@ class Options:
     wait: float = 0.2
     countdown: float = 0.5
     busy_retries: int = 1000
+    on_busy: Literal["retry", "skip"] = "retry"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -136,6 +138,16 @@ class Options:
         if dedup is not None and (not isinstance(dedup, str) or not dedup):
             raise ConfigurationError(
                 f"task {task_name!r}: inturn dedup must be an argument name, 'task_id' or None"
+            )
+        on_busy = raw.get("on_busy", "retry")
+        if on_busy not in ("retry", "skip"):
+            raise ConfigurationError(
+                f"task {task_name!r}: inturn on_busy must be 'retry' or 'skip', not {on_busy!r}"
+            )
+        if on_busy == "skip" and mode != "turn":
+            raise ConfigurationError(
+                f"task {task_name!r}: inturn on_busy='skip' needs mode 'turn' (a mailbox "
+                "never skips a call: it queues it)"
             )
         for name in ("wait", "countdown", "debounce"):
             value = raw.get(name, 0.0)
@@ -292,8 +304,9 @@ class SerializedTask(Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if request.called_directly or request.is_eager or self._inturn_options is None:
-            # A direct call or eager mode: run here and now, as Celery does.
+        if request.called_directly or self._inturn_options is None:
+            # Called as a plain function: run the body here and now, as Celery does. (Eager
+            # runs, ``.apply()`` or ``task_always_eager``, run below: in turn, here.)
             result = super().__call__(*args, **kwargs)
             return _run_coroutine(result) if inspect.iscoroutine(result) else result
         options = self._inturn_options
@@ -398,7 +411,12 @@ class SerializedTask(Task):
         assert options is not None
         gate = _state(self.app).gate
         try:
-            with gate.turn_sync(key, timeout=options.wait) as turn:
+            request = (
+                gate.turn_sync(key, timeout=options.wait)
+                if options.wait > 0
+                else gate.turn_nowait_sync(key)
+            )
+            with request as turn:
                 if msg_id is None:
                     return self._body(args, kwargs, turn.fence)
                 with gate.dedup(self.name).claim_sync(key, msg_id, fence=turn.fence):
@@ -411,6 +429,14 @@ class SerializedTask(Task):
                 return dup.result
             busy: Exception = dup
         except inturn.Busy as exc:  # TurnTimeout: the key stayed busy past `wait`
+            if options.on_busy == "skip":
+                logger.info(
+                    "inturn: task %s skipped: key %r stayed busy for %ss",
+                    self.name,
+                    key,
+                    options.wait,
+                )
+                return None
             busy = exc
         countdown = options.countdown * (1 + random.random())  # spread the retries out
         raise self.retry(countdown=countdown, max_retries=options.busy_retries, exc=busy)
