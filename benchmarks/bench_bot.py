@@ -133,13 +133,14 @@ def run(
         if left > 0 and i < args.messages - 1:
             time.sleep(left)
 
-    def all_answered(sent: list[object]) -> bool:
-        return sum(len(answered_texts(getattr(c, "text", "") or "")) for c in sent) >= (
-            total_messages
-        )
+    expected = {t for ts in texts.values() for t in ts}
+
+    def all_answered(sent: list[object]) -> bool:  # the warm-up's reply does not count
+        answered = (t for c in sent for t in answered_texts(getattr(c, "text", "") or ""))
+        return sum(t in expected for t in answered) >= total_messages
 
     tg.wait_for(all_answered, args.timeout)
-    last = max(c.at for c in tg.sent)
+    last = max(c.at for c in tg.sent if c.chat_id in texts)
     total = last - first
     cpu = _cpu(bot.pid) - cpu_start
     if spy is not None:
@@ -189,6 +190,10 @@ def run(
     print(
         f"bot CPU: {cpu:.2f} s = {cpu / total_messages * 1000:.2f} ms per message "
         f"(aiogram, inturn, SQLite, HTTP clients)"
+    )
+    print(
+        f"bot CPU / total: {cpu / total:.0%} of one core"
+        + (" (the bot process is the bottleneck: one event loop)" if cpu / total > 0.8 else "")
     )
     print(
         f"pick-up (message sent -> its model call): p50 {pct(pickups, 0.5) * 1000:.0f} ms, "
