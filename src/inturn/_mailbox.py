@@ -147,6 +147,10 @@ class Mailbox:
             dedup=Deduplicator(runtime, f"mailbox:{name}", window=dedup_window),
         )
         self._drains: set[asyncio.Future[None]] = set()
+        # Submits of one key in flight from this process's event loop, newest last: on an
+        # engine whose concurrent submits can overtake each other (one connection per
+        # call, as PostgreSQL's pool) a key's messages are still stored in call order.
+        self._in_flight: dict[str, asyncio.Future[None]] = {}
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
         self._sweeper: asyncio.Task[None] | None = None
@@ -222,13 +226,32 @@ class Mailbox:
         """
         key, text = self._encode(key, payload, id)
         token = new_token()
-        done = await self._store.mb_submit(self.name, key, text, **self._submit_args(token))
+        if getattr(self._store, "ordered_submits", False):
+            done = await self._store.mb_submit(self.name, key, text, **self._submit_args(token))
+        else:
+            done = await self._in_call_order(key, text, token)
         self._submitted(key, done)
         if self.sweep_interval is not None:
             self._sweep_here()
         if done.status == SubmitStatus.DRAINER:
             await self._store.mb_hint(self.name, key, True)
             await self._start_drain(key, token, done.first)
+
+    async def _in_call_order(self, key: str, text: str, token: str) -> Submitted:
+        """Submit after this loop's earlier submits of ``key`` are stored (or failed):
+        messages of one key, submitted from one event loop, are queued in call order."""
+        loop = asyncio.get_running_loop()
+        mine: asyncio.Future[None] = loop.create_future()
+        earlier = self._in_flight.get(key)
+        self._in_flight[key] = mine
+        try:
+            if earlier is not None and not earlier.done() and earlier.get_loop() is loop:
+                await asyncio.shield(earlier)
+            return await self._store.mb_submit(self.name, key, text, **self._submit_args(token))
+        finally:
+            mine.set_result(None)
+            if self._in_flight.get(key) is mine:
+                del self._in_flight[key]  # nothing is kept per idle key
 
     async def _start_drain(self, key: str, token: str, first: Taken | None = None) -> None:
         if self.is_async:

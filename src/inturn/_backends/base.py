@@ -441,6 +441,11 @@ class MailboxBackend(Protocol):
     Every method is atomic on one key; ``mb_hint``/``mb_hinted`` keep a
     separate, idempotent index of keys that may need a sweeper. Message texts
     are opaque to the engine: it never parses them.
+
+    An engine may declare ``ordered_submits = True`` (an attribute or property) when
+    one event loop's concurrent ``mb_submit`` calls always reach its store in call
+    order; otherwise the mailbox waits for a key's earlier submit before sending the
+    next one, so a key's messages are queued in the order they were submitted.
     """
 
     async def mb_submit(

@@ -39,6 +39,9 @@ class MemoryBackend:
     ``clock`` (default ``time.monotonic``) judges leases; tests inject their own.
     """
 
+    ordered_submits = True
+    """Mailbox submits are stored in call order (each runs to the end without waiting)."""
+
     def __init__(
         self,
         *,

@@ -169,6 +169,15 @@ class RedisBackend(Mailboxes):
         backend._url = url
         return backend
 
+    @property
+    def ordered_submits(self) -> bool:
+        """True when this event loop's mailbox submits reach the server in call order:
+        they share one pipelined connection (on Cluster, redis-py's pool sends them)."""
+        try:
+            return self._state().mux is not None
+        except RuntimeError:  # no running event loop
+            return False
+
     # -- per-loop state -------------------------------------------------------------
 
     def _state(self) -> LoopState:
