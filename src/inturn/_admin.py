@@ -13,6 +13,7 @@ message's unique tag and its failure time).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -203,27 +204,33 @@ class Admin:
         They go to the queue's tail with their attempts counted afresh: a live drainer
         takes them next; otherwise a process with the mailbox's handler does, at its next
         sweep or the key's next message. With a message id, dedup still applies: a failed
-        message was never marked done, so it runs. Repeating a replay that was cut short
-        may store a letter twice (then dedup by id keeps its effect once).
+        message was never marked done, so it runs. Each letter is taken out of the dead
+        letters before it is stored (two replays at once store it once); a store that
+        fails puts it back.
         """
         replayed: list[Letter] = []
         for letter in sorted(letters, key=lambda x: (x.mailbox, x.key or "", x.enqueued_at or 0)):
             message = letter.message()
             if message is None or letter.key is None:
                 continue
-            token = new_token()
-            done = await self._boxes.mb_submit(
-                letter.mailbox,
-                letter.key,
-                message,
-                max_pending=_NO_LIMIT,
-                drop_oldest=False,
-                token=token,
-                lease=_REPLAY_LEASE,
-            )
-            if done.status == SubmitStatus.DRAINER:
-                await self._boxes.mb_hint(letter.mailbox, letter.key, True)
-            await self._engine.mb_dead_remove(letter.mailbox, [letter.text])
+            # Taken out first: of two replays at once, only the one that removed it stores it.
+            if not await self._engine.mb_dead_remove(letter.mailbox, [letter.text]):
+                continue
+            try:
+                done = await self._boxes.mb_submit(
+                    letter.mailbox,
+                    letter.key,
+                    message,
+                    max_pending=_NO_LIMIT,
+                    drop_oldest=False,
+                    token=new_token(),
+                    lease=_REPLAY_LEASE,
+                )
+                if done.status == SubmitStatus.DRAINER:
+                    await self._boxes.mb_hint(letter.mailbox, letter.key, True)
+            except BaseException:
+                await asyncio.shield(self._boxes.mb_dead(letter.mailbox, [letter.text]))
+                raise
             replayed.append(letter)
         return replayed
 
