@@ -22,15 +22,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from ._backends.base import (
-    AdminBackend,
-    Backend,
-    Forgotten,
-    MailboxBackend,
-    Released,
-    SubmitStatus,
-    SweepReport,
-)
+from ._backends.admin import AdminBackend, Forgotten, Released, SweepReport
+from ._backends.base import Backend, MailboxBackend, SubmitStatus
 from ._errors import ConfigurationError
 from ._keys import new_token, normalize_key, shown
 
@@ -135,7 +128,7 @@ def _read(mailbox: str, text: str) -> Letter:
 class Admin:
     """The operators' calls on one engine (a gate's ``backend``), for one namespace.
 
-    Every call is safe beside live workers. See :class:`~inturn._backends.base.AdminBackend`
+    Every call is safe beside live workers. See :class:`~inturn._backends.admin.AdminBackend`
     for what each engine does atomically.
     """
 

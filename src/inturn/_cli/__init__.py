@@ -122,7 +122,7 @@ def _format_status(snap: Any) -> str:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from inturn._gate import Gate
+    from inturn import Gate
 
     async with Gate.from_url(args.url, namespace=args.namespace) as gate:
         while True:
@@ -141,7 +141,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _doctor(args: argparse.Namespace) -> int:
-    from inturn._gate import Gate
+    from inturn import Gate
 
     async with Gate.from_url(args.url, namespace=args.namespace) as gate:
         report = await gate.diagnose()
@@ -159,9 +159,9 @@ async def _doctor(args: argparse.Namespace) -> int:
 
 
 def _migrate(url: str) -> int:
+    from inturn import Gate
     from inturn._backends.base import SyncMigrating
     from inturn._errors import InturnError
-    from inturn._gate import Gate
 
     try:
         gate = Gate.from_url(url)

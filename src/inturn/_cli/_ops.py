@@ -140,8 +140,8 @@ def _operator() -> str:
 
 
 def _admin(args: argparse.Namespace) -> tuple[Any, Any]:
+    from inturn import Gate
     from inturn._admin import Admin
-    from inturn._gate import Gate
 
     gate = Gate.from_url(args.url, namespace=args.namespace)
     return gate, Admin(gate.backend)

@@ -9,8 +9,8 @@ an admin endpoint of the service itself); the ``inturn`` command cannot reach it
 
 from __future__ import annotations
 
-from inturn._backends._admin import refuse_busy
-from inturn._backends.base import BoxState, Forgotten, Released, SweepReport
+from inturn._backends.admin import Forgotten, Released, SweepReport, refuse_busy
+from inturn._backends.base import BoxState
 
 from ._core import MemoryCore
 

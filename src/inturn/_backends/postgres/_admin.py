@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from inturn._backends._admin import refuse_busy
-from inturn._backends.base import BoxState, Forgotten, Released, SweepReport
+from inturn._backends.admin import Forgotten, Released, SweepReport, refuse_busy
+from inturn._backends.base import BoxState
 
 from . import _sql as q
 from ._plan import Plan

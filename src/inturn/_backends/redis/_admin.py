@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from inturn._backends._admin import refuse_busy
-from inturn._backends.base import BoxState, Forgotten, Released, SweepReport
+from inturn._backends.admin import Forgotten, Released, SweepReport, refuse_busy
+from inturn._backends.base import BoxState
 
 from ._doctor import _glob
 from ._keys import KeySpace, encode
