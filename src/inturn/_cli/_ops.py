@@ -111,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     if not logging.getLogger().handlers:  # the WARNING of a forced release, as one line
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")
     calls = {"sweep": _sweep, "release": _release, "dead-letters": _dead, "forget": _forget}
     return run(lambda: calls[args.command](args), args.verbose, command)
 
