@@ -154,29 +154,38 @@ class RedisAdmin:
     async def force_release(self, key: str) -> Released:
         """See :meth:`AdminBackend.force_release`: one script; the next live waiter is
         granted (and pushed) as a release would grant it, with a greater fence."""
-        reply = await self._eval("force_release", FORCE_RELEASE, self._keys.turn_keys(key), [])
+        reply = await self._eval("force_release", FORCE_RELEASE, self._turn_keys(key), [])
         if int(reply[0]) != 1:
             return Released(key, released=False)
         following = None if reply[3] is None else text(reply[3])
         next_fence = None if reply[4] is None else int(reply[4])
         return Released(key, True, text(reply[1]), int(reply[2]), following, next_fence)
 
-    async def _indexes(self) -> dict[str, dict[str, str]]:
-        """Per kind ("hint", "dead"), mailbox name -> its index key."""
-        found: dict[str, dict[str, str]] = {"hint": {}, "dead": {}}
+    def _turn_keys(self, key: str) -> list[str]:
+        """The KEYS of a turn script for ``key``, as this backend's own scripts get them
+        (where the layout makes them depend on the topology, its script builder knows)."""
+        calls: Any = self._state().calls
+        if hasattr(calls, "turn_keys"):
+            return list(calls.turn_keys(key))
+        return self._keys.turn_keys(key)
+
+    async def _indexes(self) -> dict[str, dict[str, list[str]]]:
+        """Per kind ("hint", "dead"), mailbox name -> its index keys (a scan finds them
+        all, however many a layout keeps per mailbox)."""
+        found: dict[str, dict[str, list[str]]] = {"hint": {}, "dead": {}}
         async for full in self._scan(_glob(self._keys.prefix + "mb:") + "*"):
             name = self._keys.parse(full)
             if name is not None and name.mailbox is not None and name.kind in found:
-                found[name.kind][name.mailbox] = full
+                found[name.kind].setdefault(name.mailbox, []).append(full)
         return found
 
     async def dead_mailboxes(self) -> dict[str, int]:
         """See :meth:`AdminBackend.dead_mailboxes`."""
         client = self._state().client
         counts = {}
-        for mailbox, dead in sorted((await self._indexes())["dead"].items()):
+        for mailbox, lists in sorted((await self._indexes())["dead"].items()):
             with map_errors("dead_mailboxes"):
-                count = int(await client.llen(dead))
+                count = sum([int(await client.llen(dead)) for dead in lists])
             if count:
                 counts[mailbox] = count
         return counts
@@ -197,7 +206,7 @@ class RedisAdmin:
         key leaves the mailboxes' sweeper indexes. The turn's own keys (holder, line) are
         left to a turn in progress: they expire or go when it ends."""
         keys = self._keys
-        owner, line, waiters, _ = keys.turn_keys(key)
+        owner, line, waiters, _ = self._turn_keys(key)
         others: list[str] = []
         kinds: list[str] = []
         mailboxes: list[str] = []
@@ -216,9 +225,10 @@ class RedisAdmin:
             raise refuse_busy(key, turn=bool(int(reply[1])), draining=map(text, reply[2:]))
         messages, marks, records = (int(n) for n in reply)
         client = self._state().client
-        for hint in (await self._indexes())["hint"].values():
-            with map_errors("forget"):
-                records += int(await client.srem(hint, key))
+        for hints in (await self._indexes())["hint"].values():
+            for hint in hints:
+                with map_errors("forget"):
+                    records += int(await client.srem(hint, key))
         return Forgotten(key, messages=messages, marks=marks, records=records)
 
     async def sweep(self) -> SweepReport:
@@ -238,7 +248,7 @@ class RedisAdmin:
                 turns.add(name.key)
         expired = dead_waiters = idle = 0
         for key in sorted(turns):
-            lapsed, dropped = await self._eval("sweep", SWEEP_TURN, keys.turn_keys(key), [])
+            lapsed, dropped = await self._eval("sweep", SWEEP_TURN, self._turn_keys(key), [])
             expired += int(lapsed)
             dead_waiters += int(dropped)
         undrained: list[BoxState] = []
@@ -265,7 +275,8 @@ class RedisAdmin:
         slot: no script can see both)."""
         client = self._state().client
         stale = 0
-        for mailbox, hint in (await self._indexes())["hint"].items():
+        sets = [(m, hint) for m, hints in (await self._indexes())["hint"].items() for hint in hints]
+        for mailbox, hint in sets:
             with map_errors("sweep"):
                 members = [text(m) for m in await client.smembers(hint)]
             for key in members:
