@@ -244,3 +244,33 @@ def test_python_m_inturn_sweeps_in_a_loop_until_interrupted(redis_url: str) -> N
     assert any("user-9" in x for x in lines)
     stamp = lines[0].split()[0]
     assert time.strptime(stamp, "%H:%M:%S")
+
+
+async def test_release_without_the_right_to_end_a_session_says_how(
+    postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PostgreSQL: a role that may not end the holder's session gets one line naming the
+    fix (pg_signal_backend), and the holder keeps its turn."""
+    import psycopg
+
+    space, role = ns(), f"op_{secrets.token_hex(4)}"
+    gate = inturn.Gate.from_url(postgres_dsn, namespace=space)
+    async with gate, gate.turn("user-1") as turn:
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {role} LOGIN")
+            conn.execute(f"GRANT USAGE ON SCHEMA inturn TO {role}")
+            conn.execute(f"GRANT SELECT, UPDATE ON ALL TABLES IN SCHEMA inturn TO {role}")
+        url = postgres_dsn.replace("postgres@", f"{role}@", 1)
+        try:
+            argv = ["release", "user-1", "--force", "--yes", "--url", url, "--namespace", space]
+            assert await cli(*argv) == 1
+            assert await turn.check()
+        finally:
+            with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+                conn.execute(f"DROP OWNED BY {role}")
+                conn.execute(f"DROP ROLE {role}")
+    err = capsys.readouterr().err
+    assert "pg_signal_backend" in err, err
+    assert "superuser" in err, err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import psycopg
+import psycopg.errors
+
 from inturn._backends.admin import Forgotten, Released, SweepReport, refuse_busy
 from inturn._backends.base import BoxState
+from inturn._errors import ConfigurationError
 
 from . import _sql as q
 from ._plan import Plan
@@ -33,15 +37,16 @@ UNDRAINED_LIMIT = 1000
 
 TERMINATE_HOLDER = (
     "SELECT l.pid, pg_catalog.pg_terminate_backend(l.pid, {wait})"
-    " FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid"
+    " FROM pg_catalog.pg_locks l"
     " WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted"
     " AND l.classid::bigint = %(classid)s AND l.objid::bigint = %(objid)s"
     " AND l.database = (SELECT oid FROM pg_catalog.pg_database"
     " WHERE datname = current_database())"
-    " AND a.application_name = %(app)s"
 ).replace("{wait}", str(TERMINATE_WAIT_MS))
-"""End the session holding the key's turn lock (tagged with this namespace's name), and
-wait for it to end. returns: (pid, ended) per session ended, no row when none held it."""
+"""End the session holding the key's turn lock, and wait for it to end. The lock id is the
+key's hash, namespace included (see ``_sql.key_hash``); ``pg_locks`` shows every role's
+locks, where ``pg_stat_activity`` hides other roles' session details.
+returns: (pid, ended) per session ended, no row when none held it."""
 
 AUDIT_HOLDER = (
     "SELECT holder, fence FROM {schema}.grants WHERE namespace = %(ns)s AND key = %(key)s"
@@ -152,7 +157,13 @@ class _Flows:
         audit = yield Run("force_release", self.sql["AUDIT_HOLDER"], self._key(key))
         if audit is not None and holder is None:
             holder, fence = str(audit[0]), int(audit[1])
-        ended = yield Run("force_release", TERMINATE_HOLDER, {**lock, "app": s.app}, rows=True)
+        try:
+            ended = yield Run("force_release", TERMINATE_HOLDER, lock, rows=True)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise ConfigurationError(
+                f"PostgreSQL refused to end the holder's session ({str(exc).strip()}): run it "
+                "as the role the workers use, or grant pg_signal_backend to this role"
+            ) from exc
         if not ended:
             return Released(key, released=False)
         if audit is not None:
