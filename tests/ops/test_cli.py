@@ -250,7 +250,7 @@ async def test_release_without_the_right_to_end_a_session_says_how(
     postgres_dsn: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """PostgreSQL: a role that may not end the holder's session gets one line naming the
-    fix (pg_signal_backend), and the holder keeps its turn."""
+    fix (pg_signal_backend), and the holder keeps its turn; a refused DELETE is one line."""
     import psycopg
 
     space, role = ns(), f"op_{secrets.token_hex(4)}"
@@ -265,12 +265,17 @@ async def test_release_without_the_right_to_end_a_session_says_how(
             argv = ["release", "user-1", "--force", "--yes", "--url", url, "--namespace", space]
             assert await cli(*argv) == 1
             assert await turn.check()
+            refused = capsys.readouterr().err
+            argv = ["forget", "user-2", "--yes", "--url", url, "--namespace", space]
+            assert await cli(*argv) == 1  # no DELETE right: the server's words, one line
         finally:
             with psycopg.connect(postgres_dsn, autocommit=True) as conn:
                 conn.execute(f"DROP OWNED BY {role}")
                 conn.execute(f"DROP ROLE {role}")
+    assert "pg_signal_backend" in refused, refused
+    assert "superuser" in refused, refused
+    assert refused.count("\n") == 1
     err = capsys.readouterr().err
-    assert "pg_signal_backend" in err, err
-    assert "superuser" in err, err
-    assert "Traceback" not in err
+    assert "InsufficientPrivilege: permission denied" in err, err
     assert err.count("\n") == 1
+    assert "Traceback" not in refused + err

@@ -42,6 +42,15 @@ def run(call: Callable[[], Coroutine[Any, Any, int]], verbose: bool, command: st
             raise
         print(f"inturn {command}: {mask(str(exc))}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a server's refusal the library does not name (a privilege)
+        if verbose:
+            raise
+        what = " ".join(str(exc).split())
+        print(
+            f"inturn {command}: {type(exc).__name__}: {mask(what)} (--verbose shows where)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def seconds(value: float | None) -> str:
