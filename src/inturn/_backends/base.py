@@ -12,7 +12,9 @@ and is granted, renewed, released or leaves that line.
 Every operation an engine may offer is declared here, the fast paths too
 (``mb_submit(take=...)``, ``mb_release_take``, ``never_blocks``, ``migrate``),
 so a third-party engine knows the whole contract; the contract suite in
-``tests/contract`` checks it against every engine, async and sync.
+``tests/contract`` checks it against every engine, async and sync. The operators'
+calls (forced release, dead letters, forget, sweep) are declared beside it, in
+:mod:`inturn._backends.admin`.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from inturn._backends.base import (
     Taken,
 )
 
+from ._admin import MemoryAdmin
 from ._core import Clock, MemoryCore
 
 __all__ = ["MemoryBackend", "SyncMemoryBackend", "from_url"]
@@ -33,7 +34,7 @@ def _finite(seconds: float) -> float | None:
     return None if seconds == math.inf else seconds
 
 
-class MemoryBackend:
+class MemoryBackend(MemoryAdmin):
     """The async face of the in-memory backend. See the module docstring for guarantees.
 
     ``clock`` (default ``time.monotonic``) judges leases; tests inject their own.

@@ -32,6 +32,7 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 
 from . import _doctor
 from . import _sql as q
+from ._admin import PostgresAdmin
 from ._plan import MAX_CONNECTIONS, Plan
 from ._steps import (
     IDLE,
@@ -134,7 +135,7 @@ class _LoopPool:
     keeper: asyncio.Task[None] | None = None
 
 
-class PostgresBackend:
+class PostgresBackend(PostgresAdmin):
     """The async PostgreSQL backend. See the package docstring for what it guarantees.
 
     ``pool`` is an open ``psycopg_pool.AsyncConnectionPool`` whose connections

@@ -57,6 +57,7 @@ from inturn._backends.base import (
 from inturn._errors import BackendUnavailable, ConfigurationError
 
 from . import _doctor
+from ._admin import RedisAdmin
 from ._boxes import Mailboxes
 from ._keys import KeySpace
 from ._listener import listen_until_closed
@@ -110,7 +111,7 @@ if hasattr(os, "register_at_fork"):  # not on Windows
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RedisBackend(Mailboxes):
+class RedisBackend(Mailboxes, RedisAdmin):
     """The async Redis backend. See the module docstring for what it guarantees.
 
     ``client`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``;

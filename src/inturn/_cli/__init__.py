@@ -7,18 +7,14 @@ import asyncio
 import dataclasses
 import json
 import os
-import re
 import sys
-import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from inturn._cli import _ops
+from inturn._cli._shell import mask, positive, run, seconds, since
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+__all__ = ["build_parser", "main", "mask"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a burst of colliding calls without and with inturn; print the overlaps.",
     )
     demo.add_argument("--url", default="memory://", help="backend URL (default: memory://)")
-    demo.add_argument("--users", type=_positive, default=40, help="users in the burst")
-    demo.add_argument("--messages", type=_positive, default=5, help="messages per user")
+    demo.add_argument("--users", type=positive, default=40, help="users in the burst")
+    demo.add_argument("--messages", type=positive, default=5, help="messages per user")
     demo.add_argument(
         "--picture",
         default="",
@@ -66,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "queues and the dead letters of a namespace, or of one KEY.",
     )
     status.add_argument("key", nargs="?", help="one key (a user id) instead of all")
-    status.add_argument("--limit", type=_positive, default=100, help="at most this many rows")
+    status.add_argument("--limit", type=positive, default=100, help="at most this many rows")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh in place")
     server_options(status)
     doctor = commands.add_parser(
@@ -76,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "topology, schema, rights). Exits 1 when a guarantee cannot hold.",
     )
     server_options(doctor)
+    _ops.add_commands(commands, server_options)
     torture = commands.add_parser(
         "torture",
         help="run the fault scenarios against throwaway servers and print what broke",
@@ -89,41 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     torture.add_argument("--backend", choices=("redis", "postgres", "all"), default="all")
     torture.add_argument("--seed", type=int, default=None, help="seed of the random mix")
     torture.add_argument(
-        "--jobs", type=_positive, default=3, help="scenarios run at a time (default 3)"
+        "--jobs", type=positive, default=3, help="scenarios run at a time (default 3)"
     )
     return parser
-
-
-_CREDENTIALS = re.compile(r"(://[^:/@\s]*):[^@/\s]*@")
-
-
-def mask(text: str) -> str:
-    """``text`` with the password of any URL in it replaced by ``***``."""
-    return _CREDENTIALS.sub(r"\1:***@", text)
-
-
-def _run(call: Callable[[], Coroutine[Any, Any, int]], verbose: bool, command: str) -> int:
-    """Run an async command; an error is one line with its cause (a traceback with
-    ``--verbose``), never a wall of text."""
-    from ._errors import InturnError
-
-    try:
-        return asyncio.run(call())
-    except KeyboardInterrupt:
-        return 130
-    except (InturnError, OSError, ValueError) as exc:
-        if verbose:
-            raise
-        print(f"inturn {command}: {mask(str(exc))}", file=sys.stderr)
-        return 1
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}s"
-
-
-def _since(epoch: float | None) -> str:
-    return "-" if epoch is None else time.strftime("%H:%M:%S", time.localtime(epoch))
 
 
 def _format_status(snap: Any) -> str:
@@ -135,7 +100,7 @@ def _format_status(snap: Any) -> str:
         for k in snap.keys:
             lines.append(
                 f"{k.key[:24]:24} {'-' if k.fence is None else k.fence:>20} "
-                f"{_seconds(k.lease_left):>10} {_since(k.held_since):>8} {k.waiting:>7}  "
+                f"{seconds(k.lease_left):>10} {since(k.held_since):>8} {k.waiting:>7}  "
                 f"{(k.holder or '-')[:16]}"
             )
     else:
@@ -157,7 +122,7 @@ def _format_status(snap: Any) -> str:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from ._gate import Gate
+    from inturn import Gate
 
     async with Gate.from_url(args.url, namespace=args.namespace) as gate:
         while True:
@@ -176,7 +141,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _doctor(args: argparse.Namespace) -> int:
-    from ._gate import Gate
+    from inturn import Gate
 
     async with Gate.from_url(args.url, namespace=args.namespace) as gate:
         report = await gate.diagnose()
@@ -194,9 +159,9 @@ async def _doctor(args: argparse.Namespace) -> int:
 
 
 def _migrate(url: str) -> int:
-    from ._backends.base import SyncMigrating
-    from ._errors import InturnError
-    from ._gate import Gate
+    from inturn import Gate
+    from inturn._backends.base import SyncMigrating
+    from inturn._errors import InturnError
 
     try:
         gate = Gate.from_url(url)
@@ -217,18 +182,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``inturn`` command."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from ._demo import main as demo_main
+        from inturn._demo import main as demo_main
 
         picture = None if args.no_picture else args.picture
         return demo_main(args.url, args.users, args.messages, picture)
     if args.command == "migrate":
         return _migrate(args.url)
     if args.command == "status":
-        return _run(lambda: _status(args), args.verbose, "status")
+        return run(lambda: _status(args), args.verbose, "status")
     if args.command == "doctor":
-        return _run(lambda: _doctor(args), args.verbose, "doctor")
+        return run(lambda: _doctor(args), args.verbose, "doctor")
+    if args.command in _ops.COMMANDS:
+        return _ops.main(args)
     if args.command == "torture":
-        from ._torture.run import main as torture_main
+        from inturn._torture.run import main as torture_main
 
         return torture_main(args.minutes, args.backend, args.seed, args.jobs)
     raise AssertionError(args.command)  # argparse refuses unknown commands
