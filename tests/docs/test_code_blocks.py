@@ -12,8 +12,9 @@ How a block runs depends on its language (the fence's info string):
 - ``text``: never run (output samples, trees, signatures).
 
 Servers: a block whose text reads ``os.environ.get("INTURN_URL", "redis://...")`` (or
-``"postgresql://..."``) gets ``INTURN_URL`` pointing at the real server the fixtures start
-(a flushed Redis, an empty PostgreSQL database); every other block gets no ``INTURN_URL``.
+``"postgresql://..."``; in a shell ``${INTURN_URL:-postgresql://...}``) gets ``INTURN_URL``
+pointing at the real server the fixtures start (a flushed Redis, an empty PostgreSQL
+database); every other block gets no ``INTURN_URL``.
 So a reader runs each block as written against a local server, and the test against its own.
 
 Telegram: a block that starts a bot (``start_polling(`` or ``run_polling(``) runs against
@@ -67,7 +68,7 @@ EXPECTED = {
     "docs/fix-your-bot.md": 7,
     "docs/guarantees.md": 2,
     "docs/mailbox.md": 5,
-    "docs/postgres.md": 3,
+    "docs/postgres.md": 4,
     "docs/redis.md": 1,
     "docs/serialize.md": 5,
     "docs/telegram.md": 8,
@@ -115,7 +116,7 @@ def program(block: Block) -> str:
 
 def server_env(text: str, request: pytest.FixtureRequest) -> dict[str, str]:
     """INTURN_URL for a block that reads it with a Redis or PostgreSQL default."""
-    found = re.search(r"""["']INTURN_URL["'],\s*["'](?P<scheme>redis|postgresql)://""", text)
+    found = re.search(r"""INTURN_URL(["'],\s*["']|:-)(?P<scheme>redis|postgresql)://""", text)
     if found is None:
         return {}
     if found["scheme"] == "redis":
