@@ -259,3 +259,23 @@ def test_a_marker_is_one_of_the_two(block: Block) -> None:
     assert block.marker is None or block.continues or block.not_run is not None, (
         f"{block.id}: unknown marker <!-- {block.marker} -->"
     )
+
+
+def test_the_readmes_demo_sample_matches_the_demo(tmp_path: Path) -> None:
+    """The README's ```text sample of `inturn demo` has the demo's lines (counts aside)."""
+    (sample,) = [b for b in extract(ROOT / "README.md") if b.text.startswith("inturn demo:")]
+    done = subprocess.run(
+        [str(BIN / "inturn"), "demo", "--no-picture"],
+        cwd=tmp_path,
+        env=base_env({}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    real = done.stdout.splitlines()[:5]
+    shown = sample.text.splitlines()
+    assert shown[:2] == real[:2]  # the title and the column names
+    assert shown[4] == real[4]  # the verdict
+    assert shown[3] == real[3].rsplit(" ", 1)[0] + " " + shown[3].rsplit(" ", 1)[1]
+    assert real[3].split()[3:7] == ["0", "0", "0", "0"]  # with inturn: no failure at all
