@@ -175,7 +175,8 @@ def run_bot(script: Path, tmp_path: Path, env: dict[str, str]) -> None:
                 tg.send_text(user_id=7, text="bye")
                 replies = tg.wait_for(lambda sent: quoting(sent, "bye"), timeout=30)
                 time.sleep(0.5)  # a second answer to "hello" would have come by now
-                assert len(quoting(tg.sent, "hello")) == 1, tg.sent
+                # once: not in two replies, nor twice in one (a batch handler's reply)
+                assert sum((c.text or "").count("hello") for c in quoting(tg.sent, "hello")) == 1
                 assert tg.sent.index(quoting(tg.sent, "hello")[0]) <= tg.sent.index(replies[0])
                 bot.send_signal(signal.SIGINT)
                 code = bot.wait(timeout=30)
