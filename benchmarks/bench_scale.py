@@ -345,31 +345,36 @@ def _user_keys(run_id: str, users: int, seed: int) -> list[str]:
     return [f"user-{run_id}-{u}" for u in order]
 
 
-def _users_sync(name: str, target: bl.Target, keys: Sequence[str], start: Any) -> list[float]:
+def _users_sync(
+    name: str, target: bl.Target, keys: Sequence[str], start: Any
+) -> tuple[list[float], float]:
+    """Latencies of one turn per key, and the process's CPU seconds (all threads) for them."""
     session = bl.SYNC_BY_NAME[name].open(target)
     try:
         with session.lock_for(f"warm-{secrets.token_hex(4)}")():
             pass
         start.wait()
+        cpu = time.process_time()
         latencies = []
         for key in keys:
             began = time.perf_counter()
             with session.lock_for(key)():
                 pass
             latencies.append(time.perf_counter() - began)
-        return latencies
+        return latencies, time.process_time() - cpu
     finally:
         session.close()
 
 
 async def _users_async(
     name: str, target: bl.Target, keys: Sequence[str], tasks: int, start: Any
-) -> list[float]:
+) -> tuple[list[float], float]:
     session = await bl.ASYNC_BY_NAME[name].open(target)
     try:
         async with session.lock_for(f"warm-{secrets.token_hex(4)}")():
             pass
         start.wait()  # blocks the loop: nothing else runs yet
+        cpu = time.process_time()
         latencies: list[float] = []
         todo = iter(keys)
 
@@ -381,7 +386,7 @@ async def _users_async(
                 latencies.append(time.perf_counter() - began)
 
         await asyncio.gather(*(worker() for _ in range(tasks)))
-        return latencies
+        return latencies, time.process_time() - cpu
     finally:
         await session.aclose()
 
@@ -408,18 +413,25 @@ def _users_process(
 ) -> None:
     try:
         if flavor == "sync":
-            latencies = _users_sync(name, target, keys, start)
+            latencies, cpu = _users_sync(name, target, keys, start)
         else:
-            latencies = asyncio.run(_users_async(name, target, keys, tasks, start))
-        results.put((index, latencies, time.monotonic(), None))
+            latencies, cpu = asyncio.run(_users_async(name, target, keys, tasks, start))
+        results.put((index, latencies, cpu, time.monotonic(), None))
     except BaseException as exc:
         with contextlib.suppress(Exception):
             start.barrier.abort()
-        results.put((index, [], time.monotonic(), _error(exc)))
+        results.put((index, [], 0.0, time.monotonic(), _error(exc)))
 
 
 def _users_row(
-    name: str, flavor: str, where: str, procs: int, tasks: int, lat: list[float], wall: float
+    name: str,
+    flavor: str,
+    where: str,
+    procs: int,
+    tasks: int,
+    lat: list[float],
+    wall: float,
+    cpu: float,
 ) -> dict[str, Any]:
     return {
         "lock": name,
@@ -432,6 +444,7 @@ def _users_row(
         "p50_ms": pct(lat, 50) * 1e3,
         "p99_ms": pct(lat, 99) * 1e3,
         "max_ms": max(lat, default=math.nan) * 1e3,
+        "cpu_us": cpu / len(lat) * 1e6 if lat else math.nan,
         "error": None,
     }
 
@@ -462,6 +475,7 @@ def run_users_processes(
     for proc in procs:
         proc.start()
     latencies: list[float] = []
+    cpu = 0.0
     ends: list[float] = []
     errors: list[str] = []
     try:
@@ -472,11 +486,12 @@ def run_users_processes(
             began = math.nan
         for _ in procs:
             try:
-                _, lat, end, error = results.get(timeout=600)
+                _, lat, used, end, error = results.get(timeout=600)
             except queue.Empty:
                 errors.append("a process did not report within 600 s")
                 break
             latencies += lat
+            cpu += used
             ends.append(end)
             if error:
                 errors.append(error)
@@ -486,9 +501,8 @@ def run_users_processes(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    row = _users_row(
-        name, flavor, where, size.processes, size.tasks, latencies, max(ends, default=0) - began
-    )
+    wall = max(ends, default=0) - began
+    row = _users_row(name, flavor, where, size.processes, size.tasks, latencies, wall, cpu)
     row["error"] = errors[0] if errors else None
     return row
 
@@ -504,12 +518,13 @@ def run_users_memory(name: str, flavor: str, size: Size) -> dict[str, Any]:
 
     began = time.monotonic()
     if flavor == "sync":
-        lat = _users_sync(name, target, keys, _Now())
+        lat, cpu = _users_sync(name, target, keys, _Now())
         procs, tasks = 1, 1
     else:
-        lat = asyncio.run(_users_async(name, target, keys, size.tasks, _Now()))
+        lat, cpu = asyncio.run(_users_async(name, target, keys, size.tasks, _Now()))
         procs, tasks = 1, size.tasks
-    return _users_row(name, flavor, "memory://", procs, tasks, lat, time.monotonic() - began)
+    wall = time.monotonic() - began
+    return _users_row(name, flavor, "memory://", procs, tasks, lat, wall, cpu)
 
 
 def run_users(
@@ -665,8 +680,16 @@ class _Meter:
     port (ss; no MONITOR running, it would add its own traffic), or, on a second pass,
     the commands (MONITOR on Redis; psycopg execute() calls on PostgreSQL)."""
 
-    def __init__(self, port: int, monitor_url: str | None = None, count_sql: bool = False) -> None:
+    def __init__(
+        self,
+        port: int,
+        monitor_url: str | None = None,
+        count_sql: bool = False,
+        stats_url: str | None = None,
+    ) -> None:
         self.port = port
+        self.stats_url = stats_url
+        self.server_usec = math.nan
         self.monitor = _Monitor(monitor_url) if monitor_url else None
         self.count_sql = count_sql
         self.psycopg: collections.Counter[str] | None = None
@@ -680,11 +703,21 @@ class _Meter:
         elif self.count_sql:
             self._patch = contextlib.ExitStack()
             self.psycopg = self._patch.enter_context(_count_psycopg())
+        if self.stats_url:
+            with contextlib.closing(redis.Redis.from_url(self.stats_url)) as client:
+                client.config_resetstat()
         self._before = _socket_bytes(self.port)
 
     def stop(self) -> None:
         time.sleep(0.05)
         after = _socket_bytes(self.port)
+        if self.stats_url:
+            with contextlib.closing(redis.Redis.from_url(self.stats_url)) as client:
+                stats = _commandstats(client)
+            # A script's time includes the commands it ran (counted again on their own rows).
+            self.server_usec = sum(
+                float(v.get("usec", 0)) for k, v in stats.items() if k in ("evalsha", "eval")
+            )
         self.bytes = (after[0] - self._before[0], after[1] - self._before[1])
         if self.monitor is not None:
             self.monitor.stop()
@@ -812,7 +845,7 @@ def run_counts(url: str, backend: str, n: int) -> list[dict[str, Any]]:
             continue
         ops = 2 * (n // 2)
         try:
-            wire = _Meter(port)
+            wire = _Meter(port, stats_url=url if backend == "redis" else None)
             scenario(url, wire, ops)
             if backend == "redis":
                 counted = _Meter(port, url)
@@ -840,6 +873,7 @@ def run_counts(url: str, backend: str, n: int) -> list[dict[str, Any]]:
                 "in_scripts": inner / ops if not math.isnan(inner) else math.nan,
                 "bytes_in": wire.bytes[0] / ops,
                 "bytes_out": wire.bytes[1] / ops,
+                "server_us": wire.server_usec / ops,
                 "error": None,
             }
         )
@@ -1031,11 +1065,22 @@ def build_tables(report: Report, size: Size) -> list[bl.Table]:
             continue
         t = bl.Table(
             title,
-            ["lock", "flavor", "backend", "procs x tasks", "turns", "turns/s", "p50", "p99", "max"],
+            [
+                "lock",
+                "flavor",
+                "backend",
+                "procs x tasks",
+                "turns",
+                "turns/s",
+                "p50",
+                "p99",
+                "max",
+                "client CPU us/turn",
+            ],
         )
         for r in rows:
             if r.get("error") and not r.get("turns"):
-                t.rows.append([r["lock"], r["flavor"], r["where"], "error", *["-"] * 5])
+                t.rows.append([r["lock"], r["flavor"], r["where"], "error", *["-"] * 6])
                 t.notes.append(f"{r['lock']} ({r['where']}): {r['error']}")
                 continue
             t.rows.append(
@@ -1049,11 +1094,13 @@ def build_tables(report: Report, size: Size) -> list[bl.Table]:
                     _f(r["p50_ms"], 2),
                     _f(r["p99_ms"], 2),
                     _f(r["max_ms"], 1),
+                    _f(r.get("cpu_us"), 0),
                 ]
             )
         t.notes.append(
             "latency = ask -> release of an empty turn (ms); turns/s from the start barrier to "
-            "the last process done; memory:// is one process doing every process's share"
+            "the last process done; memory:// is one process doing every process's share; "
+            "client CPU = the processes' CPU time (every thread) over the turns"
         )
         tables.append(t)
     if report.ops:
@@ -1094,13 +1141,14 @@ def build_tables(report: Report, size: Size) -> list[bl.Table]:
                 "round trips",
                 "by command",
                 "run in scripts",
+                "server us",
                 "bytes in",
                 "out",
             ],
         )
         for r in report.counts:
             if r.get("error"):
-                t.rows.append([r["backend"], r["scenario"], "error", *["-"] * 4])
+                t.rows.append([r["backend"], r["scenario"], "error", *["-"] * 5])
                 t.notes.append(f"{r['backend']} {r['scenario']}: {r['error']}")
                 continue
             by = ", ".join(f"{k} {v:.2f}" for k, v in r["by_command"].items() if v >= 0.005)
@@ -1111,13 +1159,15 @@ def build_tables(report: Report, size: Size) -> list[bl.Table]:
                     _f(r["round_trips"], 2),
                     by,
                     _f(r["in_scripts"], 1),
+                    _f(r.get("server_us"), 1),
                     _f(r["bytes_in"], 0),
                     _f(r["bytes_out"], 0),
                 ]
             )
         t.notes += [
             f"{size.count_ops} operations each, after a warm-up; Redis: commands the clients "
-            "sent and commands run inside scripts, from MONITOR (a second pass)",
+            "sent and commands run inside scripts, from MONITOR (a second pass); server us: "
+            "redis-server's time in the scripts (INFO commandstats usec of EVALSHA and EVAL)",
             "PostgreSQL: psycopg execute() calls (each one round trip; a turn's BEGIN and its "
             "settings go as one statement string)",
             "bytes: TCP payload to (in) and from (out) the server's port over all of the "
