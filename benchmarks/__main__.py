@@ -254,7 +254,8 @@ def plot(data: dict[str, Any], f: dict[str, str], img_dir: Path) -> list[Path]:
                 i, r["turns_s"], f"p99 {r['p99_ms']:.1f} ms", ha="center", va="bottom", fontsize=7
             )
         ax.set_xticks(range(len(users)), labels, fontsize=7)
-        ax.set_ylabel("turns/s (label: latency p99)")
+        ax.set_yscale("log")
+        ax.set_ylabel("turns/s, log (label: latency p99)")
         first = users[0]
         ax.set_title(f"Many users, mostly uncontended ({first['turns']:,} turns per row)")
         finish(fig, "users.png")

@@ -101,7 +101,7 @@ class Size:
         if args.tiny:
             return cls("tiny", 40, 30, 2, 0.4, 2, 40, 2, 2, 2_000, 10)
         if args.quick:
-            return cls("quick", 200, 100, 3, 1.5, 8, 1_000, 4, 4, 20_000, 50)
+            return cls("quick", 200, 100, 3, 1.0, 8, 500, 4, 4, 20_000, 50)
         return cls("full", 1_000, 300, 7, 5.0, 8, 10_000, 4, 4, 200_000, 200)
 
     def lock_plan(self) -> bl.Plan:
@@ -1239,7 +1239,7 @@ def render_text(report: Report, size: Size) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="shorter run (~40 s)")
+    size.add_argument("--quick", action="store_true", help="shorter run (about a minute)")
     size.add_argument("--tiny", action="store_true", help="seconds: checks that it runs")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables as markdown")
     parser.add_argument("--json", metavar="PATH", help="also write the raw results as JSON")
