@@ -119,10 +119,8 @@ def run_one(name: str, mode: Mode, workdir: Path) -> Outcome:
         return Outcome(name, shown, time.monotonic() - began, error=str(exc))
     seconds = time.monotonic() - began
     outcome = Outcome(name, shown, seconds)
-    if md is not None and md.exists():
-        outcome.markdown = md.read_text()
-    else:
-        outcome.markdown = proc.stdout
+    text = md.read_text() if md is not None and md.exists() else proc.stdout
+    outcome.markdown = text.replace(str(workdir) + "/", "")  # a temp dir says nothing
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
         outcome.error = f"exit status {proc.returncode} (stderr above); last output: {tail}"

@@ -1057,7 +1057,7 @@ def build_tables(report: Report, size: Size) -> list[bl.Table]:
             report.users,
         ),
         (
-            "7. The same on a 3-master Redis Cluster (inturn only) beside one redis-server",
+            "4b. The same on a 3-master Redis Cluster (inturn only) beside one redis-server",
             report.cluster,
         ),
     ):
