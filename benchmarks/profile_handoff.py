@@ -65,13 +65,36 @@ def _hook(pushes: list[tuple[str, float]]) -> None:
     _shared.ProcessChannel.deliver = deliver  # type: ignore[method-assign]
 
 
+def _yield_before_reads() -> None:
+    """Experiment: the asyncio listener lets the loop run (the waiter it just woke, first)
+    before it reads the next push (what a yield after each dispatched push would save)."""
+    import redis.asyncio.client
+
+    original = redis.asyncio.client.PubSub.get_message
+
+    async def get_message(self: Any, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)
+        return await original(self, *args, **kwargs)
+
+    redis.asyncio.client.PubSub.get_message = get_message  # type: ignore[method-assign]
+
+
 def _worker(
-    url: str, flavor: str, seconds: float, start: Any, index: int, out: Any, prof: str
+    url: str,
+    flavor: str,
+    seconds: float,
+    start: Any,
+    index: int,
+    out: Any,
+    prof: str,
+    experiment: bool = False,
 ) -> None:
     import inturn
 
     pushes: list[tuple[str, float]] = []
     _hook(pushes)
+    if experiment:
+        _yield_before_reads()
     turns: list[tuple[float, float, float, float]] = []  # asked, body start, leave, exit returned
     profiler = cProfile.Profile() if prof and index == 0 else None
 
@@ -138,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--cprofile", action="store_true", help="cProfile process 0")
     parser.add_argument("--py-spy", action="store_true", help="py-spy record process 0")
+    parser.add_argument(
+        "--yield-before-read",
+        action="store_true",
+        help="experiment (async): the listener yields to the loop before each read",
+    )
     args = parser.parse_args(argv)
     server = start_redis()
     workdir = tempfile.mkdtemp(prefix="inturn-prof-")
@@ -156,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                     i,
                     out,
                     "y" if args.cprofile else "",
+                    args.yield_before_read,
                 ),
                 daemon=True,
             )
