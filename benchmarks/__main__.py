@@ -2,12 +2,12 @@
 
     python -m benchmarks [NAME ...] [--quick | --tiny] [--out PATH] [--img-dir DIR] [--no-plots]
 
-NAME is any of: locks, mailbox, scale, footprint, celery, bot. Without names, ``--quick`` runs
-locks, mailbox, scale and footprint (about 2.5 minutes on an idle 2-core machine), the full
-mode runs every one of them (about 15 minutes), and ``--tiny`` runs the scale benchmark's
-seconds-long smoke mode (what the test suite runs). Each benchmark runs as its own process and
-starts its own servers (redis-server, a throwaway PostgreSQL, a Celery worker); a benchmark
-that fails is reported as such and the others still run.
+NAME is any of: locks, mailbox, scale, footprint, pgbouncer, celery, bot. Without names,
+``--quick`` runs locks, mailbox, scale and footprint (about 2.5 minutes on an idle 2-core
+machine), the full mode runs every one of them (about 20 minutes), and ``--tiny`` runs the
+scale benchmark's seconds-long smoke mode (what the test suite runs). Each benchmark runs as
+its own process and starts its own servers (redis-server, a throwaway PostgreSQL, a Celery
+worker, PgBouncer); a benchmark that fails is reported as such and the others still run.
 
 The report (stdout, and ``--out``, by default ``docs/benchmarks-latest.md``) starts with the
 command, the versions (Python, redis-server, PostgreSQL, redis-py, psycopg, inturn's git
@@ -42,7 +42,7 @@ for _path in (str(HERE), str(ROOT)):
 
 from _facts import cpu_model, version  # noqa: E402
 
-NAMES = ("locks", "mailbox", "scale", "footprint", "celery", "bot")
+NAMES = ("locks", "mailbox", "scale", "footprint", "pgbouncer", "celery", "bot")
 QUICK_DEFAULT = ("locks", "mailbox", "scale", "footprint")
 
 
@@ -93,6 +93,12 @@ def _commands(name: str, mode: Mode, workdir: Path) -> tuple[list[str], Path | N
             "from benchmarks.bench_footprint import main; sys.exit(main(sys.argv[1:]))"
         )
         return [py, "-c", code], None
+    if name == "pgbouncer":
+        if mode.name == "tiny":
+            return "not run in tiny mode"
+        if not (shutil.which("pgbouncer") or os.path.exists("/usr/sbin/pgbouncer")):
+            return "pgbouncer is not installed"
+        return [py, "benchmarks/bench_pgbouncer.py"], None
     if name == "celery":
         if mode.name == "tiny":
             return "not run in tiny mode"
