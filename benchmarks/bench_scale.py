@@ -560,12 +560,15 @@ def _commandstats(client: redis.Redis) -> dict[str, dict[str, float]]:
     return {k.removeprefix("cmdstat_"): v for k, v in stats.items()}
 
 
-def run_script_ops(url: str, size: Size, clients: int = 50) -> list[dict[str, Any]]:
+def run_script_ops(
+    url: str, size: Size, skipped: list[str], clients: int = 50
+) -> list[dict[str, Any]]:
     from inturn._backends.redis._lua import JOIN
 
     binary = shutil.which("redis-benchmark")
     if binary is None:
-        return [{"command": "redis-benchmark", "error": "redis-benchmark is not installed"}]
+        skipped.append("script ops/s: redis-benchmark is not installed (it comes with Redis)")
+        return []
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
     client = redis.Redis.from_url(url)
     trivial = client.script_load("return 1")
@@ -675,13 +678,17 @@ class _Monitor:
 
 
 def _socket_bytes(port: int) -> tuple[int, int]:
-    """Bytes (sent, received) over this machine's TCP connections to `port` (ss -ti)."""
-    out = subprocess.run(
-        ["ss", "-tinH", "state", "established", f"( dport = :{port} )"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    """Bytes (sent, received) over this machine's TCP connections to `port` (ss -ti);
+    (-1, -1) without `ss` (iproute2)."""
+    try:
+        out = subprocess.run(
+            ["ss", "-tinH", "state", "established", f"( dport = :{port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return -1, -1
     sent = received = 0
     for word in out.split():
         if word.startswith("bytes_acked:"):
@@ -709,7 +716,7 @@ class _Meter:
         self.monitor = _Monitor(monitor_url) if monitor_url else None
         self.count_sql = count_sql
         self.psycopg: collections.Counter[str] | None = None
-        self.bytes = (0, 0)
+        self.bytes: tuple[float, float] = (0, 0)
         self._before = (0, 0)
         self._patch: contextlib.ExitStack | None = None
 
@@ -734,7 +741,10 @@ class _Meter:
             self.server_usec = sum(
                 float(v.get("usec", 0)) for k, v in stats.items() if k in ("evalsha", "eval")
             )
-        self.bytes = (after[0] - self._before[0], after[1] - self._before[1])
+        if min(*after, *self._before) < 0:
+            self.bytes = (math.nan, math.nan)
+        else:
+            self.bytes = (after[0] - self._before[0], after[1] - self._before[1])
         if self.monitor is not None:
             self.monitor.stop()
         if self._patch is not None:
@@ -1310,7 +1320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 replace(target, run_id=target.run_id + "u"), size, report.skipped, "redis"
             )
         if "ops" in parts:
-            report.ops = run_script_ops(server.url, size)
+            report.ops = run_script_ops(server.url, size, report.skipped)
         if "count" in parts:
             _progress("counting round trips and bytes (Redis)")
             report.counts += run_counts(server.url, "redis", size.count_ops)
