@@ -1,0 +1,288 @@
+"""Where a hand-off between processes spends its time, for inturn's turn on Redis.
+
+    python benchmarks/profile_handoff.py [--flavor sync|async] [--processes 8] [--seconds 4]
+                                         [--cprofile] [--py-spy]
+
+N processes (each with its own gate; async: its own event loop) loop {turn; hold 2 ms} on one
+key against a redis-server the script starts. Each process stamps, on the shared monotonic
+clock, when its body ends ("leave"), when its turn's exit returned (the RELEASE reply is in),
+when its wake-up listener read the push that granted it the turn ("push read": the hook wraps
+the backend's `deliver`, which the listener calls for every push), and when its body starts.
+From those, for every hand-off between two processes:
+
+    leave -> push read    RELEASE written, run, PUBLISH, the push's transit, the listener's
+                          wake-up and read (in the next holder's process)
+    push read -> body     from the listener to the waiting thread (sync: an Event) or task
+                          (async: a future), and the turn's entry returning
+
+and, in the releasing process, leave -> exit returned (the RELEASE round trip; async sends it
+without waiting, so this is near 0 there). With `--cprofile`, process 0 runs under cProfile
+and its top functions by own time are printed; with `--py-spy`, `py-spy record` samples
+process 0 (if py-spy is installed) and the leaf functions are summed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import cProfile
+import io
+import itertools
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _path in (str(HERE), str(ROOT)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import bench_locks as bl  # noqa: E402
+from _procs import start_redis  # noqa: E402
+
+HOLD = 0.002
+
+
+def _hook(pushes: list[tuple[str, float]]) -> None:
+    """Stamp every push the process's listener hands to `deliver` (token, arrival)."""
+    from inturn._backends.redis import _shared
+
+    original = _shared.ProcessChannel.deliver
+
+    def deliver(self: Any, data: Any, waiters: Any, granted_at: float | None = None) -> Any:
+        if granted_at is None:  # a push (not a reply to our own release)
+            token = _shared.text(data).partition("|")[0]
+            pushes.append((token, time.monotonic()))
+        return original(self, data, waiters, granted_at)
+
+    _shared.ProcessChannel.deliver = deliver  # type: ignore[method-assign]
+
+
+def _yield_before_reads() -> None:
+    """Experiment: the asyncio listener lets the loop run (the waiter it just woke, first)
+    before it reads the next push (what a yield after each dispatched push would save)."""
+    import redis.asyncio.client
+
+    original = redis.asyncio.client.PubSub.get_message
+
+    async def get_message(self: Any, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)
+        return await original(self, *args, **kwargs)
+
+    redis.asyncio.client.PubSub.get_message = get_message  # type: ignore[method-assign]
+
+
+def _worker(
+    url: str,
+    flavor: str,
+    seconds: float,
+    start: Any,
+    index: int,
+    out: Any,
+    prof: str,
+    experiment: bool = False,
+) -> None:
+    import inturn
+
+    pushes: list[tuple[str, float]] = []
+    _hook(pushes)
+    if experiment:
+        _yield_before_reads()
+    turns: list[tuple[float, float, float, float]] = []  # asked, body start, leave, exit returned
+    profiler = cProfile.Profile() if prof and index == 0 else None
+
+    def run_sync() -> None:
+        gate = inturn.Gate.from_url(url, namespace="prof")
+        try:
+            with gate.turn_sync(f"warm-{index}"):
+                pass
+            start.wait(timeout=60)
+            deadline = time.monotonic() + seconds
+            if profiler:
+                profiler.enable()
+            while (asked := time.monotonic()) < deadline:
+                with gate.turn_sync("shared"):
+                    body = time.monotonic()
+                    time.sleep(HOLD)
+                    leave = time.monotonic()
+                turns.append((asked, body, leave, time.monotonic()))
+            if profiler:
+                profiler.disable()
+        finally:
+            gate.close()
+
+    async def run_async() -> None:
+        gate = inturn.Gate.from_url(url, namespace="prof")
+        try:
+            async with gate.turn(f"warm-{index}"):
+                pass
+            start.wait(timeout=60)
+            deadline = time.monotonic() + seconds
+            if profiler:
+                profiler.enable()
+            while (asked := time.monotonic()) < deadline:
+                async with gate.turn("shared"):
+                    body = time.monotonic()
+                    await asyncio.sleep(HOLD)
+                    leave = time.monotonic()
+                turns.append((asked, body, leave, time.monotonic()))
+            if profiler:
+                profiler.disable()
+        finally:
+            await gate.aclose()
+
+    if flavor == "sync":
+        run_sync()
+    else:
+        asyncio.run(run_async())
+    stats = ""
+    if profiler:
+        buffer = io.StringIO()
+        pstats.Stats(profiler, stream=buffer).sort_stats("tottime").print_stats(18)
+        stats = buffer.getvalue()
+    out.put((index, turns, [t for _, t in pushes], stats))
+
+
+def _ms(values: list[float], q: float) -> str:
+    return f"{bl.percentile(values, q) * 1e3:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--flavor", choices=("sync", "async"), default="sync")
+    parser.add_argument("--processes", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--cprofile", action="store_true", help="cProfile process 0")
+    parser.add_argument("--py-spy", action="store_true", help="py-spy record process 0")
+    parser.add_argument(
+        "--yield-before-read",
+        action="store_true",
+        help="experiment (async): the listener yields to the loop before each read",
+    )
+    args = parser.parse_args(argv)
+    server = start_redis()
+    workdir = tempfile.mkdtemp(prefix="inturn-prof-")
+    try:
+        ctx = bl._process_context()
+        start = ctx.Barrier(args.processes + 1)
+        out = ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(
+                    server.url,
+                    args.flavor,
+                    args.seconds,
+                    start,
+                    i,
+                    out,
+                    "y" if args.cprofile else "",
+                    args.yield_before_read,
+                ),
+                daemon=True,
+            )
+            for i in range(args.processes)
+        ]
+        for proc in procs:
+            proc.start()
+        start.wait(timeout=60)  # py-spy samples the loop, not the imports
+        spy = None
+        spy_bin = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=str(Path(sys.executable).parent)
+        )
+        if args.py_spy and spy_bin is None:
+            print("py-spy is not installed (pip install py-spy): no sampling", file=sys.stderr)
+        if args.py_spy and spy_bin:
+            spy_out = Path(workdir) / "spy.txt"
+            spy = subprocess.Popen(
+                [
+                    spy_bin,
+                    "record",
+                    "--pid",
+                    str(procs[0].pid),
+                    "--duration",
+                    str(max(1, int(args.seconds) - 1)),
+                    "--rate",
+                    "500",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(spy_out),
+                    "--threads",
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        results = [out.get(timeout=args.seconds + 60) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=5)
+        # Every body start, with its process, and every push read, with its process.
+        bodies = sorted((t[1], i, t) for i, turns, _, _ in results for t in turns)
+        pushes = {i: sorted(p) for i, _, p, _ in results}
+        leave_to_push, push_to_body, leave_to_body = [], [], []
+        for (_, i_prev, prev), (body, i_next, _) in itertools.pairwise(bodies):
+            leave = prev[2]
+            if i_prev == i_next or body < leave:
+                continue
+            leave_to_body.append(body - leave)
+            read = [p for p in pushes[i_next] if leave <= p <= body]
+            if read:
+                leave_to_push.append(read[0] - leave)
+                push_to_body.append(body - read[0])
+        release_rtt = [t[3] - t[2] for _, turns, _, _ in results for t in turns]
+        n = len(leave_to_body)
+        print(
+            f"inturn turn ({args.flavor}), {args.processes} processes, one key, hold 2 ms, "
+            f"{args.seconds:g} s"
+        )
+        print(f"hand-offs between processes: {n}; turns: {len(bodies)}")
+        print(f"{'segment':<44}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}")
+        for label, values in (
+            ("leave -> next holder's body (the hand-off)", leave_to_body),
+            ("leave -> push read by next holder's listener", leave_to_push),
+            ("push read -> body (listener to waiter)", push_to_body),
+            ("leave -> own turn exit returned (RELEASE)", release_rtt),
+        ):
+            print(f"{label:<44}{_ms(values, 50):>9}{_ms(values, 90):>9}{_ms(values, 99):>9}")
+        stats = next((s for _, _, _, s in results if s), "")
+        if stats:
+            print("\ncProfile of process 0 (its whole loop), by own time:")
+            print("\n".join(stats.splitlines()[:40]))
+        if spy is not None:
+            spy.wait(timeout=args.seconds + 30)
+            where: collections.Counter[str] = collections.Counter()
+            total = 0
+            with contextlib_suppress():
+                for line in (Path(workdir) / "spy.txt").read_text().splitlines():
+                    stack, _, count = line.rpartition(" ")
+                    frames = stack.split(";")
+                    # The thread, the deepest frame of inturn's own code, and the leaf.
+                    ours = [f for f in frames if "inturn/" in f] or ["(not in inturn)"]
+                    thread = "listener" if "wakeups" in stack or "_listen" in stack else "main"
+                    leaf = frames[-1].split(" (")[0]
+                    where[f"{thread:<8} {ours[-1].split(' (')[0]} > {leaf}"] += int(count)
+                    total += int(count)
+            print(f"\npy-spy of process 0: {total} CPU samples at 500/s over the loop")
+            for name, count in where.most_common(20):
+                print(f"{100 * count / max(total, 1):6.1f}%  {name}")
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def contextlib_suppress() -> Any:
+    import contextlib
+
+    return contextlib.suppress(OSError, ValueError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
