@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -70,10 +71,29 @@ the timer thread, and with it every other holder's renewal in the process. A ren
 on a call in ``bounded_pool``: two pools, so no pool ever waits on itself."""
 
 
+CLEANUP_LOG_EVERY = 10.0
+"""Seconds between two WARNINGs for cleanups that failed the same way (the others: DEBUG)."""
+_cleanup_logged: dict[tuple[str, type[BaseException]], float] = {}
+_cleanup_log_lock = threading.Lock()
+
+
 def log_cleanup_failure(what: str, key: str, exc: BaseException) -> None:
-    """Log a cleanup (leave, release) that failed; the lease lapses by itself."""
-    logger.warning(
-        "inturn: could not %s for key %r: %r (the lease will lapse by itself)",
+    """Log a cleanup (leave, release) that failed; the lease lapses by itself.
+
+    While a server is down every waiter's cleanup fails the same way: the first
+    of a kind is a WARNING, the same kind again within CLEANUP_LOG_EVERY seconds
+    only DEBUG (fifty waiters of a dead server make one line, not fifty).
+    """
+    kind = (what, type(exc))
+    now = time.monotonic()
+    with _cleanup_log_lock:
+        last = _cleanup_logged.get(kind)
+        loud = last is None or now - last >= CLEANUP_LOG_EVERY
+        if loud:
+            _cleanup_logged[kind] = now
+    logger.log(
+        logging.WARNING if loud else logging.DEBUG,
+        "inturn: could not %s for key %r: %s (the lease will lapse by itself)",
         what,
         shown(key),
         exc,

@@ -529,7 +529,9 @@ def acquire_flow(
     if nowait:
         try:
             grant = yield Call("try_acquire")
-        except BaseException:
+        except BaseException as exc:
+            if _done_nothing(exc):
+                raise
             yield Cleanup("release")  # the request may have got through
             raise
         runtime.reached = True
@@ -538,8 +540,13 @@ def acquire_flow(
             metrics.count("turns_busy")
             raise Busy(f"the turn of key {asking.key!r} is held or has a line", key=asking.key)
         return grant
+    refused = False
     try:
-        grant = yield from _ride_out(Call("join"), asking, runtime)
+        try:
+            grant = yield from _ride_out(Call("join"), asking, runtime)
+        except BaseException as exc:
+            refused = _done_nothing(exc)
+            raise
         asking.joined_at = time.monotonic()
         while grant is None:
             remaining = asking.deadline.remaining(time.monotonic())
@@ -567,8 +574,15 @@ def acquire_flow(
         raise
     except BaseException:
         # Also after a failed or cancelled join: its request may have reached the server.
-        yield Cleanup("leave")
+        if not refused:
+            yield Cleanup("leave")
         raise
+
+
+def _done_nothing(exc: BaseException) -> bool:
+    """The backend refused the call outright (a wrong password, a server out of memory):
+    it did nothing there, so there is nothing to leave or release."""
+    return isinstance(exc, BackendUnavailable) and not exc.transient
 
 
 # -- renewal decisions, shared by both twins -------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -104,7 +105,52 @@ SHAS = {name: (sha1(lua), lua) for name, lua in SCRIPTS.items()}
 
 
 def unavailable(exc: BaseException, what: str) -> BackendUnavailable:
+    """The caller's error for a failed call: its real cause in the text, and whether
+    waiting may cure it.
+
+    A refused login (a wrong or missing password, an unknown ACL user) and a host
+    name that does not resolve are mistakes in the URL: waiting does not cure them,
+    so they are not ``transient`` and nobody rides them out.
+    """
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return BackendUnavailable(
+            f"Redis refused the login ({what}): {_auth_code(exc)}{exc} "
+            "(check the user name and password in the URL)",
+            transient=False,
+        )
+    if _unknown_host(exc):
+        return BackendUnavailable(f"Redis host not found ({what}): {exc}", transient=False)
     return BackendUnavailable(f"Redis did not answer ({what}): {exc}")
+
+
+def _auth_code(exc: BaseException) -> str:
+    """The error code redis-py strips from a refused login, put back for the reader."""
+    message = str(exc)
+    if "username-password" in message:
+        return "WRONGPASS "
+    if "authenticated" in message or "Authentication required" in message:
+        return "NOAUTH "
+    return ""
+
+
+def _unknown_host(exc: BaseException) -> bool:
+    """The connect failed because the host name does not exist (not a passing DNS outage)."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # redis-py wraps the resolver's error once or twice
+        if seen is None:
+            return False
+        if isinstance(seen, socket.gaierror):
+            return seen.errno in _NO_SUCH_NAME
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+_NO_SUCH_NAME = {
+    code
+    for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None))
+    if code is not None
+}
+"""The resolver's "no such name" answers (EAI_AGAIN, a resolver that is down, passes)."""
 
 
 def _is_oom(exc: redis.exceptions.ResponseError) -> bool:
@@ -118,7 +164,8 @@ def map_errors(what: str) -> Iterator[None]:
 
     A dropped or timed-out connection, a Cluster that is down or moving a slot,
     and a server out of memory (``noeviction`` at ``maxmemory``) all mean "not
-    now" to the caller; any other error reply is a bug and passes unchanged.
+    now" to the caller; a refused login or command (``WRONGPASS``, ``NOPERM``) a
+    setup to fix; any other error reply is a bug and passes unchanged.
     A plain ``with`` works around an ``await`` too.
     """
     try:
@@ -129,6 +176,12 @@ def map_errors(what: str) -> Iterator[None]:
         if _is_oom(exc):
             raise BackendUnavailable(
                 f"Redis is out of memory ({what}): {exc}", transient=False
+            ) from exc
+        if isinstance(exc, redis.exceptions.NoPermissionError):
+            raise BackendUnavailable(
+                f"Redis refused the command ({what}): NOPERM {exc} "
+                "(the ACL user is not allowed this command or these keys)",
+                transient=False,
             ) from exc
         raise
 
@@ -452,11 +505,23 @@ class LoopState(Lines):
     """The pipelined connection for scripts (None on a Cluster: its scripts go by slot)."""
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
     broken: BaseException | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the listener's current attempt to subscribe succeeds or fails (then
+    replaced by a fresh event for the next attempt)."""
+    again: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by a caller that wants a new attempt now, instead of after the backoff."""
+    ever_subscribed: bool = False
     listener: asyncio.Task[None] | None = None
     cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     """Releases sent again in the background (their first reply was lost)."""
     closing: bool = False
+
+    def settle(self) -> None:
+        """The listener's attempt ended (``subscribed`` or ``broken`` says how): wake
+        the callers waiting for it."""
+        settled, self.settled = self.settled, asyncio.Event()
+        settled.set()
 
 
 class ProcessChannel:
@@ -538,10 +603,17 @@ def confirm(grant: Grant, ok: bool | None) -> None:
             confirmed.set_result(ok)
 
 
-def log_channel_lost(exc: BaseException, backoff: float) -> None:
-    """WARNING on the first failure, DEBUG while the reconnection keeps failing."""
+def log_channel_lost(exc: BaseException, backoff: float, *, ever: bool = True) -> None:
+    """WARNING on the first failure, DEBUG while the reconnection keeps failing.
+
+    ``ever``: the channel was subscribed before (else Redis was never reached: the
+    callers get the error itself, and this line only says that retries go on).
+    """
     level = logging.WARNING if backoff <= 0.05 else logging.DEBUG
-    logger.log(level, "inturn: Redis wake-up channel lost (%r); reconnecting", exc)
+    if ever:
+        logger.log(level, "inturn: Redis wake-up channel lost (%s); reconnecting", exc)
+    else:
+        logger.log(level, "inturn: %s; trying again when asked", unavailable(exc, "connect"))
 
 
 def idempotent(name: str, args: Sequence[Any]) -> bool:

@@ -84,10 +84,51 @@ def replica_wait(replicas: int, timeout: float, *, cluster: bool) -> ReplicaWait
     return ReplicaWait(replicas, timeout)
 
 
+class _Refused(Exception):
+    """Carries a refused login past a Retry (it retries ConnectionError, a base of it)."""
+
+    def __init__(self, error: redis.exceptions.AuthenticationError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _SyncRetry(Retry):
+    """redis-py's Retry, except that a refused login (a wrong password) is not tried again:
+    the caller learns it at once instead of after the backoff."""
+
+    def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        def once() -> Any:
+            try:
+                return do()
+            except redis.exceptions.AuthenticationError as exc:
+                raise _Refused(exc) from None
+
+        try:
+            return super().call_with_retry(once, fail, *args, **kwargs)
+        except _Refused as refused:
+            raise refused.error from None
+
+
+class _AsyncRetry(redis.asyncio.retry.Retry):
+    """The async twin of :class:`_SyncRetry`."""
+
+    async def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        async def once() -> Any:
+            try:
+                return await do()
+            except redis.exceptions.AuthenticationError as exc:
+                raise _Refused(exc) from None
+
+        try:
+            return await super().call_with_retry(once, fail, *args, **kwargs)
+        except _Refused as refused:
+            raise refused.error from None
+
+
 def _client_options(*, asynchronous: bool, cluster: bool = False) -> dict[str, Any]:
     # Each flavour needs its own Retry class: the sync one, given to an async client,
     # "succeeds" at once with an un-awaited coroutine, so nothing would ever be retried.
-    retry_class = redis.asyncio.retry.Retry if asynchronous else Retry
+    retry_class = _AsyncRetry if asynchronous else _SyncRetry
     options: dict[str, Any] = {
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "socket_timeout": SOCKET_TIMEOUT,
