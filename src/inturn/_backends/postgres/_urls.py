@@ -7,15 +7,23 @@ options ``audit=1``, ``schema=<name>`` (default ``inturn``) and
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from typing import Any
 
 import psycopg
 import psycopg.conninfo
 
-from inturn._errors import ConfigurationError
+from inturn._errors import BackendUnavailable, ConfigurationError
 
-__all__ = ["CONNECT_TIMEOUT", "TCP_KEEPALIVES", "connection_kwargs", "masked", "parse_url"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "TCP_KEEPALIVES",
+    "connect_failure",
+    "connection_kwargs",
+    "masked",
+    "parse_url",
+]
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to connect, or to wait for a free pooled connection."""
@@ -78,3 +86,30 @@ def masked(conninfo: str) -> str:
     host = str(parts.get("host", "")) or "localhost"
     port = f":{parts['port']}" if parts.get("port") else ""
     return f"postgresql://{at}{host}{port}/{parts.get('dbname', '')}"
+
+
+_REFUSALS = re.compile(
+    r"password authentication failed|authentication failed for user|no password supplied"
+    r"|role \".*\" does not exist|database \".*\" does not exist|no pg_hba\.conf entry"
+    r"|Name or service not known|nodename nor servname|No such host is known",
+)
+"""Connect failures that waiting does not cure: a wrong password, role or database name, a
+host name that does not exist, a client the server's pg_hba.conf does not let in."""
+
+
+def connect_failure(
+    exc: BaseException, what: str = "connect", *, first: bool = False
+) -> BackendUnavailable:
+    """The caller's error for a connection that could not be made, naming libpq's cause.
+
+    A refused login, an unknown role or database, or a host name that does not
+    resolve is a mistake in the URL: not ``transient``, so nobody waits for it to pass.
+    Nor is any failure of the ``first`` connection (the server was never reached:
+    there is no outage to ride out, and the next call tries again).
+    """
+    message = " ".join(str(exc).split())  # libpq's hints come on indented lines of their own
+    if _REFUSALS.search(message):
+        return BackendUnavailable(
+            f"PostgreSQL refused the connection ({what}): {message}", transient=False
+        )
+    return BackendUnavailable(f"PostgreSQL did not answer ({what}): {message}", transient=not first)
