@@ -1,8 +1,10 @@
 """PostgreSQL URLs: inturn's own query options apart from libpq's, and connection settings.
 
-URLs are ``postgresql://`` or ``postgres://`` (any libpq URL) with inturn's
-options ``audit=1``, ``schema=<name>`` (default ``inturn``) and
-``max_connections=<n>`` (per event loop, and for the threads).
+URLs are ``postgresql://`` or ``postgres://`` (any libpq URL, down to a bare
+``postgres://`` that takes every setting from libpq's defaults and ``PG*``
+environment variables) with inturn's options ``audit=1``, ``schema=<name>``
+(default ``inturn``) and ``max_connections=<n>`` (per event loop, and for the
+threads).
 """
 
 from __future__ import annotations
@@ -54,7 +56,14 @@ def parse_url(url: str) -> tuple[str, dict[str, Any]]:
             options["max_connections"] = int(ours["max_connections"])
         except ValueError as exc:
             raise ConfigurationError("max_connections must be an integer") from exc
-    conninfo = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
+    # Rebuilt by hand: urlunsplit drops the "//" of a URL without a host
+    # ("postgres://", "postgresql:///db?host=/run/postgresql"), which libpq then
+    # cannot read. With no host, user or database, libpq's defaults apply (PGHOST,
+    # PGUSER, PGDATABASE, PGPORT, the local socket, the current user).
+    query = urllib.parse.urlencode(rest)
+    conninfo = f"{parts.scheme.lower()}://{parts.netloc}{parts.path}" + (
+        f"?{query}" if query else ""
+    )
     try:
         psycopg.conninfo.conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError as exc:
