@@ -34,7 +34,7 @@ from ._backends.base import Grant
 from ._errors import BackendUnavailable, Busy, TurnTimeout
 from ._keys import new_token, shown
 from ._policy import RETRY_BACKOFF, Deadline, LeaseClock, TurnSettings
-from ._runtime import Runtime
+from ._runtime import LogThrottle, Runtime
 
 __all__ = [
     "CONFIRM_WAIT",
@@ -62,6 +62,8 @@ CONFIRM_WAIT = 2.0
 """How long a release waits for its own early grant to be confirmed (then: a plain release)."""
 LEAVE_GRACE = 0.5
 """How long past its deadline a timed-out waiter checks whether it was granted meanwhile."""
+_timeouts = LogThrottle()
+"""Per key: the first timeout in a while is a WARNING, the crowd behind it DEBUG."""
 RIDE_OUT = 15.0
 """How long a waiter without a deadline rides out a backend that stopped answering (a
 Cluster or Sentinel failover takes a few seconds) before it gives up with
@@ -428,7 +430,7 @@ class _Request(Generic[TurnT]):
         turn._released = True
         if self._held_token is not None:
             _unmark_held(self._runtime.domain, self._key, self._held_token)
-        self._runtime.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
+        self._runtime.released(turn.key, turn.fence, turn.acquired_at, turn.lost_reason)
 
 
 # -- the acquire flow, shared by both twins -------------------------------------------
@@ -524,7 +526,18 @@ def acquire_flow(
     The generator yields :data:`Step` objects; the twin runs each (async or in
     threads) and sends back its result, or throws the exception it raised
     (cancellation included) into the generator, which decides what follows.
+    A request that ends without the turn is reported to the runtime (tracing).
     """
+    try:
+        return (yield from _acquire(asking, runtime, nowait=nowait))
+    except BaseException as exc:
+        runtime.wait_failed(asking.key, asking.asked_at, exc)
+        raise
+
+
+def _acquire(
+    asking: Asking, runtime: Runtime, *, nowait: bool
+) -> Generator[Step, Grant | None, Grant]:
     metrics = runtime.metrics
     if nowait:
         try:
@@ -553,7 +566,8 @@ def acquire_flow(
             if remaining == 0:
                 metrics.count("turn_timeouts")
                 waited = asking.timeout or 0.0
-                logger.warning(
+                logger.log(  # a crowd timing out on one key (a dead server) logs once
+                    _timeouts.level(asking.key),
                     "inturn: gave up waiting for the turn of key %r after %gs",
                     shown(asking.key),
                     waited,
