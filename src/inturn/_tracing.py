@@ -141,8 +141,8 @@ def record_wait(
 ) -> None:
     """The ``inturn.wait`` span of a request that asked at ``asked_at`` and was granted
     ``fence``, or failed with ``error``, at ``ended`` (default: now)."""
-    tracer = active()
-    if tracer is None:
+    tracer = _tracer if _tracer is not None or _absent else active()
+    if tracer is None:  # no opentelemetry-api, or no provider set
         return
     ended = time.monotonic() if ended is None else ended
     outcome = "granted" if error is None else wait_outcome(error)
@@ -157,8 +157,8 @@ def record_hold(
     runtime: Runtime, key: str, fence: int, acquired_at: float, lost_reason: str | None
 ) -> None:
     """The ``inturn.hold`` span of a turn granted at ``acquired_at`` and released now."""
-    tracer = active()
-    if tracer is None:
+    tracer = _tracer if _tracer is not None or _absent else active()
+    if tracer is None:  # no opentelemetry-api, or no provider set
         return
     ended = time.monotonic()
     attributes = _attributes(runtime, key, "released" if lost_reason is None else "lost")

@@ -255,7 +255,7 @@ class RedisBackend(Mailboxes):
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await state.subscribed.wait()
+                await state.settled.wait()  # the event the JOINs wait on: same order
 
     async def _run(
         self,
