@@ -12,7 +12,7 @@ import redis.exceptions
 
 from inturn._errors import BackendUnavailable
 
-__all__ = ["map_errors", "unavailable"]
+__all__ = ["map_errors", "unavailable", "unknown_host"]
 
 _TRANSPORT_ERRORS = (
     redis.exceptions.ConnectionError,
@@ -39,7 +39,7 @@ def unavailable(exc: BaseException, what: str) -> BackendUnavailable:
             "(check the user name and password in the URL)",
             transient=False,
         )
-    if _unknown_host(exc):
+    if unknown_host(exc):
         return BackendUnavailable(f"Redis host not found ({what}): {exc}", transient=False)
     note = ""
     if "refused" not in str(exc).lower() and _in_chain(exc, ConnectionRefusedError):
@@ -68,7 +68,7 @@ def _auth_code(exc: BaseException) -> str:
     return ""
 
 
-def _unknown_host(exc: BaseException) -> bool:
+def unknown_host(exc: BaseException) -> bool:
     """The connect failed because the host name does not exist (not a passing DNS outage)."""
     seen: BaseException | None = exc
     for _ in range(4):  # redis-py wraps the resolver's error once or twice

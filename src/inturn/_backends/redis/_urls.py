@@ -18,6 +18,7 @@ from redis.retry import Retry
 
 from inturn._errors import ConfigurationError
 
+from ._errors import unknown_host
 from ._shared import CONNECT_TIMEOUT, MAX_CONNECTIONS, SOCKET_TIMEOUT, ReplicaWait
 
 __all__ = [
@@ -85,28 +86,37 @@ def replica_wait(replicas: int, timeout: float, *, cluster: bool) -> ReplicaWait
 
 
 class _Refused(Exception):
-    """Carries a refused login past a Retry (it retries ConnectionError, a base of it)."""
+    """Carries a refused login or an unknown host past a Retry (it retries
+    ConnectionError, their base)."""
 
-    def __init__(self, error: redis.exceptions.AuthenticationError) -> None:
+    def __init__(self, error: redis.exceptions.ConnectionError) -> None:
         super().__init__(error)
         self.error = error
 
 
+def _final(exc: redis.exceptions.ConnectionError) -> bool:
+    """A connect failure that trying again at once cannot cure."""
+    return isinstance(exc, redis.exceptions.AuthenticationError) or unknown_host(exc)
+
+
 class _SyncRetry(Retry):
-    """redis-py's Retry, except that a refused login (a wrong password) is not tried again:
-    the caller learns it at once instead of after the backoff."""
+    """redis-py's Retry, except that a refused login (a wrong password) or a host name that
+    does not exist is not tried again: the caller learns it at once, not after the backoff."""
 
     def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
         def once() -> Any:
             try:
                 return do()
-            except redis.exceptions.AuthenticationError as exc:
-                raise _Refused(exc) from None
+            except redis.exceptions.ConnectionError as exc:
+                if _final(exc):
+                    raise _Refused(exc) from None
+                raise
 
         try:
             return super().call_with_retry(once, fail, *args, **kwargs)
         except _Refused as refused:
-            raise refused.error from None
+            error = refused.error
+        raise error  # outside the except: its own cause (the resolver's error) stays chained
 
 
 class _AsyncRetry(redis.asyncio.retry.Retry):
@@ -116,13 +126,16 @@ class _AsyncRetry(redis.asyncio.retry.Retry):
         async def once() -> Any:
             try:
                 return await do()
-            except redis.exceptions.AuthenticationError as exc:
-                raise _Refused(exc) from None
+            except redis.exceptions.ConnectionError as exc:
+                if _final(exc):
+                    raise _Refused(exc) from None
+                raise
 
         try:
             return await super().call_with_retry(once, fail, *args, **kwargs)
         except _Refused as refused:
-            raise refused.error from None
+            error = refused.error
+        raise error
 
 
 def _client_options(*, asynchronous: bool, cluster: bool = False) -> dict[str, Any]:
