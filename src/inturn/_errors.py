@@ -71,8 +71,10 @@ class BackendUnavailable(InturnError, ConnectionError):
 
     ``transient`` is True for an outage that may pass (a refused or dropped connection,
     a failover, a timeout): a waiter that reached the server before rides it out until
-    its deadline. False for a refusal that waiting does not cure (a server out of
-    memory): it is raised at once.
+    its deadline. False for a refusal that waiting does not cure (a wrong password, an
+    unknown role, database or host name, a server out of memory), and for a server the
+    backend never reached: it is raised at once. The message names the driver's cause
+    (``connection refused``, ``WRONGPASS ...``, ``role "x" does not exist``).
     """
 
     def __init__(self, message: str, *, transient: bool = True) -> None:

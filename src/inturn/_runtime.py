@@ -16,9 +16,11 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
+from . import _tracing
 from ._backends.base import Backend, SyncBackend
 from ._keys import shown
 from ._metrics import MetricsSink
@@ -28,6 +30,7 @@ from ._timers import TimerThread
 __all__ = [
     "CLEANUP_TIMEOUT",
     "BusyProbe",
+    "LogThrottle",
     "NewestCalls",
     "Runtime",
     "Supersedable",
@@ -70,10 +73,49 @@ the timer thread, and with it every other holder's renewal in the process. A ren
 on a call in ``bounded_pool``: two pools, so no pool ever waits on itself."""
 
 
+REPEAT_LOG_EVERY = 10.0
+"""Seconds between two WARNINGs for the same event (the repeats in between: DEBUG)."""
+
+
+class LogThrottle:
+    """Whether an event that repeats (fifty waiters of a dead server failing the same
+    way) is logged as a WARNING now, or at DEBUG as a repeat of one logged within
+    ``every`` seconds. Safe from any thread; keeps at most ``limit`` kinds."""
+
+    def __init__(self, every: float = REPEAT_LOG_EVERY, limit: int = 1024) -> None:
+        self._every = every
+        self._limit = limit
+        self._last: dict[Hashable, float] = {}
+        self._lock = threading.Lock()
+
+    def level(self, kind: Hashable) -> int:
+        """``logging.WARNING`` for the first of ``kind`` in ``every`` seconds, else DEBUG."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self._every:
+                return logging.DEBUG
+            if len(self._last) >= self._limit:
+                self._last = {k: t for k, t in self._last.items() if now - t < self._every}
+                if len(self._last) >= self._limit:
+                    return logging.DEBUG  # a flood of distinct kinds: quiet until it passes
+            self._last[kind] = now
+            return logging.WARNING
+
+
+_cleanup_throttle = LogThrottle()
+
+
 def log_cleanup_failure(what: str, key: str, exc: BaseException) -> None:
-    """Log a cleanup (leave, release) that failed; the lease lapses by itself."""
-    logger.warning(
-        "inturn: could not %s for key %r: %r (the lease will lapse by itself)",
+    """Log a cleanup (leave, release) that failed; the lease lapses by itself.
+
+    While a server is down every waiter's cleanup fails the same way: the first
+    of a kind is a WARNING, the same kind again within REPEAT_LOG_EVERY seconds
+    only DEBUG (fifty waiters of a dead server make one line, not fifty).
+    """
+    logger.log(
+        _cleanup_throttle.level((what, type(exc))),
+        "inturn: could not %s for key %r: %s (the lease will lapse by itself)",
         what,
         shown(key),
         exc,
@@ -200,9 +242,11 @@ class Runtime:
         return self._sync_backend is not None
 
     def granted(self, key: str, fence: int, waited: float) -> None:
-        """Count a grant and how long it waited (and log it at DEBUG)."""
+        """Count a grant and how long it waited (log it at DEBUG, trace the wait)."""
         self.metrics.count("turns_granted")
         self.metrics.observe("turn_wait_seconds", waited)
+        now = time.monotonic()
+        _tracing.record_wait(self, key, now - waited, fence=fence, ended=now)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "inturn: granted key %r (fence %d) after %.3fs in line",
@@ -211,6 +255,16 @@ class Runtime:
                 waited,
                 extra={"inturn_key": shown(key), "inturn_fence": fence},
             )
+
+    def wait_failed(self, key: str, asked_at: float, error: BaseException) -> None:
+        """A request that asked at ``asked_at`` did not get the turn (trace the wait;
+        the flow counted and logged it already)."""
+        _tracing.record_wait(self, key, asked_at, error=error)
+
+    def released(self, key: str, fence: int, acquired_at: float, lost: str | None) -> None:
+        """A turn's block exited: observe how long it was held (and trace the hold)."""
+        self.metrics.observe("turn_hold_seconds", time.monotonic() - acquired_at)
+        _tracing.record_hold(self, key, fence, acquired_at, lost)
 
     # -- busy probes ---------------------------------------------------------------
 

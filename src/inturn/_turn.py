@@ -34,7 +34,7 @@ from ._backends.base import Grant
 from ._errors import BackendUnavailable, Busy, TurnTimeout
 from ._keys import new_token, shown
 from ._policy import RETRY_BACKOFF, Deadline, LeaseClock, TurnSettings
-from ._runtime import Runtime
+from ._runtime import LogThrottle, Runtime
 
 __all__ = [
     "CONFIRM_WAIT",
@@ -62,6 +62,8 @@ CONFIRM_WAIT = 2.0
 """How long a release waits for its own early grant to be confirmed (then: a plain release)."""
 LEAVE_GRACE = 0.5
 """How long past its deadline a timed-out waiter checks whether it was granted meanwhile."""
+_timeouts = LogThrottle()
+"""Per key: the first timeout in a while is a WARNING, the crowd behind it DEBUG."""
 RIDE_OUT = 15.0
 """How long a waiter without a deadline rides out a backend that stopped answering (a
 Cluster or Sentinel failover takes a few seconds) before it gives up with
@@ -428,7 +430,7 @@ class _Request(Generic[TurnT]):
         turn._released = True
         if self._held_token is not None:
             _unmark_held(self._runtime.domain, self._key, self._held_token)
-        self._runtime.metrics.observe("turn_hold_seconds", time.monotonic() - turn.acquired_at)
+        self._runtime.released(turn.key, turn.fence, turn.acquired_at, turn.lost_reason)
 
 
 # -- the acquire flow, shared by both twins -------------------------------------------
@@ -524,12 +526,25 @@ def acquire_flow(
     The generator yields :data:`Step` objects; the twin runs each (async or in
     threads) and sends back its result, or throws the exception it raised
     (cancellation included) into the generator, which decides what follows.
+    A request that ends without the turn is reported to the runtime (tracing).
     """
+    try:
+        return (yield from _acquire(asking, runtime, nowait=nowait))
+    except BaseException as exc:
+        runtime.wait_failed(asking.key, asking.asked_at, exc)
+        raise
+
+
+def _acquire(
+    asking: Asking, runtime: Runtime, *, nowait: bool
+) -> Generator[Step, Grant | None, Grant]:
     metrics = runtime.metrics
     if nowait:
         try:
             grant = yield Call("try_acquire")
-        except BaseException:
+        except BaseException as exc:
+            if _done_nothing(exc):
+                raise
             yield Cleanup("release")  # the request may have got through
             raise
         runtime.reached = True
@@ -538,15 +553,21 @@ def acquire_flow(
             metrics.count("turns_busy")
             raise Busy(f"the turn of key {asking.key!r} is held or has a line", key=asking.key)
         return grant
+    refused = False
     try:
-        grant = yield from _ride_out(Call("join"), asking, runtime)
+        try:
+            grant = yield from _ride_out(Call("join"), asking, runtime)
+        except BaseException as exc:
+            refused = _done_nothing(exc)
+            raise
         asking.joined_at = time.monotonic()
         while grant is None:
             remaining = asking.deadline.remaining(time.monotonic())
             if remaining == 0:
                 metrics.count("turn_timeouts")
                 waited = asking.timeout or 0.0
-                logger.warning(
+                logger.log(  # a crowd timing out on one key (a dead server) logs once
+                    _timeouts.level(asking.key),
                     "inturn: gave up waiting for the turn of key %r after %gs",
                     shown(asking.key),
                     waited,
@@ -567,8 +588,15 @@ def acquire_flow(
         raise
     except BaseException:
         # Also after a failed or cancelled join: its request may have reached the server.
-        yield Cleanup("leave")
+        if not refused:
+            yield Cleanup("leave")
         raise
+
+
+def _done_nothing(exc: BaseException) -> bool:
+    """The backend refused the call outright (a wrong password, a server out of memory):
+    it did nothing there, so there is nothing to leave or release."""
+    return isinstance(exc, BackendUnavailable) and not exc.transient
 
 
 # -- renewal decisions, shared by both twins -------------------------------------------

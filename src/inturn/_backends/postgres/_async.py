@@ -49,7 +49,7 @@ from ._steps import (
     quiet,
 )
 from ._sync import SyncPostgresBackend
-from ._urls import CONNECT_TIMEOUT, connection_kwargs, masked, parse_url
+from ._urls import CONNECT_TIMEOUT, connect_failure, connection_kwargs, masked, parse_url
 
 __all__ = ["PostgresBackend"]
 
@@ -128,6 +128,17 @@ class _Listener:
     task: asyncio.Task[None] | None = None
 
 
+def _forget(
+    probes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]],
+    loop: asyncio.AbstractEventLoop,
+    done: asyncio.Task[None],
+) -> None:
+    if probes.get(loop) is done:
+        del probes[loop]
+    if not done.cancelled():
+        done.exception()  # retrieved: a probe nobody awaits any more logs nothing
+
+
 @dataclass(slots=True)
 class _LoopPool:
     pool: Any
@@ -171,6 +182,11 @@ class PostgresBackend(PostgresAdmin):
         )
         self._twin: SyncPostgresBackend | None = None
         self._listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Listener] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._reached = False
+        """A connection of ours was made once: from then on the pools connect by themselves."""
+        self._probes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -220,6 +236,9 @@ class PostgresBackend(PostgresAdmin):
             return self._pool
         loop = asyncio.get_running_loop()
         entry = self._pools.get(loop)
+        if entry is None and not self._reached:
+            await self._probe(loop)
+            entry = self._pools.get(loop)
         if entry is None:
             pool = psycopg_pool.AsyncConnectionPool(
                 self._conninfo or "",
@@ -243,6 +262,34 @@ class PostgresBackend(PostgresAdmin):
         elif not entry.ready.is_set():
             await entry.ready.wait()
         return entry.pool
+
+    async def _probe(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Connect once before the first pool opens, so that a server that cannot be
+        reached, or refuses the login, fails the call now with libpq's own words (a pool
+        would retry in the background, log each try, and say only that it timed out).
+
+        The callers of a loop share one attempt; a caller that comes after it failed
+        starts another.
+        """
+        probe = self._probes.get(loop)
+        if probe is None:
+            probe = self._probes[loop] = asyncio.ensure_future(self._connect_once())
+            probe.add_done_callback(lambda done: _forget(self._probes, loop, done))
+        try:
+            await asyncio.shield(probe)
+        except BackendUnavailable as exc:  # each caller gets an exception of its own
+            raise BackendUnavailable(str(exc), transient=exc.transient) from exc.__cause__
+
+    async def _connect_once(self) -> None:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._conninfo or "", **connection_kwargs()
+            )
+        except psycopg.Error as exc:
+            raise connect_failure(exc, first=True) from exc
+        self._reached = True
+        with contextlib.suppress(Exception):
+            await conn.close()
 
     async def _keep(self, loop: asyncio.AbstractEventLoop, entry: _LoopPool) -> None:
         try:
@@ -408,10 +455,11 @@ class PostgresBackend(PostgresAdmin):
             except Exception as exc:
                 listener.ready.clear()
                 listener.broken = exc
-                logger.warning(
-                    "inturn: the PostgreSQL cancel listener lost its connection (%r); "
+                logger.log(  # the first failure in a row is a WARNING, repeats DEBUG
+                    logging.WARNING if backoff <= 0.05 else logging.DEBUG,
+                    "inturn: the PostgreSQL cancel listener lost its connection (%s); "
                     "retrying in %.2fs",
-                    exc,
+                    connect_failure(exc, "listen") if isinstance(exc, psycopg.Error) else exc,
                     backoff,
                 )
                 await asyncio.sleep(backoff)

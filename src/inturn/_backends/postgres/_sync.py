@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any, TypeVar
 
+import psycopg
 import psycopg_pool
 
 from inturn._backends.base import (
@@ -22,6 +23,7 @@ from inturn._backends.base import (
     Submitted,
     Taken,
 )
+from inturn._errors import BackendUnavailable
 
 from . import _doctor
 from . import _sql as q
@@ -40,7 +42,7 @@ from ._steps import (
     map_errors,
     quiet,
 )
-from ._urls import CONNECT_TIMEOUT, connection_kwargs, masked
+from ._urls import CONNECT_TIMEOUT, connect_failure, connection_kwargs, masked
 
 WAIT_GRACE = 0.5
 """How long past its timeout a thread's lock wait may run before its connection is cut (the
@@ -95,6 +97,13 @@ class SyncPostgresBackend:
         self._max = max_connections
         self._lock = threading.Lock()
         self._waiting = threading.local()  # the deadline of this thread's wait, if any
+        self._reached = False
+        """A connection of ours was made once: from then on the pool connects by itself."""
+        self._probe_done = threading.Condition()
+        self._probing = False
+        self._probes = 0
+        """Attempts that ended (guarded by ``_probe_done``), and the last one's error."""
+        self._probe_error: BackendUnavailable | None = None
 
     # -- the executor -------------------------------------------------------------------
 
@@ -132,7 +141,39 @@ class SyncPostgresBackend:
         assert isinstance(step, Sleep)
         return step.waiter.sleep_sync(step.seconds)
 
+    def _probe(self) -> None:
+        """Connect once before the pool opens (see the async backend's ``_probe``); the
+        threads that ask meanwhile share the attempt."""
+        with self._probe_done:
+            if self._probing:
+                seen = self._probes
+                self._probe_done.wait_for(lambda: self._probes > seen, CONNECT_TIMEOUT + 1)
+                error = self._probe_error if self._probes > seen else None
+                if error is not None:
+                    raise BackendUnavailable(str(error), transient=error.transient) from (
+                        error.__cause__
+                    )
+                return
+            self._probing = True
+        error = None
+        try:
+            psycopg.connect(self._conninfo or "", **connection_kwargs()).close()
+        except psycopg.Error as exc:
+            error = connect_failure(exc, first=True)
+            error.__cause__ = exc
+        finally:
+            with self._probe_done:
+                self._probing = False
+                self._probes += 1
+                self._reached = self._reached or error is None
+                self._probe_error = error
+                self._probe_done.notify_all()
+        if error is not None:
+            raise error
+
     def _pool_here(self) -> Any:
+        if self._pool is None and not self._reached and self._owned:
+            self._probe()
         with self._lock:
             if self._pool is None:
                 self._pool = psycopg_pool.ConnectionPool(

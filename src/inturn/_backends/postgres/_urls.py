@@ -1,21 +1,31 @@
 """PostgreSQL URLs: inturn's own query options apart from libpq's, and connection settings.
 
-URLs are ``postgresql://`` or ``postgres://`` (any libpq URL) with inturn's
-options ``audit=1``, ``schema=<name>`` (default ``inturn``) and
-``max_connections=<n>`` (per event loop, and for the threads).
+URLs are ``postgresql://`` or ``postgres://`` (any libpq URL, down to a bare
+``postgres://`` that takes every setting from libpq's defaults and ``PG*``
+environment variables) with inturn's options ``audit=1``, ``schema=<name>``
+(default ``inturn``) and ``max_connections=<n>`` (per event loop, and for the
+threads).
 """
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from typing import Any
 
 import psycopg
 import psycopg.conninfo
 
-from inturn._errors import ConfigurationError
+from inturn._errors import BackendUnavailable, ConfigurationError
 
-__all__ = ["CONNECT_TIMEOUT", "TCP_KEEPALIVES", "connection_kwargs", "masked", "parse_url"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "TCP_KEEPALIVES",
+    "connect_failure",
+    "connection_kwargs",
+    "masked",
+    "parse_url",
+]
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to connect, or to wait for a free pooled connection."""
@@ -46,7 +56,14 @@ def parse_url(url: str) -> tuple[str, dict[str, Any]]:
             options["max_connections"] = int(ours["max_connections"])
         except ValueError as exc:
             raise ConfigurationError("max_connections must be an integer") from exc
-    conninfo = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
+    # Rebuilt by hand: urlunsplit drops the "//" of a URL without a host
+    # ("postgres://", "postgresql:///db?host=/run/postgresql"), which libpq then
+    # cannot read. With no host, user or database, libpq's defaults apply (PGHOST,
+    # PGUSER, PGDATABASE, PGPORT, the local socket, the current user).
+    query = urllib.parse.urlencode(rest)
+    conninfo = f"{parts.scheme.lower()}://{parts.netloc}{parts.path}" + (
+        f"?{query}" if query else ""
+    )
     try:
         psycopg.conninfo.conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError as exc:
@@ -78,3 +95,30 @@ def masked(conninfo: str) -> str:
     host = str(parts.get("host", "")) or "localhost"
     port = f":{parts['port']}" if parts.get("port") else ""
     return f"postgresql://{at}{host}{port}/{parts.get('dbname', '')}"
+
+
+_REFUSALS = re.compile(
+    r"password authentication failed|authentication failed for user|no password supplied"
+    r"|role \".*\" does not exist|database \".*\" does not exist|no pg_hba\.conf entry"
+    r"|Name or service not known|nodename nor servname|No such host is known",
+)
+"""Connect failures that waiting does not cure: a wrong password, role or database name, a
+host name that does not exist, a client the server's pg_hba.conf does not let in."""
+
+
+def connect_failure(
+    exc: BaseException, what: str = "connect", *, first: bool = False
+) -> BackendUnavailable:
+    """The caller's error for a connection that could not be made, naming libpq's cause.
+
+    A refused login, an unknown role or database, or a host name that does not
+    resolve is a mistake in the URL: not ``transient``, so nobody waits for it to pass.
+    Nor is any failure of the ``first`` connection (the server was never reached:
+    there is no outage to ride out, and the next call tries again).
+    """
+    message = " ".join(str(exc).split())  # libpq's hints come on indented lines of their own
+    if _REFUSALS.search(message):
+        return BackendUnavailable(
+            f"PostgreSQL refused the connection ({what}): {message}", transient=False
+        )
+    return BackendUnavailable(f"PostgreSQL did not answer ({what}): {message}", transient=not first)

@@ -216,11 +216,21 @@ class RedisBackend(Mailboxes, RedisAdmin):
         if state.listener is None or state.listener.done():
             state.listener = asyncio.ensure_future(self._listen(state))
         if not state.subscribed.is_set():
+            # Wait for the listener's attempt in progress, or ask for one now: every
+            # caller learns the outcome of an attempt made since it asked (a refused
+            # connection, a wrong password), at once, and many callers share one.
+            settled = state.settled
+            if state.broken is not None:
+                state.again.set()
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    await state.subscribed.wait()
+                    await settled.wait()
             except TimeoutError as exc:
                 raise unavailable(state.broken or exc, "subscribe") from state.broken
+            if not state.subscribed.is_set():
+                broken = state.broken or ConnectionError("the wake-up channel dropped")
+                what = "subscribe" if state.ever_subscribed else "connect"
+                raise unavailable(broken, what) from broken
         return state
 
     async def _listen(self, state: LoopState) -> None:
@@ -255,7 +265,7 @@ class RedisBackend(Mailboxes, RedisAdmin):
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await state.subscribed.wait()
+                await state.settled.wait()  # the event the JOINs wait on: same order
 
     async def _run(
         self,

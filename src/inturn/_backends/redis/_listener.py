@@ -43,6 +43,8 @@ async def listen_until_closed(process: ProcessChannel, state: LoopState) -> None
                 await _check_eviction(process, state)
             state.broken = None
             state.subscribed.set()
+            state.ever_subscribed = True
+            state.settle()
             backoff = 0.05
             if not first:  # pushes may have been lost while disconnected: re-check all
                 for waiter in state.waiters.values():
@@ -60,10 +62,15 @@ async def listen_until_closed(process: ProcessChannel, state: LoopState) -> None
         except Exception as exc:
             state.subscribed.clear()
             state.broken = exc
-            log_channel_lost(exc, backoff)
+            state.again.clear()
+            state.settle()
+            log_channel_lost(exc, backoff, ever=state.ever_subscribed)
             for waiter in state.waiters.values():
                 wake(waiter)  # they re-check, and fail fast while Redis is away
-            await asyncio.sleep(backoff)
+            # A caller that finds the channel broken asks for the next attempt at once.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff):
+                    await state.again.wait()
             backoff = min(backoff * 2, 2.0)
         finally:
             with contextlib.suppress(Exception):

@@ -227,6 +227,13 @@ class Mux:
     ) -> asyncio.Future[Any]:
         if link.dropped:
             raise redis.exceptions.ConnectionError("inturn: the connection was dropped")
+        if link.writer.transport.is_closing():
+            # The server went away and the reader has not noticed yet: writing to the
+            # dead transport would only make asyncio log "socket.send() raised exception."
+            # once per call.
+            error = redis.exceptions.ConnectionError("inturn: the connection was lost")
+            self._drop(link, error)
+            raise error
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         # Registered and written with no await between: replies come back in this order.

@@ -8,11 +8,10 @@ Nothing here does I/O; :mod:`._async` and :mod:`._sync` send the commands.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +31,8 @@ from inturn._backends.base import (
 )
 from inturn._errors import BackendUnavailable
 
+from ._errors import map_errors as map_errors  # re-exported: the twins import it from here
+from ._errors import unavailable as unavailable
 from ._keys import KeySpace
 from ._lua import (
     ABANDON,
@@ -68,15 +69,6 @@ IDLE_READ = 5.0
 SUPERSEDE_KEEP = 3600.0
 """Seconds a (user, function) generation counter and running-call record outlive their use."""
 
-_TRANSPORT_ERRORS = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    # A Cluster that lost a slot's master, or is moving a slot: the same as a dropped
-    # connection to the caller (try again later), not a bug in the command.
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
-    OSError,
-)
 
 SCRIPTS = {
     "join": JOIN,
@@ -98,39 +90,6 @@ SCRIPTS = {
 }
 
 SHAS = {name: (sha1(lua), lua) for name, lua in SCRIPTS.items()}
-
-
-# -- errors -----------------------------------------------------------------------------
-
-
-def unavailable(exc: BaseException, what: str) -> BackendUnavailable:
-    return BackendUnavailable(f"Redis did not answer ({what}): {exc}")
-
-
-def _is_oom(exc: redis.exceptions.ResponseError) -> bool:
-    # redis-py parses "-OOM ..." into OutOfMemoryError and drops the code from the text.
-    return isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM")
-
-
-@contextlib.contextmanager
-def map_errors(what: str) -> Iterator[None]:
-    """Raise redis-py's transport errors as :class:`BackendUnavailable`, chained.
-
-    A dropped or timed-out connection, a Cluster that is down or moving a slot,
-    and a server out of memory (``noeviction`` at ``maxmemory``) all mean "not
-    now" to the caller; any other error reply is a bug and passes unchanged.
-    A plain ``with`` works around an ``await`` too.
-    """
-    try:
-        yield
-    except _TRANSPORT_ERRORS as exc:
-        raise unavailable(exc, what) from exc
-    except redis.exceptions.ResponseError as exc:
-        if _is_oom(exc):
-            raise BackendUnavailable(
-                f"Redis is out of memory ({what}): {exc}", transient=False
-            ) from exc
-        raise
 
 
 # -- reply decoding ---------------------------------------------------------------------
@@ -452,11 +411,23 @@ class LoopState(Lines):
     """The pipelined connection for scripts (None on a Cluster: its scripts go by slot)."""
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
     broken: BaseException | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the listener's current attempt to subscribe succeeds or fails (then
+    replaced by a fresh event for the next attempt)."""
+    again: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by a caller that wants a new attempt now, instead of after the backoff."""
+    ever_subscribed: bool = False
     listener: asyncio.Task[None] | None = None
     cancels: dict[str, Callable[[], None]] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     """Releases sent again in the background (their first reply was lost)."""
     closing: bool = False
+
+    def settle(self) -> None:
+        """The listener's attempt ended (``subscribed`` or ``broken`` says how): wake
+        the callers waiting for it."""
+        settled, self.settled = self.settled, asyncio.Event()
+        settled.set()
 
 
 class ProcessChannel:
@@ -538,10 +509,17 @@ def confirm(grant: Grant, ok: bool | None) -> None:
             confirmed.set_result(ok)
 
 
-def log_channel_lost(exc: BaseException, backoff: float) -> None:
-    """WARNING on the first failure, DEBUG while the reconnection keeps failing."""
+def log_channel_lost(exc: BaseException, backoff: float, *, ever: bool = True) -> None:
+    """WARNING on the first failure, DEBUG while the reconnection keeps failing.
+
+    ``ever``: the channel was subscribed before (else Redis was never reached: the
+    callers get the error itself, and this line only says that retries go on).
+    """
     level = logging.WARNING if backoff <= 0.05 else logging.DEBUG
-    logger.log(level, "inturn: Redis wake-up channel lost (%r); reconnecting", exc)
+    if ever:
+        logger.log(level, "inturn: Redis wake-up channel lost (%s); reconnecting", exc)
+    else:
+        logger.log(level, "inturn: %s; trying again when asked", unavailable(exc, "connect"))
 
 
 def idempotent(name: str, args: Sequence[Any]) -> bool:

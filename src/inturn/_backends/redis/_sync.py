@@ -138,6 +138,11 @@ class SyncRedisBackend(SyncMailboxes):
         """This process's thread waiters (guarded by ``_lock``)."""
         self._subscribed = threading.Event()
         self._broken: BaseException | None = None
+        self._settled = threading.Condition()
+        self._attempts = 0
+        """Attempts to subscribe that ended (guarded by ``_settled``)."""
+        self._again = threading.Event()
+        self._ever_subscribed = False
         self._thread: threading.Thread | None = None
         self._pubsub: Any = None
 
@@ -150,8 +155,36 @@ class SyncRedisBackend(SyncMailboxes):
                     target=self._listen, name="inturn-redis-wakeups", daemon=True
                 )
                 self._thread.start()
-        if not self._subscribed.wait(CONNECT_TIMEOUT):
-            raise unavailable(self._broken or TimeoutError("no answer"), "subscribe")
+        if self._subscribed.is_set():
+            return
+        # As in the async backend: learn the outcome of an attempt made since asking
+        # (asking for one now if the last failed), shared by the threads that ask.
+        with self._settled:
+            seen = self._attempts
+            if self._broken is not None:
+                self._again.set()
+            self._settled.wait_for(lambda: self._attempts > seen, CONNECT_TIMEOUT)
+        if not self._subscribed.is_set():
+            broken = self._broken or TimeoutError("no answer")
+            what = "subscribe" if self._ever_subscribed else "connect"
+            raise unavailable(broken, what) from broken
+
+    def _settle(self, broken: BaseException | None) -> None:
+        """An attempt to subscribe ended: record how, and wake the threads waiting for it."""
+        with self._settled:
+            self._broken = broken
+            if broken is None:
+                self._subscribed.set()
+                self._ever_subscribed = True
+            else:
+                self._subscribed.clear()
+                self._again.clear()
+            self._attempts += 1
+            self._settled.notify_all()
+
+    def _backoff(self, seconds: float) -> None:
+        """Sleep between two attempts, cut short by a thread that asks for one now."""
+        self._again.wait(seconds)
 
     def _listen(self) -> None:
         process = self._process
@@ -164,8 +197,8 @@ class SyncRedisBackend(SyncMailboxes):
             try:
                 pubsub = self._pubsub = self._open_pubsub(attempt)
             except Exception as exc:
-                self._broken = exc
-                time.sleep(backoff)
+                self._settle(exc)
+                self._backoff(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             try:
@@ -180,8 +213,7 @@ class SyncRedisBackend(SyncMailboxes):
                     except Exception:  # CONFIG may be disabled (managed Redis)
                         policy = None
                     _doctor.warn_eviction(process, policy)
-                self._broken = None
-                self._subscribed.set()
+                self._settle(None)
                 backoff = 0.05
                 if not first:
                     with self._lock:
@@ -199,13 +231,13 @@ class SyncRedisBackend(SyncMailboxes):
             except Exception as exc:
                 if self._stop.is_set():
                     return
-                self._subscribed.clear()
-                self._broken = exc
-                log_channel_lost(exc, backoff)
+                ever = self._ever_subscribed
+                self._settle(exc)
+                log_channel_lost(exc, backoff, ever=ever)
                 with self._lock:
                     for waiter in self._line.waiters.values():
                         wake(waiter)
-                time.sleep(backoff)
+                self._backoff(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
                 with contextlib.suppress(Exception):
@@ -458,6 +490,7 @@ class SyncRedisBackend(SyncMailboxes):
 
     def close(self) -> None:
         self._stop.set()
+        self._again.set()  # a listener in its backoff ends now
         if self._mux is not None:
             self._mux.close()
         pubsub = self._pubsub

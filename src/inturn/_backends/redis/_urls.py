@@ -18,6 +18,7 @@ from redis.retry import Retry
 
 from inturn._errors import ConfigurationError
 
+from ._errors import unknown_host
 from ._shared import CONNECT_TIMEOUT, MAX_CONNECTIONS, SOCKET_TIMEOUT, ReplicaWait
 
 __all__ = [
@@ -84,10 +85,63 @@ def replica_wait(replicas: int, timeout: float, *, cluster: bool) -> ReplicaWait
     return ReplicaWait(replicas, timeout)
 
 
+class _Refused(Exception):
+    """Carries a refused login or an unknown host past a Retry (it retries
+    ConnectionError, their base)."""
+
+    def __init__(self, error: redis.exceptions.ConnectionError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _final(exc: redis.exceptions.ConnectionError) -> bool:
+    """A connect failure that trying again at once cannot cure."""
+    return isinstance(exc, redis.exceptions.AuthenticationError) or unknown_host(exc)
+
+
+class _SyncRetry(Retry):
+    """redis-py's Retry, except that a refused login (a wrong password) or a host name that
+    does not exist is not tried again: the caller learns it at once, not after the backoff."""
+
+    def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        def once() -> Any:
+            try:
+                return do()
+            except redis.exceptions.ConnectionError as exc:
+                if _final(exc):
+                    raise _Refused(exc) from None
+                raise
+
+        try:
+            return super().call_with_retry(once, fail, *args, **kwargs)
+        except _Refused as refused:
+            error = refused.error
+        raise error  # outside the except: its own cause (the resolver's error) stays chained
+
+
+class _AsyncRetry(redis.asyncio.retry.Retry):
+    """The async twin of :class:`_SyncRetry`."""
+
+    async def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        async def once() -> Any:
+            try:
+                return await do()
+            except redis.exceptions.ConnectionError as exc:
+                if _final(exc):
+                    raise _Refused(exc) from None
+                raise
+
+        try:
+            return await super().call_with_retry(once, fail, *args, **kwargs)
+        except _Refused as refused:
+            error = refused.error
+        raise error
+
+
 def _client_options(*, asynchronous: bool, cluster: bool = False) -> dict[str, Any]:
     # Each flavour needs its own Retry class: the sync one, given to an async client,
     # "succeeds" at once with an un-awaited coroutine, so nothing would ever be retried.
-    retry_class = redis.asyncio.retry.Retry if asynchronous else Retry
+    retry_class = _AsyncRetry if asynchronous else _SyncRetry
     options: dict[str, Any] = {
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "socket_timeout": SOCKET_TIMEOUT,
