@@ -68,6 +68,7 @@ EXPECTED = {
     "docs/fix-your-bot.md": 7,
     "docs/guarantees.md": 2,
     "docs/mailbox.md": 5,
+    "docs/observability.md": 3,
     "docs/operations.md": 7,
     "docs/postgres.md": 4,
     "docs/redis.md": 1,
