@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any, TypeVar
 
+import psycopg
 import psycopg_pool
 
 from inturn._backends.base import (
@@ -56,6 +57,14 @@ def _last(cur: Any) -> Any:
     while cur.nextset():
         pass
     return None if cur.description is None else cur.fetchone()
+
+
+def _first(cur: Any) -> Any:
+    """The first row of a multi-statement query's first result (the rest read to the end)."""
+    row = None if cur.description is None else cur.fetchone()
+    while cur.nextset():
+        pass
+    return row
 
 
 def _configure(conn: Any) -> None:
@@ -116,6 +125,8 @@ class SyncPostgresBackend:
 
     def _step(self, step: Step) -> Any:
         if isinstance(step, On):
+            if step.first:
+                return _first(psycopg.ClientCursor(step.conn).execute(step.sql, step.params))
             return _last(step.conn.execute(step.sql, step.params))
         if isinstance(step, Run):
             conn = self._getconn()
@@ -251,7 +262,7 @@ class SyncPostgresBackend:
 
     def purge(self) -> None:
         """See :meth:`PostgresBackend.purge`."""
-        self._drive(self._plan.purge())
+        self._drive(self._plan.purge(every=True))
 
     # -- SyncSupersedeBackend -------------------------------------------------------------
 
