@@ -47,7 +47,7 @@ async def test_idle_users_leave_no_row(postgres_dsn: str, monkeypatch: pytest.Mo
     async def handle(message: inturn.Message) -> None:
         seen.append(message.key)
 
-    box = gate.mailbox("inbox", handler=handle)
+    box = gate.mailbox("inbox", handler=handle, sweep_interval=None)
     fences: list[int] = []
 
     async def turn(key: str) -> None:

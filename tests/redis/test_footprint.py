@@ -45,7 +45,7 @@ async def test_idle_users_leave_no_key(redis_url: str) -> None:
     async def handle(message: inturn.Message) -> None:
         seen.append(message.key)
 
-    box = gate.mailbox("inbox", handler=handle)
+    box = gate.mailbox("inbox", handler=handle, sweep_interval=None)
     try:
         async with asyncio.timeout(120):
             fences = await _take_each(gate, [f"user-{i}" for i in range(KEYS)])
@@ -71,7 +71,7 @@ async def test_idle_users_leave_no_key_on_a_cluster(redis_cluster: RedisCluster)
     async def handle(message: inturn.Message) -> None:
         done.append(message.key)
 
-    box = gate.mailbox("inbox", handler=handle)
+    box = gate.mailbox("inbox", handler=handle, sweep_interval=None)
     users = [f"user-{i}" for i in range(300)]
     try:
         async with asyncio.timeout(120):
