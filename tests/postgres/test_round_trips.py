@@ -94,7 +94,7 @@ async def test_a_mailbox_message_costs_three_round_trips(postgres_dsn: str) -> N
     async def handle(message: inturn.Message) -> None:
         handled.append(message.key)
 
-    box = gate.mailbox("inbox", handler=handle)
+    box = gate.mailbox("inbox", handler=handle, sweep_interval=None)
     try:
         async with asyncio.timeout(60):
             for i in range(3):  # warm up: the schema, the pool's connections
@@ -113,3 +113,32 @@ async def test_a_mailbox_message_costs_three_round_trips(postgres_dsn: str) -> N
     finally:
         await gate.aclose()
         await proxy.close()
+
+
+async def test_the_take_with_the_commit_closes_an_audited_grant(postgres_dsn: str) -> None:
+    """With audit=1 the take rides on the audited release: the grant's row is closed as
+    released in the same COMMIT, and every message is handled once."""
+    backend = inturn.PostgresBackend(
+        conninfo=postgres_dsn, namespace=f"ra{secrets.token_hex(3)}", audit=True
+    )
+    gate = inturn.Gate(backend)
+    handled: list[int] = []
+
+    async def handle(message: inturn.Message) -> None:
+        handled.append(message.payload["n"])
+
+    box = gate.mailbox("inbox", handler=handle, sweep_interval=None)
+    try:
+        async with asyncio.timeout(60):
+            for i in range(10):
+                await box.submit("user", {"n": i})
+            assert await box.drained(30)
+        assert handled == list(range(10))
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            outcomes = conn.execute("SELECT outcome, count(*) FROM inturn.grants GROUP BY 1")
+            rows = dict(outcomes.fetchall())
+        assert set(rows) == {"released"}
+        assert rows["released"] >= 1
+        assert await backend.footprint() == 0
+    finally:
+        await gate.aclose()

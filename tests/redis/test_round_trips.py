@@ -67,7 +67,7 @@ async def test_a_mailbox_message_costs_three_round_trips(
     async def handle(message: inturn.Message) -> None:
         handled.append(message.key)
 
-    box = gate.mailbox("inbox", handler=handle)
+    box = gate.mailbox("inbox", handler=handle, sweep_interval=None)
     seen: list[str] = []
     try:
         async with asyncio.timeout(60):
