@@ -621,8 +621,8 @@ class Plan:
         turn's own transaction, and the COMMIT sent with it releases the turn (and the
         take's rows) at once, so the next holder never sees this batch unacknowledged.
 
-        Without a live transaction of that turn here (its session is gone), the take
-        alone, on a pooled connection (the turn layer's plain release follows). A lost
+        Where the turn's transaction broke (or this process holds no connection for it),
+        the take alone, on a pooled connection, then the rollback that ends the turn. A lost
         answer raises BackendUnavailable: the take may or may not have committed, and the
         drainer takes again without acknowledging (a redelivery, never a loss)."""
         yield from self._ready()
@@ -632,9 +632,9 @@ class Plan:
         conn = holding.conn
         fence = holding.grant.fence if holding.grant is not None else None
         try:
-            if conn is None or conn.info.transaction_status != INTRANS:
+            if conn is None or conn.info.transaction_status == INERROR:
                 taken = yield from self.mb_take(name, key, token, limit, lease, ack)
-                if conn is not None and conn.info.transaction_status == INERROR:
+                if conn is not None:
                     yield On(conn, q.ROLLBACK)
                     yield from self._close_audit(fence, "released")
                 return taken
