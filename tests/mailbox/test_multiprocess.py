@@ -42,9 +42,9 @@ def test_four_processes_submit_for_200_users(redis_url: str, tmp_path: Path) -> 
         order[(r["key"], r["payload"]["p"])].append(r["payload"]["n"])
     assert all(ns == sorted(ns) for ns in order.values()), "a user's messages ran out of order"
     assert len({r["pid"] for r in records}) > 1  # drains really were spread over processes
-    with redis.Redis.from_url(redis_url) as client:  # left: fence floors and dedup marks
+    with redis.Redis.from_url(redis_url) as client:  # left: the fence floor and dedup marks
         names = list(client.scan_iter(match=f"inturn:{namespace}:*"))
-    assert [n for n in names if not (n.endswith(b"}:f") or b"}:d:" in n)] == []
+    assert [n for n in names if not (n.endswith(b":fence") or b"}:d:" in n)] == []
 
 
 async def test_killed_drainer_is_resumed_by_the_sweeper(redis_url: str, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from redis.crc import key_slot
 
 import inturn
-from inturn._backends.redis._keys import KeySpace, encode
+from inturn._backends.redis._keys import SLOTS, KeySpace, encode, slot_of, slot_tag
 from inturn.testing import History, check_history
 from tests.servers import RedisCluster
 
@@ -40,12 +40,16 @@ HOSTILE = [
 def test_encoding_is_injective_and_tag_safe() -> None:
     """Distinct keys never share a Redis name, and none escapes its hash tag."""
     space = KeySpace("ns:{odd}")
-    names = [space.turn_keys(k) for k in HOSTILE]
+    names = [space.turn_keys(k, cluster=True) for k in HOSTILE]
     assert len({n[0] for n in names}) == len(HOSTILE)
     for key, group in zip(HOSTILE, names, strict=True):
         assert "{" not in encode(key)
         assert "}" not in encode(key)
+        # The floor and the hint set a script touches beside them lie in the user's slot.
+        group = [*group, *space.mailbox_keys("in:box", key)]
+        group.append(space.hint_set("in:box", key, cluster=True))
         assert len({key_slot(n.encode()) for n in group}) == 1, key
+        assert key_slot(group[0].encode()) == slot_of(key)
         assert group[0].startswith("inturn:ns%3A%7Bodd%7D:{")
 
 
@@ -111,3 +115,14 @@ def test_multi_host_urls_need_hosts(scheme: str) -> None:
 def test_sentinel_url_needs_a_service_name() -> None:
     with pytest.raises(inturn.ConfigurationError, match="service name"):
         inturn.Gate.from_url("redis+sentinel://127.0.0.1:26379")
+
+
+def test_every_slot_has_a_short_tag() -> None:
+    """The slot tags that name a slot's shared keys: one per slot, each hashing to it."""
+    tags = [slot_tag(slot) for slot in range(SLOTS)]
+    assert all(key_slot(f"x{{{tag}}}".encode()) == slot for slot, tag in enumerate(tags))
+    assert max(len(tag) for tag in tags) <= 3
+    space = KeySpace("n")
+    assert space.parse(space.fence_floor("u", cluster=True)) == (None, None, "fence")
+    assert space.parse(space.fence_floor("u")) == (None, None, "fence")
+    assert space.parse(space.hint_set("box", "u", cluster=True)) == (None, "box", "hint")

@@ -64,8 +64,12 @@ CANCEL_WAIT = 0.25
 """Seconds a cancelled statement waits for the server to confirm its cancel (twice)."""
 
 
-async def _statement(conn: Any, sql: str, params: Any, *, rows: bool = False) -> Any:
-    """Run one statement on ``conn``: its last result's first row, or every row.
+async def _statement(
+    conn: Any, sql: str, params: Any, *, rows: bool = False, first: bool = False
+) -> Any:
+    """Run one statement on ``conn``: its last result's first row, or every row; with
+    ``first``, bound on the client (several statements, one round trip): the first
+    result's first row.
 
     Cancelled (a caller's deadline), it asks the server to cancel the statement and waits
     for that at most CANCEL_WAIT; over a dead link (a partition, a half-open connection)
@@ -75,6 +79,12 @@ async def _statement(conn: Any, sql: str, params: Any, *, rows: bool = False) ->
     """
 
     async def run() -> Any:
+        if first:
+            cur = await psycopg.AsyncClientCursor(conn).execute(sql, params)
+            row = None if cur.description is None else await cur.fetchone()
+            while cur.nextset():
+                pass
+            return row
         cur = await conn.execute(sql, params)
         return list(await cur.fetchall()) if rows else await _last(cur)
 
@@ -216,7 +226,7 @@ class PostgresBackend(PostgresAdmin):
 
     async def _step(self, step: Step) -> Any:
         if isinstance(step, On):
-            return await _statement(step.conn, step.sql, step.params)
+            return await _statement(step.conn, step.sql, step.params, first=step.first)
         if isinstance(step, Run):
             conn = await self._getconn()
             try:
@@ -379,8 +389,9 @@ class PostgresBackend(PostgresAdmin):
         await self._drive(self._plan.abandon(key, scope, id, token))
 
     async def purge(self) -> None:
-        """Delete expired dedup marks and supersede rows now (see ``Plan.purge``)."""
-        await self._drive(self._plan.purge())
+        """Delete every expired dedup mark and supersede row now, in batches (see
+        ``Plan.purge``): for a deployment that goes quiet, from a periodic task."""
+        await self._drive(self._plan.purge(every=True))
 
     # -- SupersedeBackend -----------------------------------------------------------------
 

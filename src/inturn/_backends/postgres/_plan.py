@@ -215,7 +215,8 @@ class Plan:
         self.next_purge = 0.0
 
     def purge_due(self) -> bool:
-        """True at most once per PURGE_INTERVAL (whichever twin asks first)."""
+        """True at most once per PURGE_INTERVAL (whichever twin asks first), or at once
+        after a purge that found a full batch (expired rows are piling up)."""
         now = time.monotonic()
         with self.lines.lock:
             if now < self.next_purge:
@@ -537,14 +538,24 @@ class Plan:
     def abandon(self, key: str, scope: str, id: str, token: str) -> Flow[None]:
         yield from self._call("DEDUP_ABANDON", self.sql.mark(key, scope, id, token))
 
-    def purge(self) -> Flow[None]:
-        """Delete expired dedup marks and supersede rows (up to PURGE_LIMIT of each).
+    def purge(self, *, every: bool = False) -> Flow[None]:
+        """Delete expired dedup marks and supersede rows: up to PURGE_LIMIT of each, or
+        with ``every``, batch after batch until none is left.
 
-        Claims call it by themselves at most every PURGE_INTERVAL seconds per
-        process; a failure is logged and left for the next time.
+        Claims and supersedes call it by themselves at most every PURGE_INTERVAL
+        seconds per process, and at once again after a full batch, so the purge keeps
+        pace with any rate of new rows (each call deletes up to PURGE_LIMIT of each);
+        a failure is logged and left for the next time.
         """
         try:
-            yield from self._call("PURGE", None)  # two statements: no parameters
+            while True:
+                marks, records = yield from self._call("PURGE", None)
+                full = max(int(marks), int(records)) >= PURGE_LIMIT
+                if full and not every:
+                    with self.lines.lock:
+                        self.next_purge = 0.0  # a backlog: the next claim purges again
+                if not (full and every):
+                    return
         except Exception as exc:
             logger.debug("inturn: purging expired dedup rows failed: %r", exc)
 
@@ -553,7 +564,10 @@ class Plan:
         (in whatever process; the gate cancels a call at most once)."""
         params = {**self.sql.scope(key, scope), "cancel": cancel_running}
         params.update(keep_ms=ms(SUPERSEDE_KEEP), local=[])
-        return int((yield from self._call("SUPERSEDE", params))[0])
+        generation = int((yield from self._call("SUPERSEDE", params))[0])
+        if self.purge_due():  # its rows expire too: also where no claim ever runs
+            yield from self.purge()
+        return generation
 
     def is_newest(self, key: str, scope: str, generation: int) -> Flow[bool]:
         row = yield from self._call("IS_NEWEST", self.sql.scope(key, scope))
@@ -603,11 +617,41 @@ class Plan:
         lease: float,
         ack: bool,
     ) -> Flow[Taken]:
-        """The take first, then the turn's release: the next holder of the turn never sees
-        this batch unacknowledged. (The turn's COMMIT is on its own connection: two steps.)"""
-        taken = yield from self.mb_take(name, key, token, limit, lease, ack)
-        yield from self.release(key, turn_token)
-        return taken
+        """The take and the turn's release in one round trip: the take runs inside the
+        turn's own transaction, and the COMMIT sent with it releases the turn (and the
+        take's rows) at once, so the next holder never sees this batch unacknowledged.
+
+        Where the turn's transaction broke (or this process holds no connection for it),
+        the take alone, on a pooled connection, then the rollback that ends the turn. A lost
+        answer raises BackendUnavailable: the take may or may not have committed, and the
+        drainer takes again without acknowledging (a redelivery, never a loss)."""
+        yield from self._ready()
+        holding = self.lines.unhold(key, turn_token)
+        if holding is None:
+            return (yield from self.mb_take(name, key, token, limit, lease, ack))
+        conn = holding.conn
+        fence = holding.grant.fence if holding.grant is not None else None
+        try:
+            if conn is None or conn.info.transaction_status == INERROR:
+                taken = yield from self.mb_take(name, key, token, limit, lease, ack)
+                if conn is not None:
+                    yield On(conn, q.ROLLBACK)
+                    yield from self._close_audit(fence, "released")
+                return taken
+            params = self.sql.locked_box(name, key, token)
+            params.update(limit=limit, lease_ms=ms(lease), ack=ack, now=time.time())
+            sql = f"{self.sql['MB_TAKE']}; {self.sql.release(fence)}"
+            try:
+                status, wait, messages = yield On(conn, sql, params, first=True)
+            except TRANSPORT_ERRORS as exc:
+                # The session is gone (its lock with it); did the COMMIT make it? Unknown.
+                yield from self._close_audit(fence, "lost")
+                raise BackendUnavailable(
+                    f"PostgreSQL did not answer (mb_release_take): {exc}"
+                ) from exc
+            return _taken(int(status), wait, messages)
+        finally:
+            yield from self._give_back(holding)
 
     def mb_retry(
         self, name: str, key: str, token: str, messages: list[str], not_before: float

@@ -242,16 +242,18 @@ DEDUP_ABANDON = (
 """The run failed: forget our in-progress claim so a retry can run (no-op if not ours)."""
 
 PURGE = (
-    "DELETE FROM {schema}.dedup WHERE ctid = ANY (ARRAY("
+    "WITH d AS (DELETE FROM {schema}.dedup WHERE ctid = ANY (ARRAY("
     "SELECT ctid FROM {schema}.dedup WHERE expires_at <= clock_timestamp()"
-    " LIMIT {limit} FOR UPDATE SKIP LOCKED));"
-    " DELETE FROM {schema}.supersede WHERE ctid = ANY (ARRAY("
+    " LIMIT {limit} FOR UPDATE SKIP LOCKED)) RETURNING 1),"
+    " s AS (DELETE FROM {schema}.supersede WHERE ctid = ANY (ARRAY("
     "SELECT ctid FROM {schema}.supersede WHERE expires_at <= clock_timestamp()"
-    " LIMIT {limit} FOR UPDATE SKIP LOCKED))"
+    " LIMIT {limit} FOR UPDATE SKIP LOCKED)) RETURNING 1)"
+    " SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM s)"
 )
 """Delete up to {limit} expired dedup marks and supersede rows each (every namespace).
 
 Rows another session is changing are skipped, never waited for.
+returns: (dedup rows deleted, supersede rows deleted).
 """
 
 DEDUP_ROWS = "SELECT count(*) FROM {schema}.dedup WHERE namespace = %(ns)s"

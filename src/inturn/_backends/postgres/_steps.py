@@ -103,11 +103,15 @@ class Run:
 @dataclass(frozen=True, slots=True)
 class On:
     """Run ``sql`` on ``conn`` (a turn's own connection); answers the last result's first
-    row. Errors come back unmapped: the flow decides what they mean."""
+    row. Errors come back unmapped: the flow decides what they mean.
+
+    ``first``: ``params`` are bound on the client, so ``sql`` may hold several statements
+    sent in one round trip; answers the *first* result's first row."""
 
     conn: Any
     sql: str
     params: Mapping[str, Any] | None = None
+    first: bool = False
 
 
 @dataclass(frozen=True, slots=True)

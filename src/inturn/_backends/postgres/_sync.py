@@ -60,6 +60,14 @@ def _last(cur: Any) -> Any:
     return None if cur.description is None else cur.fetchone()
 
 
+def _first(cur: Any) -> Any:
+    """The first row of a multi-statement query's first result (the rest read to the end)."""
+    row = None if cur.description is None else cur.fetchone()
+    while cur.nextset():
+        pass
+    return row
+
+
 def _configure(conn: Any) -> None:
     """Every new pooled connection: see :data:`._sql.SESSION`."""
     conn.execute(q.SESSION)
@@ -125,6 +133,8 @@ class SyncPostgresBackend:
 
     def _step(self, step: Step) -> Any:
         if isinstance(step, On):
+            if step.first:
+                return _first(psycopg.ClientCursor(step.conn).execute(step.sql, step.params))
             return _last(step.conn.execute(step.sql, step.params))
         if isinstance(step, Run):
             conn = self._getconn()
@@ -292,7 +302,7 @@ class SyncPostgresBackend:
 
     def purge(self) -> None:
         """See :meth:`PostgresBackend.purge`."""
-        self._drive(self._plan.purge())
+        self._drive(self._plan.purge(every=True))
 
     # -- SyncSupersedeBackend -------------------------------------------------------------
 

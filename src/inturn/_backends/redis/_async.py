@@ -278,7 +278,7 @@ class RedisBackend(Mailboxes, RedisAdmin):
         wait: ReplicaWait | None = None,
     ) -> Any:
         """Run a script; with ``wait``, return once replicas have its write (see ReplicaWait)."""
-        keys = self._process.keys.turn_keys(key) if keys is None else keys
+        keys = state.calls.turn_keys(key) if keys is None else keys
         if not state.subscribed.is_set():
             await self._in_order(state)
         with map_errors(name):
@@ -415,7 +415,7 @@ class RedisBackend(Mailboxes, RedisAdmin):
             # first, and our next command (a JOIN, often) leaves in the same write. The
             # reply only confirms the grant, or refuses it, and then the new holder is told.
             reply = state.mux.submit(  # type: ignore[union-attr]
-                SHAS["release"][0], self._process.keys.turn_keys(key), args, hold=True
+                SHAS["release"][0], state.calls.turn_keys(key), args, hold=True
             )
             if reply is not None:
                 reply.add_done_callback(partial(self._handed_over, state, key, args, handed))

@@ -136,17 +136,30 @@ class Mailboxes:
             return bool(await self._state().client.exists(role))
 
     async def mb_hint(self, name: str, key: str, present: bool) -> None:
+        """A key's hint is added by MB_SUBMIT and dropped by the take that empties its
+        queue, in the same scripts (on a Cluster too: in its slot's hint set). Left to do:
+        drop the hint of a queue found empty by the sweeper."""
+        if present:
+            return
         state = self._state()
-        if present and not state.calls.cluster:
-            return  # MB_SUBMIT recorded it in the same step (one round trip less)
-        hint = self._process.keys.mailbox_index(name)[0]
         with map_errors("mb_hint"):
-            await (state.client.sadd(hint, key) if present else state.client.srem(hint, key))
+            await state.client.srem(state.calls.hint_set(name, key), key)
+            if state.calls.cluster:  # and from the single set an older version kept
+                await state.client.srem(self._process.keys.mailbox_index(name)[0], key)
 
     async def mb_hinted(self, name: str) -> list[str]:
-        hint = self._process.keys.mailbox_index(name)[0]
+        """The members of every hint set of ``name`` (on a Cluster, one per slot: read in
+        one pipeline per node)."""
+        state = self._state()
+        sets = state.calls.hint_sets(name)
         with map_errors("mb_hinted"):
-            return sorted(text(k) for k in await self._state().client.smembers(hint))
+            if len(sets) == 1:
+                return sorted(text(k) for k in await state.client.smembers(sets[0]))
+            pipe = state.client.pipeline()
+            for hint in sets:
+                pipe.smembers(hint)
+            replies = await pipe.execute()
+        return sorted({text(k) for members in replies for k in members})
 
     async def mb_dead(self, name: str, entries: list[str]) -> None:
         dead = self._process.keys.mailbox_index(name)[1]
@@ -251,16 +264,25 @@ class SyncMailboxes:
             return bool(self._client.exists(self._process.keys.mailbox_keys(name, key)[2]))
 
     def mb_hint(self, name: str, key: str, present: bool) -> None:
-        if present and not self._calls.cluster:
-            return  # MB_SUBMIT recorded it in the same step
-        hint = self._process.keys.mailbox_index(name)[0]
+        """See ``Mailboxes.mb_hint``: only a sweeper's drop is left to do."""
+        if present:
+            return
         with map_errors("mb_hint"):
-            self._client.sadd(hint, key) if present else self._client.srem(hint, key)
+            self._client.srem(self._calls.hint_set(name, key), key)
+            if self._calls.cluster:
+                self._client.srem(self._process.keys.mailbox_index(name)[0], key)
 
     def mb_hinted(self, name: str) -> list[str]:
+        """See ``Mailboxes.mb_hinted``."""
+        sets = self._calls.hint_sets(name)
         with map_errors("mb_hinted"):
-            members = self._client.smembers(self._process.keys.mailbox_index(name)[0])
-        return sorted(text(k) for k in members)
+            if len(sets) == 1:
+                return sorted(text(k) for k in self._client.smembers(sets[0]))
+            pipe = self._client.pipeline()
+            for hint in sets:
+                pipe.smembers(hint)
+            replies = pipe.execute()
+        return sorted({text(k) for members in replies for k in members})
 
     def mb_dead(self, name: str, entries: list[str]) -> None:
         with map_errors("mb_dead"):

@@ -3,10 +3,12 @@
     inturn:<namespace>:{<user key>}:o   owner      (see _lua for each key's shape)
     inturn:<namespace>:{<user key>}:q   line
     inturn:<namespace>:{<user key>}:w   waiters
-    inturn:<namespace>:{<user key>}:f   fence floor
     inturn:<namespace>:{<user key>}:m:<mailbox>:q|f|d|n   a mailbox's queue, in flight,
                                         drainer role, retry not-before time
     inturn:<namespace>:mb:<mailbox>:hint|dead   the sweeper's index, the dead letters
+    inturn:<namespace>:fence            the namespace's fence floor (see _lua)
+    inturn:<namespace>:fence:{<tag>}    on a Cluster: the floor of one slot
+    inturn:<namespace>:mb:<mailbox>:hint:{<tag>}   on a Cluster: the index of one slot
     inturn:<namespace>:wake:<process>   a process's wake-up channel (Pub/Sub, not a key)
 
 The user key and the namespace are percent-encoded: ``%``, ``{``, ``}``, ``:``,
@@ -14,14 +16,29 @@ spaces, control characters and DEL become ``%XX`` of their UTF-8 bytes, every
 other character stays as it is. That is injective (``%`` itself is escaped),
 and no user key can close the hash tag early or open another, so all four keys
 of one user hash to one Cluster slot.
+
+Nothing is kept per user once the user is idle: the keys above that name a
+user go when its turn, line and queues do (dedup marks and supersede records
+when their window ends). What a script also needs beside the user's keys (the
+fence floor, the sweeper's hint set) is shared: one key per namespace, or on a
+Cluster, where a script may only touch one slot, one key per slot, named with
+a *slot tag*: the shortest ASCII letters-and-digits text that hashes to that
+slot (:func:`slot_tag`), so at most 16384 such keys per namespace.
 """
 
 from __future__ import annotations
 
+import binascii
+import functools
+import itertools
+import string
 import urllib.parse
 from typing import NamedTuple
 
-__all__ = ["KeySpace", "Name", "decode", "encode"]
+__all__ = ["SLOTS", "KeySpace", "Name", "decode", "encode", "slot_of", "slot_tag"]
+
+SLOTS = 16384
+"""Redis Cluster's hash slots."""
 
 _ESCAPE = {"%", "{", "}", ":"}
 
@@ -44,13 +61,43 @@ def decode(text: str) -> str:
     return urllib.parse.unquote(text) if "%" in text else text
 
 
+def slot_of(key: str) -> int:
+    """The Cluster slot of every key name of user ``key`` (the CRC16 of its hash tag)."""
+    return binascii.crc_hqx(encode(key).encode("utf-8"), 0) % SLOTS
+
+
+@functools.cache
+def _tags() -> tuple[str, ...]:
+    """For each slot, the shortest text of ASCII letters and digits that hashes to it
+    (the first in alphabetical order). Made once per process, on a Cluster only."""
+    tags: list[str | None] = [None] * SLOTS
+    alphabet = string.digits + string.ascii_uppercase + string.ascii_lowercase
+    missing = SLOTS
+    for length in itertools.count(1):
+        for chars in itertools.product(alphabet, repeat=length):
+            tag = "".join(chars)
+            slot = binascii.crc_hqx(tag.encode("ascii"), 0) % SLOTS
+            if tags[slot] is None:
+                tags[slot] = tag
+                missing -= 1
+                if missing == 0:
+                    return tuple(t for t in tags if t is not None)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def slot_tag(slot: int) -> str:
+    """A hash tag of ``slot``: a name with ``{<tag>}`` in it lies in that slot."""
+    return _tags()[slot]
+
+
 class Name(NamedTuple):
     """What a key name of the namespace stands for (see :meth:`KeySpace.parse`).
 
     ``kind`` is the last part of the name (``"o"``, ``"q"``, ``"w"``, ``"f"`` for a
     turn; ``"q"``, ``"f"``, ``"d"``, ``"n"`` with ``mailbox`` set for a mailbox box;
     ``"hint"``, ``"dead"`` with ``key`` None for a mailbox's index; ``"d"``, ``"g"``,
-    ``"r"`` for dedup marks and supersede records).
+    ``"r"`` for dedup marks and supersede records; ``"fence"`` with ``key`` and
+    ``mailbox`` None for a fence floor).
     """
 
     key: str | None
@@ -67,10 +114,31 @@ class KeySpace:
         self.namespace = namespace
         self.prefix = f"inturn:{encode(namespace)}:"
 
-    def turn_keys(self, key: str) -> list[str]:
-        """owner, line, waiters, fence: the KEYS of every turn script."""
+    def turn_keys(self, key: str, *, cluster: bool = False) -> list[str]:
+        """owner, line, waiters, fence floor: the KEYS of every turn script."""
         base = f"{self.prefix}{{{encode(key)}}}:"
-        return [base + "o", base + "q", base + "w", base + "f"]
+        return [base + "o", base + "q", base + "w", self.fence_floor(key, cluster=cluster)]
+
+    def fence_floor(self, key: str, *, cluster: bool = False) -> str:
+        """The fence floor ``key``'s grants use: the namespace's, or on a Cluster its slot's."""
+        if cluster:
+            return f"{self.prefix}fence:{{{slot_tag(slot_of(key))}}}"
+        return f"{self.prefix}fence"
+
+    def hint_set(self, name: str, key: str, *, cluster: bool = False) -> str:
+        """The sweeper's hint set that holds ``key`` of mailbox ``name``: the mailbox's, or
+        on a Cluster its set in the key's slot (so the scripts keep it, atomically)."""
+        if cluster:
+            return f"{self.prefix}mb:{encode(name)}:hint:{{{slot_tag(slot_of(key))}}}"
+        return self.mailbox_index(name)[0]
+
+    def hint_sets(self, name: str, *, cluster: bool = False) -> list[str]:
+        """Every hint set of mailbox ``name`` (on a Cluster one per slot, and the set of
+        one name that an older version kept)."""
+        legacy = self.mailbox_index(name)[0]
+        if not cluster:
+            return [legacy]
+        return [f"{legacy}:{{{slot_tag(slot)}}}" for slot in range(SLOTS)] + [legacy]
 
     def mark_key(self, key: str, scope: str, id: str) -> str:
         """The dedup mark of message ``id`` of ``scope`` (a function or mailbox) for ``key``."""
@@ -99,8 +167,13 @@ class KeySpace:
         if not name.startswith(self.prefix):
             return None
         rest = name[len(self.prefix) :]
+        if rest == "fence" or rest.startswith("fence:{"):
+            return Name(None, None, "fence")
         if rest.startswith("mb:"):
-            mailbox, _, kind = rest[3:].rpartition(":")
+            body = rest[3:]
+            if body.endswith("}") and ":{" in body:  # a slot's hint set on a Cluster
+                body = body[: body.rindex(":{")]
+            mailbox, _, kind = body.rpartition(":")
             return Name(None, decode(mailbox), kind) if mailbox else None
         if not rest.startswith("{"):
             return None

@@ -1,13 +1,14 @@
 """The Redis backend's Lua scripts: one atomic round trip per operation.
 
-Every script touches the four keys of one user, which share a hash tag (one
-Cluster slot):
+Every turn script touches the three keys of one user, which share a hash tag
+(one Cluster slot), and the fence floor:
 
     KEYS[1]  owner    string "<token>|<fence>", PX = the holder's lease
     KEYS[2]  line     list of waiting tokens, oldest first
     KEYS[3]  waiters  hash token -> "<alive_until_ms>|<lease_ms>|<wake channel>",
                       and "#" -> the last join sequence number
-    KEYS[4]  fence    string, the last fence granted (the fence floor), EX FENCE_TTL
+    KEYS[4]  floor    string, the greatest fence granted in the namespace (on a
+                      Cluster: in the user's slot), EX FENCE_TTL
 
 A waiter refreshes ``alive_until`` while it waits; a waiter whose mark has
 lapsed is dead and skipped by the hand-off. The hand-off grants the turn to
@@ -16,10 +17,35 @@ lease lapsed) and PUBLISHes "<token>|<fence>" on that waiter's process channel:
 one push, to exactly that waiter. PUBLISH takes no key, so it is allowed in a
 Cluster script and reaches a subscriber on any node.
 
-Fences: ``max(previous + 1, server TIME in microseconds)``. They grow strictly
-while the fence key lives, and after it expired or the server restarted empty
-they still exceed every earlier fence as long as the server clock has not gone
-back. ~1.8e15 today: exact in Lua's doubles (below 2^53) until the year 2255.
+Fences: ``max(floor + 1, server TIME in microseconds)``, and the floor moves up
+to the new fence. The owner key goes when the turn ends and the line's keys
+when it empties, so an idle user leaves no key at all; the floor is shared by
+every user of the namespace (one key; on a Cluster, where a script touches one
+slot only, one key per slot, at most 16384: see ``_keys.slot_tag``).
+
+Why a key's fences grow strictly, across idle periods, hand-offs and restarts:
+
+- every grant of a key reads and raises the same floor, so it exceeds every
+  earlier grant that raised it: the key's own grants among them. The floor is
+  persisted and replicated like any key (RDB/AOF, replicas), so this holds
+  across restarts with persistence and fail-overs to a replica that has it;
+- the hand-over to a waiter of the releasing process grants the holder's
+  fence + 1 (no clock read): the holder's fence is the key's newest, since a
+  grant always replaces the owner key; the floor is raised to it too;
+- should the floor be gone (a restart without persistence, a namespace idle
+  for FENCE_TTL), the clock part still exceeds every earlier fence: fences
+  track the clock (they could only run ahead of it at more than a million
+  grants a second in one namespace or slot, beyond one Redis core's pace).
+
+A server clock that steps back (an NTP correction, a fail-over to a node whose
+clock is behind) is absorbed by the floor: fences go on at floor + 1 each
+until the clock catches up. Only a step back together with the loss of the
+floor can repeat fences. The cost: one read and one write of the floor per
+grant (the same as a floor per user, which left one key behind per user ever
+seen), and a single key every grant of a namespace writes (Redis runs scripts
+one at a time: no contention, only the write itself).
+
+~1.8e15 today: exact in Lua's doubles (below 2^53) until the year 2255.
 
 Scripts that release, renew, leave or re-check carry ``flags=allow-oom``: a
 server at ``maxmemory`` with ``noeviction`` refuses new work (JOIN) but never
@@ -49,7 +75,8 @@ __all__ = [
 ]
 
 FENCE_TTL = 30 * 24 * 3600
-"""Seconds an idle key's fence floor is kept (fences stay increasing after it expires)."""
+"""Seconds the fence floor of a namespace (or Cluster slot) outlives its last grant
+(fences stay increasing after it expires: they follow the clock)."""
 
 SOLO_MAX = 64
 """Longest line JOIN scans to tell a waiter that everyone ahead is in its own event loop."""
@@ -211,14 +238,17 @@ end
 redis.call('DEL', KEYS[1])
 local refused = 0
 if ARGV[2] then
+  -- holder + 1 exceeds the key's every fence: the owner key holds its newest. The floor
+  -- (shared with other keys, so maybe past it already) is raised to it at least.
   local next_fence = fence + 1
-  if tonumber(redis.call('GET', KEYS[4]) or '0') < next_fence and unqueue(ARGV[2]) then
-    redis.call('SET', KEYS[4], int(next_fence), 'EX', FENCE_TTL)
+  if unqueue(ARGV[2]) then
+    local floor = tonumber(redis.call('GET', KEYS[4]) or '0')
+    redis.call('SET', KEYS[4], int(math.max(floor, next_fence)), 'EX', FENCE_TTL)
     redis.call('SET', KEYS[1], ARGV[2] .. '|' .. int(next_fence), 'PX', ARGV[3])
     return {1, ARGV[2], next_fence}
   end
-  -- Refused: the waiter left the line (it released after a refused grant of its own), or
-  -- a grant was made past this holder's fence (cannot be). The usual hand-off instead.
+  -- Refused: the waiter left the line (it released after a refused grant of its own).
+  -- The usual hand-off instead.
   refused = 2
 end
 local next_token, next_fence = hand_off(now_ms())
@@ -385,7 +415,7 @@ return 0
 _TAKE = """
 -- take(q, f, d, n, token, limit, lease_ms, ack, now, hint, user): renew the drainer role,
 -- acknowledge the last batch if ack, take the next one, or give the role up when the queue
--- is empty (and drop the user from the sweeper's hint set, when given: not on Cluster).
+-- is empty (and drop the user from the sweeper's hint set, when given).
 -- now: the caller's clock (seconds), compared with the not-before time the caller stored.
 -- returns: {1, message...} taken (in-flight ones first) | {0} empty, role given up
 --          | {2, seconds} the head waits for its retry | {-1} not the drainer
@@ -416,8 +446,8 @@ MB_SUBMIT = (
     + """
 -- MB_SUBMIT: store a message; become the drainer if there is none, and then (when ARGV[7]
 -- is above 0) take the first batch at once: the new drainer saves a round trip.
--- KEYS[1..4]: queue, in flight, role, not-before  KEYS[5] (optional, not on Cluster: another
--- slot): the mailbox's sweeper hint set
+-- KEYS[1..4]: queue, in flight, role, not-before  KEYS[5]: the mailbox's sweeper hint set
+-- (on a Cluster, its set for the key's slot)
 -- ARGV[1]: message  ARGV[2]: max_pending  ARGV[3]: "1" drop oldest when full
 -- ARGV[4]: token  ARGV[5]: role lease_ms  ARGV[6]: the user key (for the hint)
 -- ARGV[7]: how many to take if the caller becomes the drainer  ARGV[8]: the caller's clock
@@ -460,7 +490,7 @@ MB_TAKE = (
     "#!lua flags=allow-oom\n"
     + _TAKE
     + """
--- MB_TAKE: KEYS[1..4] queue, in flight, role, not-before; KEYS[5] (optional) the hint set;
+-- MB_TAKE: KEYS[1..4] queue, in flight, role, not-before; KEYS[5] the hint set;
 -- returns as take() above.
 -- ARGV[1]: token  ARGV[2]: limit  ARGV[3]: role lease_ms  ARGV[4]: "1" acknowledge in-flight
 -- ARGV[5]: the caller's clock (seconds), for the not-before time  ARGV[6]: the user key
@@ -529,7 +559,7 @@ MB_RELEASE_TAKE = (
 -- MB_RELEASE_TAKE: the drainer releases the key's turn (handing it to the next live waiter)
 -- and takes its next batch, in one round trip.
 -- KEYS[1..4]: the turn's keys  KEYS[5..8]: the mailbox's queue, in flight, role, not-before
--- KEYS[9] (optional): the hint set   ARGV[1]: turn token  ARGV[2..7]: as MB_TAKE's ARGV[1..6]
+-- KEYS[9]: the hint set   ARGV[1]: turn token  ARGV[2..7]: as MB_TAKE's ARGV[1..6]
 -- returns: {taken, next_token, next_fence}: taken as MB_TAKE's reply; the turn's next
 --          holder (false if none) so the caller can wake it at once if it is local
 local taken = take(KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[2], ARGV[3], ARGV[4], ARGV[5],

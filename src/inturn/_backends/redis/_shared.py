@@ -166,8 +166,8 @@ Call = tuple[str, list[str], list[Any]]
 class Scripts:
     """The KEYS and ARGV of each mailbox and dedup script, built once for both twins.
 
-    ``cluster``: the sweeper's hint set lives in another slot, so scripts do not
-    keep it there (``mb_hint`` does, as a command of its own).
+    ``cluster``: the fence floor and the sweeper's hint set a script touches are
+    those of the user's slot (see ``KeySpace.fence_floor``, ``KeySpace.hint_set``).
     """
 
     __slots__ = ("cluster", "keys")
@@ -176,8 +176,20 @@ class Scripts:
         self.keys = keys
         self.cluster = cluster
 
-    def _hint(self, name: str) -> list[str]:
-        return [] if self.cluster else [self.keys.mailbox_index(name)[0]]
+    def turn_keys(self, key: str) -> list[str]:
+        """The KEYS of the turn scripts for ``key``."""
+        return self.keys.turn_keys(key, cluster=self.cluster)
+
+    def hint_set(self, name: str, key: str) -> str:
+        """The sweeper's hint set of mailbox ``name`` that holds ``key``."""
+        return self.keys.hint_set(name, key, cluster=self.cluster)
+
+    def hint_sets(self, name: str) -> list[str]:
+        """Every hint set of mailbox ``name`` (see ``KeySpace.hint_sets``)."""
+        return self.keys.hint_sets(name, cluster=self.cluster)
+
+    def _hint(self, name: str, key: str) -> list[str]:
+        return [self.hint_set(name, key)]
 
     def mb_submit(
         self,
@@ -191,12 +203,12 @@ class Scripts:
         lease: float,
         take: int,
     ) -> Call:
-        keys = self.keys.mailbox_keys(name, key) + self._hint(name)
+        keys = self.keys.mailbox_keys(name, key) + self._hint(name, key)
         args = [message, max_pending, "1" if drop_oldest else "0", token, ms(lease), key]
         return "mb_submit", keys, [*args, take, repr(time.time())]
 
     def mb_take(self, name: str, key: str, token: str, limit: int, lease: float, ack: bool) -> Call:
-        keys = self.keys.mailbox_keys(name, key) + self._hint(name)
+        keys = self.keys.mailbox_keys(name, key) + self._hint(name, key)
         args = [token, limit, ms(lease), "1" if ack else "0", repr(time.time()), key]
         return "mb_take", keys, args
 
@@ -204,7 +216,7 @@ class Scripts:
         self, name: str, key: str, token: str, turn_token: str, limit: int, lease: float, ack: bool
     ) -> Call:
         _, take_keys, take_args = self.mb_take(name, key, token, limit, lease, ack)
-        keys = self.keys.turn_keys(key) + take_keys
+        keys = self.turn_keys(key) + take_keys
         return "mb_release_take", keys, [turn_token, *take_args]
 
     def mb_retry(

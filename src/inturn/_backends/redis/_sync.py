@@ -262,7 +262,7 @@ class SyncRedisBackend(SyncMailboxes):
     ) -> Any:
         """Run a script; ``timeout`` bounds the wait for its reply (not on a Cluster);
         ``wait``: return once replicas have its write (see ReplicaWait)."""
-        keys = self._process.keys.turn_keys(key) if keys is None else keys
+        keys = self._calls.turn_keys(key) if keys is None else keys
         with map_errors(name):
             if self._mux is not None:
                 sha, lua = SHAS[name]
