@@ -31,7 +31,6 @@ next message — one poison message never wedges a user.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import math
@@ -521,10 +520,21 @@ class Mailbox:
         threads cannot be cancelled: they are waited for, up to ``timeout``.
         """
         self._stop_sweeping()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(BaseException):
-                await self._sweeper
+        sweeper = self._sweeper
+        if sweeper is not None and sweeper.get_loop() is asyncio.get_running_loop():
+            sweeper.cancel()
+            # Bounded: a sweep stuck in a call that does not end on cancel (a server that
+            # stopped answering) must not hang the shutdown; its work is idempotent.
+            await asyncio.wait({sweeper}, timeout=timeout)
+            if sweeper.done():
+                if not sweeper.cancelled():
+                    sweeper.exception()  # retrieved: a sweep that failed was logged already
+            else:
+                logger.warning(
+                    "inturn: mailbox %r: the sweeper did not stop within %ss; left running",
+                    self.name,
+                    timeout,
+                )
         if not await self.drained(timeout):
             for task in list(self._drains):
                 task.cancel()
