@@ -328,7 +328,7 @@ def report(
         if any(line.startswith(("#", "|")) for line in body.splitlines()):
             lines.append(_demote(body))
         else:
-            lines += ["```", body, "```"]
+            lines += ["```text", body, "```"]  # output, not code to run
     return "\n".join(lines) + "\n"
 
 
