@@ -187,6 +187,9 @@ class PostgresBackend(PostgresAdmin):
         self._sync_pool = sync_pool
         self._conninfo = conninfo
         self._max = max_connections
+        # Loops this backend was closed on: a call that comes after (a task still running
+        # when the gate closed) must not open a new pool that would outlive the loop.
+        self._closed_on: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool] = (
             weakref.WeakKeyDictionary()
         )
@@ -246,6 +249,11 @@ class PostgresBackend(PostgresAdmin):
             return self._pool
         loop = asyncio.get_running_loop()
         entry = self._pools.get(loop)
+        if entry is None and loop in self._closed_on:
+            raise BackendUnavailable(
+                "the PostgreSQL backend was closed (gate.aclose()) on this event loop",
+                transient=False,
+            )
         if entry is None and not self._reached:
             await self._probe(loop)
             entry = self._pools.get(loop)
@@ -570,6 +578,7 @@ class PostgresBackend(PostgresAdmin):
             listener.task.cancel()
             with contextlib.suppress(BaseException):
                 await listener.task
+        self._closed_on.add(asyncio.get_running_loop())
         entry = self._pools.pop(asyncio.get_running_loop(), None)
         if entry is not None and entry.keeper is not None:
             entry.keeper.cancel()
