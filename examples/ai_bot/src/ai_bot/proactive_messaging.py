@@ -60,10 +60,8 @@ class Proactive:
         app = self.app
         if await app.replies.pending(user_id):
             return False  # messages wait for their reply: that reply comes first
-        if not force:
-            idle = app.settings.proactive_idle_minutes * 60
-            if user_id not in await app.store.idle_users(idle):
-                return False  # the user wrote meanwhile
+        if not force and user_id not in await self.idle_users():
+            return False  # the user wrote meanwhile
         chat_id = await app.store.chat_of(user_id)
         sent = await app.responder.send_ai_response(
             user_id, user_id if chat_id is None else chat_id, [], fence=fence, proactive=True
@@ -88,7 +86,12 @@ class Proactive:
         return outcome
 
     async def idle_users(self) -> list[int]:
-        return await self.app.store.idle_users(self.app.settings.proactive_idle_minutes * 60)
+        return await idle_users(self.app.store, self.app.settings)
+
+
+async def idle_users(store: Store, settings: Settings) -> list[int]:
+    """Users quiet for PROACTIVE_IDLE_MINUTES who wrote since their last proactive message."""
+    return await store.idle_users(settings.proactive_idle_minutes * 60)
 
 
 async def run_tick(settings: Settings) -> dict[int, Outcome]:
@@ -160,7 +163,7 @@ async def _idle_users() -> list[int]:
     settings = Settings.from_env()
     store = await Store.open(settings.database_url)
     try:
-        return await store.idle_users(settings.proactive_idle_minutes * 60)
+        return await idle_users(store, settings)
     finally:
         await store.aclose()
 
