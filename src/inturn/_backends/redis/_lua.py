@@ -40,7 +40,7 @@ Why a key's fences grow strictly, across idle periods, hand-offs and restarts:
 A server clock that steps back (an NTP correction, a fail-over to a node whose
 clock is behind) is absorbed by the floor: fences go on at floor + 1 each
 until the clock catches up. Only a step back together with the loss of the
-floor can repeat fences. The cost: one read and one write of the floor per
+floor can repeat fences. The cost: one ``SET ... GET`` of the floor per
 grant (the same as a floor per user, which left one key behind per user ever
 seen), and a single key every grant of a namespace writes (Redis runs scripts
 one at a time: no contention, only the write itself).
@@ -97,9 +97,15 @@ end
 local function next_fence()
   local t = redis.call('TIME')
   local clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local fence = math.max(tonumber(redis.call('GET', KEYS[4]) or '0') + 1, clock)
-  redis.call('SET', KEYS[4], int(fence), 'EX', FENCE_TTL)
-  return fence
+  -- The clock is ahead of the floor but for a step back or a grant in the same microsecond:
+  -- write it and read the old floor in one command, and correct the rare case after.
+  -- Returns the fence, and as text.
+  local text = int(clock)
+  local floor = tonumber(redis.call('SET', KEYS[4], text, 'EX', FENCE_TTL, 'GET') or '0')
+  if floor < clock then return clock, text end
+  text = int(floor + 1)
+  redis.call('SET', KEYS[4], text, 'EX', FENCE_TTL)
+  return floor + 1, text
 end
 
 local function holder(value)
@@ -108,13 +114,13 @@ local function holder(value)
 end
 
 local function grant(token, lease_ms)
-  local fence = next_fence()
-  redis.call('SET', KEYS[1], token .. '|' .. int(fence), 'PX', lease_ms)
+  local fence, text = next_fence()
+  redis.call('SET', KEYS[1], token .. '|' .. text, 'PX', lease_ms)
   return fence
 end
 
 -- Grant the turn to the first live waiter and push it the news: its token and fence,
--- or false if no waiter is alive.
+-- or false if no waiter is alive. ``now`` (server ms) is read when first needed if not given.
 local function hand_off(now)
   while true do
     local token = redis.call('LPOP', KEYS[2])
@@ -126,6 +132,7 @@ local function hand_off(now)
     if info then
       redis.call('HDEL', KEYS[3], token)
       local alive, lease, channel = string.match(info, '^(%d+)|(%d+)|(.*)$')
+      now = now or now_ms()
       if tonumber(alive) > now then
         local fence = grant(token, lease)
         redis.call('PUBLISH', channel, token .. '|' .. int(fence))
@@ -177,11 +184,14 @@ JOIN = (
 --   same event loop; that loop may then hand the turn over to it without waiting (RELEASE).
 -- Idempotent: a retried JOIN of the same token neither queues it twice nor grants twice.
 local token, lease, alive = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then  -- no holder, no line: the usual case
+  return {1, grant(token, lease), tonumber(lease)}
+end
 local granted = mine(token)
 if granted then return granted end
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  -- Free. If a line is left (its holder's lease lapsed), its head goes first: no barging.
-  if redis.call('LLEN', KEYS[2]) == 0 or not hand_off(now_ms()) then
+  -- Free, but a line is left (its holder's lease lapsed): its head goes first, no barging.
+  if not hand_off() then
     return {1, grant(token, lease), tonumber(lease)}
   end
 end
@@ -235,6 +245,10 @@ if who ~= ARGV[1] then
   if ARGV[2] and who == ARGV[2] then return {1, who, fence} end
   return {0}
 end
+if not ARGV[2] and redis.call('EXISTS', KEYS[2]) == 0 then  -- nobody waits: the usual case
+  redis.call('DEL', KEYS[1], KEYS[3])
+  return {1}
+end
 redis.call('DEL', KEYS[1])
 local refused = 0
 if ARGV[2] then
@@ -251,7 +265,7 @@ if ARGV[2] then
   -- The usual hand-off instead.
   refused = 2
 end
-local next_token, next_fence = hand_off(now_ms())
+local next_token, next_fence = hand_off()
 if next_token then return {1 + refused, next_token, next_fence} end
 return {1 + refused}
 """
@@ -283,7 +297,7 @@ local granted = mine(ARGV[1])
 if granted then return granted end
 local _, empty = unqueue(ARGV[1])
 if not empty and redis.call('EXISTS', KEYS[1]) == 0 then
-  hand_off(now_ms())  -- the holder lapsed while we waited: move the line on
+  hand_off()  -- the holder lapsed while we waited: move the line on
 end
 return {0}
 """
