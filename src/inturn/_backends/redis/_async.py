@@ -62,6 +62,7 @@ from ._boxes import Mailboxes
 from ._keys import KeySpace
 from ._listener import listen_until_closed
 from ._mux import Mux
+from ._nodes import NodeMuxes, NotHere
 from ._shared import (
     CONNECT_TIMEOUT,
     SCRIPTS,
@@ -187,9 +188,12 @@ class RedisBackend(Mailboxes, RedisAdmin):
         if state is None:
             client = self._client if self._client is not None else self._factory()
             scripts: dict[str, Any] = {}
-            mux = None
-            if is_cluster(client):  # scripts go by slot, through redis-py
+            mux = nodes = None
+            if is_cluster(client):  # scripts go by slot: to its master's own connection
                 scripts = {name: client.register_script(lua) for name, lua in SCRIPTS.items()}
+                kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
+                timeout = kwargs.get("socket_timeout") or SOCKET_TIMEOUT
+                nodes = NodeMuxes(client, timeout=timeout, preload=tuple(SCRIPTS.values()))
             else:
                 pool = client.connection_pool
                 timeout = pool.connection_kwargs.get("socket_timeout") or SOCKET_TIMEOUT
@@ -199,7 +203,9 @@ class RedisBackend(Mailboxes, RedisAdmin):
                 mux = Mux(pool, timeout=timeout, preload=tuple(SCRIPTS.values()), master=master)
             channel = f"{self._process.channel}.{secrets.token_hex(4)}"
             calls = Scripts(self._process.keys, cluster=is_cluster(client))
-            state = LoopState(client=client, scripts=scripts, channel=channel, mux=mux, calls=calls)
+            state = LoopState(
+                client=client, scripts=scripts, channel=channel, mux=mux, nodes=nodes, calls=calls
+            )
             self._states[loop] = state
         return state
 
@@ -207,6 +213,8 @@ class RedisBackend(Mailboxes, RedisAdmin):
         """Close a loop's pipelined connection, and its client if made here."""
         if state.mux is not None:
             await state.mux.aclose()
+        if state.nodes is not None:
+            await state.nodes.aclose()
         if self._client is None:
             await aclose_client(state.client)
 
@@ -292,6 +300,12 @@ class RedisBackend(Mailboxes, RedisAdmin):
                     return reply
                 wait.check(reply[1], name)
                 return reply[0]
+            if state.nodes is not None and wait is None:
+                sha, lua = SHAS[name]
+                with contextlib.suppress(NotHere):  # then redis-py finds the node
+                    return await state.nodes.evalsha(
+                        sha, lua, keys, args, idempotent=idempotent(name, args)
+                    )
             return await state.scripts[name](keys=keys, args=args)
 
     async def _script(

@@ -53,6 +53,7 @@ from ._lua import (
     SUPERSEDE,
 )
 from ._mux import Mux, sha1
+from ._nodes import NodeMuxes
 
 logger = logging.getLogger("inturn")
 
@@ -421,6 +422,8 @@ class LoopState(Lines):
     """The KEYS and ARGV of the dedup and mailbox scripts for this client."""
     mux: Mux | None = None
     """The pipelined connection for scripts (None on a Cluster: its scripts go by slot)."""
+    nodes: NodeMuxes | None = None
+    """On a Cluster: a pipelined connection per master, for scripts (see ``_nodes``)."""
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
     broken: BaseException | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)

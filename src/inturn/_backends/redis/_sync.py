@@ -30,6 +30,7 @@ from inturn._errors import BackendUnavailable
 from . import _doctor
 from ._boxes import SyncMailboxes
 from ._mux import SyncMux
+from ._nodes import NotHere, SyncNodeMuxes
 from ._shared import (
     CONNECT_TIMEOUT,
     IDLE_READ,
@@ -104,8 +105,13 @@ class SyncRedisBackend(SyncMailboxes):
         self._scripts: dict[str, Any] = {}
         """redis-py Script objects, on a Cluster only (elsewhere the SyncMux runs the scripts)."""
         self._mux: SyncMux | None = None
+        self._nodes: SyncNodeMuxes | None = None
+        """On a Cluster: a connection stack per master, for scripts (see ``_nodes``)."""
         if is_cluster(client):
             self._scripts = {name: client.register_script(lua) for name, lua in SCRIPTS.items()}
+            self._nodes = SyncNodeMuxes(
+                client, size=MAX_CONNECTIONS, wait=CONNECT_TIMEOUT, preload=tuple(SCRIPTS.values())
+            )
         else:
             pool = client.connection_pool
             master = None
@@ -260,7 +266,8 @@ class SyncRedisBackend(SyncMailboxes):
         timeout: float | None = None,
         wait: ReplicaWait | None = None,
     ) -> Any:
-        """Run a script; ``timeout`` bounds the wait for its reply (not on a Cluster);
+        """Run a script; ``timeout`` bounds the wait for its reply (on a Cluster: unless
+        redis-py's client runs it, after a redirection);
         ``wait``: return once replicas have its write (see ReplicaWait)."""
         keys = self._calls.turn_keys(key) if keys is None else keys
         with map_errors(name):
@@ -280,6 +287,12 @@ class SyncRedisBackend(SyncMailboxes):
                     return reply
                 wait.check(reply[1], name)
                 return reply[0]
+            if self._nodes is not None and wait is None:
+                sha, lua = SHAS[name]
+                with contextlib.suppress(NotHere):  # then redis-py finds the node
+                    return self._nodes.evalsha(
+                        sha, lua, keys, args, timeout=timeout, idempotent=idempotent(name, args)
+                    )
             return self._scripts[name](keys=keys, args=args)
 
     def _script(self, call: Call, key: str, *, durable: bool = False) -> Any:
@@ -493,6 +506,8 @@ class SyncRedisBackend(SyncMailboxes):
         self._again.set()  # a listener in its backoff ends now
         if self._mux is not None:
             self._mux.close()
+        if self._nodes is not None:
+            self._nodes.close()
         pubsub = self._pubsub
         if pubsub is not None:  # wakes the listener's blocked read: it sees _stop and ends
             with contextlib.suppress(Exception):

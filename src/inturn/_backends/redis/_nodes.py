@@ -1,0 +1,165 @@
+"""Scripts on a Redis Cluster: one pipelined connection per master, chosen by slot.
+
+redis-py's cluster client finds a command's node, takes a connection from that
+node's pool and runs its retry and redirection logic for every command: for two
+tiny scripts per turn, that costs a client about 2.5 times the CPU of the same
+turn on one server. :class:`NodeMuxes` (asyncio) and :class:`SyncNodeMuxes`
+(threads) send each script to the master of its keys' slot on a :class:`Mux`
+(or :class:`SyncMux`) of that master's own, read from redis-py's slot map.
+
+redis-py stays in charge of the topology. A call the node refuses without
+running it (``MOVED``, ``ASK``, ``TRYAGAIN``, ``CLUSTERDOWN``, ``READONLY``, a
+slot that no master covers) raises :class:`NotHere`, and a connection that fails
+for good (the node is gone) raises :class:`NotHere` too when the script is safe
+to send twice; the caller then runs the call through redis-py's cluster client,
+which follows the redirection, refreshes its slot map, and so routes the next
+calls to the right master. A script that is not safe to resend is not sent
+again after a connection failure: its error goes up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.exceptions
+
+from inturn._backends.redis._mux import Mux, SyncMux
+
+__all__ = ["NodeMuxes", "NotHere", "SyncNodeMuxes"]
+
+_REFUSED = (
+    redis.exceptions.AskError,  # MovedError too: a subclass
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.SlotNotCoveredError,
+)
+"""Replies that say the script did not run on that node."""
+
+_BROKEN = (redis.exceptions.ConnectionError, OSError)
+
+
+class NotHere(Exception):
+    """The script did not run on the node the slot map named (or may be resent): run it
+    through redis-py's cluster client, which finds the right node."""
+
+
+def _master_of(client: Any, keys: Sequence[str]) -> Any:
+    """The master that serves ``keys`` (one slot) by redis-py's map; NotHere if unknown."""
+    try:
+        return client.nodes_manager.slots_cache[client.keyslot(keys[0])][0]
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise NotHere("the slot map does not know this slot yet") from exc
+
+
+class NodeMuxes:
+    """A :class:`Mux` per Cluster master, for one event loop's scripts."""
+
+    def __init__(self, client: Any, *, timeout: float, preload: Sequence[str]) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._preload = tuple(preload)
+        self._muxes: dict[str, Mux] = {}
+        self.redirected = 0
+        """Calls handed to redis-py's cluster client (a redirection, a node gone)."""
+
+    def _mux(self, keys: Sequence[str]) -> Mux:
+        node = _master_of(self._client, keys)
+        mux = self._muxes.get(node.name)
+        if mux is None:
+            pool = redis.asyncio.ConnectionPool(
+                connection_class=node.connection_class, max_connections=4, **node.connection_kwargs
+            )
+            mux = self._muxes[node.name] = Mux(pool, timeout=self._timeout, preload=self._preload)
+        return mux
+
+    async def evalsha(
+        self, sha: str, lua: str, keys: Sequence[str], args: Sequence[Any], *, idempotent: bool
+    ) -> Any:
+        """Run a script on its slot's master; :class:`NotHere` when redis-py should."""
+        if not self._client.nodes_manager.slots_cache:
+            await self._client.initialize()
+        try:
+            return await self._mux(keys).evalsha(sha, lua, keys, args, idempotent=idempotent)
+        except _REFUSED as exc:
+            raise self._not_here(exc) from exc
+        except _BROKEN as exc:
+            if not idempotent:
+                raise
+            raise self._not_here(exc) from exc
+
+    def _not_here(self, exc: BaseException) -> NotHere:
+        self.redirected += 1
+        return NotHere(str(exc))
+
+    async def aclose(self) -> None:
+        """Close every master's connection (after the replies in flight, see Mux.aclose)."""
+        muxes, self._muxes = list(self._muxes.values()), {}
+        for mux in muxes:
+            with contextlib.suppress(Exception):
+                await mux.aclose()
+
+
+class SyncNodeMuxes:
+    """A :class:`SyncMux` per Cluster master, for threads."""
+
+    def __init__(self, client: Any, *, size: int, wait: float, preload: Sequence[str]) -> None:
+        self._client = client
+        self._size = size
+        self._wait = wait
+        self._preload = tuple(preload)
+        self._muxes: dict[str, SyncMux] = {}
+        self._lock = threading.Lock()
+        self.redirected = 0
+        """Calls handed to redis-py's cluster client (a redirection, a node gone)."""
+
+    def _mux(self, keys: Sequence[str]) -> SyncMux:
+        node = _master_of(self._client, keys)
+        mux = self._muxes.get(node.name)
+        if mux is None:
+            with self._lock:
+                mux = self._muxes.get(node.name)
+                if mux is None:
+                    pool = node.redis_connection.connection_pool
+                    mux = SyncMux(pool, size=self._size, wait=self._wait, preload=self._preload)
+                    self._muxes[node.name] = mux
+        return mux
+
+    def evalsha(
+        self,
+        sha: str,
+        lua: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        timeout: float | None,
+        idempotent: bool,
+    ) -> Any:
+        """Run a script on its slot's master; :class:`NotHere` when redis-py should."""
+        mux = self._mux(keys)
+        try:
+            return mux.evalsha(sha, lua, keys, args, timeout=timeout, idempotent=idempotent)
+        except _REFUSED as exc:
+            raise self._not_here(exc) from exc
+        except _BROKEN as exc:
+            if not idempotent:
+                raise
+            raise self._not_here(exc) from exc
+
+    def _not_here(self, exc: BaseException) -> NotHere:
+        with self._lock:
+            self.redirected += 1
+        return NotHere(str(exc))
+
+    def close(self) -> None:
+        """Close every master's idle connections (see SyncMux.close)."""
+        with self._lock:
+            muxes, self._muxes = list(self._muxes.values()), {}
+        for mux in muxes:
+            with contextlib.suppress(Exception):
+                mux.close()
