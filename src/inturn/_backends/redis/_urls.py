@@ -68,8 +68,8 @@ def wait_options(url: str) -> tuple[str, tuple[int, float]]:
 
 
 _NO_CLUSTER_WAIT = (
-    "wait_replicas is not supported on a Redis Cluster (its scripts go through redis-py by "
-    "slot, and WAIT must follow the write on its connection): set min-replicas-to-write "
+    "wait_replicas is not supported on a Redis Cluster (WAIT must follow the write on its "
+    "connection, and a redirected call goes through redis-py): set min-replicas-to-write "
     "on the masters instead"
 )
 
