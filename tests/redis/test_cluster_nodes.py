@@ -103,3 +103,32 @@ async def test_sync_scripts_use_a_connection_per_master_and_follow_a_stale_map(
         await asyncio.to_thread(run)
     finally:
         await gate.aclose()
+
+
+async def test_a_sweep_reads_the_hints_of_every_master_in_one_call_each(
+    redis_cluster: RedisCluster,
+) -> None:
+    """The sweeper's hint sets (one per slot) are read with one script call per master,
+    from tasks and threads, and every user with a stored message is found."""
+    namespace = f"n{secrets.token_hex(3)}"
+    gate = inturn.Gate.from_url(cluster_url(redis_cluster), namespace=namespace)
+    try:
+        async with gate.turn("warm-up"):
+            pass
+        state = gate.backend._state()  # type: ignore[attr-defined]
+        users = list(_users_on_every_master(state.client, namespace).values())
+        users += [f"more-{n}" for n in range(20)]
+        for user in users:
+            await gate.backend.mb_submit(  # type: ignore[attr-defined]
+                "box", user, "m", max_pending=10, drop_oldest=False, token="t", lease=5.0
+            )
+        redirected = state.nodes.redirected
+        assert await gate.backend.mb_hinted("box") == sorted(users)  # type: ignore[attr-defined]
+        assert set(state.nodes._muxes) == {
+            n[0].name for n in state.client.nodes_manager.slots_cache.values()
+        }
+        assert state.nodes.redirected == redirected
+        hinted = await asyncio.to_thread(gate.sync_backend.mb_hinted, "box")  # type: ignore[attr-defined]
+        assert hinted == sorted(users)
+    finally:
+        await gate.aclose()

@@ -15,6 +15,7 @@ from typing import Any
 
 from inturn._backends.base import ResumeStatus, Submitted, Taken
 
+from ._nodes import SyncNodeMuxes
 from ._shared import (
     Call,
     Lines,
@@ -155,6 +156,10 @@ class Mailboxes:
         with map_errors("mb_hinted"):
             if len(sets) == 1:
                 return sorted(text(k) for k in await state.client.smembers(sets[0]))
+            if state.nodes is not None:  # a Cluster: one call per master, and the old set
+                found = await state.nodes.members(sets[:-1])
+                found += await state.client.smembers(sets[-1])
+                return sorted({text(k) for k in found})
             pipe = state.client.pipeline()
             for hint in sets:
                 pipe.smembers(hint)
@@ -180,6 +185,7 @@ class SyncMailboxes:
     _calls: Scripts
     _lock: threading.Lock
     _line: Lines
+    _nodes: SyncNodeMuxes | None
 
     def _script(self, call: Call, key: str, *, durable: bool = False) -> Any:
         raise NotImplementedError
@@ -278,6 +284,10 @@ class SyncMailboxes:
         with map_errors("mb_hinted"):
             if len(sets) == 1:
                 return sorted(text(k) for k in self._client.smembers(sets[0]))
+            if self._nodes is not None:  # a Cluster: one call per master, and the old set
+                found = self._nodes.members(sets[:-1])
+                found += self._client.smembers(sets[-1])
+                return sorted({text(k) for k in found})
             pipe = self._client.pipeline()
             for hint in sets:
                 pipe.smembers(hint)

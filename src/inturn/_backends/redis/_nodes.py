@@ -19,6 +19,7 @@ again after a connection failure: its error goes up.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import Sequence
@@ -28,9 +29,25 @@ import redis
 import redis.asyncio
 import redis.exceptions
 
-from inturn._backends.redis._mux import Mux, SyncMux
+from inturn._backends.redis._mux import Mux, SyncMux, sha1
 
 __all__ = ["NodeMuxes", "NotHere", "SyncNodeMuxes"]
+
+SETS_HERE = """#!lua flags=no-writes,allow-cross-slot-keys
+-- The members of the sets named in ARGV, on the one node that runs it (a sweep's read of
+-- the hint sets of the slots this node serves: one call instead of one per slot). A name
+-- in a slot the node does not serve (moved since the client read its slot map) is skipped;
+-- the next sweep, with a fresh map, reads it.
+local out = {}
+for _, name in ipairs(ARGV) do
+  local members = redis.pcall('SMEMBERS', name)
+  if type(members) == 'table' and not members.err then
+    for _, m in ipairs(members) do out[#out + 1] = m end
+  end
+end
+return out
+"""
+_SETS_HERE_SHA = sha1(SETS_HERE)
 
 _REFUSED = (
     redis.exceptions.AskError,  # MovedError too: a subclass
@@ -47,6 +64,14 @@ _BROKEN = (redis.exceptions.ConnectionError, OSError)
 class NotHere(Exception):
     """The script did not run on the node the slot map named (or may be resent): run it
     through redis-py's cluster client, which finds the right node."""
+
+
+def _slots_by_master(client: Any) -> list[tuple[Any, list[int]]]:
+    """Every master of redis-py's slot map, with the slots it serves."""
+    masters: dict[str, tuple[Any, list[int]]] = {}
+    for slot, nodes in client.nodes_manager.slots_cache.items():
+        masters.setdefault(nodes[0].name, (nodes[0], []))[1].append(slot)
+    return list(masters.values())
 
 
 def _master_of(client: Any, keys: Sequence[str]) -> Any:
@@ -69,7 +94,9 @@ class NodeMuxes:
         """Calls handed to redis-py's cluster client (a redirection, a node gone)."""
 
     def _mux(self, keys: Sequence[str]) -> Mux:
-        node = _master_of(self._client, keys)
+        return self._mux_of(_master_of(self._client, keys))
+
+    def _mux_of(self, node: Any) -> Mux:
         mux = self._muxes.get(node.name)
         if mux is None:
             pool = redis.asyncio.ConnectionPool(
@@ -97,6 +124,18 @@ class NodeMuxes:
         self.redirected += 1
         return NotHere(str(exc))
 
+    async def members(self, set_of_slot: Sequence[str]) -> list[bytes]:
+        """The members of the sets ``set_of_slot[slot]`` of every slot: one call per master."""
+        if not self._client.nodes_manager.slots_cache:
+            await self._client.initialize()
+        calls = [
+            self._mux_of(node).evalsha(
+                _SETS_HERE_SHA, SETS_HERE, (), [set_of_slot[slot] for slot in slots]
+            )
+            for node, slots in _slots_by_master(self._client)
+        ]
+        return [m for reply in await asyncio.gather(*calls) for m in reply]
+
     async def aclose(self) -> None:
         """Close every master's connection (after the replies in flight, see Mux.aclose)."""
         muxes, self._muxes = list(self._muxes.values()), {}
@@ -119,7 +158,9 @@ class SyncNodeMuxes:
         """Calls handed to redis-py's cluster client (a redirection, a node gone)."""
 
     def _mux(self, keys: Sequence[str]) -> SyncMux:
-        node = _master_of(self._client, keys)
+        return self._mux_of(_master_of(self._client, keys))
+
+    def _mux_of(self, node: Any) -> SyncMux:
         mux = self._muxes.get(node.name)
         if mux is None:
             with self._lock:
@@ -155,6 +196,14 @@ class SyncNodeMuxes:
         with self._lock:
             self.redirected += 1
         return NotHere(str(exc))
+
+    def members(self, set_of_slot: Sequence[str]) -> list[bytes]:
+        """The members of the sets ``set_of_slot[slot]`` of every slot: one call per master."""
+        found: list[bytes] = []
+        for node, slots in _slots_by_master(self._client):
+            args = [set_of_slot[slot] for slot in slots]
+            found += self._mux_of(node).evalsha(_SETS_HERE_SHA, SETS_HERE, (), args)
+        return found
 
     def close(self) -> None:
         """Close every master's idle connections (see SyncMux.close)."""
