@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
@@ -82,16 +82,42 @@ def _master_of(client: Any, keys: Sequence[str]) -> Any:
         raise NotHere("the slot map does not know this slot yet") from exc
 
 
-class NodeMuxes:
+class _Routing:
+    """What both twins share: the client, and how a failed call is handed to redis-py."""
+
+    def __init__(self, client: Any, preload: Sequence[str]) -> None:
+        self._client = client
+        self._preload = tuple(preload)
+        self._lock = threading.Lock()
+        self.redirected = 0
+        """Calls handed to redis-py's cluster client (a redirection, a node gone)."""
+
+    @contextlib.contextmanager
+    def _or_not_here(self, idempotent: bool) -> Iterator[None]:
+        """Turn a refusal (and a lost connection, if the call is safe to resend) into
+        :class:`NotHere`."""
+        try:
+            yield
+        except _REFUSED as exc:
+            raise self._not_here(exc) from exc
+        except _BROKEN as exc:
+            if not idempotent:
+                raise
+            raise self._not_here(exc) from exc
+
+    def _not_here(self, exc: BaseException) -> NotHere:
+        with self._lock:
+            self.redirected += 1
+        return NotHere(str(exc))
+
+
+class NodeMuxes(_Routing):
     """A :class:`Mux` per Cluster master, for one event loop's scripts."""
 
     def __init__(self, client: Any, *, timeout: float, preload: Sequence[str]) -> None:
-        self._client = client
+        super().__init__(client, preload)
         self._timeout = timeout
-        self._preload = tuple(preload)
         self._muxes: dict[str, Mux] = {}
-        self.redirected = 0
-        """Calls handed to redis-py's cluster client (a redirection, a node gone)."""
 
     def _mux(self, keys: Sequence[str]) -> Mux:
         return self._mux_of(_master_of(self._client, keys))
@@ -111,18 +137,8 @@ class NodeMuxes:
         """Run a script on its slot's master; :class:`NotHere` when redis-py should."""
         if not self._client.nodes_manager.slots_cache:
             await self._client.initialize()
-        try:
+        with self._or_not_here(idempotent):
             return await self._mux(keys).evalsha(sha, lua, keys, args, idempotent=idempotent)
-        except _REFUSED as exc:
-            raise self._not_here(exc) from exc
-        except _BROKEN as exc:
-            if not idempotent:
-                raise
-            raise self._not_here(exc) from exc
-
-    def _not_here(self, exc: BaseException) -> NotHere:
-        self.redirected += 1
-        return NotHere(str(exc))
 
     async def members(self, set_of_slot: Sequence[str]) -> list[bytes]:
         """The members of the sets ``set_of_slot[slot]`` of every slot: one call per master."""
@@ -144,18 +160,14 @@ class NodeMuxes:
                 await mux.aclose()
 
 
-class SyncNodeMuxes:
+class SyncNodeMuxes(_Routing):
     """A :class:`SyncMux` per Cluster master, for threads."""
 
     def __init__(self, client: Any, *, size: int, wait: float, preload: Sequence[str]) -> None:
-        self._client = client
+        super().__init__(client, preload)
         self._size = size
         self._wait = wait
-        self._preload = tuple(preload)
         self._muxes: dict[str, SyncMux] = {}
-        self._lock = threading.Lock()
-        self.redirected = 0
-        """Calls handed to redis-py's cluster client (a redirection, a node gone)."""
 
     def _mux(self, keys: Sequence[str]) -> SyncMux:
         return self._mux_of(_master_of(self._client, keys))
@@ -183,19 +195,8 @@ class SyncNodeMuxes:
     ) -> Any:
         """Run a script on its slot's master; :class:`NotHere` when redis-py should."""
         mux = self._mux(keys)
-        try:
+        with self._or_not_here(idempotent):
             return mux.evalsha(sha, lua, keys, args, timeout=timeout, idempotent=idempotent)
-        except _REFUSED as exc:
-            raise self._not_here(exc) from exc
-        except _BROKEN as exc:
-            if not idempotent:
-                raise
-            raise self._not_here(exc) from exc
-
-    def _not_here(self, exc: BaseException) -> NotHere:
-        with self._lock:
-            self.redirected += 1
-        return NotHere(str(exc))
 
     def members(self, set_of_slot: Sequence[str]) -> list[bytes]:
         """The members of the sets ``set_of_slot[slot]`` of every slot: one call per master."""
