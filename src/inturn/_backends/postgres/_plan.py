@@ -14,6 +14,8 @@ wait is resolved, and when a turn's connection may go back to the pool.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -82,6 +84,18 @@ def _submitted(row: Any) -> Submitted:
     status, dropped, take, wait, messages = row
     first = None if take is None else _taken(int(take), wait, messages)
     return Submitted(SubmitStatus(int(status)), int(dropped), first)
+
+
+def _once(entry: str) -> str:
+    """What makes a dead letter the same as another: the failed message it carries (its
+    unique tag and attempt count; not the failure time, which a redelivery changes), or
+    the whole text when it is not a letter of inturn's mailboxes."""
+    try:
+        letter = json.loads(entry)
+        same = json.dumps(letter["m"], sort_keys=True) if isinstance(letter, dict) else entry
+    except (ValueError, KeyError):
+        same = entry
+    return hashlib.sha256(same.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # -- flows ----------------------------------------------------------------------------
@@ -563,8 +577,11 @@ class Plan:
         return [unstored(r[0]) for r in rows]
 
     def mb_dead(self, name: str, entries: list[str]) -> Flow[None]:
+        """Store dead letters, each once: a call retried after its reply was lost (or a
+        message redelivered because of that, and failed again) adds no second letter."""
         if entries:
             params = {**self.sql.mailbox(name), "entries": [stored(e) for e in entries]}
+            params["onces"] = [_once(e) for e in entries]
             yield from self._call("MB_DEAD", params)
 
     def mb_dead_letters(self, name: str, limit: int) -> Flow[list[str]]:
