@@ -11,10 +11,12 @@ import asyncio
 import threading
 import time
 
+import psycopg
 import pytest
 
 import inturn
 from inturn._backends.postgres._slots import turn_share
+from inturn._backends.postgres._sql import mailbox_hash
 from tests.servers import PostgresServer
 
 SHARE = turn_share(4)
@@ -170,3 +172,46 @@ async def test_a_server_that_dies_under_a_busy_pool_fails_fast() -> None:
         done.set()
         await asyncio.gather(*holders, return_exceptions=True)
         await gate.aclose()
+
+
+async def test_statements_wait_for_a_busy_pool_while_the_server_answers(
+    postgres_dsn: str,
+) -> None:
+    """Every pooled connection busy for longer than the pool's 5 s (two mailbox steps
+    blocked behind an admin's lock on their keys, for the loop's pool and for the threads'):
+    a third statement waits for a connection and succeeds once one comes free (before:
+    BackendUnavailable after 5 s with the server answering all along)."""
+    store = inturn.PostgresBackend(conninfo=postgres_dsn, namespace="stmts", max_connections=2)
+    twin = store.sync_twin()
+    await store.migrate()
+    locks = [mailbox_hash("stmts", "box", k) for k in ("a1", "a2", "s1", "s2")]
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute("BEGIN")
+        for lock in locks:
+            admin.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+
+        async def submit(key: str) -> inturn.Submitted:
+            return await store.mb_submit(
+                "box", key, "m", max_pending=10, drop_oldest=False, token="d", lease=30
+            )
+
+        def submit_sync(key: str) -> inturn.Submitted:
+            return twin.mb_submit(
+                "box", key, "m", max_pending=10, drop_oldest=False, token="d", lease=30
+            )
+
+        blocked = [asyncio.ensure_future(submit(k)) for k in ("a1", "a2")]
+        blocked += [asyncio.ensure_future(asyncio.to_thread(submit_sync, k)) for k in ("s1", "s2")]
+        await asyncio.sleep(0.5)
+        began = time.monotonic()
+        counts = [
+            asyncio.ensure_future(store.mb_pending("box", "other")),
+            asyncio.ensure_future(asyncio.to_thread(twin.mb_pending, "box", "other")),
+        ]
+        await asyncio.sleep(6.0)
+        assert not any(c.done() for c in counts), [c.result() for c in counts if c.done()]
+        admin.execute("COMMIT")
+    assert await asyncio.wait_for(asyncio.gather(*counts), 10) == [0, 0]
+    assert time.monotonic() - began > 5.5
+    await asyncio.wait_for(asyncio.gather(*blocked), 10)
+    await store.aclose()
