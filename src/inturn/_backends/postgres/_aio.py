@@ -84,9 +84,10 @@ async def give_back(conn: Any, entry: LoopPool, turn: bool) -> None:
             entry.slots.give()
 
 
-def pool_timeout(until: float | None) -> float:
-    """A pool's wait timeout for a deadline (None: a day, the caller checks in between)."""
-    return 86400.0 if until is None else max(0.001, until - time.monotonic())
+def pool_timeout(until: float | None, most: float = 86400.0) -> float:
+    """A pool's wait timeout for a deadline, at most ``most`` (None: no deadline; the
+    caller checks the server in between)."""
+    return most if until is None else max(0.001, min(most, until - time.monotonic()))
 
 
 def _swallow(task: asyncio.Future[Any]) -> None:

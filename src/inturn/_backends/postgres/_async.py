@@ -44,7 +44,7 @@ from ._aio import (
     statement,
 )
 from ._plan import MAX_CONNECTIONS, Plan
-from ._slots import HEALTHY_FOR, AsyncSlots, checks, left, turn_share
+from ._slots import CHECKS, HEALTHY_FOR, AsyncSlots, checks, left, turn_share
 from ._steps import (
     IDLE,
     Connect,
@@ -286,16 +286,10 @@ class PostgresBackend(PostgresAdmin):
                 raise
         limit = time.monotonic() + CONNECT_TIMEOUT if quick else until
         try:
-            get = asyncio.ensure_future(entry.pool.getconn(timeout=pool_timeout(limit)))
-            try:
-                await self._patiently(get, limit)
-            except BaseException:
-                abandon(get, entry.pool)
-                raise
-            try:
-                conn = get.result()
-            except psycopg_pool.PoolTimeout as exc:  # its deadline came, the server answers
-                raise Exhausted from exc
+            try:  # mostly at once; else the patient wait below
+                conn = await entry.pool.getconn(timeout=pool_timeout(limit, CHECKS[0]))
+            except psycopg_pool.PoolTimeout:
+                conn = await self._patient_getconn(entry.pool, limit)
             except psycopg.Error as exc:
                 raise connect_failure(exc) from exc
         except BaseException:
@@ -305,16 +299,39 @@ class PostgresBackend(PostgresAdmin):
         self._origins[conn] = (asyncio.get_running_loop(), entry, turn)
         return conn
 
+    async def _patient_getconn(self, pool: Any, until: float | None) -> Any:
+        """Wait for a pooled connection (one request: the pool serves its waiters in order)
+        until ``until`` (then Exhausted), checking meanwhile that the server answers."""
+        left(until)
+        await self._check_server()
+        get = asyncio.ensure_future(pool.getconn(timeout=pool_timeout(until)))
+        try:
+            await self._patiently(get, until)
+        except BaseException:
+            abandon(get, pool)
+            raise
+        try:
+            return get.result()
+        except psycopg_pool.PoolTimeout as exc:  # its deadline came, the server answers
+            raise Exhausted from exc
+        except psycopg.Error as exc:
+            raise connect_failure(exc) from exc
+
     async def _patiently(self, waiting: asyncio.Future[Any], until: float | None) -> None:
         """Wait for ``waiting`` until ``until`` (then Exhausted), checking meanwhile that the
         server answers (a failed check raises BackendUnavailable with libpq's words)."""
         for pause in checks():
-            rest = left(until)
-            await asyncio.wait((waiting,), timeout=pause if rest is None else min(pause, rest))
             if waiting.done():
                 return
-            if (rest is None or pause < rest) and time.monotonic() - self._healthy_at > HEALTHY_FOR:
-                await self._probe(asyncio.get_running_loop())
+            rest = left(until)
+            await asyncio.wait((waiting,), timeout=pause if rest is None else min(pause, rest))
+            if not waiting.done() and (rest is None or pause < rest):
+                await self._check_server()
+
+    async def _check_server(self) -> None:
+        """Raise BackendUnavailable unless the server answers (a check shared a moment)."""
+        if time.monotonic() - self._healthy_at > HEALTHY_FOR:
+            await self._probe(asyncio.get_running_loop())
 
     async def _putconn(self, conn: Any) -> None:
         """Give a connection back, out of any transaction (or discarded when dead), to the

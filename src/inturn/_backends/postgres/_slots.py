@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from ._steps import Exhausted
 from ._urls import CONNECT_TIMEOUT
 
-__all__ = ["HEALTHY_FOR", "AsyncSlots", "SyncSlots", "checks", "turn_share"]
+__all__ = ["CHECKS", "HEALTHY_FOR", "AsyncSlots", "SyncSlots", "checks", "left", "turn_share"]
 
 CHECKS = (0.25, 0.5, 1.0, 2.0, CONNECT_TIMEOUT)
 """Seconds between checks that the server answers, while a call waits for a connection (the
