@@ -234,8 +234,9 @@ class PostgresBackend(PostgresAdmin):
         reached, or refuses the login, fails the call now with libpq's own words (a pool
         would retry in the background, log each try, and say only that it timed out).
 
-        The callers of a loop share one attempt; a caller that comes after it failed
-        starts another.
+        Also the check, while a call waits for a busy pool, that the server still
+        answers (then a failure is ``transient``: an outage to ride out). The callers of
+        a loop share one attempt; a caller that comes after it failed starts another.
         """
         probe = self._probes.get(loop)
         if probe is None:

@@ -160,8 +160,9 @@ class SyncPostgresBackend:
         return step.waiter.sleep_sync(step.seconds)
 
     def _probe(self) -> None:
-        """Connect once before the pool opens (see the async backend's ``_probe``); the
-        threads that ask meanwhile share the attempt."""
+        """Connect once before the pool opens, or to check that the server answers while
+        a call waits for a busy pool (see the async backend's ``_probe``); the threads
+        that ask meanwhile share the attempt."""
         with self._probe_done:
             if self._probing:
                 seen = self._probes
