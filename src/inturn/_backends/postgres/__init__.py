@@ -36,6 +36,11 @@ How it keeps the contract:
   every event loop and thread of the backend (and its sync twin), so FIFO is
   exact within a process; each waiter talks to PostgreSQL from its own loop or
   thread, so a blocked event loop never holds up a waiter on another.
+- **A busy pool is waited for.** Turns share all but an eighth of a pool (:mod:`._slots`),
+  in FIFO order, so dedup, mailbox and audit statements always find a connection; a turn
+  that finds the share in use waits until one comes free or its deadline passes (then
+  the wait runs out like any other), as long as the server answers; and the waiters
+  behind a key's head share the head's outcome when the server cannot be reached.
 - **Across processes** each process has one head in PostgreSQL's lock queue,
   which grants in arrival order (``tests/postgres/test_lock_queue.py``
   measures it): the heads of the processes alternate, and a process's second

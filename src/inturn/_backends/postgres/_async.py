@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,20 +34,29 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 from . import _doctor
 from . import _sql as q
 from ._admin import PostgresAdmin
+from ._aio import (
+    LoopPool,
+    abandon,
+    check,
+    configure,
+    give_back,
+    pool_timeout,
+    statement,
+)
 from ._plan import MAX_CONNECTIONS, Plan
+from ._slots import CHECKS, HEALTHY_FOR, AsyncSlots, checks, left, turn_share
 from ._steps import (
     IDLE,
     Connect,
+    Exhausted,
     Flow,
     On,
     PutBack,
     Run,
     Sleep,
     Step,
-    cut,
     dead,
     map_errors,
-    quiet,
 )
 from ._sync import SyncPostgresBackend
 from ._urls import CONNECT_TIMEOUT, connect_failure, connection_kwargs, masked, parse_url
@@ -58,73 +68,6 @@ logger = logging.getLogger("inturn")
 
 LISTEN_RETRY_MAX = 2.0
 """Longest pause (seconds) before the cancel listener reconnects."""
-
-
-CANCEL_WAIT = 0.25
-"""Seconds a cancelled statement waits for the server to confirm its cancel (twice)."""
-
-
-async def _statement(
-    conn: Any, sql: str, params: Any, *, rows: bool = False, first: bool = False
-) -> Any:
-    """Run one statement on ``conn``: its last result's first row, or every row; with
-    ``first``, bound on the client (several statements, one round trip): the first
-    result's first row.
-
-    Cancelled (a caller's deadline), it asks the server to cancel the statement and waits
-    for that at most CANCEL_WAIT; over a dead link (a partition, a half-open connection)
-    the answer never comes (psycopg itself would wait for it), so then the connection is
-    cut: the statement's task ends at once, and PostgreSQL rolls its transaction back
-    when it notices.
-    """
-
-    async def run() -> Any:
-        if first:
-            cur = await psycopg.AsyncClientCursor(conn).execute(sql, params)
-            row = None if cur.description is None else await cur.fetchone()
-            while cur.nextset():
-                pass
-            return row
-        cur = await conn.execute(sql, params)
-        return list(await cur.fetchall()) if rows else await _last(cur)
-
-    task = asyncio.ensure_future(run())
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        if not task.done():
-            # Ask the server to cancel the statement, briefly; over a dead link that
-            # answer never comes, so the connection is cut instead.
-            with contextlib.suppress(Exception):
-                await conn.cancel_safe(timeout=CANCEL_WAIT)
-            await asyncio.wait({task}, timeout=CANCEL_WAIT)
-            if not task.done():
-                cut(conn)
-            task.add_done_callback(_swallow)
-        raise
-
-
-def _swallow(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: the connection was cut on purpose
-
-
-async def _last(cur: Any) -> Any:
-    """The first row of a (multi-statement) query's last result."""
-    while cur.nextset():
-        pass
-    return None if cur.description is None else await cur.fetchone()
-
-
-async def _configure(conn: Any) -> None:
-    """Every new pooled connection: see :data:`._sql.SESSION`."""
-    await conn.execute(q.SESSION)
-
-
-async def _check(conn: Any) -> None:
-    """A pooled connection on its way out: checked only when not quiet (see ``quiet``)."""
-    if not quiet(conn):
-        await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
 @dataclass(slots=True)
@@ -147,13 +90,6 @@ def _forget(
         del probes[loop]
     if not done.cancelled():
         done.exception()  # retrieved: a probe nobody awaits any more logs nothing
-
-
-@dataclass(slots=True)
-class _LoopPool:
-    pool: Any
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    keeper: asyncio.Task[None] | None = None
 
 
 class PostgresBackend(PostgresAdmin):
@@ -181,16 +117,19 @@ class PostgresBackend(PostgresAdmin):
         if pool is None and conninfo is None:
             raise ConfigurationError("PostgresBackend needs a pool or a conninfo (or use from_url)")
         if max_connections < 2:
-            raise ConfigurationError("max_connections must be at least 2 (a holder and a head)")
+            raise ConfigurationError(
+                "max_connections must be at least 2 (one for turns, one for statements)"
+            )
         self._plan = Plan(namespace, schema, audit)
         self._pool = pool
         self._sync_pool = sync_pool
         self._conninfo = conninfo
         self._max = max_connections
+        self._share = turn_share(max_connections if pool is None else int(pool.max_size))
         # Loops this backend was closed on: a call that comes after (a task still running
         # when the gate closed) must not open a new pool that would outlive the loop.
         self._closed_on: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool] = (
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopPool] = (
             weakref.WeakKeyDictionary()
         )
         self._twin: SyncPostgresBackend | None = None
@@ -202,6 +141,13 @@ class PostgresBackend(PostgresAdmin):
         self._probes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
             weakref.WeakKeyDictionary()
         )
+        self._healthy_at = float("-inf")
+        """When a check last found the server answering (``time.monotonic()``)."""
+        self._origins: weakref.WeakKeyDictionary[Any, tuple[Any, LoopPool, bool]] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Each connection out of a pool: its loop, that loop's pool, whether a turn has it."""
+        self._returns: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "default") -> PostgresBackend:
@@ -229,31 +175,33 @@ class PostgresBackend(PostgresAdmin):
 
     async def _step(self, step: Step) -> Any:
         if isinstance(step, On):
-            return await _statement(step.conn, step.sql, step.params, first=step.first)
+            return await statement(step.conn, step.sql, step.params, first=step.first)
         if isinstance(step, Run):
-            conn = await self._getconn()
+            conn = await self._getconn(None)
             try:
                 with map_errors(step.what):
-                    return await _statement(conn, step.sql, step.params, rows=step.rows)
+                    return await statement(conn, step.sql, step.params, rows=step.rows)
             finally:
                 await self._putconn(conn)
         if isinstance(step, Connect):
-            return await self._getconn()
+            return await self._getconn(step.until, turn=True, quick=step.quick)
         if isinstance(step, PutBack):
             return await self._putconn(step.conn)
         assert isinstance(step, Sleep)
         return await step.waiter.sleep(step.seconds)
 
-    async def _pool_here(self) -> Any:
-        if self._pool is not None:
-            return self._pool
+    async def _entry_here(self) -> LoopPool:
         loop = asyncio.get_running_loop()
         entry = self._pools.get(loop)
         if entry is None and loop in self._closed_on:
             raise BackendUnavailable(
-                "the PostgreSQL backend was closed (gate.aclose()) on this event loop",
+                "the PostgreSQL backend was closed on this event loop (gate.aclose(), or the"
+                " loop is shutting down)",
                 transient=False,
             )
+        if entry is None and self._pool is not None:
+            entry = self._pools[loop] = LoopPool(self._pool, AsyncSlots(self._share))
+            entry.ready.set()
         if entry is None and not self._reached:
             await self._probe(loop)
             entry = self._pools.get(loop)
@@ -263,31 +211,32 @@ class PostgresBackend(PostgresAdmin):
                 min_size=1,
                 max_size=self._max,
                 kwargs=connection_kwargs(),
-                configure=_configure,
-                check=_check,
+                configure=configure,
+                check=check,
                 timeout=CONNECT_TIMEOUT,
                 open=False,
                 name=f"inturn-{self._plan.sql.namespace}",
             )
-            entry = self._pools[loop] = _LoopPool(pool)
+            entry = self._pools[loop] = LoopPool(pool, AsyncSlots(self._share))
             # The keeper closes the pool when the loop shuts down (asyncio.run cancels it)
             # while the loop still runs: its connections cannot outlive their loop.
             entry.keeper = asyncio.ensure_future(self._keep(loop, entry))
             try:
-                await pool.open(wait=False)
+                await asyncio.shield(pool.open(wait=False))
             finally:
                 entry.ready.set()
         elif not entry.ready.is_set():
             await entry.ready.wait()
-        return entry.pool
+        return entry
 
     async def _probe(self, loop: asyncio.AbstractEventLoop) -> None:
         """Connect once before the first pool opens, so that a server that cannot be
         reached, or refuses the login, fails the call now with libpq's own words (a pool
         would retry in the background, log each try, and say only that it timed out).
 
-        The callers of a loop share one attempt; a caller that comes after it failed
-        starts another.
+        Also the check, while a call waits for a busy pool, that the server still
+        answers (then a failure is ``transient``: an outage to ride out). The callers of
+        a loop share one attempt; a caller that comes after it failed starts another.
         """
         probe = self._probes.get(loop)
         if probe is None:
@@ -300,38 +249,116 @@ class PostgresBackend(PostgresAdmin):
 
     async def _connect_once(self) -> None:
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self._conninfo or "", **connection_kwargs()
-            )
+            conninfo = self._conninfo if self._conninfo is not None else self._pool.conninfo
+            conn = await psycopg.AsyncConnection.connect(conninfo, **connection_kwargs())
         except psycopg.Error as exc:
-            raise connect_failure(exc, first=True) from exc
+            raise connect_failure(exc, first=not self._reached) from exc
         self._reached = True
+        self._healthy_at = time.monotonic()
         with contextlib.suppress(Exception):
             await conn.close()
 
-    async def _keep(self, loop: asyncio.AbstractEventLoop, entry: _LoopPool) -> None:
+    async def _keep(self, loop: asyncio.AbstractEventLoop, entry: LoopPool) -> None:
         try:
             await asyncio.Event().wait()
         finally:
+            # The loop is shutting down (or aclose() runs): no pool is made on it again.
+            self._closed_on.add(loop)
             if self._pools.get(loop) is entry:
                 del self._pools[loop]
             with contextlib.suppress(Exception):
                 await asyncio.shield(entry.pool.close(timeout=1.0))
 
-    async def _getconn(self) -> Any:
-        pool = await self._pool_here()
-        with map_errors("connect"):
-            return await pool.getconn()
+    async def _getconn(
+        self, until: float | None, *, turn: bool = False, quick: bool = False
+    ) -> Any:
+        """A connection of this loop's pool: for a turn, first a place in the turns' share
+        (FIFO; ``quick``: only if free now); see :class:`._steps.Connect`. Remembers where
+        it came from: it goes back there, whatever loop gives it back."""
+        entry = await self._entry_here()
+        if turn and quick and not entry.slots.take_now():
+            raise Exhausted
+        if turn and not quick:
+            ticket = entry.slots.ticket()
+            try:
+                await self._patiently(ticket, until)
+            except BaseException:
+                entry.slots.drop(ticket)
+                raise
+        limit = time.monotonic() + CONNECT_TIMEOUT if quick else until
+        try:
+            try:  # mostly at once; else the patient wait below
+                conn = await entry.pool.getconn(timeout=pool_timeout(limit, CHECKS[0]))
+            except psycopg_pool.PoolTimeout:
+                conn = await self._patient_getconn(entry.pool, limit)
+            except psycopg.Error as exc:
+                raise connect_failure(exc) from exc
+        except BaseException:
+            if turn:
+                entry.slots.give()
+            raise
+        self._origins[conn] = (asyncio.get_running_loop(), entry, turn)
+        return conn
+
+    async def _patient_getconn(self, pool: Any, until: float | None) -> Any:
+        """Wait for a pooled connection (one request: the pool serves its waiters in order)
+        until ``until`` (then Exhausted), checking meanwhile that the server answers."""
+        left(until)
+        await self._check_server()
+        get = asyncio.ensure_future(pool.getconn(timeout=pool_timeout(until)))
+        try:
+            await self._patiently(get, until)
+        except BaseException:
+            abandon(get, pool)
+            raise
+        try:
+            return get.result()
+        except psycopg_pool.PoolTimeout as exc:  # its deadline came, the server answers
+            raise Exhausted from exc
+        except psycopg.Error as exc:
+            raise connect_failure(exc) from exc
+
+    async def _patiently(self, waiting: asyncio.Future[Any], until: float | None) -> None:
+        """Wait for ``waiting`` until ``until`` (then Exhausted), checking meanwhile that the
+        server answers (a failed check raises BackendUnavailable with libpq's words)."""
+        for pause in checks():
+            if waiting.done():
+                return
+            rest = left(until)
+            await asyncio.wait((waiting,), timeout=pause if rest is None else min(pause, rest))
+            if not waiting.done() and (rest is None or pause < rest):
+                await self._check_server()
+
+    async def _check_server(self) -> None:
+        """Raise BackendUnavailable unless the server answers (a check shared a moment)."""
+        if time.monotonic() - self._healthy_at > HEALTHY_FOR:
+            await self._probe(asyncio.get_running_loop())
 
     async def _putconn(self, conn: Any) -> None:
-        """Give a connection back, out of any transaction (or discarded when dead)."""
+        """Give a connection back, out of any transaction (or discarded when dead), to the
+        pool it came from: on its own loop, and never to a pool made since."""
         if not dead(conn) and conn.info.transaction_status != IDLE:
             try:
                 await conn.execute(q.ROLLBACK)
             except Exception:
                 await conn.close()
-        pool = await self._pool_here()
-        await pool.putconn(conn)
+        origin = self._origins.pop(conn, None)
+        if origin is None:  # not one of ours (cannot happen): nobody else will close it
+            await conn.close()
+            return
+        loop, entry, turn = origin
+        if loop is asyncio.get_running_loop():
+            await give_back(conn, entry, turn)
+            return
+        try:  # taken on another loop: its pool and slots are that loop's
+            loop.call_soon_threadsafe(self._return_on_its_loop, conn, entry, turn)
+        except RuntimeError:  # that loop is closed, and its pool with it
+            await conn.close()
+
+    def _return_on_its_loop(self, conn: Any, entry: LoopPool, turn: bool) -> None:
+        task = asyncio.ensure_future(give_back(conn, entry, turn))
+        self._returns.add(task)
+        task.add_done_callback(self._returns.discard)
 
     # -- Backend ------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from inturn._backends._wakeup import Wakeup
 from inturn._backends.base import Grant
+from inturn._errors import BackendUnavailable
 
 __all__ = ["Holding", "LocalLines", "Waiter"]
 
@@ -68,6 +69,8 @@ class LineView:
 class _Line:
     holder: str | None = None
     waiters: dict[str, Waiter] = field(default_factory=dict)
+    outage: BackendUnavailable | None = None
+    """Why the line's last try to reach the server failed (None once one got through)."""
 
 
 class LocalLines:
@@ -137,6 +140,31 @@ class LocalLines:
                 del self.lines[waiter.key]
         if head is not None:
             head.wake()
+
+    def failed(self, key: str, error: BackendUnavailable) -> None:
+        """The line's try to reach the server (its head's) failed: every waiter of the line
+        in this process hears of it (see :meth:`outage`), the sleeping ones at once."""
+        with self.lock:
+            line = self.lines.get(key)
+            if line is None:
+                return
+            line.outage = error
+            waiters = list(line.waiters.values())
+        for waiter in waiters:
+            waiter.wake()
+
+    def answered(self, key: str) -> None:
+        """The server answered the line's head: the outage, if any, is over."""
+        with self.lock:
+            line = self.lines.get(key)
+            if line is not None:
+                line.outage = None
+
+    def outage(self, key: str) -> BackendUnavailable | None:
+        """Why the line cannot reach the server now (None: nothing known against it)."""
+        with self.lock:
+            line = self.lines.get(key)
+            return None if line is None else line.outage
 
     def borrow(self, token: str) -> Holding | None:
         """The token's holding, counted as in use until :meth:`give_back`; None if not held."""

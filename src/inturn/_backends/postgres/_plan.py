@@ -14,6 +14,8 @@ wait is resolved, and when a turn's connection may go back to the pool.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -34,6 +36,7 @@ from ._steps import (
     INTRANS,
     TRANSPORT_ERRORS,
     Connect,
+    Exhausted,
     Flow,
     On,
     PutBack,
@@ -51,7 +54,8 @@ MAX_CONNECTIONS = 32
 """Pooled connections per event loop (and one pool for threads) made by from_url.
 
 A key with activity in this process uses at most two at a time (its holder's
-and its head waiter's), whatever the number of waiters.
+and its head waiter's), whatever the number of waiters; turns share all but an
+eighth of them (see :mod:`._slots`).
 """
 SUPERSEDE_KEEP = 3600.0
 """Seconds a (key, function) generation and running-call record outlive their last use."""
@@ -82,6 +86,24 @@ def _submitted(row: Any) -> Submitted:
     status, dropped, take, wait, messages = row
     first = None if take is None else _taken(int(take), wait, messages)
     return Submitted(SubmitStatus(int(status)), int(dropped), first)
+
+
+def _raise_outage(outage: BackendUnavailable | None) -> None:
+    """Raise a copy of a line's outage (each waiter gets an exception of its own)."""
+    if outage is not None:
+        raise BackendUnavailable(str(outage), transient=outage.transient) from outage.__cause__
+
+
+def _once(entry: str) -> str:
+    """What makes a dead letter the same as another: the failed message it carries (its
+    unique tag and attempt count; not the failure time, which a redelivery changes), or
+    the whole text when it is not a letter of inturn's mailboxes."""
+    try:
+        letter = json.loads(entry)
+        same = json.dumps(letter["m"], sort_keys=True) if isinstance(letter, dict) else entry
+    except (ValueError, KeyError):
+        same = entry
+    return hashlib.sha256(same.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # -- flows ----------------------------------------------------------------------------
@@ -157,12 +179,27 @@ class Plan:
             return None  # behind others of this process: only the head talks to PostgreSQL
         try:
             yield from self._ready()
-            waiter.conn = yield Connect()
+            try:
+                waiter.conn = yield Connect(quick=True)
+            except Exhausted:
+                return None  # the pool is busy: wait() takes a connection, within its deadline
             sent = time.monotonic()
             got = yield from self._try_lock(key, lease, waiter.conn)
+        except BackendUnavailable as exc:
+            self.lines.failed(key, exc)  # those who joined behind it hear of it too
+            if not exc.transient:  # refused outright: the caller will not leave the line
+                yield from self._forget(waiter)
+                raise
+            # An outage: the head keeps its place; a retried join, or wait(), goes on from
+            # there (the caller leaves the line if it gives up).
+            conn, waiter.conn = waiter.conn, None
+            if conn is not None:
+                yield PutBack(conn)
+            raise
         except BaseException:
             yield from self._forget(waiter)
             raise
+        self.lines.answered(key)
         if got is None:
             return None  # the head: wait() queues in PostgreSQL on this connection
         grant = Grant(fence=got[0], granted_at=sent)
@@ -178,9 +215,11 @@ class Plan:
         got = None
         try:
             yield from self._ready()
-            holding.conn = yield Connect()
+            holding.conn = yield Connect(quick=True)
             sent = time.monotonic()
             got = yield from self._try_lock(key, lease, holding.conn)
+        except Exhausted:
+            pass  # every connection of the pool is in use: the turn cannot be taken now
         finally:
             if got is None:  # not taken (or failed): nothing is held
                 self.lines.unhold(key, token)
@@ -209,10 +248,19 @@ class Plan:
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
+                _raise_outage(self.lines.outage(key))  # the time ran out in an outage
                 return None
             waiter.rearm()  # before the check: a wake from now on resolves the new sleep
             if self.lines.is_head(waiter):
-                return (yield from self._lock_wait(waiter, deadline))
+                try:
+                    return (yield from self._lock_wait(waiter, deadline))
+                except BackendUnavailable as exc:
+                    self.lines.failed(key, exc)
+                    raise
+            # Only the head talks to the server; the others share its outcome: while its
+            # tries fail, each wait reports the failure (the caller rides it out or gives up,
+            # as the head does), without a connection of its own.
+            _raise_outage(self.lines.outage(key))
             yield Sleep(waiter, left)
 
     def _lock_wait(self, waiter: Waiter, deadline: float | None) -> Flow[Grant | None]:
@@ -222,7 +270,11 @@ class Plan:
         caller then leaves, and :meth:`leave` resolves whether the lock came first.
         """
         if waiter.conn is None:
-            waiter.conn = yield Connect()
+            try:
+                waiter.conn = yield Connect(until=deadline)
+            except Exhausted:  # the deadline came first: no connection came free
+                _raise_outage(self.lines.outage(waiter.key))  # nor did the server answer
+                return None
         conn = waiter.conn
         with map_errors("lock"):
             try:
@@ -234,6 +286,7 @@ class Plan:
                 left = None if deadline is None else max(0.001, deadline - time.monotonic())
                 yield On(conn, self.sql.acquire(waiter.key, waiter.lease, left, begun=begun))
             except psycopg.errors.LockNotAvailable:
+                self.lines.answered(waiter.key)
                 yield from self._lock_outcome(waiter)  # rolls the aborted transaction back
                 return None
             except BaseException:
@@ -241,6 +294,7 @@ class Plan:
                     waiter.conn = None
                     yield PutBack(conn)
                 raise
+        self.lines.answered(waiter.key)
         return (yield from self._fence(waiter))
 
     def _lock_outcome(self, waiter: Waiter) -> Flow[bool]:
@@ -563,8 +617,11 @@ class Plan:
         return [unstored(r[0]) for r in rows]
 
     def mb_dead(self, name: str, entries: list[str]) -> Flow[None]:
+        """Store dead letters, each once: a call retried after its reply was lost (or a
+        message redelivered because of that, and failed again) adds no second letter."""
         if entries:
             params = {**self.sql.mailbox(name), "entries": [stored(e) for e in entries]}
+            params["onces"] = [_once(e) for e in entries]
             yield from self._call("MB_DEAD", params)
 
     def mb_dead_letters(self, name: str, limit: int) -> Flow[list[str]]:

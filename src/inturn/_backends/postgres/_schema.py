@@ -22,9 +22,10 @@ MIGRATION_LOCK = 0x696E7475726E0001
 
 # -- versions -------------------------------------------------------------------------
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The newest migration: 1 fences and audit, 2 dedup marks and supersede generations,
-3 mailboxes, 4 the retry time in its own column and submit-and-take."""
+3 mailboxes, 4 the retry time in its own column and submit-and-take, 5 mb_retry and 6
+dead letters safe to run twice."""
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -610,6 +611,12 @@ ALTER FUNCTION {schema}.mb_submit(bigint, text, text, text, text, integer, boole
 ALTER FUNCTION {schema}.mb_retry(bigint, text, text, text, text, text[], double precision)
     SET lock_timeout = 0;
 ALTER FUNCTION {schema}.mb_resume(bigint, text, text, text, text, bigint) SET lock_timeout = 0;
+""",
+    6: """
+-- A dead letter is stored once per failed message: ``once`` names the message (its unique
+-- tag and attempt), so a dead-lettering retried after a lost reply adds nothing.
+ALTER TABLE {schema}.mb_dead ADD COLUMN IF NOT EXISTS once text;
+CREATE UNIQUE INDEX IF NOT EXISTS mb_dead_once ON {schema}.mb_dead (namespace, mailbox, once);
 """,
 }
 """version -> DDL (idempotent). The fence sequence has CACHE 1: with a cache,

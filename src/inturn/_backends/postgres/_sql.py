@@ -347,10 +347,12 @@ MB_HINTED = (
 are the index (an idle key has neither), so there is no hint to write or to clean up."""
 
 MB_DEAD = (
-    "INSERT INTO {schema}.mb_dead (namespace, mailbox, entry)"
-    " SELECT %(ns)s, %(mailbox)s, e.entry FROM unnest(%(entries)s::text[])"
-    " WITH ORDINALITY AS e(entry, n) ORDER BY e.n"
+    "INSERT INTO {schema}.mb_dead (namespace, mailbox, entry, once)"
+    " SELECT %(ns)s, %(mailbox)s, e.entry, e.once"
+    " FROM unnest(%(entries)s::text[], %(onces)s::text[]) WITH ORDINALITY AS e(entry, once, n)"
+    " ORDER BY e.n ON CONFLICT DO NOTHING"
 )
+"""Safe to run twice (schema version 6): a letter whose ``once`` is stored is not stored again."""
 MB_DEAD_LETTERS = (
     "SELECT entry FROM {schema}.mb_dead WHERE namespace = %(ns)s AND mailbox = %(mailbox)s"
     " ORDER BY seq LIMIT %(limit)s"

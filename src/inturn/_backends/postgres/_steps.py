@@ -30,6 +30,7 @@ __all__ = [
     "INTRANS",
     "TRANSPORT_ERRORS",
     "Connect",
+    "Exhausted",
     "Flow",
     "On",
     "PutBack",
@@ -116,7 +117,22 @@ class On:
 
 @dataclass(frozen=True, slots=True)
 class Connect:
-    """Take a connection from the pool (errors mapped); answers it."""
+    """Take a connection for a turn (a holder's or a head's) from the pool; answers it.
+
+    Turns take their connections in FIFO order from a share of the pool that leaves
+    room for the pooled statements (:class:`Run`), so those always make progress. A
+    turn waits for a connection while the server answers: until ``until`` (a
+    ``time.monotonic()``; None: as long as it takes), then :class:`Exhausted`; with
+    ``quick``, only when one is free at once. A server that cannot be reached raises
+    BackendUnavailable naming libpq's reason (errors mapped)."""
+
+    until: float | None = None
+    quick: bool = False
+
+
+class Exhausted(Exception):
+    """No connection came free for a turn in time, and the server answers: the pool is
+    busy (every connection in use by this process), not broken."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Any, TypeVar
 
 import psycopg
@@ -28,9 +29,11 @@ from inturn._errors import BackendUnavailable
 from . import _doctor
 from . import _sql as q
 from ._plan import MAX_CONNECTIONS, Plan
+from ._slots import HEALTHY_FOR, SyncSlots, checks, left, turn_share
 from ._steps import (
     IDLE,
     Connect,
+    Exhausted,
     Flow,
     On,
     PutBack,
@@ -104,7 +107,12 @@ class SyncPostgresBackend:
         self._conninfo = conninfo
         self._max = max_connections
         self._lock = threading.Lock()
-        self._waiting = threading.local()  # the deadline of this thread's wait, if any
+        self._slots = SyncSlots(turn_share(max_connections if pool is None else pool.max_size))
+        self._origins: weakref.WeakKeyDictionary[Any, tuple[Any, SyncSlots, bool]] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Each connection out of a pool: that pool, its turns' share, whether a turn has it."""
+        self._healthy_at = float("-inf")
         self._reached = False
         """A connection of ours was made once: from then on the pool connects by itself."""
         self._probe_done = threading.Condition()
@@ -137,7 +145,7 @@ class SyncPostgresBackend:
                 return _first(psycopg.ClientCursor(step.conn).execute(step.sql, step.params))
             return _last(step.conn.execute(step.sql, step.params))
         if isinstance(step, Run):
-            conn = self._getconn()
+            conn = self._getconn(None)
             try:
                 with map_errors(step.what):
                     cur = conn.execute(step.sql, step.params)
@@ -145,15 +153,16 @@ class SyncPostgresBackend:
             finally:
                 self._putconn(conn)
         if isinstance(step, Connect):
-            return self._getconn()
+            return self._getconn(step.until, turn=True, quick=step.quick)
         if isinstance(step, PutBack):
             return self._putconn(step.conn)
         assert isinstance(step, Sleep)
         return step.waiter.sleep_sync(step.seconds)
 
     def _probe(self) -> None:
-        """Connect once before the pool opens (see the async backend's ``_probe``); the
-        threads that ask meanwhile share the attempt."""
+        """Connect once before the pool opens, or to check that the server answers while
+        a call waits for a busy pool (see the async backend's ``_probe``); the threads
+        that ask meanwhile share the attempt."""
         with self._probe_done:
             if self._probing:
                 seen = self._probes
@@ -167,21 +176,24 @@ class SyncPostgresBackend:
             self._probing = True
         error = None
         try:
-            psycopg.connect(self._conninfo or "", **connection_kwargs()).close()
+            conninfo = self._conninfo or (self._pool.conninfo if self._pool is not None else "")
+            psycopg.connect(conninfo, **connection_kwargs()).close()
         except psycopg.Error as exc:
-            error = connect_failure(exc, first=True)
+            error = connect_failure(exc, first=not self._reached)
             error.__cause__ = exc
         finally:
             with self._probe_done:
                 self._probing = False
                 self._probes += 1
                 self._reached = self._reached or error is None
+                if error is None:
+                    self._healthy_at = time.monotonic()
                 self._probe_error = error
                 self._probe_done.notify_all()
         if error is not None:
             raise error
 
-    def _pool_here(self) -> Any:
+    def _pool_here(self) -> tuple[Any, SyncSlots]:
         if self._pool is None and not self._reached and self._owned:
             self._probe()
         with self._lock:
@@ -197,27 +209,65 @@ class SyncPostgresBackend:
                     open=True,
                     name=f"inturn-{self._plan.sql.namespace}-sync",
                 )
-            return self._pool
+                self._slots = SyncSlots(turn_share(self._max))
+            return self._pool, self._slots
 
-    def _getconn(self) -> Any:
-        until: float | None = getattr(self._waiting, "until", None)
-        limit = CONNECT_TIMEOUT if until is None else max(0.0, until - time.monotonic())
-        with map_errors("connect"):
-            return self._pool_here().getconn(timeout=min(CONNECT_TIMEOUT, limit))
+    def _getconn(self, until: float | None, *, turn: bool = False, quick: bool = False) -> Any:
+        """A connection of the pool: for a turn, first a place in the turns' share (FIFO;
+        ``quick``: only if free now); see :class:`._steps.Connect`. Remembers where it came
+        from: it goes back there, even after a close() made a new pool."""
+        pool, slots = self._pool_here()
+        if turn and quick and not slots.take_now():
+            raise Exhausted
+        if turn and not quick:
+            slots.take(until, self._healthy)
+        limit = time.monotonic() + CONNECT_TIMEOUT if quick else until
+        try:
+            conn = self._from_pool(pool, limit)
+        except BaseException:
+            if turn:
+                slots.give()
+            raise
+        self._origins[conn] = (pool, slots, turn)
+        return conn
+
+    def _from_pool(self, pool: Any, until: float | None) -> Any:
+        """Wait for a pooled connection until ``until`` (then Exhausted), checking between
+        waits that the server answers (else BackendUnavailable with libpq's words)."""
+        for pause in checks():
+            rest = left(until)
+            try:
+                return pool.getconn(timeout=pause if rest is None else min(pause, rest))
+            except psycopg_pool.PoolTimeout:
+                if rest is None or pause < rest:
+                    self._healthy()
+            except psycopg.Error as exc:
+                raise connect_failure(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover - checks() never ends
+
+    def _healthy(self) -> None:
+        """Raise BackendUnavailable unless the server answers (a check shared a moment)."""
+        if time.monotonic() - self._healthy_at > HEALTHY_FOR:
+            self._probe()
 
     def _putconn(self, conn: Any) -> None:
-        """Give a connection back, out of any transaction (or discarded when dead)."""
+        """Give a connection back, out of any transaction (or discarded when dead), to the
+        pool it came from (a closed pool closes it); a turn's slot goes to the next."""
         if not dead(conn) and conn.info.transaction_status != IDLE:
             try:
                 conn.execute(q.ROLLBACK)
             except Exception:
                 conn.close()
-        with self._lock:
-            pool = self._pool
-        if pool is None:  # closed meanwhile (a late release): a new pool would refuse it
+        origin = self._origins.pop(conn, None)
+        if origin is None:  # not one of ours (cannot happen): nobody else will close it
             conn.close()
             return
-        pool.putconn(conn)
+        pool, slots, turn = origin
+        try:
+            pool.putconn(conn)
+        finally:
+            if turn:
+                slots.give()
 
     # -- SyncBackend ----------------------------------------------------------------------
 
@@ -236,15 +286,12 @@ class SyncPostgresBackend:
             return self._drive(self._plan.wait(key, token, timeout))
         # The server bounds the lock wait (lock_timeout), but over a dead link its answer
         # never comes: past the timeout (and a grace), cut the waiter's connection.
-        # A connection taken for the wait is waited for no longer than that either.
         cutter = threading.Timer(timeout + WAIT_GRACE, self._cut_waiter, (token,))
         cutter.daemon = True
         cutter.start()
-        self._waiting.until = time.monotonic() + timeout + WAIT_GRACE
         try:
             return self._drive(self._plan.wait(key, token, timeout))
         finally:
-            self._waiting.until = None
             cutter.cancel()
 
     def _cut_waiter(self, token: str) -> None:
