@@ -167,9 +167,10 @@ class Mailboxes:
         return sorted({text(k) for members in replies for k in members})
 
     async def mb_dead(self, name: str, entries: list[str]) -> None:
-        dead = self._process.keys.mailbox_index(name)[1]
-        with map_errors("mb_dead"):
-            await self._state().client.rpush(dead, *entries)
+        """See ``MailboxBackend.mb_dead``: each letter once, if sent again (``MB_DEAD``)."""
+        state = self._state()
+        call = state.calls.mb_dead(name, entries)
+        await self._script(call, call[1][0], state)
 
     async def mb_dead_letters(self, name: str, limit: int) -> list[str]:
         dead = self._process.keys.mailbox_index(name)[1]
@@ -295,8 +296,9 @@ class SyncMailboxes:
         return sorted({text(k) for members in replies for k in members})
 
     def mb_dead(self, name: str, entries: list[str]) -> None:
-        with map_errors("mb_dead"):
-            self._client.rpush(self._process.keys.mailbox_index(name)[1], *entries)
+        """See ``SyncMailboxBackend.mb_dead``: each letter once, if sent again (``MB_DEAD``)."""
+        call = self._calls.mb_dead(name, entries)
+        self._script(call, call[1][0])
 
     def mb_dead_letters(self, name: str, limit: int) -> list[str]:
         dead = self._process.keys.mailbox_index(name)[1]

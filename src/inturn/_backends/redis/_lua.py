@@ -61,6 +61,7 @@ __all__ = [
     "FINISH",
     "JOIN",
     "LEAVE",
+    "MB_DEAD",
     "MB_RELEASE_TAKE",
     "MB_RENEW",
     "MB_RESUME",
@@ -83,6 +84,9 @@ SOLO_MAX = 64
 
 SUBMIT_SCAN = 64
 """How far from the queue's tail MB_SUBMIT looks for its own message (a retried submit)."""
+
+DEAD_SCAN = 1000
+"""How far from a dead-letter list's tail MB_DEAD looks for a letter it was sent again."""
 
 _PRELUDE = """
 local function now_ms()
@@ -588,6 +592,38 @@ return {taken, false, false}
 """
 )
 
+MB_DEAD = """#!lua flags=allow-oom
+-- MB_DEAD: add dead letters to the list KEYS[1], each at most once.
+-- ARGV: the letters, JSON {"m": the failed message, "e": error, "at": time, "n": attempts}
+-- returns: how many were added
+-- A letter is left out when one of the list's last DEAD_SCAN entries carries the same
+-- message (its unique tag "g" and attempt count "a"), or, for a text that is not such a
+-- letter, the same text: a call resent after a lost reply, or a message redelivered after a
+-- lost acknowledgement that failed again, adds no second letter.
+local function same(text)
+  local ok, letter = pcall(cjson.decode, text)
+  if ok and type(letter) == 'table' and type(letter.m) == 'table' and letter.m.g then
+    return 'g' .. tostring(letter.m.g) .. '|' .. tostring(letter.m.a)
+  end
+  return 't' .. text
+end
+local seen = {}
+for _, text in ipairs(redis.call('LRANGE', KEYS[1], -DEAD_SCAN, -1)) do
+  seen[same(text)] = true
+end
+local added = 0
+for _, text in ipairs(ARGV) do
+  local id = same(text)
+  if not seen[id] then
+    redis.call('RPUSH', KEYS[1], text)
+    seen[id] = true
+    added = added + 1
+  end
+end
+return added
+"""
+
 JOIN = JOIN.replace("SOLO_MAX", str(SOLO_MAX))
+MB_DEAD = MB_DEAD.replace("DEAD_SCAN", str(DEAD_SCAN))
 MB_SUBMIT = MB_SUBMIT.replace("SUBMIT_SCAN", str(SUBMIT_SCAN))
 RELEASE = RELEASE.replace("FENCE_TTL", str(FENCE_TTL))

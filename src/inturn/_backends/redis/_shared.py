@@ -40,6 +40,7 @@ from ._lua import (
     FINISH,
     JOIN,
     LEAVE,
+    MB_DEAD,
     MB_RELEASE_TAKE,
     MB_RENEW,
     MB_RESUME,
@@ -88,6 +89,7 @@ SCRIPTS = {
     "mb_resume": MB_RESUME,
     "mb_renew": MB_RENEW,
     "mb_release_take": MB_RELEASE_TAKE,
+    "mb_dead": MB_DEAD,
 }
 
 SHAS = {name: (sha1(lua), lua) for name, lua in SCRIPTS.items()}
@@ -228,6 +230,9 @@ class Scripts:
 
     def mb_resume(self, name: str, key: str, token: str, lease: float) -> Call:
         return "mb_resume", self.keys.mailbox_keys(name, key), [token, ms(lease)]
+
+    def mb_dead(self, name: str, entries: list[str]) -> Call:
+        return "mb_dead", [self.keys.mailbox_index(name)[1]], list(entries)
 
     def mb_renew(self, name: str, key: str, token: str, lease: float) -> Call:
         return "mb_renew", self.keys.mailbox_keys(name, key)[2:3], [token, ms(lease)]
