@@ -4,11 +4,17 @@ slot map (a resharding, a fail-over) is followed through redis-py's cluster clie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import time
 from typing import Any
 
+import pytest
+import redis
+
 import inturn
-from inturn._backends.redis._keys import KeySpace
+from inturn import RedisBackend
+from inturn._backends.redis._keys import KeySpace, slot_of
 from tests.redis.test_keys_and_cluster import cluster_url
 from tests.servers import RedisCluster
 
@@ -132,3 +138,90 @@ async def test_a_sweep_reads_the_hints_of_every_master_in_one_call_each(
         assert hinted == sorted(users)
     finally:
         await gate.aclose()
+
+
+def _wait_for_replication(cluster: RedisCluster, timeout: float = 30.0) -> None:
+    """Until every replica's link to its master is up (a new Cluster syncs them after)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        up = 0
+        for node in cluster.nodes:
+            with redis.Redis(port=node.port) as client:
+                info = client.info("replication")
+            up += info.get("role") == "slave" and info.get("master_link_status") == "up"
+        if up == cluster.masters * cluster.replicas:
+            return
+        assert time.monotonic() < deadline, "the replicas did not sync"
+        time.sleep(0.1)
+
+
+async def test_a_submit_waits_for_its_masters_replica_on_a_cluster(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With ?wait_replicas=1 on a Cluster with a replica per master, a submit returns once
+    its master's replica has the message (tasks and threads); with the replicas paused it
+    waits wait_timeout and says so."""
+    cluster = RedisCluster(3, replicas=1).start()
+    _wait_for_replication(cluster)
+    url = cluster_url(cluster) + "?wait_replicas=1&wait_timeout=0.5"
+    backend = RedisBackend.from_url(url, namespace=f"w{secrets.token_hex(3)}")
+    twin = backend.sync_twin()
+
+    def copies(user: str) -> int:
+        """On how many nodes (masters and replicas) the user's queue holds a message."""
+        queue = backend._process.keys.mailbox_keys("box", user)[0]
+        found = 0
+        for node in cluster.nodes:
+            with redis.Redis(port=node.port) as client:
+                client.execute_command("READONLY")
+                with contextlib.suppress(redis.exceptions.ResponseError):  # MOVED
+                    found += int(client.llen(queue)) > 0
+        return found
+
+    try:
+        for n in range(6):
+            user = f"user-{n}"
+            if n % 2:
+                await asyncio.to_thread(
+                    twin.mb_submit,
+                    "box",
+                    user,
+                    "m",
+                    max_pending=9,
+                    drop_oldest=False,
+                    token="t",
+                    lease=5.0,
+                )
+            else:
+                await backend.mb_submit(
+                    "box", user, "m", max_pending=9, drop_oldest=False, token="t", lease=5.0
+                )
+            assert copies(user) == 2  # the master and its replica, when acknowledged
+        assert not [r for r in caplog.records if "replicas" in r.getMessage()]
+        master = cluster.master_of_slot(slot_of("late"))
+        others = [node for node in cluster.nodes if node is not master]
+        for node in others:
+            node.pause()
+        try:
+            started = time.monotonic()
+            await backend.mb_submit(
+                "box", "late", "m", max_pending=9, drop_oldest=False, token="t", lease=5.0
+            )
+            took = time.monotonic() - started
+        finally:
+            for node in others:
+                node.resume()
+        assert 0.45 < took < 3.0
+        assert any("acknowledged by 0 of 1 replicas" in r.getMessage() for r in caplog.records)
+        # A call its master redirects goes through redis-py, without WAIT: said so.
+        state = backend._state()
+        _mislead(state.client, backend._process.keys.mailbox_keys("box", "moved")[0])
+        await backend.mb_submit(
+            "box", "moved", "m", max_pending=9, drop_oldest=False, token="t", lease=5.0
+        )
+        assert state.nodes.redirected == 1
+        assert any("without waiting for replicas" in r.getMessage() for r in caplog.records)
+    finally:
+        twin.close()
+        await backend.aclose()
+        cluster.stop()

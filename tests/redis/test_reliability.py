@@ -533,11 +533,6 @@ def test_sync_submit_waits_for_a_replica(make_redis_server: Callable[..., RedisS
         twin.close()
 
 
-def test_wait_replicas_is_refused_on_a_cluster() -> None:
-    with pytest.raises(inturn.ConfigurationError):
-        RedisBackend.from_url("redis+cluster://127.0.0.1:7000?wait_replicas=1")
-
-
 def _submit_until_killed(url: str, primary: RedisServer, link: LaggingLink) -> list[str]:
     """Submit from 4 tasks; SIGKILL the primary after 0.3 s; the acknowledged messages."""
     acknowledged: list[str] = []

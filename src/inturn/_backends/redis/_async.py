@@ -134,7 +134,7 @@ class RedisBackend(Mailboxes, RedisAdmin):
     ) -> None:
         if client is None and _factory is None:
             raise ConfigurationError("RedisBackend needs a redis-py client (or use from_url)")
-        self._wait = replica_wait(wait_replicas, wait_timeout, cluster=is_cluster(client))
+        self._wait = replica_wait(wait_replicas, wait_timeout)
         process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._process = ProcessChannel(KeySpace(namespace), KeySpace(namespace).channel(process))
         self._url: str | None = None
@@ -296,17 +296,19 @@ class RedisBackend(Mailboxes, RedisAdmin):
                 reply = await state.mux.evalsha(
                     sha, lua, keys, args, idempotent=idempotent(name, args), then=then
                 )
-                if wait is None:
-                    return reply
-                wait.check(reply[1], name)
-                return reply[0]
-            if state.nodes is not None and wait is None:
+                return reply if wait is None else wait.checked(reply, name)
+            if state.nodes is not None:
                 sha, lua = SHAS[name]
+                then = None if wait is None else wait.command()
                 with contextlib.suppress(NotHere):  # then redis-py finds the node
-                    return await state.nodes.evalsha(
-                        sha, lua, keys, args, idempotent=idempotent(name, args)
+                    reply = await state.nodes.evalsha(
+                        sha, lua, keys, args, idempotent=idempotent(name, args), then=then
                     )
-            return await state.scripts[name](keys=keys, args=args)
+                    return reply if wait is None else wait.checked(reply, name)
+            reply = await state.scripts[name](keys=keys, args=args)
+            if wait is not None:
+                wait.missed(name)
+            return reply
 
     async def _script(
         self, call: Call, key: str, state: LoopState | None = None, *, durable: bool = False

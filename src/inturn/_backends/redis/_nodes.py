@@ -132,13 +132,22 @@ class NodeMuxes(_Routing):
         return mux
 
     async def evalsha(
-        self, sha: str, lua: str, keys: Sequence[str], args: Sequence[Any], *, idempotent: bool
+        self,
+        sha: str,
+        lua: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        idempotent: bool,
+        then: tuple[Any, ...] | None = None,
     ) -> Any:
-        """Run a script on its slot's master; :class:`NotHere` when redis-py should."""
+        """Run a script on its slot's master (and ``then``, see Mux.evalsha);
+        :class:`NotHere` when redis-py should."""
         if not self._client.nodes_manager.slots_cache:
             await self._client.initialize()
         with self._or_not_here(idempotent):
-            return await self._mux(keys).evalsha(sha, lua, keys, args, idempotent=idempotent)
+            mux = self._mux(keys)
+            return await mux.evalsha(sha, lua, keys, args, idempotent=idempotent, then=then)
 
     async def members(self, set_of_slot: Sequence[str]) -> list[bytes]:
         """The members of the sets ``set_of_slot[slot]`` of every slot: one call per master."""
@@ -192,11 +201,15 @@ class SyncNodeMuxes(_Routing):
         *,
         timeout: float | None,
         idempotent: bool,
+        then: tuple[Any, ...] | None = None,
     ) -> Any:
-        """Run a script on its slot's master; :class:`NotHere` when redis-py should."""
-        mux = self._mux(keys)
+        """Run a script on its slot's master (and ``then``, see SyncMux.evalsha);
+        :class:`NotHere` when redis-py should."""
         with self._or_not_here(idempotent):
-            return mux.evalsha(sha, lua, keys, args, timeout=timeout, idempotent=idempotent)
+            mux = self._mux(keys)
+            return mux.evalsha(
+                sha, lua, keys, args, timeout=timeout, idempotent=idempotent, then=then
+            )
 
     def members(self, set_of_slot: Sequence[str]) -> list[bytes]:
         """The members of the sets ``set_of_slot[slot]`` of every slot: one call per master."""

@@ -576,6 +576,21 @@ class ReplicaWait:
     def command(self) -> tuple[Any, ...]:
         return ("WAIT", self.replicas, ms(self.timeout))
 
+    def checked(self, reply: tuple[Any, Any], what: str) -> Any:
+        """The script's reply, from ``(its reply, WAIT's reply)``, once WAIT's is checked."""
+        self.check(reply[1], what)
+        return reply[0]
+
+    def missed(self, what: str) -> None:
+        """Say that a write was acknowledged without waiting for replicas (on a Cluster,
+        a call redirected to another master runs through redis-py's client, where WAIT
+        cannot follow it on the same connection)."""
+        logger.warning(
+            "inturn: %s was redirected to another Cluster master and acknowledged without "
+            "waiting for replicas: a failover now could lose it",
+            what,
+        )
+
     def check(self, acked: Any, what: str) -> None:
         if int(acked) < self.replicas:
             logger.warning(

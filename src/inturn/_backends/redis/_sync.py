@@ -283,17 +283,25 @@ class SyncRedisBackend(SyncMailboxes):
                     idempotent=idempotent(name, args),
                     then=then,
                 )
-                if wait is None:
-                    return reply
-                wait.check(reply[1], name)
-                return reply[0]
-            if self._nodes is not None and wait is None:
+                return reply if wait is None else wait.checked(reply, name)
+            if self._nodes is not None:
                 sha, lua = SHAS[name]
+                then = None if wait is None else wait.command()
                 with contextlib.suppress(NotHere):  # then redis-py finds the node
-                    return self._nodes.evalsha(
-                        sha, lua, keys, args, timeout=timeout, idempotent=idempotent(name, args)
+                    reply = self._nodes.evalsha(
+                        sha,
+                        lua,
+                        keys,
+                        args,
+                        timeout=timeout,
+                        idempotent=idempotent(name, args),
+                        then=then,
                     )
-            return self._scripts[name](keys=keys, args=args)
+                    return reply if wait is None else wait.checked(reply, name)
+            reply = self._scripts[name](keys=keys, args=args)
+            if wait is not None:
+                wait.missed(name)
+            return reply
 
     def _script(self, call: Call, key: str, *, durable: bool = False) -> Any:
         """Run a script whose KEYS and ARGV :class:`Scripts` built (``durable``: see

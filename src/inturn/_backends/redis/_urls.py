@@ -62,26 +62,15 @@ def wait_options(url: str) -> tuple[str, tuple[int, float]]:
         timeout = float(found.get("wait_timeout", "0.1"))
     except ValueError as exc:
         raise ConfigurationError(f"bad wait_replicas or wait_timeout in {masked(url)!r}") from exc
-    if parts.scheme.lower() == "redis+cluster" and replicas:
-        raise ConfigurationError(_NO_CLUSTER_WAIT)
     return urllib.parse.urlunsplit(parts._replace(query=rest)), (replicas, timeout)
 
 
-_NO_CLUSTER_WAIT = (
-    "wait_replicas is not supported on a Redis Cluster (WAIT must follow the write on its "
-    "connection, and a redirected call goes through redis-py): set min-replicas-to-write "
-    "on the masters instead"
-)
-
-
-def replica_wait(replicas: int, timeout: float, *, cluster: bool) -> ReplicaWait | None:
+def replica_wait(replicas: int, timeout: float) -> ReplicaWait | None:
     """What a submit waits for (None: nothing), checked."""
     if replicas < 0 or timeout < 0:
         raise ConfigurationError("wait_replicas and wait_timeout must not be negative")
     if not replicas:
         return None
-    if cluster:
-        raise ConfigurationError(_NO_CLUSTER_WAIT)
     return ReplicaWait(replicas, timeout)
 
 
