@@ -421,8 +421,10 @@ class RedisBackend(Mailboxes, RedisAdmin):
         sent = time.monotonic()
         args: list[Any] = [token]
         handed: Grant | None = None
-        solo = state.next_solo(key) if fence is not None and state.mux is not None else None
-        if fence is not None and solo is not None:
+        keys = state.calls.turn_keys(key)
+        mux = state.mux if state.nodes is None else state.nodes.connected(keys)
+        solo = state.next_solo(key) if fence is not None and mux is not None else None
+        if fence is not None and solo is not None and mux is not None:
             # Our own first waiter, with nobody from elsewhere ahead of it: start it now,
             # with the next fence; the script confirms exactly this grant.
             handed = hand_over(solo, fence, sent, asyncio.get_running_loop().create_future())
@@ -430,14 +432,12 @@ class RedisBackend(Mailboxes, RedisAdmin):
             # Not awaited, and sent at the end of this loop step: the woken waiter starts
             # first, and our next command (a JOIN, often) leaves in the same write. The
             # reply only confirms the grant, or refuses it, and then the new holder is told.
-            reply = state.mux.submit(  # type: ignore[union-attr]
-                SHAS["release"][0], state.calls.turn_keys(key), args, hold=True
-            )
+            reply = mux.submit(SHAS["release"][0], keys, args, hold=True)
             if reply is not None:
                 reply.add_done_callback(partial(self._handed_over, state, key, args, handed))
                 return
         try:
-            reply = await self._run(state, "release", key, args)
+            reply = await self._run(state, "release", key, args, keys)
         except BaseException:
             if handed is not None:
                 confirm(handed, None)  # unknown: the new holder's renewal will tell

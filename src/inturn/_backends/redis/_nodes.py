@@ -131,6 +131,14 @@ class NodeMuxes(_Routing):
             mux = self._muxes[node.name] = Mux(pool, timeout=self._timeout, preload=self._preload)
         return mux
 
+    def connected(self, keys: Sequence[str]) -> Mux | None:
+        """The connection to the master of ``keys`` if one is open (for a call sent without
+        waiting: see Mux.submit); None if not, or if the slot map does not know the slot."""
+        try:
+            return self._muxes.get(_master_of(self._client, keys).name)
+        except NotHere:
+            return None
+
     async def evalsha(
         self,
         sha: str,
