@@ -16,9 +16,10 @@ From those, for every hand-off between two processes:
                           (async: a future), and the turn's entry returning
 
 and, in the releasing process, leave -> exit returned (the RELEASE round trip; async sends it
-without waiting, so this is near 0 there). With `--cprofile`, process 0 runs under cProfile
-and its top functions by own time are printed; with `--py-spy`, `py-spy record` samples
-process 0 (if py-spy is installed) and the leaf functions are summed.
+without waiting, so this is near 0 there). The CPU time of all the processes over the loop,
+per turn, is printed too (less noisy than latencies on a shared machine). With `--cprofile`,
+process 0 runs under cProfile and its top functions by own time are printed; with `--py-spy`,
+`py-spy record` samples process 0 (if py-spy is installed) and the leaf functions are summed.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def _worker(
         _yield_before_reads()
     turns: list[tuple[float, float, float, float]] = []  # asked, body start, leave, exit returned
     profiler = cProfile.Profile() if prof and index == 0 else None
+    cpu = [0.0, 0.0]  # process CPU time (all threads) when the loop starts and ends
 
     def run_sync() -> None:
         gate = inturn.Gate.from_url(url, namespace="prof")
@@ -105,6 +107,7 @@ def _worker(
                 pass
             start.wait(timeout=60)
             deadline = time.monotonic() + seconds
+            cpu[0] = time.process_time()
             if profiler:
                 profiler.enable()
             while (asked := time.monotonic()) < deadline:
@@ -113,6 +116,7 @@ def _worker(
                     time.sleep(HOLD)
                     leave = time.monotonic()
                 turns.append((asked, body, leave, time.monotonic()))
+            cpu[1] = time.process_time()
             if profiler:
                 profiler.disable()
         finally:
@@ -125,6 +129,7 @@ def _worker(
                 pass
             start.wait(timeout=60)
             deadline = time.monotonic() + seconds
+            cpu[0] = time.process_time()
             if profiler:
                 profiler.enable()
             while (asked := time.monotonic()) < deadline:
@@ -133,6 +138,7 @@ def _worker(
                     await asyncio.sleep(HOLD)
                     leave = time.monotonic()
                 turns.append((asked, body, leave, time.monotonic()))
+            cpu[1] = time.process_time()
             if profiler:
                 profiler.disable()
         finally:
@@ -147,7 +153,7 @@ def _worker(
         buffer = io.StringIO()
         pstats.Stats(profiler, stream=buffer).sort_stats("tottime").print_stats(18)
         stats = buffer.getvalue()
-    out.put((index, turns, [t for _, t in pushes], stats))
+    out.put((index, turns, [t for _, t in pushes], stats, cpu[1] - cpu[0]))
 
 
 def _ms(values: list[float], q: float) -> str:
@@ -224,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs:
             proc.join(timeout=5)
         # Every body start, with its process, and every push read, with its process.
-        bodies = sorted((t[1], i, t) for i, turns, _, _ in results for t in turns)
-        pushes = {i: sorted(p) for i, _, p, _ in results}
+        bodies = sorted((t[1], i, t) for i, turns, _, _, _ in results for t in turns)
+        pushes = {i: sorted(p) for i, _, p, _, _ in results}
         leave_to_push, push_to_body, leave_to_body = [], [], []
         for (_, i_prev, prev), (body, i_next, _) in itertools.pairwise(bodies):
             leave = prev[2]
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             if read:
                 leave_to_push.append(read[0] - leave)
                 push_to_body.append(body - read[0])
-        release_rtt = [t[3] - t[2] for _, turns, _, _ in results for t in turns]
+        release_rtt = [t[3] - t[2] for _, turns, _, _, _ in results for t in turns]
         n = len(leave_to_body)
         print(
             f"inturn turn ({args.flavor}), {args.processes} processes, one key, hold 2 ms, "
@@ -251,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             ("leave -> own turn exit returned (RELEASE)", release_rtt),
         ):
             print(f"{label:<44}{_ms(values, 50):>9}{_ms(values, 90):>9}{_ms(values, 99):>9}")
-        stats = next((s for _, _, _, s in results if s), "")
+        cpu = sum(r[4] for r in results)
+        per_turn = cpu / max(len(bodies), 1) * 1e3
+        print(f"client CPU per turn (all processes, all threads): {per_turn:.3f} ms")
+        stats = next((s for _, _, _, s, _ in results if s), "")
         if stats:
             print("\ncProfile of process 0 (its whole loop), by own time:")
             print("\n".join(stats.splitlines()[:40]))
