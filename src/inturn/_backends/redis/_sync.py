@@ -30,6 +30,7 @@ from inturn._errors import BackendUnavailable
 from . import _doctor
 from ._boxes import SyncMailboxes
 from ._mux import SyncMux
+from ._pushes import SyncWakeups
 from ._shared import (
     CONNECT_TIMEOUT,
     IDLE_READ,
@@ -144,7 +145,7 @@ class SyncRedisBackend(SyncMailboxes):
         self._again = threading.Event()
         self._ever_subscribed = False
         self._thread: threading.Thread | None = None
-        self._pubsub: Any = None
+        self._wakeups: SyncWakeups | None = None
 
     def _listening(self) -> None:
         with self._lock:
@@ -187,6 +188,12 @@ class SyncRedisBackend(SyncMailboxes):
         self._again.wait(seconds)
 
     def _listen(self) -> None:
+        """The listener thread: read this process's wake-ups; reconnect with backoff.
+
+        The subscribed connection's socket is read here directly (see
+        :class:`SyncWakeups`): a push is parsed and its waiter woken, and the
+        thread is back in ``recv`` (the GIL released) at once.
+        """
         process = self._process
         backoff = 0.05
         first = True
@@ -195,18 +202,14 @@ class SyncRedisBackend(SyncMailboxes):
         while not self._stop.is_set() and pid == os.getpid():
             attempt += 1
             try:
-                pubsub = self._pubsub = self._open_pubsub(attempt)
+                wakeups = self._wakeups = self._open_wakeups(attempt)
             except Exception as exc:
                 self._settle(exc)
                 self._backoff(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             try:
-                pubsub.subscribe(self._channel)
-                while True:
-                    message = pubsub.get_message(timeout=CONNECT_TIMEOUT)
-                    if message is not None and message["type"] == "subscribe":
-                        break
+                wakeups.subscribe(self._channel, CONNECT_TIMEOUT)
                 if not process.checked_eviction:
                     try:
                         policy = _doctor.policy_of(self._client.config_get("maxmemory-policy"))
@@ -221,11 +224,11 @@ class SyncRedisBackend(SyncMailboxes):
                             waiter.next_check = 0.0
                             wake(waiter)
                 first = False
+                lock, waiters = self._lock, self._line.waiters
                 while not self._stop.is_set():
-                    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=IDLE_READ)
-                    if message is not None and message["type"] == "message":
-                        with self._lock:
-                            granted = process.deliver(message["data"], self._line.waiters)
+                    for push in wakeups.pushes(IDLE_READ):
+                        with lock:
+                            granted = process.deliver(push[2], waiters)
                         if granted is not None:
                             wake(granted)
             except Exception as exc:
@@ -240,15 +243,27 @@ class SyncRedisBackend(SyncMailboxes):
                 self._backoff(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
-                with contextlib.suppress(Exception):
-                    pubsub.close()
+                wakeups.close()
 
-    def _open_pubsub(self, attempt: int) -> Any:
+    def _open_wakeups(self, attempt: int) -> SyncWakeups:
+        """A new connection, handshaken by redis-py, to subscribe on.
+
+        On a Cluster, classic PUBLISH reaches subscribers on every node, so the
+        listener subscribes on one node (another one after each failure).
+        """
         client = self._client
-        if isinstance(client, redis.cluster.RedisCluster):  # see _listener._open_pubsub
+        if isinstance(client, redis.cluster.RedisCluster):
             nodes = client.get_nodes()  # type: ignore[no-untyped-call]
             client = nodes[attempt % len(nodes)].redis_connection
-        return client.pubsub()
+        pool = client.connection_pool
+        conn = pool.connection_class(**pool.connection_kwargs)
+        try:
+            conn.connect()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+            raise
+        return SyncWakeups(conn)
 
     def _run(
         self,
@@ -493,9 +508,8 @@ class SyncRedisBackend(SyncMailboxes):
         self._again.set()  # a listener in its backoff ends now
         if self._mux is not None:
             self._mux.close()
-        pubsub = self._pubsub
-        if pubsub is not None:  # wakes the listener's blocked read: it sees _stop and ends
-            with contextlib.suppress(Exception):
-                pubsub.close()
+        wakeups = self._wakeups
+        if wakeups is not None:  # wakes the listener's blocked read: it sees _stop and ends
+            wakeups.close()
         if self._owned:
             close_client(self._client)
