@@ -43,6 +43,7 @@ from ._shared import (
     ProcessChannel,
     ReplicaWait,
     Scripts,
+    Signal,
     Waiter,
     after_release,
     alive_ms,
@@ -330,7 +331,7 @@ class SyncRedisBackend(SyncMailboxes):
 
     def join(self, key: str, token: str, lease: float) -> Grant | None:
         self._listening()
-        waiter = Waiter(key, lease, event=threading.Event())
+        waiter = Waiter(key, lease, event=Signal())
         with self._lock:
             self._line.waiters[token] = waiter  # a push may come before the reply
             self._line.changing(key, 1)  # no hand-over for the key until it has its place
@@ -387,8 +388,7 @@ class SyncRedisBackend(SyncMailboxes):
             if deadline is not None:
                 sleep = min(sleep, deadline - now)
             if waiter.event.wait(sleep) and waiter.grant is None:
-                waiter.event.clear()  # woken without a grant (reconnect): re-check now
-                waiter.next_check = 0.0
+                waiter.next_check = 0.0  # woken without a grant (reconnect): re-check now
 
     def _refresh(self, key: str, token: str, waiter: Waiter, limit: float | None) -> Grant | None:
         """Re-check a waiter on the server (REFRESH; JOIN again if declared dead).
