@@ -266,3 +266,70 @@ def test_sync_waiter_is_granted_after_a_push_cut_in_half(
     finally:
         waiter.close()
         holder.close()
+
+
+# -- RESP3 connections: the same pushes, framed as pushes (">") ---------------------------
+
+
+async def test_async_hand_off_over_resp3(redis_url: str) -> None:
+    url = redis_url + ("&" if "?" in redis_url else "?") + "protocol=3"
+    namespace = _namespace()
+    holder = inturn.Gate.from_url(url, namespace=namespace)
+    waiter = inturn.Gate.from_url(url, namespace=namespace)
+    try:
+        async with waiter.turn("warm"):
+            pass
+        entered = asyncio.Event()
+        async with holder.turn("k"):
+
+            async def wait() -> None:
+                async with waiter.turn("k", timeout=30):
+                    entered.set()
+
+            task = asyncio.ensure_future(wait())
+            for _ in range(1000):
+                if _queued(waiter):
+                    break
+                await asyncio.sleep(0.01)
+            released = time.monotonic()
+        async with asyncio.timeout(10):
+            await entered.wait()
+        took = time.monotonic() - released
+        await task
+        assert took < BOUND, f"granted only after {took:.2f}s: the push was not read"
+    finally:
+        await waiter.aclose()
+        await holder.aclose()
+
+
+def test_sync_hand_off_over_resp3(redis_url: str) -> None:
+    url = redis_url + ("&" if "?" in redis_url else "?") + "protocol=3"
+    namespace = _namespace()
+    holder = inturn.Gate.from_url(url, namespace=namespace)
+    waiter = inturn.Gate.from_url(url, namespace=namespace)
+    entered = threading.Event()
+
+    def wait() -> None:
+        with waiter.turn_sync("k", timeout=30):
+            entered.set()
+
+    thread = threading.Thread(target=wait, daemon=True)
+    try:
+        with waiter.turn_sync("warm"):
+            pass
+        twin: Any = waiter.backend.sync_twin()  # type: ignore[attr-defined]
+        with holder.turn_sync("k"):
+            thread.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if any(w.next_check > 0 for w in list(twin._line.waiters.values())):
+                    break
+                time.sleep(0.01)
+            released = time.monotonic()
+        assert entered.wait(10)
+        took = time.monotonic() - released
+        thread.join(10)
+        assert took < BOUND, f"granted only after {took:.2f}s: the push was not read"
+    finally:
+        waiter.close()
+        holder.close()

@@ -207,10 +207,16 @@ class SyncWakeups:
         self._sock: socket.socket = conn._sock
         self._reader = PushReader()
         self._pending: list[Any] = []
+        self._timeout: float | None = None
+
+    def _wait_at_most(self, seconds: float) -> None:
+        if seconds != self._timeout:  # settimeout is a system call: not once per push
+            self._sock.settimeout(seconds)
+            self._timeout = seconds
 
     def subscribe(self, channel: str, timeout: float) -> None:
         """SUBSCRIBE and wait for its confirmation (pushes read meanwhile are kept)."""
-        self._sock.settimeout(timeout)
+        self._wait_at_most(timeout)
         self._sock.sendall(command("SUBSCRIBE", channel))
         while True:
             for push in self._read():
@@ -223,7 +229,7 @@ class SyncWakeups:
         if self._pending:
             pending, self._pending = self._pending, []
             return [p for p in pending if p and p[0] == b"message"]
-        self._sock.settimeout(idle)
+        self._wait_at_most(idle)
         try:
             return [p for p in self._read() if p and p[0] == b"message"]
         except TimeoutError:
