@@ -1,7 +1,7 @@
 """Where a hand-off between processes spends its time, for inturn's turn on Redis.
 
     python benchmarks/profile_handoff.py [--flavor sync|async] [--processes 8] [--seconds 4]
-                                         [--cprofile] [--py-spy]
+                                         [--cprofile [--sort cumtime]] [--py-spy]
 
 N processes (each with its own gate; async: its own event loop) loop {turn; hold 2 ms} on one
 key against a redis-server the script starts. Each process stamps, on the shared monotonic
@@ -12,14 +12,16 @@ From those, for every hand-off between two processes:
 
     leave -> push read    RELEASE written, run, PUBLISH, the push's transit, the listener's
                           wake-up and read (in the next holder's process)
-    push read -> body     from the listener to the waiting thread (sync: an Event) or task
-                          (async: a future), and the turn's entry returning
+    push read -> body     from the listener to the waiting thread (sync: a lock the listener
+                          thread releases) or task (async: a future), and the turn's entry
+                          returning
 
-and, in the releasing process, leave -> exit returned (the RELEASE round trip; async sends it
-without waiting, so this is near 0 there). The CPU time of all the processes over the loop,
-per turn, is printed too (less noisy than latencies on a shared machine). With `--cprofile`,
-process 0 runs under cProfile and its top functions by own time are printed; with `--py-spy`,
-`py-spy record` samples process 0 (if py-spy is installed) and the leaf functions are summed.
+and, in the releasing process, leave -> exit returned (the RELEASE round trip: async skips
+the wait only when it hands the turn to a waiter of its own loop, never here). The CPU time
+of all the processes over the loop, per turn, is printed too (less noisy than latencies on a
+shared machine). With `--cprofile`, process 0 runs under cProfile (CPU time) and its top
+functions are printed (by own time, or the `--sort` order); with `--py-spy`, `py-spy record`
+samples process 0 (if py-spy is installed) and the leaf functions are summed.
 """
 
 from __future__ import annotations
@@ -66,20 +68,6 @@ def _hook(pushes: list[tuple[str, float]]) -> None:
     _shared.ProcessChannel.deliver = deliver  # type: ignore[method-assign]
 
 
-def _yield_before_reads() -> None:
-    """Experiment: the asyncio listener lets the loop run (the waiter it just woke, first)
-    before it reads the next push (what a yield after each dispatched push would save)."""
-    import redis.asyncio.client
-
-    original = redis.asyncio.client.PubSub.get_message
-
-    async def get_message(self: Any, *args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(0)
-        return await original(self, *args, **kwargs)
-
-    redis.asyncio.client.PubSub.get_message = get_message  # type: ignore[method-assign]
-
-
 def _worker(
     url: str,
     flavor: str,
@@ -88,14 +76,11 @@ def _worker(
     index: int,
     out: Any,
     prof: str,
-    experiment: bool = False,
 ) -> None:
     import inturn
 
     pushes: list[tuple[str, float]] = []
     _hook(pushes)
-    if experiment:
-        _yield_before_reads()
     turns: list[tuple[float, float, float, float]] = []  # asked, body start, leave, exit returned
     # CPU time, not wall time: on a shared machine a preempted call would look slow.
     profiler = cProfile.Profile(time.thread_time) if prof and index == 0 else None
@@ -171,11 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         "--sort", default="tottime", help="with --cprofile: pstats order (tottime, cumtime)"
     )
     parser.add_argument("--py-spy", action="store_true", help="py-spy record process 0")
-    parser.add_argument(
-        "--yield-before-read",
-        action="store_true",
-        help="experiment (async): the listener yields to the loop before each read",
-    )
     args = parser.parse_args(argv)
     server = start_redis()
     workdir = tempfile.mkdtemp(prefix="inturn-prof-")
@@ -194,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
                     i,
                     out,
                     args.sort if args.cprofile else "",
-                    args.yield_before_read,
                 ),
                 daemon=True,
             )
