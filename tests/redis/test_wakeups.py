@@ -17,7 +17,7 @@ import pytest
 import redis.exceptions
 
 import inturn
-from inturn._backends.redis._pushes import PushReader, Wakeups, command
+from inturn._backends.redis._pushes import PushReader, SyncWakeups, Wakeups, command
 from inturn._backends.redis._shared import RECHECK_MAX
 
 
@@ -333,3 +333,86 @@ def test_sync_hand_off_over_resp3(redis_url: str) -> None:
     finally:
         waiter.close()
         holder.close()
+
+
+# -- the sync reader on a socket ------------------------------------------------------------
+
+
+class _Conn:
+    """What SyncWakeups takes from a connected redis-py connection: its socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def disconnect(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+
+def test_sync_reader_keeps_a_push_read_with_the_confirmation() -> None:
+    ours, server = socket.socketpair()
+    try:
+        wakeups = SyncWakeups(_Conn(ours))
+        server.sendall(SUBSCRIBED + _push(b"ch", b"tok|3") + _push(b"ch", b"x|4")[:9])
+        reading = threading.Thread(target=wakeups.subscribe, args=("ch", 5.0))
+        reading.start()
+        assert server.recv(100) == command("SUBSCRIBE", "ch")
+        reading.join(5)
+        assert not reading.is_alive()
+        server.sendall(_push(b"ch", b"x|4")[9:])
+        got: list[Any] = []
+        for _ in range(20):  # bounded: a lost push must fail the test, not hang it
+            got += wakeups.pushes(0.25)
+            if len(got) >= 2:
+                break
+        assert got == [[b"message", b"ch", b"tok|3"], [b"message", b"ch", b"x|4"]]
+        assert wakeups.pushes(0.05) == []  # nothing more: an idle read times out
+        server.sendall(_push(b"ch", b"late|5") + SUBSCRIBED + _push(b"ch", b"y|6"))
+        time.sleep(0.05)
+        assert wakeups.pushes(5.0) == [[b"message", b"ch", b"late|5"], [b"message", b"ch", b"y|6"]]
+    finally:
+        server.close()
+        ours.close()
+
+
+def test_sync_reader_fails_when_the_connection_drops_mid_push() -> None:
+    ours, server = socket.socketpair()
+    try:
+        wakeups = SyncWakeups(_Conn(ours))
+        server.sendall(SUBSCRIBED)
+        wakeups.subscribe("ch", 5.0)
+        assert server.recv(100) == command("SUBSCRIBE", "ch")
+        server.sendall(_push(b"ch", b"tok|3")[:15])
+        server.close()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            wakeups.pushes(5.0)
+    finally:
+        ours.close()
+
+
+def test_sync_reader_close_wakes_a_blocked_read() -> None:
+    ours, server = socket.socketpair()
+    try:
+        wakeups = SyncWakeups(_Conn(ours))
+        server.sendall(SUBSCRIBED)
+        wakeups.subscribe("ch", 5.0)
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                wakeups.pushes(30.0)
+            except BaseException as exc:
+                errors.append(exc)
+
+        reading = threading.Thread(target=read)
+        reading.start()
+        time.sleep(0.1)
+        started = time.monotonic()
+        wakeups.close()
+        reading.join(5)
+        assert not reading.is_alive()
+        assert time.monotonic() - started < 2
+        assert errors, "the read ended without an error"
+    finally:
+        server.close()

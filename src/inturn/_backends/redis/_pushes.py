@@ -215,14 +215,15 @@ class SyncWakeups:
             self._timeout = seconds
 
     def subscribe(self, channel: str, timeout: float) -> None:
-        """SUBSCRIBE and wait for its confirmation (pushes read meanwhile are kept)."""
+        """SUBSCRIBE and wait for its confirmation (pushes read with it are kept)."""
         self._wait_at_most(timeout)
         self._sock.sendall(command("SUBSCRIBE", channel))
         while True:
-            for push in self._read():
+            items = self._read()
+            for at, push in enumerate(items):
                 if push and push[0] == b"subscribe":
+                    self._pending += items[at + 1 :]  # pushes read with the confirmation
                     return
-                self._pending.append(push)
 
     def pushes(self, idle: float) -> list[Push]:
         """The next "message" pushes, waiting at most ``idle`` seconds (then [])."""
