@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -268,14 +269,28 @@ def test_sync_waiter_is_granted_after_a_push_cut_in_half(
         holder.close()
 
 
-# -- RESP3 connections: the same pushes, framed as pushes (">") ---------------------------
+# -- each transport: RESP3 framing (">"), TLS, a unix socket ---------------------------------
 
 
-async def test_async_hand_off_over_resp3(redis_url: str) -> None:
-    url = redis_url + ("&" if "?" in redis_url else "?") + "protocol=3"
+@pytest.fixture(params=["resp3", "tls", "unix"])
+def transport_url(
+    request: pytest.FixtureRequest, redis_url: str, make_redis_server: Any, tmp_path: Path
+) -> str:
+    """A URL whose wake-up connection reads its pushes over one transport."""
+    if request.param == "resp3":  # pushes framed as RESP3 pushes
+        return redis_url + ("&" if "?" in redis_url else "?") + "protocol=3"
+    if request.param == "tls":
+        url: str = make_redis_server(tls=True).url
+        return url
+    sock = tmp_path / "redis.sock"
+    make_redis_server({"unixsocket": str(sock), "unixsocketperm": "700"})
+    return f"unix://{sock}?db=0"
+
+
+async def test_async_hand_off_over_each_transport(transport_url: str) -> None:
     namespace = _namespace()
-    holder = inturn.Gate.from_url(url, namespace=namespace)
-    waiter = inturn.Gate.from_url(url, namespace=namespace)
+    holder = inturn.Gate.from_url(transport_url, namespace=namespace)
+    waiter = inturn.Gate.from_url(transport_url, namespace=namespace)
     try:
         async with waiter.turn("warm"):
             pass
@@ -302,11 +317,10 @@ async def test_async_hand_off_over_resp3(redis_url: str) -> None:
         await holder.aclose()
 
 
-def test_sync_hand_off_over_resp3(redis_url: str) -> None:
-    url = redis_url + ("&" if "?" in redis_url else "?") + "protocol=3"
+def test_sync_hand_off_over_each_transport(transport_url: str) -> None:
     namespace = _namespace()
-    holder = inturn.Gate.from_url(url, namespace=namespace)
-    waiter = inturn.Gate.from_url(url, namespace=namespace)
+    holder = inturn.Gate.from_url(transport_url, namespace=namespace)
+    waiter = inturn.Gate.from_url(transport_url, namespace=namespace)
     entered = threading.Event()
 
     def wait() -> None:
