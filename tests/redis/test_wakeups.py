@@ -272,14 +272,17 @@ def test_sync_waiter_is_granted_after_a_push_cut_in_half(
 # -- each transport: RESP3 framing (">"), TLS, a unix socket ---------------------------------
 
 
-@pytest.fixture(params=["resp3", "tls", "unix", "cluster"])
+@pytest.fixture(params=["resp3", "tls", "unix", "cluster", "sentinel"])
 def transport_url(
     request: pytest.FixtureRequest, redis_url: str, make_redis_server: Any, tmp_path: Path
 ) -> str:
-    """A URL whose wake-up connection reads its pushes over one transport (on a Cluster: a
-    PUBLISH on the key's node reaches the listener subscribed on some node)."""
+    """A URL whose wake-up connection reads its pushes over one transport or topology (on a
+    Cluster: a PUBLISH on the key's node reaches the listener subscribed on some node)."""
     if request.param == "resp3":  # pushes framed as RESP3 pushes
         return redis_url + ("&" if "?" in redis_url else "?") + "protocol=3"
+    if request.param == "sentinel":  # the connection goes to the master Sentinel names
+        sentinel_url: str = request.getfixturevalue("redis_sentinel").url
+        return sentinel_url
     if request.param == "cluster":
         cluster = request.getfixturevalue("redis_cluster")
         return "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in cluster.startup_nodes)
