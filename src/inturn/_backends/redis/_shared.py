@@ -65,7 +65,7 @@ MAX_CONNECTIONS = 32
 SOCKET_TIMEOUT = 5.0
 """Longest wait (seconds) for one reply; with the retries, a paused server is noticed in ~15 s."""
 IDLE_READ = 5.0
-"""How long the listener blocks on one read before it checks its connection again."""
+"""How long the sync listener thread blocks on one read before it checks whether to stop."""
 SUPERSEDE_KEEP = 3600.0
 """Seconds a (user, function) generation counter and running-call record outlive their use."""
 
