@@ -1,7 +1,7 @@
 """Where a hand-off between processes spends its time, for inturn's turn on Redis.
 
     python benchmarks/profile_handoff.py [--flavor sync|async] [--processes 8] [--seconds 4]
-                                         [--cprofile] [--py-spy]
+                                         [--cprofile [--sort cumtime]] [--py-spy]
 
 N processes (each with its own gate; async: its own event loop) loop {turn; hold 2 ms} on one
 key against a redis-server the script starts. Each process stamps, on the shared monotonic
@@ -12,13 +12,16 @@ From those, for every hand-off between two processes:
 
     leave -> push read    RELEASE written, run, PUBLISH, the push's transit, the listener's
                           wake-up and read (in the next holder's process)
-    push read -> body     from the listener to the waiting thread (sync: an Event) or task
-                          (async: a future), and the turn's entry returning
+    push read -> body     from the listener to the waiting thread (sync: a lock the listener
+                          thread releases) or task (async: a future), and the turn's entry
+                          returning
 
-and, in the releasing process, leave -> exit returned (the RELEASE round trip; async sends it
-without waiting, so this is near 0 there). With `--cprofile`, process 0 runs under cProfile
-and its top functions by own time are printed; with `--py-spy`, `py-spy record` samples
-process 0 (if py-spy is installed) and the leaf functions are summed.
+and, in the releasing process, leave -> exit returned (the RELEASE round trip: async skips
+the wait only when it hands the turn to a waiter of its own loop, never here). The CPU time
+of all the processes over the loop, per turn, is printed too (less noisy than latencies on a
+shared machine). With `--cprofile`, process 0 runs under cProfile (CPU time) and its top
+functions are printed (by own time, or the `--sort` order); with `--py-spy`, `py-spy record`
+samples process 0 (if py-spy is installed) and the leaf functions are summed.
 """
 
 from __future__ import annotations
@@ -65,20 +68,6 @@ def _hook(pushes: list[tuple[str, float]]) -> None:
     _shared.ProcessChannel.deliver = deliver  # type: ignore[method-assign]
 
 
-def _yield_before_reads() -> None:
-    """Experiment: the asyncio listener lets the loop run (the waiter it just woke, first)
-    before it reads the next push (what a yield after each dispatched push would save)."""
-    import redis.asyncio.client
-
-    original = redis.asyncio.client.PubSub.get_message
-
-    async def get_message(self: Any, *args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(0)
-        return await original(self, *args, **kwargs)
-
-    redis.asyncio.client.PubSub.get_message = get_message  # type: ignore[method-assign]
-
-
 def _worker(
     url: str,
     flavor: str,
@@ -87,16 +76,15 @@ def _worker(
     index: int,
     out: Any,
     prof: str,
-    experiment: bool = False,
 ) -> None:
     import inturn
 
     pushes: list[tuple[str, float]] = []
     _hook(pushes)
-    if experiment:
-        _yield_before_reads()
     turns: list[tuple[float, float, float, float]] = []  # asked, body start, leave, exit returned
-    profiler = cProfile.Profile() if prof and index == 0 else None
+    # CPU time, not wall time: on a shared machine a preempted call would look slow.
+    profiler = cProfile.Profile(time.thread_time) if prof and index == 0 else None
+    cpu = [0.0, 0.0]  # process CPU time (all threads) when the loop starts and ends
 
     def run_sync() -> None:
         gate = inturn.Gate.from_url(url, namespace="prof")
@@ -105,6 +93,7 @@ def _worker(
                 pass
             start.wait(timeout=60)
             deadline = time.monotonic() + seconds
+            cpu[0] = time.process_time()
             if profiler:
                 profiler.enable()
             while (asked := time.monotonic()) < deadline:
@@ -113,6 +102,7 @@ def _worker(
                     time.sleep(HOLD)
                     leave = time.monotonic()
                 turns.append((asked, body, leave, time.monotonic()))
+            cpu[1] = time.process_time()
             if profiler:
                 profiler.disable()
         finally:
@@ -125,6 +115,7 @@ def _worker(
                 pass
             start.wait(timeout=60)
             deadline = time.monotonic() + seconds
+            cpu[0] = time.process_time()
             if profiler:
                 profiler.enable()
             while (asked := time.monotonic()) < deadline:
@@ -133,6 +124,7 @@ def _worker(
                     await asyncio.sleep(HOLD)
                     leave = time.monotonic()
                 turns.append((asked, body, leave, time.monotonic()))
+            cpu[1] = time.process_time()
             if profiler:
                 profiler.disable()
         finally:
@@ -145,9 +137,9 @@ def _worker(
     stats = ""
     if profiler:
         buffer = io.StringIO()
-        pstats.Stats(profiler, stream=buffer).sort_stats("tottime").print_stats(18)
+        pstats.Stats(profiler, stream=buffer).sort_stats(prof).print_stats(30)
         stats = buffer.getvalue()
-    out.put((index, turns, [t for _, t in pushes], stats))
+    out.put((index, turns, [t for _, t in pushes], stats, cpu[1] - cpu[0]))
 
 
 def _ms(values: list[float], q: float) -> str:
@@ -160,12 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--cprofile", action="store_true", help="cProfile process 0")
-    parser.add_argument("--py-spy", action="store_true", help="py-spy record process 0")
     parser.add_argument(
-        "--yield-before-read",
-        action="store_true",
-        help="experiment (async): the listener yields to the loop before each read",
+        "--sort", default="tottime", help="with --cprofile: pstats order (tottime, cumtime)"
     )
+    parser.add_argument("--py-spy", action="store_true", help="py-spy record process 0")
     args = parser.parse_args(argv)
     server = start_redis()
     workdir = tempfile.mkdtemp(prefix="inturn-prof-")
@@ -183,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                     start,
                     i,
                     out,
-                    "y" if args.cprofile else "",
-                    args.yield_before_read,
+                    args.sort if args.cprofile else "",
                 ),
                 daemon=True,
             )
@@ -224,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs:
             proc.join(timeout=5)
         # Every body start, with its process, and every push read, with its process.
-        bodies = sorted((t[1], i, t) for i, turns, _, _ in results for t in turns)
-        pushes = {i: sorted(p) for i, _, p, _ in results}
+        bodies = sorted((t[1], i, t) for i, turns, _, _, _ in results for t in turns)
+        pushes = {i: sorted(p) for i, _, p, _, _ in results}
         leave_to_push, push_to_body, leave_to_body = [], [], []
         for (_, i_prev, prev), (body, i_next, _) in itertools.pairwise(bodies):
             leave = prev[2]
@@ -236,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             if read:
                 leave_to_push.append(read[0] - leave)
                 push_to_body.append(body - read[0])
-        release_rtt = [t[3] - t[2] for _, turns, _, _ in results for t in turns]
+        release_rtt = [t[3] - t[2] for _, turns, _, _, _ in results for t in turns]
         n = len(leave_to_body)
         print(
             f"inturn turn ({args.flavor}), {args.processes} processes, one key, hold 2 ms, "
@@ -251,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
             ("leave -> own turn exit returned (RELEASE)", release_rtt),
         ):
             print(f"{label:<44}{_ms(values, 50):>9}{_ms(values, 90):>9}{_ms(values, 99):>9}")
-        stats = next((s for _, _, _, s in results if s), "")
+        cpu = sum(r[4] for r in results)
+        per_turn = cpu / max(len(bodies), 1) * 1e3
+        print(f"client CPU per turn (all processes, all threads): {per_turn:.3f} ms")
+        stats = next((s for _, _, _, s, _ in results if s), "")
         if stats:
-            print("\ncProfile of process 0 (its whole loop), by own time:")
-            print("\n".join(stats.splitlines()[:40]))
+            print("\ncProfile of process 0 (its whole loop; CPU seconds), by the --sort order:")
+            print("\n".join(stats.splitlines()[:52]))
         if spy is not None:
             spy.wait(timeout=args.seconds + 30)
             where: collections.Counter[str] = collections.Counter()

@@ -67,7 +67,7 @@ MAX_CONNECTIONS = 32
 SOCKET_TIMEOUT = 5.0
 """Longest wait (seconds) for one reply; with the retries, a paused server is noticed in ~15 s."""
 IDLE_READ = 5.0
-"""How long the listener blocks on one read before it checks its connection again."""
+"""How long the sync listener thread blocks on one read before it checks whether to stop."""
 SUPERSEDE_KEEP = 3600.0
 """Seconds a (user, function) generation counter and running-call record outlive their use."""
 
@@ -301,6 +301,31 @@ class Outage:
             raise self.error
 
 
+class Signal:
+    """Wakes one waiting thread: a lock held until ``set()`` releases it.
+
+    Cheaper than ``threading.Event`` for the listener thread's hand-off: no
+    Condition, so the woken thread does not then wait for the Condition's lock
+    that the waking thread still holds. ``wait`` consumes the signal.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:  # noqa: SIM105 (the listener's hot path: no context manager)
+            self._lock.release()
+        except RuntimeError:  # set already
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``set()``; True if it came (and is now used)."""
+        return self._lock.acquire(timeout=max(timeout, 0.0))
+
+
 @dataclass(slots=True)
 class Waiter:
     """A token in a key's line, waiting in this process for its grant."""
@@ -313,7 +338,7 @@ class Waiter:
     alive_until: float = 0.0
     """Until when (monotonic) the server surely still counts this waiter alive."""
     future: asyncio.Future[Grant] | None = None
-    event: threading.Event | None = None
+    event: Signal | None = None
     grant: Grant | None = None
     seq: int = 0
     """Its place in the order the line was joined (from JOIN; 0 while unknown)."""

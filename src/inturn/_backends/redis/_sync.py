@@ -31,6 +31,7 @@ from . import _doctor
 from ._boxes import SyncMailboxes
 from ._mux import SyncMux
 from ._nodes import NotHere, SyncNodeMuxes
+from ._pushes import SyncWakeups
 from ._shared import (
     CONNECT_TIMEOUT,
     IDLE_READ,
@@ -43,6 +44,7 @@ from ._shared import (
     ProcessChannel,
     ReplicaWait,
     Scripts,
+    Signal,
     Waiter,
     after_release,
     alive_ms,
@@ -150,7 +152,7 @@ class SyncRedisBackend(SyncMailboxes):
         self._again = threading.Event()
         self._ever_subscribed = False
         self._thread: threading.Thread | None = None
-        self._pubsub: Any = None
+        self._wakeups: SyncWakeups | None = None
 
     def _listening(self) -> None:
         with self._lock:
@@ -193,6 +195,12 @@ class SyncRedisBackend(SyncMailboxes):
         self._again.wait(seconds)
 
     def _listen(self) -> None:
+        """The listener thread: read this process's wake-ups; reconnect with backoff.
+
+        The subscribed connection's socket is read here directly (see
+        :class:`SyncWakeups`): a push is parsed and its waiter woken, and the
+        thread is back in ``recv`` (the GIL released) at once.
+        """
         process = self._process
         backoff = 0.05
         first = True
@@ -201,18 +209,14 @@ class SyncRedisBackend(SyncMailboxes):
         while not self._stop.is_set() and pid == os.getpid():
             attempt += 1
             try:
-                pubsub = self._pubsub = self._open_pubsub(attempt)
+                wakeups = self._wakeups = self._open_wakeups(attempt)
             except Exception as exc:
                 self._settle(exc)
                 self._backoff(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             try:
-                pubsub.subscribe(self._channel)
-                while True:
-                    message = pubsub.get_message(timeout=CONNECT_TIMEOUT)
-                    if message is not None and message["type"] == "subscribe":
-                        break
+                wakeups.subscribe(self._channel, CONNECT_TIMEOUT)
                 if not process.checked_eviction:
                     try:
                         policy = _doctor.policy_of(self._client.config_get("maxmemory-policy"))
@@ -227,11 +231,11 @@ class SyncRedisBackend(SyncMailboxes):
                             waiter.next_check = 0.0
                             wake(waiter)
                 first = False
+                lock, waiters = self._lock, self._line.waiters
                 while not self._stop.is_set():
-                    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=IDLE_READ)
-                    if message is not None and message["type"] == "message":
-                        with self._lock:
-                            granted = process.deliver(message["data"], self._line.waiters)
+                    for push in wakeups.pushes(IDLE_READ):
+                        with lock:
+                            granted = process.deliver(push[2], waiters)
                         if granted is not None:
                             wake(granted)
             except Exception as exc:
@@ -246,15 +250,27 @@ class SyncRedisBackend(SyncMailboxes):
                 self._backoff(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
-                with contextlib.suppress(Exception):
-                    pubsub.close()
+                wakeups.close()
 
-    def _open_pubsub(self, attempt: int) -> Any:
+    def _open_wakeups(self, attempt: int) -> SyncWakeups:
+        """A new connection, handshaken by redis-py, to subscribe on.
+
+        On a Cluster, classic PUBLISH reaches subscribers on every node, so the
+        listener subscribes on one node (another one after each failure).
+        """
         client = self._client
-        if isinstance(client, redis.cluster.RedisCluster):  # see _listener._open_pubsub
+        if isinstance(client, redis.cluster.RedisCluster):
             nodes = client.get_nodes()  # type: ignore[no-untyped-call]
             client = nodes[attempt % len(nodes)].redis_connection
-        return client.pubsub()
+        pool = client.connection_pool
+        conn = pool.connection_class(**pool.connection_kwargs)
+        try:
+            conn.connect()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+            raise
+        return SyncWakeups(conn)
 
     def _run(
         self,
@@ -336,7 +352,7 @@ class SyncRedisBackend(SyncMailboxes):
 
     def join(self, key: str, token: str, lease: float) -> Grant | None:
         self._listening()
-        waiter = Waiter(key, lease, event=threading.Event())
+        waiter = Waiter(key, lease, event=Signal())
         with self._lock:
             self._line.waiters[token] = waiter  # a push may come before the reply
             self._line.changing(key, 1)  # no hand-over for the key until it has its place
@@ -393,8 +409,7 @@ class SyncRedisBackend(SyncMailboxes):
             if deadline is not None:
                 sleep = min(sleep, deadline - now)
             if waiter.event.wait(sleep) and waiter.grant is None:
-                waiter.event.clear()  # woken without a grant (reconnect): re-check now
-                waiter.next_check = 0.0
+                waiter.next_check = 0.0  # woken without a grant (reconnect): re-check now
 
     def _refresh(self, key: str, token: str, waiter: Waiter, limit: float | None) -> Grant | None:
         """Re-check a waiter on the server (REFRESH; JOIN again if declared dead).
@@ -516,9 +531,8 @@ class SyncRedisBackend(SyncMailboxes):
             self._mux.close()
         if self._nodes is not None:
             self._nodes.close()
-        pubsub = self._pubsub
-        if pubsub is not None:  # wakes the listener's blocked read: it sees _stop and ends
-            with contextlib.suppress(Exception):
-                pubsub.close()
+        wakeups = self._wakeups
+        if wakeups is not None:  # wakes the listener's blocked read: it sees _stop and ends
+            wakeups.close()
         if self._owned:
             close_client(self._client)
