@@ -9,9 +9,10 @@ that bookkeeping costs more client CPU than the round trips themselves.
 ``unix://``, AUTH, the database and Sentinel's master discovery all work as
 before) and *pipelines* on it: a call writes its command to the transport
 (which never blocks) and parks a future; one reader task matches replies to
-futures in order. Many tasks of one loop share the connection. A command may
-be held back to the end of the loop step (``submit(hold=True)``): the tasks
-it woke run first, and commands sent after it in that step join its write.
+futures in order. Many tasks of one loop share the connection. Every command
+is held back to the end of the loop step: the tasks woken in that step run
+first, and the commands they send join the same write (one send for many
+calls: on a busy loop the syscalls, not the bytes, are what a call costs).
 
 Failure handling keeps redis-py's promises and adds one:
 
@@ -214,8 +215,8 @@ class Mux:
         """Send EVALSHA now and return the future of its reply (None when not connected).
 
         No retry and no EVAL fallback: the future fails with redis-py's exception.
-        With ``hold``, the command leaves at the end of this loop step (with any
-        sent after it), so that tasks woken in this step run first.
+        The command leaves at the end of this loop step, with any sent after it
+        (``hold`` is kept for callers: every command is held now).
         """
         link = self._link
         if link is None or link.dropped or self._awaiting_link:
@@ -244,11 +245,9 @@ class Mux:
         packed = pack(command) if pack is not None else link.conn.pack_command(*command)
         if link.held is not None:
             link.held.append(packed)
-        elif hold:
+        else:  # written at the end of this loop step, with the commands sent after it
             link.held = [packed]
             loop.call_soon(self._flush, link)
-        else:
-            self._write(link, packed)
         return future
 
     def _flush(self, link: _Link) -> None:
