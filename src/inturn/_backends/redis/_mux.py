@@ -9,10 +9,9 @@ that bookkeeping costs more client CPU than the round trips themselves.
 ``unix://``, AUTH, the database and Sentinel's master discovery all work as
 before) and *pipelines* on it: a call writes its command to the transport
 (which never blocks) and parks a future; one reader task matches replies to
-futures in order. Many tasks of one loop share the connection. Every command
-is held back to the end of the loop step: the tasks woken in that step run
-first, and the commands they send join the same write (one send for many
-calls: on a busy loop the syscalls, not the bytes, are what a call costs).
+futures in order. Many tasks of one loop share the connection. A command may
+be held back to the end of the loop step (``submit(hold=True)``): the tasks
+it woke run first, and commands sent after it in that step join its write.
 
 Failure handling keeps redis-py's promises and adds one:
 
@@ -138,8 +137,12 @@ class Mux:
         *,
         idempotent: bool = True,
         then: tuple[Any, ...] | None = None,
+        hold: bool = False,
     ) -> Any:
         """Run a script by its SHA (loading it by EVAL when the server lacks it).
+
+        ``hold``: send it at the end of this loop step, with the commands sent after
+        it (see :meth:`submit`): one write for the calls of many tasks.
 
         Raises redis-py's exceptions: ``ConnectionError`` (after the retries),
         ``TimeoutError`` and ``ResponseError``. A call that is not ``idempotent``
@@ -167,7 +170,8 @@ class Mux:
             written = False
             try:
                 try:
-                    reply = self._send(link, ("EVALSHA", sha, len(keys), *keys, *args))
+                    command = ("EVALSHA", sha, len(keys), *keys, *args)
+                    reply = self._send(link, command, hold=hold)
                     after = None if then is None else self._send(link, then)
                     written = True
                     return await _both(reply, after)
@@ -215,8 +219,8 @@ class Mux:
         """Send EVALSHA now and return the future of its reply (None when not connected).
 
         No retry and no EVAL fallback: the future fails with redis-py's exception.
-        The command leaves at the end of this loop step, with any sent after it
-        (``hold`` is kept for callers: every command is held now).
+        With ``hold``, the command leaves at the end of this loop step (with any
+        sent after it), so that tasks woken in this step run first.
         """
         link = self._link
         if link is None or link.dropped or self._awaiting_link:
@@ -245,9 +249,11 @@ class Mux:
         packed = pack(command) if pack is not None else link.conn.pack_command(*command)
         if link.held is not None:
             link.held.append(packed)
-        else:  # written at the end of this loop step, with the commands sent after it
+        elif hold:
             link.held = [packed]
             loop.call_soon(self._flush, link)
+        else:
+            self._write(link, packed)
         return future
 
     def _flush(self, link: _Link) -> None:
