@@ -8,8 +8,9 @@ inside a message: the engine does not parse messages.
 
 The per-message scripts (submit, take, release-and-take) are sent *held*: at
 the end of the loop step, in one write with the calls of the other drains
-and submits of that step. Under load that halves the sends (and the
-server's reads) per message; on a quiet loop it adds one loop step.
+and submits of that step (a drainer's JOIN sent then joins it too): under
+load one send and one server read carry several messages' calls; on a quiet
+loop a call waits one loop step more.
 """
 
 from __future__ import annotations
