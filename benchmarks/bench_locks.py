@@ -43,10 +43,8 @@ import itertools
 import math
 import multiprocessing
 import os
-import platform
 import queue
 import secrets
-import shutil
 import sys
 import tempfile
 import threading
@@ -59,7 +57,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis.asyncio  # binds `redis` as well
-from _facts import command, cpu_model, version  # benchmarks/ is sys.path[0]
+from _facts import cleaned_up, fact_lines, machine_facts, percentile  # benchmarks/ is sys.path[0]
 from _procs import BarrierLike, EventLike, Shared, start_redis
 
 Role = Literal["inturn", "peer", "bound"]
@@ -440,17 +438,6 @@ def display_name(name: str, role: Role, target: Target) -> str:
 
 
 # -- statistics ---------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def median(values: Sequence[float]) -> float:
@@ -1358,13 +1345,7 @@ def _postgres_fact(target: Target) -> str:
     return f"{version} on {target.postgres_dsn} (started here; fsync=off, synchronous_commit=off)"
 
 
-def machine_facts(target: Target) -> list[tuple[str, str]]:
-    client = redis.Redis.from_url(target.redis_url)
-    try:
-        info = client.info("server")
-    finally:
-        client.close()
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+def lock_facts(target: Target) -> list[tuple[str, str]]:
     packages = (
         "inturn",
         "redis",
@@ -1374,17 +1355,11 @@ def machine_facts(target: Target) -> list[tuple[str, str]]:
         "psycopg",
         "psycopg-pool",
     )
-    return [
-        ("command", command()),
-        ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
-        ("nproc", f"{os.cpu_count()} (usable: {affinity}); {cpu_model()}"),
-        ("python", f"{platform.python_implementation()} {platform.python_version()}"),
-        ("os", platform.platform()),
-        ("redis-server", f"{info.get('redis_version')} on {target.redis_url} (started here)"),
-        ("inturn backend", target.inturn_url),
-        ("postgresql", _postgres_fact(target)),
-        ("packages", ", ".join(f"{p} {version(p)}" for p in packages)),
-    ]
+    facts = machine_facts(
+        target.redis_url, packages, redis_note=f" on {target.redis_url} (started here)"
+    )
+    facts[-1:-1] = [("inturn backend", target.inturn_url), ("postgresql", _postgres_fact(target))]
+    return facts
 
 
 def build_tables(results: Results, target: Target, plan: Plan) -> list[Table]:
@@ -1422,9 +1397,7 @@ def build_tables(results: Results, target: Target, plan: Plan) -> list[Table]:
 
 
 def render_text(results: Results, facts: list[tuple[str, str]], target: Target, plan: Plan) -> str:
-    parts = ["\n".join(f"{key:>14}: {value}" for key, value in facts)]
-    if results.skipped:
-        parts.append("\n".join(f"skipped: {reason}" for reason in results.skipped))
+    parts = [fact_lines(facts, results.skipped)[0]]
     parts += [table.text() for table in build_tables(results, target, plan)]
     return "\n\n".join(parts) + "\n"
 
@@ -1432,12 +1405,7 @@ def render_text(results: Results, facts: list[tuple[str, str]], target: Target, 
 def render_markdown(
     results: Results, facts: list[tuple[str, str]], target: Target, plan: Plan
 ) -> str:
-    lines = ["# Lock benchmark: inturn and its peers", ""]
-    lines += [
-        f"- **{key}**: " + (f"`{value}`" if key == "command" else value) for key, value in facts
-    ]
-    lines += [f"- **skipped**: {reason}" for reason in results.skipped]
-    parts = ["\n".join(lines)]
+    parts = ["# Lock benchmark: inturn and its peers\n\n" + fact_lines(facts, results.skipped)[1]]
     parts += [table.markdown() for table in build_tables(results, target, plan)]
     return "\n\n".join(parts) + "\n"
 
@@ -1487,11 +1455,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = start_redis()
     postgres: Any = None
     workdir = tempfile.mkdtemp(prefix="inturn-bench-")
-    try:
+    with cleaned_up(server, workdir=workdir) as started:
         skipped: str | None = "PostgreSQL rows: --no-postgres"
         if not args.no_postgres:
             _progress("starting PostgreSQL (initdb + pg_ctl)")
             postgres, skipped = start_postgres()
+            started.append(postgres)
         target = Target(
             redis_url=server.url,
             inturn_url=args.url_for_inturn or server.url,
@@ -1511,17 +1480,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(run_async_part(replace(target, run_id=f"{target.run_id}-a"), plan, results))
         run_sync_part(replace(target, run_id=f"{target.run_id}-s"), plan, results)
         run_async_processes_part(replace(target, run_id=f"{target.run_id}-p"), plan, results)
-        facts = machine_facts(target)
+        facts = lock_facts(target)
         facts.append(("run time", f"{time.monotonic() - began:.1f} s"))
         print(render_text(results, facts, target, plan))
         if args.markdown:
             Path(args.markdown).write_text(render_markdown(results, facts, target, plan))
             print(f"\nwrote {args.markdown}", file=sys.stderr)
-    finally:
-        if postgres is not None:
-            postgres.stop()
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

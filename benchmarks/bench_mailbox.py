@@ -38,10 +38,8 @@ import importlib.metadata
 import math
 import multiprocessing
 import os
-import platform
 import queue
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -53,7 +51,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis
-from _facts import command, cpu_model, version  # benchmarks/ is sys.path[0]
+from _facts import (  # benchmarks/ is sys.path[0]
+    cleaned_up,
+    fact_lines,
+    machine_facts,
+    percentile,
+    redis_cpu,
+    tree_cpu,
+)
 from _procs import BarrierLike, EventLike, Shared, start_redis
 
 Spread = Literal["partitioned", "interleaved"]
@@ -136,17 +141,6 @@ class WorkerSpec:
 # -- statistics ---------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 @dataclass
 class Check:
     """Exactly once and in order, from the handled records."""
@@ -215,6 +209,8 @@ class Throughput:
     client_commands: collections.Counter[str] = field(default_factory=collections.Counter)
     server_calls: collections.Counter[str] = field(default_factory=collections.Counter)
     foreign: float = math.nan  # share handled by another process than the submitter
+    client_cpu: float = math.nan  # CPU seconds of the client processes during the run
+    server_cpu: float = math.nan  # CPU seconds of redis-server during the run
     check: Check | None = None
     note: str = ""
     error: str | None = None
@@ -230,6 +226,13 @@ class Throughput:
     def server_per_message(self) -> float:
         total = sum(self.server_calls.values())
         return total / self.messages if total and self.messages else math.nan
+
+    def client_cpu_per_message(self) -> float:
+        """Client CPU seconds per message (submitters, drainers, workers: all processes)."""
+        return self.client_cpu / self.messages if self.messages else math.nan
+
+    def server_cpu_per_message(self) -> float:
+        return self.server_cpu / self.messages if self.messages else math.nan
 
 
 @dataclass
@@ -394,6 +397,7 @@ async def _throughput_worker(spec: WorkerSpec, sync: _Sync) -> None:
         await asyncio.to_thread(sync.go.wait, 60)
         await asyncio.sleep(max(0.0, sync.at.value - time.monotonic()))
         counter.clear()
+        cpu = time.process_time()  # every thread of this process: submits, drains, listener
         ids = spec.variant.ids
         for user, seq in spec.sends():
             now = time.monotonic()
@@ -405,7 +409,7 @@ async def _throughput_worker(spec: WorkerSpec, sync: _Sync) -> None:
         # its submits are done and its drains are finished, it will handle nothing more.
         if not await mailbox.drained(timeout=spec_timeout(spec)):
             raise TimeoutError("drains still running after the time limit")
-        sync.reports.put(("drained", me, submitted))
+        sync.reports.put(("drained", me, (submitted, time.process_time() - cpu)))
         await asyncio.to_thread(sync.finish.wait, 120)
         commands = dict(counter)
         await mailbox.aclose(timeout=5)
@@ -490,10 +494,11 @@ def _drive_throughput(
         kind, index, payload = report(5)  # the reason a process gave up
         raise RuntimeError(f"process {index} did not start: {kind} {payload}") from None
     reset_commandstats(url)
+    server_cpu = redis_cpu(url)
     sync.at.value = time.monotonic() + 0.05  # every process is awake before the start
     sync.go.set()
     deadline = sync.at.value + plan.timeout
-    drained: dict[int, float] = {}  # process -> when its last submit returned
+    drained: dict[int, tuple[float, float]] = {}  # process -> (last submit returned, its CPU)
     while sum(sync.handled) < plan.total or len(drained) < len(specs):
         if time.monotonic() > deadline:
             raise TimeoutError(
@@ -505,6 +510,7 @@ def _drive_throughput(
             continue
         drained[index] = payload
     result.server_calls = read_commandstats(url)
+    result.server_cpu = redis_cpu(url) - server_cpu
     sync.finish.set()
     records: list[Record] = []
     done = 0
@@ -518,7 +524,8 @@ def _drive_throughput(
     start = sync.at.value
     result.messages = len(records)
     result.seconds = max(r[3] for r in records) - start if records else math.nan
-    result.submit_seconds = max(drained.values()) - start
+    result.submit_seconds = max(d[0] for d in drained.values()) - start
+    result.client_cpu = sum(d[1] for d in drained.values())
     latencies = [r[3] - r[4] for r in records]
     result.latency_p50 = percentile(latencies, 50)
     result.latency_p99 = percentile(latencies, 99)
@@ -719,12 +726,18 @@ def celery_throughput(
     result = Throughput(name)
     run.clear()
     reset_commandstats(url)
+    assert worker.proc is not None
+    server_cpu, worker_cpu = redis_cpu(url), tree_cpu(worker.proc.pid)
     start = time.monotonic()
+    producer_cpu = time.process_time()
     for seq in range(plan.per_user):
         for user in range(plan.users):
             run.module.locked.delay(f"u{user}", seq, time.monotonic())
+    producer_cpu = time.process_time() - producer_cpu
     result.submit_seconds = time.monotonic() - start
     records = run.wait_for(plan.total, plan.timeout, worker)
+    result.client_cpu = producer_cpu + tree_cpu(worker.proc.pid) - worker_cpu
+    result.server_cpu = redis_cpu(url) - server_cpu
     result.server_calls = read_commandstats(url)
     result.messages = len(records)
     result.seconds = max(r.started for r in records) - start
@@ -805,8 +818,8 @@ class Table:
         return "\n".join(out)
 
 
-def _ms(seconds: float) -> str:
-    return "-" if math.isnan(seconds) else f"{seconds * 1000:.1f}"
+def _ms(seconds: float, digits: int = 1) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.{digits}f}"
 
 
 def _num(value: float, digits: int = 1) -> str:
@@ -825,13 +838,15 @@ def throughput_table(results: Results, plan: Plan) -> Table:
             "lat p99 ms",
             "cmds/msg client",
             "cmds/msg server",
+            "client CPU ms/msg",
+            "redis CPU ms/msg",
             "other proc",
             "exactly once, in order",
         ],
     )
     for r in results.throughput:
         if r.error:
-            table.rows.append([r.name, "error", *["-"] * 7, r.error[:120]])
+            table.rows.append([r.name, "error", *["-"] * 9, r.error[:120]])
             continue
         check = r.check.text() if r.check else "-"
         table.rows.append(
@@ -844,6 +859,8 @@ def throughput_table(results: Results, plan: Plan) -> Table:
                 _ms(r.latency_p99),
                 _num(r.client_per_message(), 2),
                 _num(r.server_per_message(), 1),
+                _ms(r.client_cpu_per_message(), 3),
+                _ms(r.server_cpu_per_message(), 3),
                 "-" if math.isnan(r.foreign) else f"{r.foreign:.0%}",
                 check + (f"; {r.note}" if r.note else ""),
             ]
@@ -858,6 +875,10 @@ def throughput_table(results: Results, plan: Plan) -> Table:
         "inturn's pipelined script connections (round trips; the Pub/Sub listener's reads are "
         "not commands); server: INFO "
         "commandstats calls per message, which includes the commands run inside scripts",
+        "client CPU: user + system CPU of the client processes, all threads, per message "
+        "(inturn: the 4 processes from the start to their last drain; Celery: the producer's "
+        "sends and the worker with its pool children until the last task); redis CPU: INFO "
+        "cpu of the one redis-server over the same span (Celery's broker and locks included)",
         "other proc: share of messages handled by a process other than their submitter "
         "(the drainer role was held elsewhere)",
         "in order: per (user, submitting process) - the only order defined when 4 processes "
@@ -868,8 +889,8 @@ def throughput_table(results: Results, plan: Plan) -> Table:
 
 def ratio_table(results: Results) -> Table:
     table = Table(
-        "Ratios (goals: inturn/Celery >= 3x; client commands per message <= 3)",
-        ["", "msgs/s", "x Celery", "cmds/msg client", "<= 3"],
+        "Ratios (goals: inturn/Celery >= 8x; client commands per message <= 3)",
+        ["", "msgs/s", "x Celery", "client CPU ms/msg", "x Celery CPU", "cmds/msg client", "<= 3"],
     )
     celery = next(
         (r for r in results.throughput if r.name.startswith("Celery") and not r.error), None
@@ -883,6 +904,10 @@ def ratio_table(results: Results) -> Table:
                 r.name,
                 _num(r.per_second, 0),
                 _num(r.per_second / celery.per_second, 2) if celery else "-",
+                _ms(r.client_cpu_per_message(), 3),
+                _num(celery.client_cpu_per_message() / r.client_cpu_per_message(), 2)
+                if celery
+                else "-",
                 _num(per, 2),
                 "-" if math.isnan(per) else ("yes" if per <= 3 else "NO"),
             ]
@@ -946,23 +971,9 @@ def head_of_line_table(results: Results, plan: Plan) -> Table:
     return table
 
 
-def machine_facts(url: str) -> list[tuple[str, str]]:
-    client = redis.Redis.from_url(url)
-    try:
-        info = client.info("server")
-    finally:
-        client.close()
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+def mailbox_facts(url: str) -> list[tuple[str, str]]:
     packages = ("inturn", "redis", "hiredis", "celery", "kombu", "billiard", "python-redis-lock")
-    return [
-        ("command", command()),
-        ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
-        ("nproc", f"{os.cpu_count()} (usable: {affinity}); {cpu_model()}"),
-        ("python", f"{platform.python_implementation()} {platform.python_version()}"),
-        ("os", platform.platform()),
-        ("redis-server", f"{info.get('redis_version')} on {url} (started here)"),
-        ("packages", ", ".join(f"{p} {version(p)}" for p in packages)),
-    ]
+    return machine_facts(url, packages, redis_note=f" on {url} (started here)")
 
 
 def build_tables(results: Results, plan: Plan) -> list[Table]:
@@ -975,20 +986,13 @@ def build_tables(results: Results, plan: Plan) -> list[Table]:
 
 
 def render_text(results: Results, facts: list[tuple[str, str]], plan: Plan) -> str:
-    parts = ["\n".join(f"{key:>14}: {value}" for key, value in facts)]
-    if results.skipped:
-        parts.append("\n".join(f"skipped: {reason}" for reason in results.skipped))
+    parts = [fact_lines(facts, results.skipped)[0]]
     parts += [table.text() for table in build_tables(results, plan)]
     return "\n\n".join(parts) + "\n"
 
 
 def render_markdown(results: Results, facts: list[tuple[str, str]], plan: Plan) -> str:
-    lines = ["# Mailbox benchmark: inturn and Celery", ""]
-    lines += [
-        f"- **{key}**: " + (f"`{value}`" if key == "command" else value) for key, value in facts
-    ]
-    lines += [f"- **skipped**: {reason}" for reason in results.skipped]
-    parts = ["\n".join(lines)]
+    parts = ["# Mailbox benchmark: inturn and Celery\n\n" + fact_lines(facts, results.skipped)[1]]
     parts += [table.markdown() for table in build_tables(results, plan)]
     return "\n\n".join(parts) + "\n"
 
@@ -1019,7 +1023,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.monotonic()
     server = start_redis()
     workdir = tempfile.mkdtemp(prefix="inturn-bench-")
-    try:
+    with cleaned_up(server, workdir=workdir):
         print(f"bench_mailbox: redis-server on {server.url}", file=sys.stderr)
         results = Results()
         for variant in (*VARIANTS, *MORE_VARIANTS) if args.all_variants else VARIANTS:
@@ -1031,15 +1035,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             results.head_of_line.append(HeadOfLine("inturn mailbox (1 process)", error=_error(exc)))
         run_celery(server.url, plan, workdir, results)
-        facts = machine_facts(server.url)
+        facts = mailbox_facts(server.url)
         facts.append(("run time", f"{time.monotonic() - began:.1f} s"))
         print(render_text(results, facts, plan))
         if args.markdown:
             Path(args.markdown).write_text(render_markdown(results, facts, plan))
             print(f"\nwrote {args.markdown}", file=sys.stderr)
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

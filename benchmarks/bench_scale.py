@@ -41,7 +41,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import queue
 import random
 import secrets
@@ -65,7 +64,7 @@ for _path in (str(HERE), str(ROOT)):
 import bench_locks as bl  # noqa: E402
 import redis  # noqa: E402
 import redis.asyncio  # noqa: E402
-from _facts import command, cpu_model, version  # noqa: E402
+from _facts import cleaned_up, fact_lines, machine_facts, percentile  # noqa: E402
 from _procs import start_redis  # noqa: E402
 
 PARTS = ("rtt", "cycle", "handoff", "users", "ops", "count", "cluster")
@@ -127,7 +126,7 @@ def _error(exc: BaseException) -> str:
 
 
 def pct(values: Sequence[float], q: float) -> float:
-    return bl.percentile(values, q)
+    return percentile(values, q)
 
 
 # -- 1. round trip ------------------------------------------------------------------------
@@ -1213,12 +1212,7 @@ def build_tables(report: Report, size: Size) -> list[bl.Table]:
     return tables
 
 
-def machine_facts(url: str) -> list[tuple[str, str]]:
-    client = redis.Redis.from_url(url)
-    try:
-        info = client.info("server")
-    finally:
-        client.close()
+def scale_facts(url: str) -> list[tuple[str, str]]:
     sha = "unknown"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         sha = subprocess.run(
@@ -1227,34 +1221,22 @@ def machine_facts(url: str) -> list[tuple[str, str]]:
             text=True,
             check=True,
         ).stdout.strip()
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
     packages = ("inturn", "redis", "hiredis", "python-redis-lock", "pottery", "psycopg")
-    return [
-        ("command", command()),
-        ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
-        ("nproc", f"{os.cpu_count()} (usable: {affinity}); {cpu_model()}"),
-        ("python", f"{platform.python_implementation()} {platform.python_version()}"),
-        ("redis-server", str(info.get("redis_version"))),
-        ("inturn git", sha),
-        ("packages", ", ".join(f"{p} {version(p)}" for p in packages)),
-    ]
+    facts = machine_facts(url, packages, os_line=False)
+    facts.insert(-1, ("inturn git", sha))
+    return facts
 
 
 def render_markdown(report: Report, size: Size) -> str:
-    lines = ["# Scaling benchmark: hand-off, many users, script ops/s, costs per operation", ""]
-    lines += [
-        f"- **{key}**: " + (f"`{value}`" if key == "command" else value)
-        for key, value in report.facts
+    title = "# Scaling benchmark: hand-off, many users, script ops/s, costs per operation"
+    parts = [f"{title}\n\n" + fact_lines(report.facts, report.skipped)[1]] + [
+        t.markdown() for t in build_tables(report, size)
     ]
-    lines += [f"- **skipped**: {reason}" for reason in report.skipped]
-    parts = ["\n".join(lines)] + [t.markdown() for t in build_tables(report, size)]
     return "\n\n".join(parts) + "\n"
 
 
 def render_text(report: Report, size: Size) -> str:
-    parts = ["\n".join(f"{key:>14}: {value}" for key, value in report.facts)]
-    if report.skipped:
-        parts.append("\n".join(f"skipped: {reason}" for reason in report.skipped))
+    parts = [fact_lines(report.facts, report.skipped)[0]]
     parts += [t.text() for t in build_tables(report, size)]
     return "\n\n".join(parts) + "\n"
 
@@ -1294,8 +1276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = start_redis()
     workdir = tempfile.mkdtemp(prefix="inturn-bench-scale-")
     report = Report(size.name)
-    postgres: Any = None
-    try:
+    with cleaned_up(server, workdir=workdir) as started:
         target = bl.Target(
             redis_url=server.url,
             inturn_url=server.url,
@@ -1327,6 +1308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.no_postgres:
                 _progress("starting PostgreSQL (initdb + pg_ctl)")
                 postgres, why = bl.start_postgres()
+                started.append(postgres)
                 if postgres is None:
                     report.skipped.append(why or "PostgreSQL did not start")
                 else:
@@ -1338,7 +1320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         report.skipped.append(f"PostgreSQL limits: {_error(exc)}")
         if "cluster" in parts:
             report.cluster = run_cluster(target, size, report.skipped)
-        report.facts = machine_facts(server.url)
+        report.facts = scale_facts(server.url)
         report.facts.append(("run time", f"{time.monotonic() - began:.1f} s"))
         print(render_text(report, size))
         if args.markdown:
@@ -1347,11 +1329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(asdict(report), indent=1, default=str))
             print(f"wrote {args.json}", file=sys.stderr)
-    finally:
-        if postgres is not None:
-            postgres.stop()
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -301,7 +301,7 @@ class Drainer:
     async def drain(self, key: str, token: str, first: Taken | None = None) -> None:
         """Drain ``key``'s queue on this event loop (``token`` owns the drainer role)."""
         role = _Role.taken(self._lease)
-        renewer = asyncio.ensure_future(self._renew_role(key, token, role))
+        renewal = _AsyncRenewal(self, key, token, role)
         flow = drain_flow(self, key, first)
         reply: Any = None
         try:
@@ -327,7 +327,7 @@ class Drainer:
         except Exception:
             logger.exception("inturn: mailbox %r drain of key %r failed", self.name, shown(key))
         finally:
-            renewer.cancel()
+            renewal.stop()
 
     async def _step(self, step: _DrainStep, key: str, token: str) -> Any:
         if isinstance(step, _Take):
@@ -363,19 +363,20 @@ class Drainer:
         )
 
     async def _renew_role(self, key: str, token: str, role: _Role) -> None:
+        """Renew the role now, then every third of the lease, until it is lost."""
         lease = self._lease
         while True:
-            await asyncio.sleep(lease / 3)
             sent = time.monotonic()
             try:
                 alive = await self._store.mb_renew(self.name, key, token, lease=lease)
             except Exception as exc:  # a transport error: try again next time
                 logger.debug("inturn: renewing the drainer role of %r failed: %r", shown(key), exc)
-                continue
-            if not alive:
-                role.lost = True
-                return
-            role.renewed(sent)
+            else:
+                if not alive:
+                    role.lost = True
+                    return
+                role.renewed(sent)
+            await asyncio.sleep(lease / 3)
 
     async def _debounce(self, key: str) -> None:
         """Wait until no message arrived for ``debounce`` s (at most ``debounce_max``)."""
@@ -408,6 +409,9 @@ class Drainer:
         fence: int,
     ) -> None:
         """Claim the ids (dedup), call the handler; on failure record it and raise _Recorded."""
+        if all(message.id is None for message in messages):  # nothing to claim
+            await self._handled(key, token, stored, messages)
+            return
         async with contextlib.AsyncExitStack() as claims:
             fresh = []
             for message in messages:
@@ -419,20 +423,26 @@ class Drainer:
                     except Duplicate:
                         continue  # processed before (a redelivery or a resubmit): effect once
                 fresh.append(message)
-            self._delivered(fresh)
-            try:
-                if fresh:
-                    await self.handler(fresh if self.batch else fresh[0])
-                    self._runtime.metrics.count("mailbox_handled", len(fresh), mailbox=self.name)
-            except Exception as exc:
-                failure = self._failure(key, stored, exc)
-                if failure.dead:
-                    await self._store.mb_dead(self.name, failure.dead)
-                else:
-                    await self._store.mb_retry(
-                        self.name, key, token, failure.retry, not_before=failure.not_before
-                    )
-                raise _Recorded(bool(failure.dead)) from exc  # abandons the claims
+            await self._handled(key, token, stored, fresh)  # _Recorded abandons the claims
+
+    async def _handled(
+        self, key: str, token: str, stored: list[dict[str, Any]], fresh: list[Message]
+    ) -> None:
+        """Call the handler with the ``fresh`` messages; on failure record it, raise _Recorded."""
+        self._delivered(fresh)
+        try:
+            if fresh:
+                await self.handler(fresh if self.batch else fresh[0])
+                self._runtime.metrics.count("mailbox_handled", len(fresh), mailbox=self.name)
+        except Exception as exc:
+            failure = self._failure(key, stored, exc)
+            if failure.dead:
+                await self._store.mb_dead(self.name, failure.dead)
+            else:
+                await self._store.mb_retry(
+                    self.name, key, token, failure.retry, not_before=failure.not_before
+                )
+            raise _Recorded(bool(failure.dead)) from exc
 
     # -- draining: sync ---------------------------------------------------------------
 
@@ -530,6 +540,9 @@ class Drainer:
         fence: int,
     ) -> None:
         """See :meth:`_claimed_and_handled`."""
+        if all(message.id is None for message in messages):
+            self._handled_sync(store, key, token, stored, messages)
+            return
         with contextlib.ExitStack() as claims:
             fresh = []
             for message in messages:
@@ -539,20 +552,53 @@ class Drainer:
                     except Duplicate:
                         continue
                 fresh.append(message)
-            self._delivered(fresh)
-            try:
-                if fresh:
-                    self.handler(fresh if self.batch else fresh[0])
-                    self._runtime.metrics.count("mailbox_handled", len(fresh), mailbox=self.name)
-            except Exception as exc:
-                failure = self._failure(key, stored, exc)
-                if failure.dead:
-                    store.mb_dead(self.name, failure.dead)
-                else:
-                    store.mb_retry(
-                        self.name, key, token, failure.retry, not_before=failure.not_before
-                    )
-                raise _Recorded(bool(failure.dead)) from exc
+            self._handled_sync(store, key, token, stored, fresh)
+
+    def _handled_sync(
+        self,
+        store: SyncMailboxBackend,
+        key: str,
+        token: str,
+        stored: list[dict[str, Any]],
+        fresh: list[Message],
+    ) -> None:
+        """See :meth:`_handled`."""
+        self._delivered(fresh)
+        try:
+            if fresh:
+                self.handler(fresh if self.batch else fresh[0])
+                self._runtime.metrics.count("mailbox_handled", len(fresh), mailbox=self.name)
+        except Exception as exc:
+            failure = self._failure(key, stored, exc)
+            if failure.dead:
+                store.mb_dead(self.name, failure.dead)
+            else:
+                store.mb_retry(self.name, key, token, failure.retry, not_before=failure.not_before)
+            raise _Recorded(bool(failure.dead)) from exc
+
+
+class _AsyncRenewal:
+    """Renews an async drainer's role from a third of the lease on: a timer first, and a
+    renewing task only once it is due. Most drains end sooner (one message, or a few),
+    and a timer costs the loop far less than a task that would sleep and be cancelled."""
+
+    __slots__ = ("_args", "_box", "_handle", "_task")
+
+    def __init__(self, box: Drainer, key: str, token: str, role: _Role) -> None:
+        self._box, self._args = box, (key, token, role)
+        self._task: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = loop.call_later(box._lease / 3, self._due)
+
+    def _due(self) -> None:
+        self._handle = None
+        self._task = asyncio.ensure_future(self._box._renew_role(*self._args))
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 class _RoleRenewal:

@@ -132,6 +132,7 @@ class Mailbox:
         self.max_attempts = max_attempts
         self.backoff = tuple(float(b) for b in backoff)
         self._store: MailboxBackend = runtime.backend
+        self._ordered = bool(getattr(self._store, "ordered_submits", False))
         self._drainer = Drainer(
             runtime,
             name,
@@ -175,7 +176,7 @@ class Mailbox:
             text = envelope(key, new_token(), msg_id, payload, time.time())
         except (TypeError, ValueError) as exc:
             raise InvalidPayload(f"a mailbox payload must be JSON: {exc}") from exc
-        size = len(text.encode())
+        size = len(text)  # json.dumps escapes every non-ASCII character: one byte each
         if size > self.max_payload_bytes:
             raise InvalidPayload(
                 f"payload is {size} bytes stored, over max_payload_bytes={self.max_payload_bytes}"
@@ -225,7 +226,7 @@ class Mailbox:
         """
         key, text = self._encode(key, payload, id)
         token = new_token()
-        if getattr(self._store, "ordered_submits", False):
+        if self._ordered:
             done = await self._store.mb_submit(self.name, key, text, **self._submit_args(token))
         else:
             done = await self._in_call_order(key, text, token)

@@ -284,8 +284,10 @@ class RedisBackend(Mailboxes, RedisAdmin):
         keys: list[str] | None = None,
         *,
         wait: ReplicaWait | None = None,
+        hold: bool = False,
     ) -> Any:
-        """Run a script; with ``wait``, return once replicas have its write (see ReplicaWait)."""
+        """Run a script; with ``wait``, return once replicas have its write (see ReplicaWait);
+        with ``hold``, it leaves at the end of this loop step (``Mux.evalsha``)."""
         keys = state.calls.turn_keys(key) if keys is None else keys
         if not state.subscribed.is_set():
             await self._in_order(state)
@@ -294,7 +296,7 @@ class RedisBackend(Mailboxes, RedisAdmin):
                 sha, lua = SHAS[name]
                 then = None if wait is None else wait.command()
                 reply = await state.mux.evalsha(
-                    sha, lua, keys, args, idempotent=idempotent(name, args), then=then
+                    sha, lua, keys, args, idempotent=idempotent(name, args), then=then, hold=hold
                 )
                 return reply if wait is None else wait.checked(reply, name)
             if state.nodes is not None:
@@ -311,13 +313,20 @@ class RedisBackend(Mailboxes, RedisAdmin):
             return reply
 
     async def _script(
-        self, call: Call, key: str, state: LoopState | None = None, *, durable: bool = False
+        self,
+        call: Call,
+        key: str,
+        state: LoopState | None = None,
+        *,
+        durable: bool = False,
+        hold: bool = False,
     ) -> Any:
         """Run a script whose KEYS and ARGV :class:`Scripts` built; ``durable``: wait for
-        replicas when the backend is configured to (``wait_replicas``)."""
+        replicas when the backend is configured to (``wait_replicas``); ``hold``: see _run."""
         name, keys, args = call
         wait = self._wait if durable else None
-        return await self._run(state or self._state(), name, key, args, keys, wait=wait)
+        state = state or self._state()
+        return await self._run(state, name, key, args, keys, wait=wait, hold=hold)
 
     # -- the Backend protocol -----------------------------------------------------------
 

@@ -5,6 +5,12 @@ command on the keys of one (mailbox, user); see ``MailboxBackend`` for what
 they promise and :mod:`._lua` for the scripts. The retry time a drainer
 passes to ``mb_retry`` is kept in a key of its own beside the queue, never
 inside a message: the engine does not parse messages.
+
+The per-message scripts (submit, take, release-and-take) are sent *held*: at
+the end of the loop step, in one write with the calls of the other drains
+and submits of that step (a drainer's JOIN sent then joins it too): under
+load one send and one server read carry several messages' calls; on a quiet
+loop a call waits one loop step more.
 """
 
 from __future__ import annotations
@@ -42,7 +48,13 @@ class Mailboxes:
         raise NotImplementedError
 
     async def _script(
-        self, call: Call, key: str, state: LoopState | None = None, *, durable: bool = False
+        self,
+        call: Call,
+        key: str,
+        state: LoopState | None = None,
+        *,
+        durable: bool = False,
+        hold: bool = False,
     ) -> Any:
         raise NotImplementedError
 
@@ -71,14 +83,14 @@ class Mailboxes:
             lease=lease,
             take=take,
         )
-        return decode_submitted(await self._script(call, key, state, durable=True))
+        return decode_submitted(await self._script(call, key, state, durable=True, hold=True))
 
     async def mb_take(
         self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
     ) -> Taken:
         state = self._state()
         call = state.calls.mb_take(name, key, token, limit, lease, ack)
-        return decode_taken(await self._script(call, key, state))
+        return decode_taken(await self._script(call, key, state, hold=True))
 
     async def mb_release_take(
         self,
@@ -99,7 +111,7 @@ class Mailboxes:
         state = self._state()
         call = state.calls.mb_release_take(name, key, token, turn_token, limit, lease, ack)
         sent = time.monotonic()
-        reply = await self._script(call, key, state)
+        reply = await self._script(call, key, state, hold=True)
         woken = self._process.handed_off(reply, state, sent)
         if woken is not None:
             wake(woken)

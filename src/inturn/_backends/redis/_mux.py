@@ -137,8 +137,12 @@ class Mux:
         *,
         idempotent: bool = True,
         then: tuple[Any, ...] | None = None,
+        hold: bool = False,
     ) -> Any:
         """Run a script by its SHA (loading it by EVAL when the server lacks it).
+
+        ``hold``: send it at the end of this loop step, with the commands sent after
+        it (see :meth:`submit`): one write for the calls of many tasks.
 
         Raises redis-py's exceptions: ``ConnectionError`` (after the retries),
         ``TimeoutError`` and ``ResponseError``. A call that is not ``idempotent``
@@ -166,7 +170,8 @@ class Mux:
             written = False
             try:
                 try:
-                    reply = self._send(link, ("EVALSHA", sha, len(keys), *keys, *args))
+                    command = ("EVALSHA", sha, len(keys), *keys, *args)
+                    reply = self._send(link, command, hold=hold)
                     after = None if then is None else self._send(link, then)
                     written = True
                     return await _both(reply, after)
