@@ -8,10 +8,12 @@ that bookkeeping costs more client CPU than the round trips themselves.
 :class:`Mux` keeps one connection (made and handshaken by redis-py, so TLS,
 ``unix://``, AUTH, the database and Sentinel's master discovery all work as
 before) and *pipelines* on it: a call writes its command to the transport
-(which never blocks) and parks a future; one reader task matches replies to
-futures in order. Many tasks of one loop share the connection. A command may
-be held back to the end of the loop step (``submit(hold=True)``): the tasks
-it woke run first, and commands sent after it in that step join its write.
+(which never blocks) and parks a future; replies are matched to the futures
+in order as they arrive (with hiredis, in the transport's ``data_received``:
+see ``_replies``; without it, by a reader task). Many tasks of one loop share
+the connection. A command may be held back to the end of the loop step
+(``submit(hold=True)``): the tasks it woke run first, and commands sent after
+it in that step join its write.
 
 Failure handling keeps redis-py's promises and adds one:
 
@@ -45,6 +47,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import redis
@@ -53,6 +56,8 @@ import redis.asyncio.retry
 import redis.exceptions
 import redis.retry
 from redis.backoff import NoBackoff
+
+from ._replies import Replies, can_take_over
 
 _Pack = Callable[[tuple[Any, ...]], Any]
 _hiredis_pack: _Pack | None
@@ -89,7 +94,7 @@ def sha1(lua: str) -> str:
 class _Link:
     """One connection and its calls in flight."""
 
-    __slots__ = ("conn", "dropped", "held", "pending", "reader", "watcher", "writer")
+    __slots__ = ("conn", "dropped", "held", "pending", "reader", "replies", "watcher", "writer")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
@@ -97,6 +102,8 @@ class _Link:
         self.dropped = False
         self.pending: _Pending = deque()
         self.reader: asyncio.Task[None] | None = None
+        """The task that reads replies, unless ``replies`` does (see ``_replies``)."""
+        self.replies: Replies | None = None
         self.watcher: asyncio.Task[None] | None = None
         """Behind Sentinel: checks that the connection still goes to the master."""
         self.held: list[bytes] | None = None
@@ -291,7 +298,10 @@ class Mux:
             # Reads now wait as long as they must: the watchdog bounds a call instead.
             conn.socket_timeout = None
             link = self._link = _Link(conn)
-            link.reader = asyncio.ensure_future(self._read(link))
+            if can_take_over(conn):  # replies resolve their calls as the bytes arrive
+                link.replies = Replies.take_over(conn, link.pending, partial(self._drop, link))
+            else:
+                link.reader = asyncio.ensure_future(self._read(link))
             if self._master is not None:
                 link.watcher = asyncio.ensure_future(self._watch_master(link, self._master))
             return link
@@ -367,6 +377,8 @@ class Mux:
         reader = link.reader  # it disconnects on its way out
         if reader is not None and reader is not asyncio.current_task() and not reader.done():
             reader.cancel()
+        if link.replies is not None:  # read here: close the connection now
+            link.writer.transport.abort()
 
     def _watchdog(self) -> None:
         """Drop a connection whose oldest call in flight has waited ``timeout`` seconds."""
