@@ -304,7 +304,13 @@ class RedisBackend(Mailboxes, RedisAdmin):
                 then = None if wait is None else wait.command()
                 with contextlib.suppress(NotHere):  # then redis-py finds the node
                     reply = await state.nodes.evalsha(
-                        sha, lua, keys, args, idempotent=idempotent(name, args), then=then
+                        sha,
+                        lua,
+                        keys,
+                        args,
+                        idempotent=idempotent(name, args),
+                        then=then,
+                        hold=hold,
                     )
                     return reply if wait is None else wait.checked(reply, name)
             reply = await state.scripts[name](keys=keys, args=args)
