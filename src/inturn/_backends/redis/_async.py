@@ -292,26 +292,18 @@ class RedisBackend(Mailboxes, RedisAdmin):
         if not state.subscribed.is_set():
             await self._in_order(state)
         with map_errors(name):
-            if state.mux is not None:
+            runner = state.mux if state.mux is not None else state.nodes
+            if runner is not None:
                 sha, lua = SHAS[name]
                 then = None if wait is None else wait.command()
-                reply = await state.mux.evalsha(
-                    sha, lua, keys, args, idempotent=idempotent(name, args), then=then, hold=hold
-                )
-                return reply if wait is None else wait.checked(reply, name)
-            if state.nodes is not None:
-                sha, lua = SHAS[name]
-                then = None if wait is None else wait.command()
-                with contextlib.suppress(NotHere):  # then redis-py finds the node
-                    reply = await state.nodes.evalsha(
-                        sha,
-                        lua,
-                        keys,
-                        args,
-                        idempotent=idempotent(name, args),
-                        then=then,
-                        hold=hold,
+                resend = idempotent(name, args)
+                try:
+                    reply = await runner.evalsha(
+                        sha, lua, keys, args, idempotent=resend, then=then, hold=hold
                     )
+                except NotHere:  # a Cluster master did not run it: redis-py finds the node
+                    pass
+                else:
                     return reply if wait is None else wait.checked(reply, name)
             reply = await state.scripts[name](keys=keys, args=args)
             if wait is not None:

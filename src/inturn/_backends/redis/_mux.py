@@ -57,7 +57,7 @@ import redis.exceptions
 import redis.retry
 from redis.backoff import NoBackoff
 
-from ._replies import Replies, can_take_over
+from ._replies import Pending, Replies, can_take_over
 
 _Pack = Callable[[tuple[Any, ...]], Any]
 _hiredis_pack: _Pack | None
@@ -82,9 +82,6 @@ A master that was paused and came back still takes writes until Sentinel demotes
 that the new master gave the key to someone else. A connection to an address that
 Sentinel no longer names is dropped; its calls go again to the new master."""
 
-_Pending = deque[tuple[asyncio.Future[Any], float]]
-"""Calls in flight, in send order: each caller's future and the loop time it was sent."""
-
 
 def sha1(lua: str) -> str:
     """The SHA1 Redis files a script under (EVALSHA's argument)."""
@@ -100,7 +97,7 @@ class _Link:
         self.conn = conn
         self.writer: asyncio.StreamWriter = conn._writer  # made by redis-py's connect()
         self.dropped = False
-        self.pending: _Pending = deque()
+        self.pending: Pending = deque()
         self.reader: asyncio.Task[None] | None = None
         """The task that reads replies, unless ``replies`` does (see ``_replies``)."""
         self.replies: Replies | None = None

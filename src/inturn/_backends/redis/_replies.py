@@ -26,12 +26,14 @@ try:
 except ImportError:  # pragma: no cover - hiredis is in the redis extra
     hiredis = None
 
-__all__ = ["Replies", "can_take_over"]
+__all__ = ["Pending", "Replies", "can_take_over"]
 
 _MORE = object()
 """hiredis's answer when a reply needs more bytes."""
 
-_Pending = collections.deque[tuple[asyncio.Future[Any], float]]
+Pending = collections.deque[tuple[asyncio.Future[Any], float]]
+"""Calls in flight on a connection, in send order: each caller's future and the loop time
+it was sent."""
 
 
 def can_take_over(conn: Any) -> bool:
@@ -50,7 +52,7 @@ class Replies(asyncio.Protocol):
     """
 
     def __init__(
-        self, conn: Any, pending: _Pending, on_lost: Callable[[BaseException], None]
+        self, conn: Any, pending: Pending, on_lost: Callable[[BaseException], None]
     ) -> None:
         self._pending = pending
         self._on_lost = on_lost
@@ -67,7 +69,7 @@ class Replies(asyncio.Protocol):
 
     @classmethod
     def take_over(
-        cls, conn: Any, pending: _Pending, on_lost: Callable[[BaseException], None]
+        cls, conn: Any, pending: Pending, on_lost: Callable[[BaseException], None]
     ) -> Replies:
         """Read ``conn`` here from now on. Its writer still writes (keep a reference: the
         caller closes its transport); redis-py lets go of the connection."""

@@ -287,24 +287,12 @@ class SyncRedisBackend(SyncMailboxes):
         ``wait``: return once replicas have its write (see ReplicaWait)."""
         keys = self._calls.turn_keys(key) if keys is None else keys
         with map_errors(name):
-            if self._mux is not None:
+            runner = self._mux if self._mux is not None else self._nodes
+            if runner is not None:
                 sha, lua = SHAS[name]
                 then = None if wait is None else wait.command()
-                reply = self._mux.evalsha(
-                    sha,
-                    lua,
-                    keys,
-                    args,
-                    timeout=timeout,
-                    idempotent=idempotent(name, args),
-                    then=then,
-                )
-                return reply if wait is None else wait.checked(reply, name)
-            if self._nodes is not None:
-                sha, lua = SHAS[name]
-                then = None if wait is None else wait.command()
-                with contextlib.suppress(NotHere):  # then redis-py finds the node
-                    reply = self._nodes.evalsha(
+                try:
+                    reply = runner.evalsha(
                         sha,
                         lua,
                         keys,
@@ -313,6 +301,9 @@ class SyncRedisBackend(SyncMailboxes):
                         idempotent=idempotent(name, args),
                         then=then,
                     )
+                except NotHere:  # a Cluster master did not run it: redis-py finds the node
+                    pass
+                else:
                     return reply if wait is None else wait.checked(reply, name)
             reply = self._scripts[name](keys=keys, args=args)
             if wait is not None:
