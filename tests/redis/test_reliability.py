@@ -19,6 +19,7 @@ import inturn
 from inturn._backends.base import SubmitStatus, Taken
 from inturn._backends.redis import RedisBackend
 from inturn._errors import BackendUnavailable
+from tests.redis._proxy import PumpProxy
 from tests.servers import RedisServer
 
 
@@ -153,7 +154,7 @@ def test_gate_made_before_fork_serves_each_child(redis_url: str) -> None:
 # -- 3. a reply lost after the server ran the script ------------------------------------
 
 
-class LosingProxy:
+class LosingProxy(PumpProxy):
     """A loopback TCP proxy to Redis that loses one reply.
 
     It forwards every byte, until a command carrying ``marker`` passes: then it waits
@@ -162,79 +163,29 @@ class LosingProxy:
     """
 
     def __init__(self, port: int, marker: bytes, down_for: float = 0.0) -> None:
-        import socket
         import threading
 
-        self.target = port
         self.marker = marker
         self.down_for = down_for
         """Seconds new connections are refused (closed at once) after the lost reply."""
         self.down_until = 0.0
         self.lost = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
-        self._closed = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__(("127.0.0.1", port))
 
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def _accept(self) -> None:
-        import socket
-        import threading
+    def admit(self) -> bool:
+        return time.monotonic() >= self.down_until  # a server away (a failover): cut at once
 
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if time.monotonic() < self.down_until:
-                client.close()  # a server away (a failover): connections are cut at once
-                continue
-            server = socket.create_connection(("127.0.0.1", self.target))
-            armed = threading.Event()
-            for args in ((client, server, armed, True), (server, client, armed, False)):
-                thread = threading.Thread(target=self._pump, args=args, daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    def _pump(self, source: Any, sink: Any, armed: Any, upstream: bool) -> None:
-        import contextlib
-
-        source.settimeout(0.2)
-        try:
-            while not self._closed.is_set():
-                try:
-                    data = source.recv(65536)
-                except TimeoutError:
-                    continue
-                if not data:
-                    break
-                if upstream and self.marker in data and not self.lost.is_set():
-                    armed.set()
-                elif not upstream and armed.is_set() and not self.lost.is_set():
-                    self.down_until = time.monotonic() + self.down_for
-                    self.lost.set()  # the server ran it; its reply goes nowhere
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(2)
-                with contextlib.suppress(OSError):
-                    sock.close()
-
-    def close(self) -> None:
-        self._closed.set()
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(2)
+    def forward(self, data: bytes, upstream: bool, link: dict[str, Any]) -> tuple[bytes, bool]:
+        if upstream and self.marker in data and not self.lost.is_set():
+            link["armed"] = True
+        elif not upstream and link.get("armed") and not self.lost.is_set():
+            self.down_until = time.monotonic() + self.down_for
+            self.lost.set()  # the server ran it; its reply goes nowhere
+            return b"", False
+        return data, True
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import redis.exceptions
 import inturn
 from inturn._backends.redis._pushes import PushReader, SyncWakeups, Wakeups, command
 from inturn._backends.redis._shared import RECHECK_MAX
+from tests.redis._proxy import PumpProxy
 
 
 def _namespace() -> str:
@@ -113,67 +114,23 @@ async def test_protocol_fails_on_an_error_reply_before_the_confirmation() -> Non
 # -- a connection dropped in the middle of a push -----------------------------------------
 
 
-class _CutMidPush:
+class _CutMidPush(PumpProxy):
     """A TCP proxy to Redis that, once, forwards half of the first push it sees towards the
     client (a "message" on a subscribed connection) and then drops that connection."""
 
     def __init__(self, url: str) -> None:
         host_port = url.split("//", 1)[1].split("/", 1)[0]
         host, port = host_port.rsplit(":", 1)
-        self.target = (host, int(port))
         self.cut = threading.Event()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self._server.settimeout(0.2)
-        self.url = f"redis://127.0.0.1:{self._server.getsockname()[1]}/0"
-        self._closed = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__((host, int(port)))
+        self.url = f"redis://127.0.0.1:{self.port}/0"
 
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            for source, sink, down in ((client, upstream, False), (upstream, client, True)):
-                thread = threading.Thread(target=self._pump, args=(source, sink, down))
-                thread.daemon = True
-                thread.start()
-                self._threads.append(thread)
-
-    def _pump(self, source: socket.socket, sink: socket.socket, down: bool) -> None:
-        source.settimeout(0.2)
-        try:
-            while not self._closed.is_set():
-                try:
-                    data = source.recv(65536)
-                except TimeoutError:
-                    continue
-                if not data:
-                    break
-                at = data.find(b"$7\r\nmessage\r\n")
-                if down and at >= 0 and not self.cut.is_set():
-                    self.cut.set()
-                    sink.sendall(data[: at + 12])  # "*3\r\n$7\r\nmessa": the rest never comes
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    sock.close()
-
-    def close(self) -> None:
-        self._closed.set()
-        self._server.close()
-        for thread in self._threads:
-            thread.join(2)
+    def forward(self, data: bytes, upstream: bool, link: dict[str, Any]) -> tuple[bytes, bool]:
+        at = data.find(b"$7\r\nmessage\r\n")
+        if not upstream and at >= 0 and not self.cut.is_set():
+            self.cut.set()
+            return data[: at + 12], False  # "*3\r\n$7\r\nmessa": the rest never comes
+        return data, True
 
 
 @pytest.fixture
