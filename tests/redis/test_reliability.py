@@ -521,64 +521,22 @@ def _submit_until_killed(url: str, primary: RedisServer, link: LaggingLink) -> l
     return acknowledged
 
 
-class LaggingLink:
+class LaggingLink(PumpProxy):
     """A loopback TCP link from a replica to its primary that delays every chunk ``delay``
     seconds each way (a replica that lags); ``cut()`` drops whatever is still on its way."""
 
     def __init__(self, port: int, delay: float) -> None:
-        import socket
-        import threading
+        self.delay = delay
+        super().__init__(("127.0.0.1", port))
 
-        self.target, self.delay = port, delay
-        self._cut = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while not self._cut.is_set():
-            try:
-                replica, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            primary = socket.create_connection(("127.0.0.1", self.target))
-            for args in ((replica, primary), (primary, replica)):
-                thread = threading.Thread(target=self._pump, args=args, daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    def _pump(self, source: Any, sink: Any) -> None:
-        import contextlib
-
-        source.settimeout(0.2)
-        with contextlib.suppress(OSError):
-            while not self._cut.is_set():
-                try:
-                    data = source.recv(65536)
-                except TimeoutError:
-                    continue
-                if not data:
-                    break
-                time.sleep(self.delay)
-                if self._cut.is_set():
-                    break
-                sink.sendall(data)
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.close()
+    def forward(self, data: bytes, upstream: bool, link: dict[str, Any]) -> tuple[bytes, bool]:
+        time.sleep(self.delay)
+        if self._closed.is_set():
+            return b"", False
+        return data, True
 
     def cut(self) -> None:
-        self._cut.set()
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(2)
+        self.close()
 
 
 def _lost_on_failover(make: Callable[..., RedisServer], query: str) -> tuple[int, int]:
