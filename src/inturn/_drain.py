@@ -1,10 +1,8 @@
-"""Draining a mailbox's queue: one flow, run by an async and a sync executor.
+"""Draining a mailbox's queue: the flow of :mod:`._drain_flow`, run by an async and a
+sync executor.
 
-:func:`drain_flow` is the algorithm, once: take a batch (acknowledging the
-last), debounce, back off before a retry, process inside the key's turn, stop
-when the queue is empty (the role given up in the same atomic step) or the
-role is lost. :class:`Drainer` runs it with asyncio (``drain``) or in a thread
-(``drain_sync``) and holds what both share: decoding, dedup claims, the
+:class:`Drainer` runs :func:`._drain_flow.drain_flow` with asyncio (``drain``) or in a
+thread (``drain_sync``) and holds what both share: decoding, dedup claims, the
 failure policy (retry with backoff, then dead letters) and metrics.
 """
 
@@ -15,22 +13,32 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from ._backends.base import MailboxBackend, SyncMailboxBackend, Taken
 from ._dedup import Deduplicator
+from ._drain_flow import (
+    TRANSIENT,
+    Debounce,
+    DrainStep,
+    Handled,
+    Pause,
+    Retries,
+    Role,
+    Take,
+    drain_flow,
+)
 from ._errors import ConfigurationError, Duplicate
-from ._keys import shown
+from ._keys import new_token, shown
 from ._message import Message, PendingCounter
-from ._policy import RETRY_BACKOFF
-from ._runtime import Runtime, renewal_pool
+from ._runtime import Runtime, log_cleanup_failure, renewal_pool
 from ._turn_async import TurnRequest
 from ._turn_sync import SyncTurnRequest
 
-__all__ = ["Drainer", "drain_flow"]
+__all__ = ["Drainer"]
 
 logger = logging.getLogger("inturn")
 
@@ -46,142 +54,6 @@ class _Failure:
     retry: list[str]
     not_before: float
     dead: list[str]
-
-
-@dataclass(frozen=True, slots=True)
-class _Take:
-    """Step: take the next batch (acknowledging the last one when ``ack``). Sends a Taken."""
-
-    ack: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Debounce:
-    """Step: wait until no message arrived for ``debounce`` s (at most ``debounce_max``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Pause:
-    """Step: sleep ``seconds`` (a retry's backoff)."""
-
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Process:
-    """Step: handle ``texts`` inside the key's turn. Sends back a :class:`_Handled`."""
-
-    texts: tuple[str, ...]
-
-
-_DrainStep = _Take | _Debounce | _Pause | _Process
-
-
-@dataclass(slots=True)
-class _Handled:
-    """One processed batch: whether to acknowledge it, and the next batch when the turn's
-    release took it in the same step (``released``)."""
-
-    ack: bool = False
-    released: bool = False
-    taken: Taken | None = None
-
-
-TRANSIENT = (ConnectionError, OSError, TimeoutError)
-"""Errors a drainer rides out (BackendUnavailable is a ConnectionError): it retries the step."""
-
-
-@dataclass(slots=True)
-class _Role:
-    """The drainer's view of its role: alive until its lease, unless renewed or lost."""
-
-    lease: float
-    alive_until: float
-    lost: bool = False
-
-    @classmethod
-    def taken(cls, lease: float) -> _Role:
-        return cls(lease=lease, alive_until=time.monotonic() + lease)
-
-    def renewed(self, sent_at: float) -> None:
-        self.alive_until = max(self.alive_until, sent_at + self.lease)
-
-    def retry_pause(self, attempt: int) -> float | None:
-        """How long to wait before retrying a step that failed in transport; None once the
-        role is lost or surely lapsed (the sweeper then resumes the queue)."""
-        left = self.alive_until - time.monotonic()
-        if self.lost or left <= 0:
-            return None
-        return min(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)], left)
-
-
-class _Retries:
-    """A drain step's retries after transport errors, while the drainer's role lives."""
-
-    def __init__(self, role: _Role, name: str, key: str) -> None:
-        self._role, self._name, self._key = role, name, key
-        self._attempt = 0
-
-    def after(self, step: _DrainStep, exc: BaseException) -> tuple[float, _DrainStep] | None:
-        """(pause, the step to send again), or None: the role lapsed, stop draining.
-
-        A take whose answer was lost may have run: its batch is in flight now, so the
-        retry must not acknowledge blind (the batch would be dropped unprocessed);
-        without ``ack`` it is delivered again instead."""
-        key = shown(self._key)
-        pause = self._role.retry_pause(self._attempt)
-        if pause is None:
-            logger.warning(
-                "inturn: mailbox %r stops draining key %r: %r, and the drainer role lapsed "
-                "meanwhile (the sweeper resumes the queue)",
-                self._name,
-                key,
-                exc,
-                extra={"inturn_key": key},
-            )
-            return None
-        logger.debug("inturn: mailbox %r retries key %r: %r", self._name, key, exc)
-        self._attempt += 1
-        return pause, _Take(ack=False) if isinstance(step, _Take) else step
-
-
-def drain_flow(box: Drainer, key: str, first: Taken | None) -> Generator[_DrainStep, Any, None]:
-    """Process ``key``'s queue until it is empty (role given up) or the role is lost.
-
-    ``first``: the first batch, when the submit that made us drainer took it.
-    The drainer needs only its role to take; it takes the key's turn to process.
-    A batch is acknowledged by the next take, which rides on the turn's release
-    where the engine can (``mb_release_take``).
-    """
-    taken: Taken | None = first
-    ack = False
-    while True:
-        if taken is None:
-            if box.debounce:
-                yield _Debounce()
-            taken = yield _Take(ack)
-        assert taken is not None
-        if taken.lost_role:
-            logger.warning(
-                "inturn: mailbox %r lost the drainer role of key %r",
-                box.name,
-                shown(key),
-                extra={"inturn_key": shown(key)},
-            )
-            return
-        if taken.retry_in > 0:
-            yield _Pause(taken.retry_in)
-            taken, ack = None, False
-            continue
-        if not taken.messages:
-            return  # empty: the role was given up in the same step
-        handled: _Handled = yield _Process(taken.messages)
-        taken, ack = None, handled.ack
-        if handled.released:
-            # If the combined call failed it may or may not have run: take again without
-            # acknowledging (a redelivery, never a loss). It is not called at all when the
-            # turn was re-entered (an inline drain inside a turn).
-            taken, ack = handled.taken, False
 
 
 class Drainer:
@@ -224,6 +96,10 @@ class Drainer:
     @property
     def _lease(self) -> float:
         return self._runtime.settings.lease
+
+    def next_turn(self) -> tuple[str, float]:
+        """A fresh token and the lease to ask the key's turn for along with a take."""
+        return new_token(), self._runtime.settings.first_lease
 
     def sync_store(self) -> SyncMailboxBackend:
         """The sync twin of the engine, as a mailbox store."""
@@ -298,11 +174,14 @@ class Drainer:
 
     # -- draining: async --------------------------------------------------------------
 
-    async def drain(self, key: str, token: str, first: Taken | None = None) -> None:
-        """Drain ``key``'s queue on this event loop (``token`` owns the drainer role)."""
-        role = _Role.taken(self._lease)
+    async def drain(
+        self, key: str, token: str, first: Taken | None = None, turn_token: str | None = None
+    ) -> None:
+        """Drain ``key``'s queue on this event loop (``token`` owns the drainer role;
+        ``first`` and ``turn_token``: see :func:`drain_flow`)."""
+        role = Role.taken(self._lease)
         renewal = _AsyncRenewal(self, key, token, role)
-        flow = drain_flow(self, key, first)
+        flow = drain_flow(self, key, first, turn_token)
         reply: Any = None
         try:
             while True:
@@ -310,13 +189,13 @@ class Drainer:
                     step = flow.send(reply)
                 except StopIteration:
                     return
-                retries: _Retries | None = None  # made on a step's first failure only
+                retries: Retries | None = None  # made on a step's first failure only
                 while True:
                     try:
                         reply = await self._step(step, key, token)
                         break
                     except TRANSIENT as exc:
-                        retries = retries or _Retries(role, self.name, key)
+                        retries = retries or Retries(role, self.name, key)
                         again = retries.after(step, exc)
                         if again is None:
                             return
@@ -329,40 +208,57 @@ class Drainer:
         finally:
             renewal.stop()
 
-    async def _step(self, step: _DrainStep, key: str, token: str) -> Any:
-        if isinstance(step, _Take):
+    async def _step(self, step: DrainStep, key: str, token: str) -> Any:
+        if isinstance(step, Take):
             return await self._store.mb_take(
                 self.name, key, token, limit=self.max_batch, lease=self._lease, ack=step.ack
             )
-        if isinstance(step, _Debounce):
+        if isinstance(step, Debounce):
             await self._debounce(key)
             return None
-        if isinstance(step, _Pause):
+        if isinstance(step, Pause):
             await asyncio.sleep(step.seconds)  # a retry's backoff
             return None
-        handled = _Handled()
+        handled = Handled()
         request = self._turn(key)
+        granted, step.turn = step.turn, None
+        if granted is not None:
+            request._granted_with(*granted)
         if not self.debounce:  # debounce: the next take waits for the burst first
             request._release_with(partial(self._release_and_take, token, handled))
-        async with request as turn:
-            handled.ack = await self._process(key, token, step.texts, turn.fence)
+        try:
+            async with request as turn:
+                handled.ack = await self._process(key, token, step.texts, turn.fence)
+        finally:
+            if granted is not None and request._reused:  # not used: re-entered instead
+                self._runtime.spawn(self._runtime.backend.release(key, granted[0]), key, "release")
         return handled
 
     async def _release_and_take(
-        self, token: str, handled: _Handled, turn_key: str, turn_token: str
+        self, token: str, handled: Handled, turn_key: str, turn_token: str
     ) -> None:
         handled.released = True
-        handled.taken = await self._store.mb_release_take(
-            self.name,
-            turn_key,
-            token,
-            turn_token,
-            limit=self.max_batch,
-            lease=self._lease,
-            ack=handled.ack,
-        )
+        ask = self.next_turn()
+        try:
+            handled.taken = await self._store.mb_release_take(
+                self.name,
+                turn_key,
+                token,
+                turn_token,
+                limit=self.max_batch,
+                lease=self._lease,
+                ack=handled.ack,
+                turn=ask,
+            )
+        except BaseException:
+            # It may have run and granted the next turn, which nobody would use.
+            self._runtime.spawn(
+                self._runtime.backend.release(turn_key, ask[0]), turn_key, "release"
+            )
+            raise
+        handled.turn_token = ask[0]
 
-    async def _renew_role(self, key: str, token: str, role: _Role) -> None:
+    async def _renew_role(self, key: str, token: str, role: Role) -> None:
         """Renew the role now, then every third of the lease, until it is lost."""
         lease = self._lease
         while True:
@@ -446,12 +342,14 @@ class Drainer:
 
     # -- draining: sync ---------------------------------------------------------------
 
-    def drain_sync(self, key: str, token: str, first: Taken | None = None) -> None:
-        """Drain ``key``'s queue in this thread (``token`` owns the drainer role)."""
+    def drain_sync(
+        self, key: str, token: str, first: Taken | None = None, turn_token: str | None = None
+    ) -> None:
+        """Drain ``key``'s queue in this thread (see :meth:`drain`)."""
         store = self.sync_store()
-        role = _Role.taken(self._lease)
+        role = Role.taken(self._lease)
         renewal = _RoleRenewal(self, store, key, token, role)
-        flow = drain_flow(self, key, first)
+        flow = drain_flow(self, key, first, turn_token)
         reply: Any = None
         try:
             while True:
@@ -459,13 +357,13 @@ class Drainer:
                     step = flow.send(reply)
                 except StopIteration:
                     return
-                retries: _Retries | None = None
+                retries: Retries | None = None
                 while True:
                     try:
                         reply = self._step_sync(store, step, key, token)
                         break
                     except TRANSIENT as exc:
-                        retries = retries or _Retries(role, self.name, key)
+                        retries = retries or Retries(role, self.name, key)
                         again = retries.after(step, exc)
                         if again is None:
                             return
@@ -476,37 +374,63 @@ class Drainer:
         finally:
             renewal.stop()
 
-    def _step_sync(self, store: SyncMailboxBackend, step: _DrainStep, key: str, token: str) -> Any:
-        if isinstance(step, _Take):
+    def _step_sync(self, store: SyncMailboxBackend, step: DrainStep, key: str, token: str) -> Any:
+        if isinstance(step, Take):
             return store.mb_take(
                 self.name, key, token, limit=self.max_batch, lease=self._lease, ack=step.ack
             )
-        if isinstance(step, _Debounce):
+        if isinstance(step, Debounce):
             self._debounce_sync(store, key)
             return None
-        if isinstance(step, _Pause):
+        if isinstance(step, Pause):
             time.sleep(step.seconds)  # a retry's backoff
             return None
-        handled = _Handled()
+        handled = Handled()
 
         def release_and_take(turn_key: str, turn_token: str) -> None:
             handled.released = True
-            handled.taken = store.mb_release_take(
-                self.name,
-                turn_key,
-                token,
-                turn_token,
-                limit=self.max_batch,
-                lease=self._lease,
-                ack=handled.ack,
-            )
+            ask = self.next_turn()
+            try:
+                handled.taken = store.mb_release_take(
+                    self.name,
+                    turn_key,
+                    token,
+                    turn_token,
+                    limit=self.max_batch,
+                    lease=self._lease,
+                    ack=handled.ack,
+                    turn=ask,
+                )
+            except BaseException:
+                self.release_unused_sync(turn_key, ask[0])  # see _release_and_take
+                raise
+            handled.turn_token = ask[0]
 
         request = self._turn_sync(key)
+        granted, step.turn = step.turn, None
+        if granted is not None:
+            request._granted_with(*granted)
         if not self.debounce:
             request._release_with(release_and_take)
-        with request as turn:
-            handled.ack = self._process_sync(store, key, token, step.texts, turn.fence)
+        try:
+            with request as turn:
+                handled.ack = self._process_sync(store, key, token, step.texts, turn.fence)
+        finally:
+            if granted is not None and request._reused:  # see _step
+                self.release_unused_sync(key, granted[0])
         return handled
+
+    def release_unused_sync(self, key: str, turn_token: str) -> None:
+        """Release a turn granted to ``turn_token`` that no request will use (threads)."""
+        backend = self._runtime.sync_backend
+
+        def release() -> None:
+            try:
+                backend.release(key, turn_token)
+            except Exception as exc:
+                log_cleanup_failure("release", key, exc)
+
+        self._runtime.in_thread(release, "inturn-release")
 
     def _debounce_sync(self, store: SyncMailboxBackend, key: str) -> None:
         """See :meth:`_debounce`."""
@@ -584,7 +508,7 @@ class _AsyncRenewal:
 
     __slots__ = ("_args", "_box", "_handle", "_task")
 
-    def __init__(self, box: Drainer, key: str, token: str, role: _Role) -> None:
+    def __init__(self, box: Drainer, key: str, token: str, role: Role) -> None:
         self._box, self._args = box, (key, token, role)
         self._task: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
@@ -605,7 +529,7 @@ class _RoleRenewal:
     """Renews a sync drainer's role every third of the lease, on the process's timer thread."""
 
     def __init__(
-        self, box: Drainer, store: SyncMailboxBackend, key: str, token: str, role: _Role
+        self, box: Drainer, store: SyncMailboxBackend, key: str, token: str, role: Role
     ) -> None:
         self._box, self._store, self._key, self._token = box, store, key, token
         self._role = role

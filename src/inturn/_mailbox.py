@@ -183,13 +183,15 @@ class Mailbox:
             )
         return key, text
 
-    def _submit_args(self, token: str) -> dict[str, Any]:
+    def _submit_args(self, token: str, turn: tuple[str, float] | None) -> dict[str, Any]:
+        """``turn``: the token (and lease) a new drainer's first take asks the turn for."""
         return {
             "max_pending": self.max_pending,
             "drop_oldest": self.drop_oldest,
             "token": token,
             "lease": self._lease,
             "take": 0 if self.debounce else self.max_batch,  # debounce: the first take waits
+            "turn": None if self.debounce else turn,
         }
 
     def _submitted(self, key: str, done: Submitted) -> None:
@@ -226,18 +228,24 @@ class Mailbox:
         """
         key, text = self._encode(key, payload, id)
         token = new_token()
-        if self._ordered:
-            done = await self._store.mb_submit(self.name, key, text, **self._submit_args(token))
-        else:
-            done = await self._in_call_order(key, text, token)
+        args = self._submit_args(token, turn := self._drainer.next_turn())
+        try:
+            if self._ordered:
+                done = await self._store.mb_submit(self.name, key, text, **args)
+            else:
+                done = await self._in_call_order(key, text, args)
+        except BaseException:
+            # It may have run and granted the turn with the first batch: nobody will use it.
+            self._runtime.spawn(self._runtime.backend.release(key, turn[0]), key, "release")
+            raise
         self._submitted(key, done)
         if self.sweep_interval is not None:
             self._sweep_here()
         if done.status == SubmitStatus.DRAINER:
             await self._store.mb_hint(self.name, key, True)
-            await self._start_drain(key, token, done.first)
+            await self._start_drain(key, token, done.first, turn[0])
 
-    async def _in_call_order(self, key: str, text: str, token: str) -> Submitted:
+    async def _in_call_order(self, key: str, text: str, args: dict[str, Any]) -> Submitted:
         """Submit after this loop's earlier submits of ``key`` are stored (or failed):
         messages of one key, submitted from one event loop, are queued in call order."""
         loop = asyncio.get_running_loop()
@@ -247,17 +255,19 @@ class Mailbox:
         try:
             if earlier is not None and not earlier.done() and earlier.get_loop() is loop:
                 await asyncio.shield(earlier)
-            return await self._store.mb_submit(self.name, key, text, **self._submit_args(token))
+            return await self._store.mb_submit(self.name, key, text, **args)
         finally:
             mine.set_result(None)
             if self._in_flight.get(key) is mine:
                 del self._in_flight[key]  # nothing is kept per idle key
 
-    async def _start_drain(self, key: str, token: str, first: Taken | None = None) -> None:
+    async def _start_drain(
+        self, key: str, token: str, first: Taken | None = None, turn_token: str | None = None
+    ) -> None:
         if self.is_async:
-            drain: Awaitable[None] = self._drainer.drain(key, token, first)
+            drain: Awaitable[None] = self._drainer.drain(key, token, first, turn_token)
         else:
-            drain = asyncio.to_thread(self._drainer.drain_sync, key, token, first)
+            drain = asyncio.to_thread(self._drainer.drain_sync, key, token, first, turn_token)
         if self.inline:
             await drain
             return
@@ -285,13 +295,18 @@ class Mailbox:
         key, text = self._encode(key, payload, id)
         token = new_token()
         store = self._sync_store()
-        done = store.mb_submit(self.name, key, text, **self._submit_args(token))
+        args = self._submit_args(token, turn := self._drainer.next_turn())
+        try:
+            done = store.mb_submit(self.name, key, text, **args)
+        except BaseException:
+            self._drainer.release_unused_sync(key, turn[0])  # see submit
+            raise
         self._submitted(key, done)
         if self.sweep_interval is not None and self._sync_sweeper is None:
             self._sweep_from_threads()
         if done.status == SubmitStatus.DRAINER:
             store.mb_hint(self.name, key, True)
-            self._start_drain_sync(key, token, done.first)
+            self._start_drain_sync(key, token, done.first, turn[0])
 
     def store_sync(
         self, key: str | int, payload: Any, *, id: str | int | None = None
@@ -309,7 +324,7 @@ class Mailbox:
         key, text = self._encode(key, payload, id)
         token = new_token()
         store = self._sync_store()
-        args = {**self._submit_args(token), "take": 0}  # the drainer's first take is its own
+        args = {**self._submit_args(token, None), "take": 0}  # the drainer takes for itself
         done = store.mb_submit(self.name, key, text, **args)
         self._submitted(key, done)
         if done.status != SubmitStatus.DRAINER:
@@ -343,15 +358,21 @@ class Mailbox:
         return True
 
     def _start_drain_sync(
-        self, key: str, token: str, first: Taken | None = None, *, inline: bool | None = None
+        self,
+        key: str,
+        token: str,
+        first: Taken | None = None,
+        turn_token: str | None = None,
+        *,
+        inline: bool | None = None,
     ) -> None:
         if self.inline if inline is None else inline:
-            self._drainer.drain_sync(key, token, first)
+            self._drainer.drain_sync(key, token, first, turn_token)
             return
 
         def run() -> None:
             try:
-                self._drainer.drain_sync(key, token, first)
+                self._drainer.drain_sync(key, token, first, turn_token)
             finally:
                 with self._threads_lock:
                     self._threads.discard(thread)

@@ -352,6 +352,7 @@ class _Request(Generic[TurnT]):
     """
 
     __slots__ = (
+        "_given",
         "_held_token",
         "_key",
         "_nowait",
@@ -381,6 +382,7 @@ class _Request(Generic[TurnT]):
         self._settings = settings
         self._turn: TurnT | None = None
         self._release_hook: Callable[[str, str], Any] | None = None
+        self._given: tuple[str, Grant] | None = None
         self._reused = False
         self._held_token: contextvars.Token[object] | None = None
 
@@ -388,6 +390,12 @@ class _Request(Generic[TurnT]):
         """Release through ``hook`` (key, token) instead of a plain release; a plain release
         is its retry. Not called at all when the turn was re-entered."""
         self._release_hook = hook
+
+    def _granted_with(self, token: str, grant: Grant) -> None:
+        """Enter with a turn the engine granted to ``token`` already (a mailbox drainer's,
+        granted with its batch): no join. If the request is re-entered instead, the
+        caller releases that grant (see ``_reused``)."""
+        self._given = (token, grant)
 
     def _reentered(self) -> TurnT | None:
         """The turn this task or thread already holds for the key (then it is reused)."""
@@ -402,13 +410,15 @@ class _Request(Generic[TurnT]):
 
     def _asking(self) -> Asking:
         now = time.monotonic()
+        given = self._given
         return Asking(
             key=self._key,
-            token=new_token(),
+            token=new_token() if given is None else given[0],
             lease=self._settings.first_lease,
             deadline=Deadline.after(self._timeout, now),
             timeout=self._timeout,
             asked_at=now,
+            given=None if given is None else given[1],
         )
 
     def _hold(self, asking: Asking, grant: Grant) -> TurnT:
@@ -448,6 +458,7 @@ class Asking:
     timeout: float | None
     asked_at: float
     joined_at: float = 0.0
+    given: Grant | None = None  # granted already (see _Request._granted_with): no join
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,6 +549,10 @@ def acquire_flow(
 def _acquire(
     asking: Asking, runtime: Runtime, *, nowait: bool
 ) -> Generator[Step, Grant | None, Grant]:
+    if asking.given is not None:
+        runtime.reached = True
+        asking.joined_at = asking.asked_at
+        return asking.given
     metrics = runtime.metrics
     if nowait:
         try:

@@ -1,13 +1,16 @@
 """What the cheaper drain path must still do: renew a long drain's role, count stored bytes,
-claim ids in a batch that mixes messages with and without one."""
+claim ids in a batch that mixes messages with and without one, take the key's turn with a
+batch only when nobody holds or waits for it."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 import inturn
+from inturn._backends.base import MailboxBackend, SubmitStatus
 
 
 async def test_a_drain_longer_than_the_lease_keeps_its_role(gate: inturn.Gate) -> None:
@@ -62,3 +65,59 @@ async def test_a_batch_mixing_ids_and_none_claims_only_the_ids(gate: inturn.Gate
     await box.submit("u", "c")
     assert await box.drained(30)
     assert handled == ["a", "b", "c"]
+
+
+async def test_a_batch_comes_with_the_keys_turn_only_when_it_is_free(gate: inturn.Gate) -> None:
+    """The engine call behind a drain without JOINs: a submit that makes a drainer grants
+    it the key's turn with the first batch only when nobody holds or waits for the turn;
+    a release-and-take keeps the turn for the next batch (a new fence) only when nobody
+    waits, and hands it to a waiter otherwise. Either way the turn excludes everyone else."""
+    b = gate.backend
+    if "postgres" in type(b).__module__:
+        pytest.skip("PostgreSQL grants no turn with a batch: its drainer joins the line")
+    assert isinstance(b, MailboxBackend)
+    args: dict[str, Any] = {"max_pending": 10, "drop_oldest": False, "lease": 5.0, "take": 1}
+
+    held = await b.join("busy", "holder", 5.0)  # held: the batch comes without the turn
+    assert held is not None
+    done = await b.mb_submit("bx", "busy", "m0", token="r0", turn=("t0", 5.0), **args)
+    assert done.first is not None
+    assert done.first.messages == ("m0",)
+    assert done.first.turn is None
+    assert not await b.is_held("busy", "t0")
+    await b.release("busy", "holder")
+
+    done = await b.mb_submit("bx", "u", "m1", token="r1", turn=("t1", 5.0), **args)
+    assert done.status == SubmitStatus.DRAINER
+    assert done.first is not None
+    assert done.first.messages == ("m1",)
+    first = done.first.turn
+    assert first is not None
+    assert await b.is_held("u", "t1")
+    assert await b.try_acquire("u", "other", 5.0) is None  # the turn excludes others
+
+    await b.mb_submit("bx", "u", "m2", token="r9", turn=("t9", 5.0), **args)  # queued
+    kept = await b.mb_release_take(
+        "bx", "u", "r1", "t1", limit=1, lease=5.0, ack=True, turn=("t2", 5.0)
+    )
+    assert kept.messages == ("m2",)
+    assert kept.turn is not None
+    assert kept.turn.fence > first.fence
+    assert await b.is_held("u", "t2")
+    assert not await b.is_held("u", "t1")
+
+    assert await b.join("u", "waiter", 5.0) is None  # someone waits: it goes first
+    await b.mb_submit("bx", "u", "m3", token="r9", turn=("t9", 5.0), **args)
+    handed = await b.mb_release_take(
+        "bx", "u", "r1", "t2", limit=1, lease=5.0, ack=True, turn=("t3", 5.0)
+    )
+    assert handed.messages == ("m3",)
+    assert handed.turn is None
+    grant = await b.wait("u", "waiter", 5.0)
+    assert grant is not None
+    assert grant.fence > kept.turn.fence
+    assert not await b.is_held("u", "t3")
+    await b.release("u", "waiter")
+    empty = await b.mb_take("bx", "u", "r1", limit=1, lease=5.0, ack=True)
+    assert empty.messages == ()
+    assert not empty.lost_role

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import redis
 
 import inturn
+from inturn._backends.redis._shared import SHAS
 from tests.servers import RedisServer
 
 MESSAGES = 40
@@ -55,11 +56,12 @@ class Monitor:
         return [command for port, command in self.commands if port not in self.own]
 
 
-async def test_a_mailbox_message_costs_three_round_trips(
+async def test_a_mailbox_message_costs_two_round_trips(
     make_redis_server: Callable[..., RedisServer],
 ) -> None:
-    """submit (and the new drainer's first take) + JOIN + release-and-take (which also
-    acknowledges and gives the role up): three commands per message, all scripts."""
+    """submit (with the new drainer's first take and the free turn) + release-and-take
+    (which also acknowledges and gives the role up): two commands per message, both
+    scripts, and no JOIN."""
     server = make_redis_server()
     gate = inturn.Gate.from_url(server.url, namespace=f"rt{secrets.token_hex(3)}")
     handled: list[str] = []
@@ -84,5 +86,47 @@ async def test_a_mailbox_message_costs_three_round_trips(
     finally:
         await gate.aclose()
     scripts = [c for c in seen if c.split(" ")[0].upper() in ("EVALSHA", "EVAL")]
-    assert len(seen) <= 3 * MESSAGES, [c[:60] for c in seen[:12]]
-    assert len(scripts) == 3 * MESSAGES
+    assert len(seen) <= 2 * MESSAGES, [c[:60] for c in seen[:12]]
+    assert len(scripts) == 2 * MESSAGES
+    assert not [c for c in scripts if SHAS["join"][0] in c]
+
+
+async def test_a_burst_keeps_the_turn_from_batch_to_batch(
+    make_redis_server: Callable[..., RedisServer],
+) -> None:
+    """Messages that queued while the drainer worked are taken one batch at a time; while
+    nobody else waits for the key, each release-and-take keeps the turn for the next batch
+    (a new fence each time), so the drain runs no JOIN at all."""
+    server = make_redis_server()
+    gate = inturn.Gate.from_url(server.url, namespace=f"rt{secrets.token_hex(3)}")
+    release = asyncio.Event()
+    fences: list[int] = []
+
+    async def handle(message: inturn.Message) -> None:
+        fences.append(message.fence)
+        if message.payload == 0:
+            await release.wait()
+
+    box = gate.mailbox("inbox", handler=handle, sweep_interval=None)
+    try:
+        async with asyncio.timeout(60):
+            await box.submit("warm", 0)
+            release.set()
+            assert await box.drained(10)
+            release.clear()
+            fences.clear()
+            monitor = Monitor(server.url)
+            await asyncio.to_thread(monitor.start)
+            await box.submit("u", 0)
+            for n in range(1, 6):
+                await box.submit("u", n)
+            release.set()
+            assert await box.drained(10)
+            seen = await asyncio.to_thread(monitor.stop)
+    finally:
+        await gate.aclose()
+    assert len(fences) == 6, fences
+    assert fences == sorted(set(fences)), fences
+    scripts = [c for c in seen if c.split(" ")[0].upper() in ("EVALSHA", "EVAL")]
+    assert not [c for c in scripts if SHAS["join"][0] in c]
+    assert len(scripts) == 6 + 6  # six submits, six release-and-takes

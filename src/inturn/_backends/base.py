@@ -415,11 +415,17 @@ class Taken:
     same atomic step. ``lost_role``: another drainer owns the queue now.
     ``retry_in``: seconds until the head may be retried (nothing was taken):
     the ``not_before`` of the last :meth:`MailboxBackend.mb_retry` lies ahead.
+    ``turn``: the key's turn, granted in the same atomic step to the token the
+    caller named in its ``turn`` argument (see :meth:`MailboxBackend.mb_submit`
+    and :meth:`MailboxBackend.mb_release_take`); None when it was not asked for,
+    not granted, or the engine has no such fast path: the drainer then joins the
+    key's line as any other request.
     """
 
     messages: tuple[str, ...] = ()
     lost_role: bool = False
     retry_in: float = 0.0
+    turn: Grant | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,6 +467,7 @@ class MailboxBackend(Protocol):
         token: str,
         lease: float,
         take: int = 0,
+        turn: tuple[str, float] | None = None,
     ) -> Submitted:
         """Store ``message`` at the queue's tail; take the drainer role if nobody has it.
 
@@ -468,6 +475,12 @@ class MailboxBackend(Protocol):
         take (up to ``take`` messages, as :meth:`mb_take` with ``ack=False``) in
         the same atomic step, as ``Submitted.first``. An engine without that fast
         path returns ``first=None``.
+
+        ``turn`` (a token and its lease, with ``take > 0``): when that first take
+        got messages and the key's turn is free (no holder, nobody in its line),
+        the engine may grant the turn to this token in the same step, as
+        ``first.turn``: the new drainer then processes without joining the line.
+        The caller must release a granted turn it does not use.
         """
         ...
 
@@ -491,10 +504,17 @@ class MailboxBackend(Protocol):
         limit: int,
         lease: float,
         ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
         """Release the key's turn held by ``turn_token`` (handing it to the next waiter)
         and do :meth:`mb_take`, in one step where the engine can (in two otherwise:
-        the take first, so the next waiter never sees the batch unacknowledged)."""
+        the take first, so the next waiter never sees the batch unacknowledged).
+
+        ``turn`` (the drainer's next turn: a token and its lease): when messages were
+        taken, ``turn_token`` still held the turn and nobody waits in the key's line,
+        the engine may grant the turn to this token instead of freeing it, with a new
+        fence (``Taken.turn``): the same as a release followed at once by that token's
+        join. Anyone in line goes first, as always."""
         ...
 
     async def mb_done(self, name: str, key: str, token: str) -> None:
@@ -556,6 +576,7 @@ class SyncMailboxBackend(Protocol):
         token: str,
         lease: float,
         take: int = 0,
+        turn: tuple[str, float] | None = None,
     ) -> Submitted: ...
 
     def mb_take(
@@ -572,6 +593,7 @@ class SyncMailboxBackend(Protocol):
         limit: int,
         lease: float,
         ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken: ...
 
     def mb_done(self, name: str, key: str, token: str) -> None: ...

@@ -129,9 +129,10 @@ class MemoryBackend(MemoryAdmin):
         token: str,
         lease: float,
         take: int = 0,
+        turn: tuple[str, float] | None = None,
     ) -> Submitted:
         return self._core.mb_submit(
-            (name, key), message, max_pending, drop_oldest, token, lease, take
+            (name, key), message, max_pending, drop_oldest, token, lease, take, turn
         )
 
     async def mb_take(
@@ -149,8 +150,9 @@ class MemoryBackend(MemoryAdmin):
         limit: int,
         lease: float,
         ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
-        return self._core.mb_release_take((name, key), token, turn_token, limit, lease, ack)
+        return self._core.mb_release_take((name, key), token, turn_token, limit, lease, ack, turn)
 
     async def mb_done(self, name: str, key: str, token: str) -> None:
         self._core.mb_done((name, key), token)
@@ -277,9 +279,10 @@ class SyncMemoryBackend:
         token: str,
         lease: float,
         take: int = 0,
+        turn: tuple[str, float] | None = None,
     ) -> Submitted:
         return self._core.mb_submit(
-            (name, key), message, max_pending, drop_oldest, token, lease, take
+            (name, key), message, max_pending, drop_oldest, token, lease, take, turn
         )
 
     def mb_take(
@@ -297,8 +300,9 @@ class SyncMemoryBackend:
         limit: int,
         lease: float,
         ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
-        return self._core.mb_release_take((name, key), token, turn_token, limit, lease, ack)
+        return self._core.mb_release_take((name, key), token, turn_token, limit, lease, ack, turn)
 
     def mb_done(self, name: str, key: str, token: str) -> None:
         self._core.mb_done((name, key), token)

@@ -17,6 +17,7 @@ thread, for the sync twin).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import threading
@@ -179,11 +180,14 @@ class MemoryCore:
         if self.forked:
             _refuse_after_fork()
         with self._lock:
-            now = self._clock()
-            if self._live(key, now) is not None:
-                return None
-            entry = self._keys[key] = _Key()
-            return self._grant(entry, token, lease, now)
+            return self._if_free(key, token, lease, self._clock())
+
+    def _if_free(self, key: str, token: str, lease: float, now: float) -> Grant | None:
+        """Grant the turn if nobody holds it or waits (lock held)."""
+        if self._live(key, now) is not None:
+            return None
+        entry = self._keys[key] = _Key()
+        return self._grant(entry, token, lease, now)
 
     def poll(self, token: str) -> tuple[_Waiter | None, Grant | None, float]:
         """Check a waiter: its grant if it has one, else how long it may sleep.
@@ -318,6 +322,7 @@ class MemoryCore:
         token: str,
         lease: float,
         take: int,
+        turn: tuple[str, float] | None = None,
     ) -> Submitted:
         if self.forked:
             _refuse_after_fork()
@@ -336,6 +341,9 @@ class MemoryCore:
                 return Submitted(SubmitStatus.QUEUED, dropped)
             box.drainer, box.drainer_until = token, now + lease
             first = self._take(name, box, take, now, lease, ack=False) if take else None
+            if first is not None and first.messages and turn is not None:
+                grant = self._if_free(name[1], turn[0], turn[1], now)
+                first = dataclasses.replace(first, turn=grant)
             return Submitted(SubmitStatus.DRAINER, dropped, first)
 
     def mb_take(
@@ -376,11 +384,24 @@ class MemoryCore:
         limit: int,
         lease: float,
         ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
-        """Take first, then release: the next holder never sees the batch unacknowledged."""
-        taken = self.mb_take(name, token, limit, lease, ack)
-        self.release(name[1], turn_token)
-        return taken
+        """Take first, then release: the next holder never sees the batch unacknowledged.
+        With ``turn``, a batch taken while nobody waits keeps the turn for that token."""
+        with self._lock:
+            now = self._clock()
+            box = self._boxes.get(name)
+            if box is None or self._box_drainer(box, now) != token:
+                taken = Taken(lost_role=True)
+            else:
+                taken = self._take(name, box, limit, now, lease, ack=ack)
+            entry = self._keys.get(name[1])
+            if entry is None or entry.holder != turn_token:
+                return taken
+            if turn is not None and taken.messages and not entry.line:
+                return dataclasses.replace(taken, turn=self._grant(entry, *turn, now))
+            self._hand_off(name[1], entry, now)
+            return taken
 
     def mb_done(self, name: tuple[str, str], token: str) -> None:
         with self._lock:

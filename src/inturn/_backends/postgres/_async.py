@@ -528,6 +528,7 @@ class PostgresBackend(PostgresAdmin):
         token: str,
         lease: float,
         take: int = 0,
+        turn: tuple[str, float] | None = None,  # not granted here: the drainer joins
     ) -> Submitted:
         flow = self._plan.mb_submit(
             name, key, message, max_pending, drop_oldest, token, lease, take
@@ -549,6 +550,7 @@ class PostgresBackend(PostgresAdmin):
         limit: int,
         lease: float,
         ack: bool,
+        turn: tuple[str, float] | None = None,  # the turn is not kept here
     ) -> Taken:
         flow = self._plan.mb_release_take(name, key, token, turn_token, limit, lease, ack)
         return await self._drive(flow)

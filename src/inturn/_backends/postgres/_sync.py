@@ -372,6 +372,7 @@ class SyncPostgresBackend:
         token: str,
         lease: float,
         take: int = 0,
+        turn: tuple[str, float] | None = None,  # not granted here: the drainer joins
     ) -> Submitted:
         flow = self._plan.mb_submit(
             name, key, message, max_pending, drop_oldest, token, lease, take
@@ -393,6 +394,7 @@ class SyncPostgresBackend:
         limit: int,
         lease: float,
         ack: bool,
+        turn: tuple[str, float] | None = None,  # the turn is not kept here
     ) -> Taken:
         flow = self._plan.mb_release_take(name, key, token, turn_token, limit, lease, ack)
         return self._drive(flow)

@@ -15,11 +15,13 @@ loop a call waits one loop step more.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from inturn._backends.base import ResumeStatus, Submitted, Taken
+from inturn._backends.base import Grant, ResumeStatus, SubmitStatus, Submitted, Taken
 
 from ._nodes import SyncNodeMuxes
 from ._shared import (
@@ -28,15 +30,48 @@ from ._shared import (
     LoopState,
     ProcessChannel,
     Scripts,
-    decode_resume,
-    decode_submitted,
-    decode_taken,
     map_errors,
     text,
     wake,
 )
 
 __all__ = ["Mailboxes", "SyncMailboxes"]
+
+
+# -- replies --------------------------------------------------------------------------
+
+
+def decode_taken(reply: Sequence[Any]) -> Taken:
+    status = int(reply[0])
+    if status == 1:
+        return Taken(messages=tuple(text(m) for m in reply[1:]))
+    if status == 2:
+        return Taken(retry_in=float(text(reply[1])))
+    return Taken(lost_role=status == -1)
+
+
+def with_turn(taken: Taken, fence: Any, sent: float) -> Taken:
+    """``taken`` with the turn a script granted along with it (``fence``: nil if none)."""
+    if fence is None:
+        return taken
+    return dataclasses.replace(taken, turn=Grant(int(fence), sent))
+
+
+def decode_submitted(reply: Sequence[Any], sent: float) -> Submitted:
+    """MB_SUBMIT's reply; ``sent``: when the call left (the lease of a granted turn)."""
+    first = None
+    if len(reply) > 2:
+        first = with_turn(decode_taken(reply[2]), reply[3], sent)
+    return Submitted(SubmitStatus(int(reply[0])), int(reply[1]), first)
+
+
+def decode_released_taken(reply: Sequence[Any], sent: float) -> Taken:
+    """MB_RELEASE_TAKE's batch, with the turn it kept for the drainer if it did."""
+    return with_turn(decode_taken(reply[0]), reply[3] if len(reply) > 3 else None, sent)
+
+
+def decode_resume(reply: Any) -> ResumeStatus:
+    return ResumeStatus(int(reply))
 
 
 class Mailboxes:
@@ -69,9 +104,10 @@ class Mailboxes:
         token: str,
         lease: float,
         take: int = 0,
+        turn: tuple[str, float] | None = None,
     ) -> Submitted:
         """See :meth:`MailboxBackend.mb_submit`; with ``take``, a new drainer's first take
-        comes in the same round trip."""
+        comes in the same round trip, and with ``turn`` the key's turn if it is free."""
         state = self._state()
         call = state.calls.mb_submit(
             name,
@@ -82,8 +118,11 @@ class Mailboxes:
             token=token,
             lease=lease,
             take=take,
+            turn=turn,
         )
-        return decode_submitted(await self._script(call, key, state, durable=True, hold=True))
+        sent = time.monotonic()
+        reply = await self._script(call, key, state, durable=True, hold=True)
+        return decode_submitted(reply, sent)
 
     async def mb_take(
         self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
@@ -102,20 +141,22 @@ class Mailboxes:
         limit: int,
         lease: float,
         ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
         """Release the key's turn held by ``turn_token`` and take the next batch, in one
-        round trip: a drained message costs JOIN + this (+ its submit).
+        round trip; with ``turn``, keep the turn for the next batch when nobody waits.
+        A message then costs its submit and this: the submit took the turn too.
 
         A waiter of this loop that the script handed the turn to is woken at once
         (the push that follows finds it granted already)."""
         state = self._state()
-        call = state.calls.mb_release_take(name, key, token, turn_token, limit, lease, ack)
+        call = state.calls.mb_release_take(name, key, token, turn_token, limit, lease, ack, turn)
         sent = time.monotonic()
         reply = await self._script(call, key, state, hold=True)
         woken = self._process.handed_off(reply, state, sent)
         if woken is not None:
             wake(woken)
-        return decode_taken(reply[0])
+        return decode_released_taken(reply, sent)
 
     async def mb_done(self, name: str, key: str, token: str) -> None:
         await self.mb_retry(name, key, token, [], not_before=0.0)
@@ -214,6 +255,7 @@ class SyncMailboxes:
         token: str,
         lease: float,
         take: int = 0,
+        turn: tuple[str, float] | None = None,
     ) -> Submitted:
         call = self._calls.mb_submit(
             name,
@@ -224,8 +266,10 @@ class SyncMailboxes:
             token=token,
             lease=lease,
             take=take,
+            turn=turn,
         )
-        return decode_submitted(self._script(call, key, durable=True))
+        sent = time.monotonic()
+        return decode_submitted(self._script(call, key, durable=True), sent)
 
     def mb_take(
         self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
@@ -244,6 +288,7 @@ class SyncMailboxes:
         limit: int,
         lease: float,
         ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
         """Release the turn and take the next batch in one script (see RedisBackend's).
 
@@ -251,14 +296,14 @@ class SyncMailboxes:
         hand-over decided here, so the script needs no confirmation and the
         line's order kept here does not matter; a thread of ours that got the
         turn is woken at once, under the lock, as a push would wake it."""
-        call = self._calls.mb_release_take(name, key, token, turn_token, limit, lease, ack)
+        call = self._calls.mb_release_take(name, key, token, turn_token, limit, lease, ack, turn)
         sent = time.monotonic()
         reply = self._script(call, key)
         with self._lock:
             woken = self._process.handed_off(reply, self._line, sent)
         if woken is not None:
             wake(woken)
-        return decode_taken(reply[0])
+        return decode_released_taken(reply, sent)
 
     def mb_done(self, name: str, key: str, token: str) -> None:
         self.mb_retry(name, key, token, [], not_before=0.0)

@@ -460,44 +460,52 @@ end
 
 MB_SUBMIT = (
     "#!lua\n"
+    + _PRELUDE
     + _TAKE
     + """
 -- MB_SUBMIT: store a message; become the drainer if there is none, and then (when ARGV[7]
--- is above 0) take the first batch at once: the new drainer saves a round trip.
--- KEYS[1..4]: queue, in flight, role, not-before  KEYS[5]: the mailbox's sweeper hint set
+-- is above 0) take the first batch at once: the new drainer saves a round trip. With
+-- ARGV[9], a batch taken while the key's turn is free (no holder, nobody in line) comes
+-- with the turn, granted to ARGV[9]: the drainer saves another.
+-- KEYS[1..4]: the turn's keys (owner, line, waiters, fence floor)
+-- KEYS[5..8]: queue, in flight, role, not-before  KEYS[9]: the mailbox's sweeper hint set
 -- (on a Cluster, its set for the key's slot)
 -- ARGV[1]: message  ARGV[2]: max_pending  ARGV[3]: "1" drop oldest when full
 -- ARGV[4]: token  ARGV[5]: role lease_ms  ARGV[6]: the user key (for the hint)
 -- ARGV[7]: how many to take if the caller becomes the drainer  ARGV[8]: the caller's clock
--- returns: {1, dropped[, taken]} stored, caller drains (taken: as MB_TAKE's reply)
---          | {0, dropped} stored | {-1, 0} full
+-- [ARGV[9]: the token to grant the turn to  ARGV[10]: its lease_ms]
+-- returns: {1, dropped[, taken, fence]} stored, caller drains (taken: as MB_TAKE's reply;
+--          fence: the turn's, or false when not granted) | {0, dropped} stored | {-1, 0} full
 -- Safe to run twice (a retry after a lost reply): a message text is unique (it carries a
 -- unique tag), so a submit that finds its own text near the queue's tail or in flight was
 -- stored already; it stores nothing more and answers as the first run did (DRAINER if the
--- role is its token, with the batch in flight again).
-if redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1, 'MAXLEN', SUBMIT_SCAN)
-    or redis.call('LPOS', KEYS[2], ARGV[1]) then
-  if redis.call('GET', KEYS[3]) ~= ARGV[4] then return {0, 0} end
-  if tonumber(ARGV[7]) > 0 then
-    return {1, 0, take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[7], ARGV[5],
-      '0', ARGV[8], KEYS[5], ARGV[6])}
-  end
+-- role is its token, with the batch in flight again, and the turn if ARGV[9] holds it).
+local function first_take(dropped)
+  local taken = take(KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[4], ARGV[7], ARGV[5], '0',
+    ARGV[8], KEYS[9], ARGV[6])
+  if not ARGV[9] or taken[1] ~= 1 then return {1, dropped, taken, false} end
+  local granted = mine(ARGV[9])
+  if granted then return {1, dropped, taken, granted[2]} end
+  if redis.call('EXISTS', KEYS[1], KEYS[2]) ~= 0 then return {1, dropped, taken, false} end
+  return {1, dropped, taken, grant(ARGV[9], ARGV[10])}
+end
+if redis.call('LPOS', KEYS[5], ARGV[1], 'RANK', -1, 'MAXLEN', SUBMIT_SCAN)
+    or redis.call('LPOS', KEYS[6], ARGV[1]) then
+  if redis.call('GET', KEYS[7]) ~= ARGV[4] then return {0, 0} end
+  if tonumber(ARGV[7]) > 0 then return first_take(0) end
   return {1, 0}
 end
 local dropped = 0
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then
+if redis.call('LLEN', KEYS[5]) >= tonumber(ARGV[2]) then
   if ARGV[3] ~= '1' then return {-1, 0} end
-  redis.call('LPOP', KEYS[1])
+  redis.call('LPOP', KEYS[5])
   dropped = 1
 end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
-  if KEYS[5] then redis.call('SADD', KEYS[5], ARGV[6]) end
-  if tonumber(ARGV[7]) > 0 then
-    return {1, dropped, take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[7], ARGV[5],
-      '0', ARGV[8], KEYS[5], ARGV[6])}
-  end
+redis.call('RPUSH', KEYS[5], ARGV[1])
+if redis.call('EXISTS', KEYS[7]) == 0 then
+  redis.call('SET', KEYS[7], ARGV[4], 'PX', ARGV[5])
+  if KEYS[9] then redis.call('SADD', KEYS[9], ARGV[6]) end
+  if tonumber(ARGV[7]) > 0 then return first_take(dropped) end
   return {1, dropped}
 end
 return {0, dropped}
@@ -575,18 +583,30 @@ MB_RELEASE_TAKE = (
     + _TAKE
     + """
 -- MB_RELEASE_TAKE: the drainer releases the key's turn (handing it to the next live waiter)
--- and takes its next batch, in one round trip.
+-- and takes its next batch, in one round trip. With ARGV[8], a batch taken while nobody
+-- waits in the key's line keeps the turn, granted anew to ARGV[8] (a new fence): as if the
+-- release were followed at once by ARGV[8]'s JOIN.
 -- KEYS[1..4]: the turn's keys  KEYS[5..8]: the mailbox's queue, in flight, role, not-before
 -- KEYS[9]: the hint set   ARGV[1]: turn token  ARGV[2..7]: as MB_TAKE's ARGV[1..6]
--- returns: {taken, next_token, next_fence}: taken as MB_TAKE's reply; the turn's next
---          holder (false if none) so the caller can wake it at once if it is local
+-- [ARGV[8]: the drainer's next turn token  ARGV[9]: its lease_ms]
+-- returns: {taken, next_token, next_fence[, fence]}: taken as MB_TAKE's reply; the turn's
+--          next holder (false if none) so the caller can wake it at once if it is local;
+--          fence: the turn kept for ARGV[8]
 local taken = take(KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
   ARGV[6], KEYS[9], ARGV[7])
 local value = redis.call('GET', KEYS[1])
-if value and holder(value) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  local next_token, next_fence = hand_off(now_ms())
-  if next_token then return {taken, next_token, next_fence} end
+if value then
+  local who, fence = holder(value)
+  if who == ARGV[1] then
+    if ARGV[8] and taken[1] == 1 and redis.call('EXISTS', KEYS[2]) == 0 then
+      return {taken, false, false, grant(ARGV[8], ARGV[9])}
+    end
+    redis.call('DEL', KEYS[1])
+    local next_token, next_fence = hand_off(now_ms())
+    if next_token then return {taken, next_token, next_fence} end
+  elseif ARGV[8] and who == ARGV[8] then  -- run twice (a lost reply): kept already
+    return {taken, false, false, fence}
+  end
 end
 return {taken, false, false}
 """

@@ -24,10 +24,6 @@ from inturn._backends.base import (
     ClaimResult,
     Confirmation,
     Grant,
-    ResumeStatus,
-    SubmitStatus,
-    Submitted,
-    Taken,
 )
 from inturn._errors import BackendUnavailable
 
@@ -130,24 +126,6 @@ def decode_grant(reply: Sequence[Any], sent_at: float, lease: float) -> Grant:
     return Grant(fence=int(reply[1]), granted_at=sent_at + min(pttl, lease) - lease)
 
 
-def decode_taken(reply: Sequence[Any]) -> Taken:
-    status = int(reply[0])
-    if status == 1:
-        return Taken(messages=tuple(text(m) for m in reply[1:]))
-    if status == 2:
-        return Taken(retry_in=float(text(reply[1])))
-    return Taken(lost_role=status == -1)
-
-
-def decode_submitted(reply: Sequence[Any]) -> Submitted:
-    first = decode_taken(reply[2]) if len(reply) > 2 else None
-    return Submitted(SubmitStatus(int(reply[0])), int(reply[1]), first)
-
-
-def decode_resume(reply: Any) -> ResumeStatus:
-    return ResumeStatus(int(reply))
-
-
 def decode_claim(reply: Sequence[Any]) -> ClaimResult:
     state = text(reply[0])
     if state == "done":
@@ -205,10 +183,14 @@ class Scripts:
         token: str,
         lease: float,
         take: int,
+        turn: tuple[str, float] | None = None,
     ) -> Call:
-        keys = self.keys.mailbox_keys(name, key) + self._hint(name, key)
+        keys = self.turn_keys(key) + self.keys.mailbox_keys(name, key) + self._hint(name, key)
         args = [message, max_pending, "1" if drop_oldest else "0", token, ms(lease), key]
-        return "mb_submit", keys, [*args, take, repr(time.time())]
+        args += [take, repr(time.time())]
+        if turn is not None and take > 0:
+            args += [turn[0], ms(turn[1])]
+        return "mb_submit", keys, args
 
     def mb_take(self, name: str, key: str, token: str, limit: int, lease: float, ack: bool) -> Call:
         keys = self.keys.mailbox_keys(name, key) + self._hint(name, key)
@@ -216,11 +198,22 @@ class Scripts:
         return "mb_take", keys, args
 
     def mb_release_take(
-        self, name: str, key: str, token: str, turn_token: str, limit: int, lease: float, ack: bool
+        self,
+        name: str,
+        key: str,
+        token: str,
+        turn_token: str,
+        limit: int,
+        lease: float,
+        ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Call:
         _, take_keys, take_args = self.mb_take(name, key, token, limit, lease, ack)
         keys = self.turn_keys(key) + take_keys
-        return "mb_release_take", keys, [turn_token, *take_args]
+        args = [turn_token, *take_args]
+        if turn is not None:
+            args += [turn[0], ms(turn[1])]
+        return "mb_release_take", keys, args
 
     def mb_retry(
         self, name: str, key: str, token: str, messages: list[str], not_before: float
