@@ -699,7 +699,7 @@ def _socket_bytes(port: int) -> tuple[int, int]:
 class _Meter:
     """What a scenario costs between start() and stop(): bytes on the wire to the server's
     port (ss; no MONITOR running, it would add its own traffic), or, on a second pass,
-    the commands (MONITOR on Redis; psycopg execute() calls on PostgreSQL)."""
+    the commands (MONITOR on Redis; psycopg cursor execute() calls on PostgreSQL)."""
 
     def __init__(
         self,
@@ -906,11 +906,14 @@ def run_counts(url: str, backend: str, n: int) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def _count_psycopg() -> Iterator[collections.Counter[str]]:
-    """Count `execute` calls on psycopg connections (each is one round trip) meanwhile."""
+    """Count `execute` calls on psycopg cursors (each is one round trip) meanwhile.
+
+    Counted on the cursor classes: `Connection.execute` runs a cursor's, and the engine
+    sends its multi-statement strings through a `ClientCursor` (a subclass) directly."""
     import psycopg
 
     counts: collections.Counter[str] = collections.Counter()
-    originals = (psycopg.Connection.execute, psycopg.AsyncConnection.execute)
+    originals = (psycopg.Cursor.execute, psycopg.AsyncCursor.execute)
 
     def first_word(query: Any) -> str:
         text = query if isinstance(query, str) else str(query)
@@ -924,12 +927,12 @@ def _count_psycopg() -> Iterator[collections.Counter[str]]:
         counts[first_word(query)] += 1
         return await originals[1](self, query, *args, **kwargs)
 
-    psycopg.Connection.execute = sync_execute  # type: ignore[method-assign]
-    psycopg.AsyncConnection.execute = async_execute  # type: ignore[method-assign]
+    psycopg.Cursor.execute = sync_execute  # type: ignore[method-assign,assignment]
+    psycopg.AsyncCursor.execute = async_execute  # type: ignore[method-assign,assignment]
     try:
         yield counts
     finally:
-        psycopg.Connection.execute, psycopg.AsyncConnection.execute = originals  # type: ignore[method-assign]
+        psycopg.Cursor.execute, psycopg.AsyncCursor.execute = originals  # type: ignore[method-assign]
 
 
 def postgres_limits(dsn: str) -> dict[str, Any]:
@@ -1192,7 +1195,7 @@ def build_tables(report: Report, size: Size) -> list[bl.Table]:
             f"{size.count_ops} operations each, after a warm-up; Redis: commands the clients "
             "sent and commands run inside scripts, from MONITOR (a second pass); server us: "
             "redis-server's time in the scripts (INFO commandstats usec of EVALSHA and EVAL)",
-            "PostgreSQL: psycopg execute() calls (each one round trip; a turn's BEGIN and its "
+            "PostgreSQL: psycopg cursor execute() calls (each one round trip; a turn's BEGIN and its "
             "settings go as one statement string)",
             "bytes: TCP payload to (in) and from (out) the server's port over all of the "
             "process's connections (ss -ti bytes_acked / bytes_received), Pub/Sub and LISTEN "
