@@ -1195,7 +1195,8 @@ def build_tables(report: Report, size: Size) -> list[bl.Table]:
             f"{size.count_ops} operations each, after a warm-up; Redis: commands the clients "
             "sent and commands run inside scripts, from MONITOR (a second pass); server us: "
             "redis-server's time in the scripts (INFO commandstats usec of EVALSHA and EVAL)",
-            "PostgreSQL: psycopg cursor execute() calls (each one round trip; a turn's BEGIN and its "
+            "PostgreSQL: psycopg cursor execute() calls (each one round trip; a turn's BEGIN and "
+            "its "
             "settings go as one statement string)",
             "bytes: TCP payload to (in) and from (out) the server's port over all of the "
             "process's connections (ss -ti bytes_acked / bytes_received), Pub/Sub and LISTEN "

@@ -17,7 +17,12 @@ From those, for every hand-off between two processes:
                           returning
 
 and, in the releasing process, leave -> exit returned (the RELEASE round trip: async skips
-the wait only when it hands the turn to a waiter of its own loop, never here). The CPU time
+the wait only when it hands the turn to a waiter of its own loop, never here).
+
+The floor follows: the same N processes pass a token through the same redis-server with no
+client library at all (raw sockets, one SUBSCRIBE each, a 2 ms hold, then PUBLISH to the
+next process): PUBLISH -> the next process has read it, beside a raw PING after 1 ms idle.
+What inturn's hand-off costs above that floor is the client's, not the server trip's. The CPU time
 of all the processes over the loop, per turn, is printed too (less noisy than latencies on a
 shared machine). With `--cprofile`, process 0 runs under cProfile (CPU time) and its top
 functions are printed (by own time, or the `--sort` order); with `--py-spy`, `py-spy record`
@@ -142,6 +147,67 @@ def _worker(
     out.put((index, turns, [t for _, t in pushes], stats, cpu[1] - cpu[0]))
 
 
+def _resp(*parts: str) -> bytes:
+    out = f"*{len(parts)}\r\n".encode()
+    for part in parts:
+        out += f"${len(part.encode())}\r\n{part}\r\n".encode()
+    return out
+
+
+def _link(port: int) -> Any:
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _ring_player(port: int, me: int, n: int, rounds: int, start: Any, out: Any) -> None:
+    """Wait for the token on channel ring<me>, hold 2 ms, PUBLISH it to the next process."""
+    sub, pub = _link(port), _link(port)
+    sub.sendall(_resp("SUBSCRIBE", f"ring{me}"))
+    sub.recv(1024)
+    start.wait(timeout=60)
+    if me == 0:
+        pub.sendall(_resp("PUBLISH", "ring1", repr(time.monotonic())))
+        pub.recv(64)
+    transits = []
+    for _ in range(rounds):
+        data = sub.recv(4096)
+        transits.append(time.monotonic() - float(data.split(b"\r\n")[-2]))
+        time.sleep(HOLD)
+        pub.sendall(_resp("PUBLISH", f"ring{(me + 1) % n}", repr(time.monotonic())))
+        pub.recv(64)
+    out.put(transits)
+
+
+def _floor(ctx: Any, port: int, processes: int, rounds: int = 150) -> None:
+    start, out = ctx.Barrier(processes), ctx.Queue()
+    ring = [
+        ctx.Process(target=_ring_player, args=(port, i, processes, rounds, start, out))
+        for i in range(processes)
+    ]
+    for proc in ring:
+        proc.start()
+    transits = [t for _ in ring for t in out.get(timeout=120)]
+    for proc in ring:
+        proc.join(timeout=5)
+        proc.kill()
+    probe, pings = _link(port), []
+    for _ in range(300):
+        time.sleep(0.001)
+        sent = time.monotonic()
+        probe.sendall(_resp("PING"))
+        probe.recv(64)
+        pings.append(time.monotonic() - sent)
+    probe.close()
+    print(
+        f"floor, no client library ({processes} processes pass a token by PUBLISH, hold 2 ms): "
+        f"PUBLISH -> next process read p50 {_ms(transits, 50)} ms, p90 {_ms(transits, 90)}; "
+        f"raw PING after 1 ms idle p50 {_ms(pings, 50)} ms"
+    )
+
+
 def _ms(values: list[float], q: float) -> str:
     return f"{bl.percentile(values, q) * 1e3:.3f}"
 
@@ -243,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = sum(r[4] for r in results)
         per_turn = cpu / max(len(bodies), 1) * 1e3
         print(f"client CPU per turn (all processes, all threads): {per_turn:.3f} ms")
+        _floor(ctx, int(server.url.rsplit(":", 1)[1].split("/")[0]), args.processes)
         stats = next((s for _, _, _, s, _ in results if s), "")
         if stats:
             print("\ncProfile of process 0 (its whole loop; CPU seconds), by the --sort order:")
