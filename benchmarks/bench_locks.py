@@ -25,7 +25,8 @@ Scenarios:
 3. hand-off: two contenders ping-pong one key; time from the holder leaving its body to the
    next holder's body starting.
 
-Async contenders are tasks on one event loop sharing one client (or gate) and, in a second
+Async contenders are tasks on one event loop sharing one client (or gate) (again with a
+longer hold, `--long-hold-ms`, 20 ms by default: closer to a bot's reply) and, in a second
 contention run, processes with an event loop and a client each (against 2b's flock as the
 bound); sync contenders are processes with a client each (`--sync-mode threads`: threads
 sharing one client). A lock that cannot cross processes (inturn on `memory://`,
@@ -88,6 +89,7 @@ class Plan:
     handoff_seconds: float  # cap per lock: a polling lock hands off ~10 times a second
     drain: float  # seconds after the window for waiters in line to get their turn
     sync_mode: Mode
+    long_hold: float = 0.0  # a second one-loop contention run with this hold (0: none)
 
     @classmethod
     def make(cls, args: argparse.Namespace) -> Plan:
@@ -102,6 +104,7 @@ class Plan:
             handoff_seconds=1.0 if quick else 3.0,
             drain=2.0 if quick else 5.0,
             sync_mode=args.sync_mode,
+            long_hold=args.long_hold_ms / 1000,
         )
 
 
@@ -1009,6 +1012,8 @@ class Results:
     cycles_async: list[CycleResult] = field(default_factory=list)
     cycles_sync: list[CycleResult] = field(default_factory=list)
     contention_async: list[ContentionStats] = field(default_factory=list)
+    contention_async_long: list[ContentionStats] = field(default_factory=list)
+    """The one-loop contention again, with the long hold (``Plan.long_hold``)."""
     contention_sync: list[ContentionStats] = field(default_factory=list)
     contention_async_processes: list[ContentionStats] = field(default_factory=list)
     async_contenders: list[str] = field(default_factory=list)
@@ -1068,13 +1073,17 @@ async def run_async_part(target: Target, plan: Plan, results: Results) -> None:
     results.async_contenders = [c.name for c in contenders]
     _progress("async: uncontended cycles")
     results.cycles_async = await run_cycles_async(having("cycle"), target, plan)
-    for contender in having("contention"):
-        _progress(f"async: contention, {contender.name}")
-        try:
-            run = await run_contention_async(contender, target, plan)
-        except Exception as exc:
-            run = _failed_run(contender.name, contender.role, "async", plan, exc)
-        results.contention_async.append(ContentionStats.of(run))
+    plans = [(plan, results.contention_async)]
+    if plan.long_hold:
+        plans.append((replace(plan, hold=plan.long_hold), results.contention_async_long))
+    for each, into in plans:
+        for contender in having("contention"):
+            _progress(f"async: contention, {contender.name}, hold {each.hold * 1000:g} ms")
+            try:
+                run = await run_contention_async(contender, target, each)
+            except Exception as exc:
+                run = _failed_run(contender.name, contender.role, "async", each, exc)
+            into.append(ContentionStats.of(run))
     for contender in having("handoff"):
         _progress(f"async: hand-off, {contender.name}")
         try:
@@ -1376,6 +1385,19 @@ def build_tables(results: Results, target: Target, plan: Plan) -> list[Table]:
             target,
             plan,
         ),
+        *(
+            [
+                contention_table(
+                    f"2a, long hold. Contention, async: tasks on one event loop, one shared "
+                    f"client, hold {plan.long_hold * 1000:g} ms (times in ms)",
+                    results.contention_async_long,
+                    target,
+                    replace(plan, hold=plan.long_hold),
+                )
+            ]
+            if results.contention_async_long
+            else []
+        ),
         contention_table(
             f"2b. Contention, sync: {plan.sync_mode}"
             + (" with a client each" if plan.sync_mode == "processes" else ", one shared client")
@@ -1439,6 +1461,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", metavar="PATH", help="also write the results as markdown")
     parser.add_argument("--contenders", type=int, default=8, help="contenders on one key (8)")
     parser.add_argument("--hold-ms", type=float, default=2.0, help="hold time per turn (2 ms)")
+    parser.add_argument(
+        "--long-hold-ms",
+        type=float,
+        default=20.0,
+        help="the one-loop contention again with this hold (20 ms; 0 skips it)",
+    )
     parser.add_argument(
         "--sync-mode",
         choices=("processes", "threads"),
