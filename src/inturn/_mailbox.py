@@ -235,8 +235,8 @@ class Mailbox:
             else:
                 done = await self._in_call_order(key, text, args)
         except BaseException:
-            # It may have run and granted the turn with the first batch: nobody will use it.
-            self._runtime.spawn(self._runtime.backend.release(key, turn[0]), key, "release")
+            if args["turn"] is not None:  # it may have run and granted the turn: release it
+                self._runtime.spawn(self._runtime.backend.release(key, turn[0]), key, "release")
             raise
         self._submitted(key, done)
         if self.sweep_interval is not None:
@@ -299,7 +299,8 @@ class Mailbox:
         try:
             done = store.mb_submit(self.name, key, text, **args)
         except BaseException:
-            self._drainer.release_unused_sync(key, turn[0])  # see submit
+            if args["turn"] is not None:  # see submit
+                self._drainer.release_unused_sync(key, turn[0])
             raise
         self._submitted(key, done)
         if self.sweep_interval is not None and self._sync_sweeper is None:
