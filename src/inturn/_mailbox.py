@@ -469,11 +469,16 @@ class Mailbox:
         """Run :meth:`sweep` every ``interval`` seconds in the background."""
 
         async def loop() -> None:
-            while True:
+            # The flag, not only the cancellation, ends the loop: asyncio (3.11) may drop a
+            # cancel that lands as a call inside the sweep completes (``wait_for`` returns
+            # the result instead), and the loop would then sweep on after aclose().
+            while self._sweeper is asyncio.current_task():
                 try:
                     await self.sweep()
                 except Exception:
                     logger.exception("inturn: mailbox %r sweep failed", self.name)
+                if self._sweeper is not asyncio.current_task():
+                    return
                 await asyncio.sleep(interval)
 
         running = self._sweeper
@@ -543,7 +548,7 @@ class Mailbox:
         threads cannot be cancelled: they are waited for, up to ``timeout``.
         """
         self._stop_sweeping()
-        sweeper = self._sweeper
+        sweeper, self._sweeper = self._sweeper, None  # the loop ends at its next check
         if sweeper is not None and sweeper.get_loop() is asyncio.get_running_loop():
             sweeper.cancel()
             # Bounded: a sweep stuck in a call that does not end on cancel (a server that

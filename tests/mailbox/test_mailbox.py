@@ -305,3 +305,18 @@ async def test_inline_drain_inside_the_keys_turn(gate: inturn.Gate) -> None:
         await box.submit("u", "b")
     assert handler.payloads == {"u": ["a", "b"]}
     assert await gate.backend.footprint() == 0
+
+
+async def test_closing_right_after_a_submit_stops_the_sweeper_at_once(gate: inturn.Gate) -> None:
+    """The first submit starts this loop's sweeper, whose first sweep is still opening its
+    connection when the gate closes. A cancel that lands just as a call inside completes
+    can be dropped by asyncio; the sweeper stops anyway (before: aclose waited its full
+    10 s and left the sweeper running)."""
+    handler = Recorder()
+    box = gate.mailbox("closing", handler=handler, drain="inline")
+    await box.submit("u", "a")
+    started = time.monotonic()
+    await box.aclose(timeout=10)
+    assert time.monotonic() - started < 5
+    assert box._sweeper is None
+    assert handler.payloads == {"u": ["a"]}
