@@ -183,11 +183,13 @@ class Drainer:
         renewal = _AsyncRenewal(self, key, token, role)
         flow = drain_flow(self, key, first, turn_token)
         reply: Any = None
+        step: DrainStep | None = None
         try:
             while True:
                 try:
                     step = flow.send(reply)
                 except StopIteration:
+                    step = None
                     return
                 retries: Retries | None = None  # made on a step's first failure only
                 while True:
@@ -201,17 +203,26 @@ class Drainer:
                             return
                         pause, step = again
                         await asyncio.sleep(pause)
+                step = None
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("inturn: mailbox %r drain of key %r failed", self.name, shown(key))
         finally:
             renewal.stop()
+            if (unused := _asked_turn(step)) is not None:
+                self._runtime.spawn(self._runtime.backend.release(key, unused), key, "release")
 
     async def _step(self, step: DrainStep, key: str, token: str) -> Any:
         if isinstance(step, Take):
             return await self._store.mb_take(
-                self.name, key, token, limit=self.max_batch, lease=self._lease, ack=step.ack
+                self.name,
+                key,
+                token,
+                limit=self.max_batch,
+                lease=self._lease,
+                ack=step.ack,
+                turn=step.turn,
             )
         if isinstance(step, Debounce):
             await self._debounce(key)
@@ -351,11 +362,13 @@ class Drainer:
         renewal = _RoleRenewal(self, store, key, token, role)
         flow = drain_flow(self, key, first, turn_token)
         reply: Any = None
+        step: DrainStep | None = None
         try:
             while True:
                 try:
                     step = flow.send(reply)
                 except StopIteration:
+                    step = None
                     return
                 retries: Retries | None = None
                 while True:
@@ -369,15 +382,24 @@ class Drainer:
                             return
                         pause, step = again
                         time.sleep(pause)  # a transport error's backoff, bounded by the role
+                step = None
         except Exception:
             logger.exception("inturn: mailbox %r drain of key %r failed", self.name, shown(key))
         finally:
             renewal.stop()
+            if (unused := _asked_turn(step)) is not None:
+                self.release_unused_sync(key, unused)
 
     def _step_sync(self, store: SyncMailboxBackend, step: DrainStep, key: str, token: str) -> Any:
         if isinstance(step, Take):
             return store.mb_take(
-                self.name, key, token, limit=self.max_batch, lease=self._lease, ack=step.ack
+                self.name,
+                key,
+                token,
+                limit=self.max_batch,
+                lease=self._lease,
+                ack=step.ack,
+                turn=step.turn,
             )
         if isinstance(step, Debounce):
             self._debounce_sync(store, key)
@@ -559,6 +581,12 @@ class _RoleRenewal:
     def stop(self) -> None:
         self._stopped = True
         self._handle.cancel()
+
+
+def _asked_turn(step: DrainStep | None) -> str | None:
+    """The turn token of a take that did not finish: it may have run and granted the turn,
+    which no request would then use (the drain ends here)."""
+    return step.turn[0] if isinstance(step, Take) and step.turn is not None else None
 
 
 class _Recorded(Exception):

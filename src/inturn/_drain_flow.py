@@ -40,9 +40,13 @@ logger = logging.getLogger("inturn")
 
 @dataclass(frozen=True, slots=True)
 class Take:
-    """Step: take the next batch (acknowledging the last one when ``ack``). Sends a Taken."""
+    """Step: take the next batch (acknowledging the last one when ``ack``). Sends a Taken.
+
+    ``turn``: the token (and lease) the take asks the key's turn for (see ``Taken.turn``);
+    a take sent again after a transport error asks with the same token."""
 
     ack: bool
+    turn: tuple[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +142,7 @@ class Retries:
             return None
         logger.debug("inturn: mailbox %r retries key %r: %r", self._name, key, exc)
         self._attempt += 1
-        return pause, Take(ack=False) if isinstance(step, Take) else step
+        return pause, Take(ack=False, turn=step.turn) if isinstance(step, Take) else step
 
 
 def drain_flow(
@@ -147,7 +151,8 @@ def drain_flow(
     """Process ``key``'s queue until it is empty (role given up) or the role is lost.
 
     ``first``: the first batch, when the submit that made us drainer took it;
-    ``turn_token``: the token that submit asked the key's turn for.
+    ``turn_token``: the token that submit asked the key's turn for (every take asks
+    for the turn too).
     The drainer needs only its role to take; it takes the key's turn to process.
     A batch is acknowledged by the next take, which rides on the turn's release
     where the engine can (``mb_release_take``); where the engine grants the turn
@@ -159,8 +164,9 @@ def drain_flow(
         if taken is None:
             if box.debounce:
                 yield Debounce()
-            taken = yield Take(ack)
-            turn_token = None
+            ask = box.next_turn()
+            taken = yield Take(ack, ask)
+            turn_token = ask[0]
         assert taken is not None
         if taken.lost_role:
             logger.warning(

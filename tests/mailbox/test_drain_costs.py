@@ -121,3 +121,21 @@ async def test_a_batch_comes_with_the_keys_turn_only_when_it_is_free(gate: intur
     empty = await b.mb_take("bx", "u", "r1", limit=1, lease=5.0, ack=True)
     assert empty.messages == ()
     assert not empty.lost_role
+
+    # A plain take (a drainer that did not submit: a Celery worker, after a debounce)
+    # asks for the turn the same way.
+    stored = await b.mb_submit("bx", "v", "m4", token="r2", **{**args, "take": 0})
+    assert stored.status == SubmitStatus.DRAINER
+    assert await b.join("v", "holder", 5.0) is not None
+    busy = await b.mb_take("bx", "v", "r2", limit=1, lease=5.0, ack=False, turn=("t4", 5.0))
+    assert busy.messages == ("m4",)
+    assert busy.turn is None
+    await b.release("v", "holder")
+    free = await b.mb_take("bx", "v", "r2", limit=1, lease=5.0, ack=False, turn=("t5", 5.0))
+    assert free.messages == ("m4",)  # in flight, delivered again
+    assert free.turn is not None
+    assert await b.is_held("v", "t5")
+    await b.release("v", "t5")
+    empty = await b.mb_take("bx", "v", "r2", limit=1, lease=5.0, ack=True, turn=("t6", 5.0))
+    assert empty.messages == ()
+    assert not empty.lost_role

@@ -485,13 +485,22 @@ class MailboxBackend(Protocol):
         ...
 
     async def mb_take(
-        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+        self,
+        name: str,
+        key: str,
+        token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
         """Renew the role, acknowledge what was in flight when ``ack``, then take up to
         ``limit`` messages (or give the role up, atomically, if none is left).
 
         Redelivered (in-flight) messages come first; nothing is taken while the
-        head's not-before time lies ahead (``Taken.retry_in``)."""
+        head's not-before time lies ahead (``Taken.retry_in``). ``turn``: as for
+        :meth:`mb_submit`, the key's turn for this token when it is free."""
         ...
 
     async def mb_release_take(
@@ -580,7 +589,15 @@ class SyncMailboxBackend(Protocol):
     ) -> Submitted: ...
 
     def mb_take(
-        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+        self,
+        name: str,
+        key: str,
+        token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken: ...
 
     def mb_release_take(

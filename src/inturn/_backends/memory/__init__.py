@@ -136,9 +136,17 @@ class MemoryBackend(MemoryAdmin):
         )
 
     async def mb_take(
-        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+        self,
+        name: str,
+        key: str,
+        token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
-        return self._core.mb_take((name, key), token, limit, lease, ack)
+        return self._core.mb_take((name, key), token, limit, lease, ack, turn)
 
     async def mb_release_take(
         self,
@@ -286,9 +294,17 @@ class SyncMemoryBackend:
         )
 
     def mb_take(
-        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+        self,
+        name: str,
+        key: str,
+        token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
-        return self._core.mb_take((name, key), token, limit, lease, ack)
+        return self._core.mb_take((name, key), token, limit, lease, ack, turn)
 
     def mb_release_take(
         self,

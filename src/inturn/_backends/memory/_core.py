@@ -340,21 +340,39 @@ class MemoryCore:
             if self._box_drainer(box, now) is not None:
                 return Submitted(SubmitStatus.QUEUED, dropped)
             box.drainer, box.drainer_until = token, now + lease
-            first = self._take(name, box, take, now, lease, ack=False) if take else None
-            if first is not None and first.messages and turn is not None:
-                grant = self._if_free(name[1], turn[0], turn[1], now)
-                first = dataclasses.replace(first, turn=grant)
+            first = None
+            if take:
+                first = self._with_turn(
+                    name[1], self._take(name, box, take, now, lease, ack=False), turn, now
+                )
             return Submitted(SubmitStatus.DRAINER, dropped, first)
 
     def mb_take(
-        self, name: tuple[str, str], token: str, limit: int, lease: float, ack: bool
+        self,
+        name: tuple[str, str],
+        token: str,
+        limit: int,
+        lease: float,
+        ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
         with self._lock:
             now = self._clock()
             box = self._boxes.get(name)
             if box is None or self._box_drainer(box, now) != token:
                 return Taken(lost_role=True)
-            return self._take(name, box, limit, now, lease, ack=ack)
+            return self._with_turn(
+                name[1], self._take(name, box, limit, now, lease, ack=ack), turn, now
+            )
+
+    def _with_turn(
+        self, key: str, taken: Taken, turn: tuple[str, float] | None, now: float
+    ) -> Taken:
+        """``taken``, with the key's turn granted to ``turn``'s token if it asked and the
+        turn is free (lock held)."""
+        if turn is None or not taken.messages:
+            return taken
+        return dataclasses.replace(taken, turn=self._if_free(key, turn[0], turn[1], now))
 
     def _take(
         self, name: tuple[str, str], box: _Box, limit: int, now: float, lease: float, *, ack: bool

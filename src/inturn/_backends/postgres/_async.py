@@ -536,7 +536,15 @@ class PostgresBackend(PostgresAdmin):
         return await self._drive(flow)
 
     async def mb_take(
-        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+        self,
+        name: str,
+        key: str,
+        token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+        turn: tuple[str, float] | None = None,  # not granted here: the drainer joins
     ) -> Taken:
         return await self._drive(self._plan.mb_take(name, key, token, limit, lease, ack))
 

@@ -380,7 +380,15 @@ class SyncPostgresBackend:
         return self._drive(flow)
 
     def mb_take(
-        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+        self,
+        name: str,
+        key: str,
+        token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+        turn: tuple[str, float] | None = None,  # not granted here: the drainer joins
     ) -> Taken:
         return self._drive(self._plan.mb_take(name, key, token, limit, lease, ack))
 

@@ -65,6 +65,13 @@ def decode_submitted(reply: Sequence[Any], sent: float) -> Submitted:
     return Submitted(SubmitStatus(int(reply[0])), int(reply[1]), first)
 
 
+def decode_taken_turn(reply: Sequence[Any], turn: object, sent: float) -> Taken:
+    """MB_TAKE's reply: the batch alone, or (when ``turn`` asked) the batch and the fence."""
+    if turn is None:
+        return decode_taken(reply)
+    return with_turn(decode_taken(reply[0]), reply[1], sent)
+
+
 def decode_released_taken(reply: Sequence[Any], sent: float) -> Taken:
     """MB_RELEASE_TAKE's batch, with the turn it kept for the drainer if it did."""
     return with_turn(decode_taken(reply[0]), reply[3] if len(reply) > 3 else None, sent)
@@ -125,11 +132,20 @@ class Mailboxes:
         return decode_submitted(reply, sent)
 
     async def mb_take(
-        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+        self,
+        name: str,
+        key: str,
+        token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
         state = self._state()
-        call = state.calls.mb_take(name, key, token, limit, lease, ack)
-        return decode_taken(await self._script(call, key, state, hold=True))
+        call = state.calls.mb_take(name, key, token, limit, lease, ack, turn)
+        sent = time.monotonic()
+        return decode_taken_turn(await self._script(call, key, state, hold=True), turn, sent)
 
     async def mb_release_take(
         self,
@@ -272,11 +288,19 @@ class SyncMailboxes:
         return decode_submitted(self._script(call, key, durable=True), sent)
 
     def mb_take(
-        self, name: str, key: str, token: str, *, limit: int, lease: float, ack: bool
+        self,
+        name: str,
+        key: str,
+        token: str,
+        *,
+        limit: int,
+        lease: float,
+        ack: bool,
+        turn: tuple[str, float] | None = None,
     ) -> Taken:
-        return decode_taken(
-            self._script(self._calls.mb_take(name, key, token, limit, lease, ack), key)
-        )
+        call = self._calls.mb_take(name, key, token, limit, lease, ack, turn)
+        sent = time.monotonic()
+        return decode_taken_turn(self._script(call, key), turn, sent)
 
     def mb_release_take(
         self,

@@ -458,10 +458,25 @@ local function take(q, f, d, n, token, limit, lease_ms, ack, now, hint, user)
 end
 """
 
+_TURN_FOR = """
+-- turn_for(taken, token, lease_ms): the key's turn (KEYS[1..4]) for a batch just taken:
+-- granted to token if nobody holds it or waits in its line, or found granted to it
+-- already (a resend after a lost reply). Returns the fence, or false (also when no token
+-- asked, or nothing was taken).
+local function turn_for(taken, token, lease_ms)
+  if not token or taken[1] ~= 1 then return false end
+  local granted = mine(token)
+  if granted then return granted[2] end
+  if redis.call('EXISTS', KEYS[1], KEYS[2]) ~= 0 then return false end
+  return grant(token, lease_ms)
+end
+"""
+
 MB_SUBMIT = (
     "#!lua\n"
     + _PRELUDE
     + _TAKE
+    + _TURN_FOR
     + """
 -- MB_SUBMIT: store a message; become the drainer if there is none, and then (when ARGV[7]
 -- is above 0) take the first batch at once: the new drainer saves a round trip. With
@@ -483,11 +498,7 @@ MB_SUBMIT = (
 local function first_take(dropped)
   local taken = take(KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[4], ARGV[7], ARGV[5], '0',
     ARGV[8], KEYS[9], ARGV[6])
-  if not ARGV[9] or taken[1] ~= 1 then return {1, dropped, taken, false} end
-  local granted = mine(ARGV[9])
-  if granted then return {1, dropped, taken, granted[2]} end
-  if redis.call('EXISTS', KEYS[1], KEYS[2]) ~= 0 then return {1, dropped, taken, false} end
-  return {1, dropped, taken, grant(ARGV[9], ARGV[10])}
+  return {1, dropped, taken, turn_for(taken, ARGV[9], ARGV[10])}
 end
 if redis.call('LPOS', KEYS[5], ARGV[1], 'RANK', -1, 'MAXLEN', SUBMIT_SCAN)
     or redis.call('LPOS', KEYS[6], ARGV[1]) then
@@ -514,14 +525,21 @@ return {0, dropped}
 
 MB_TAKE = (
     "#!lua flags=allow-oom\n"
+    + _PRELUDE
     + _TAKE
+    + _TURN_FOR
     + """
--- MB_TAKE: KEYS[1..4] queue, in flight, role, not-before; KEYS[5] the hint set;
--- returns as take() above.
+-- MB_TAKE: KEYS[1..4] the turn's keys; KEYS[5..8] queue, in flight, role, not-before;
+-- KEYS[9] the hint set
 -- ARGV[1]: token  ARGV[2]: limit  ARGV[3]: role lease_ms  ARGV[4]: "1" acknowledge in-flight
 -- ARGV[5]: the caller's clock (seconds), for the not-before time  ARGV[6]: the user key
-return take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
-  KEYS[5], ARGV[6])
+-- [ARGV[7]: the token to grant the key's turn to, with a batch, if it is free
+--  ARGV[8]: its lease_ms]
+-- returns: as take() above; with ARGV[7], {that, fence or false}
+local taken = take(KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+  ARGV[5], KEYS[9], ARGV[6])
+if not ARGV[7] then return taken end
+return {taken, turn_for(taken, ARGV[7], ARGV[8])}
 """
 )
 

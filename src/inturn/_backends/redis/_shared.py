@@ -192,10 +192,27 @@ class Scripts:
             args += [turn[0], ms(turn[1])]
         return "mb_submit", keys, args
 
-    def mb_take(self, name: str, key: str, token: str, limit: int, lease: float, ack: bool) -> Call:
+    def _take(
+        self, name: str, key: str, token: str, limit: int, lease: float, ack: bool
+    ) -> tuple[list[str], list[Any]]:
+        """The KEYS (after the turn's) and ARGV of a take, as MB_TAKE's ARGV[1..6]."""
         keys = self.keys.mailbox_keys(name, key) + self._hint(name, key)
-        args = [token, limit, ms(lease), "1" if ack else "0", repr(time.time()), key]
-        return "mb_take", keys, args
+        return keys, [token, limit, ms(lease), "1" if ack else "0", repr(time.time()), key]
+
+    def mb_take(
+        self,
+        name: str,
+        key: str,
+        token: str,
+        limit: int,
+        lease: float,
+        ack: bool,
+        turn: tuple[str, float] | None = None,
+    ) -> Call:
+        take_keys, args = self._take(name, key, token, limit, lease, ack)
+        if turn is not None:
+            args += [turn[0], ms(turn[1])]
+        return "mb_take", self.turn_keys(key) + take_keys, args
 
     def mb_release_take(
         self,
@@ -208,12 +225,11 @@ class Scripts:
         ack: bool,
         turn: tuple[str, float] | None = None,
     ) -> Call:
-        _, take_keys, take_args = self.mb_take(name, key, token, limit, lease, ack)
-        keys = self.turn_keys(key) + take_keys
+        take_keys, take_args = self._take(name, key, token, limit, lease, ack)
         args = [turn_token, *take_args]
         if turn is not None:
             args += [turn[0], ms(turn[1])]
-        return "mb_release_take", keys, args
+        return "mb_release_take", self.turn_keys(key) + take_keys, args
 
     def mb_retry(
         self, name: str, key: str, token: str, messages: list[str], not_before: float
