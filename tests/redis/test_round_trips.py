@@ -130,3 +130,32 @@ async def test_a_burst_keeps_the_turn_from_batch_to_batch(
     scripts = [c for c in seen if c.split(" ")[0].upper() in ("EVALSHA", "EVAL")]
     assert not [c for c in scripts if SHAS["join"][0] in c]
     assert len(scripts) == 6 + 6  # six submits, six release-and-takes
+
+
+def test_a_stored_message_drained_elsewhere_costs_three_round_trips(
+    make_redis_server: Callable[..., RedisServer],
+) -> None:
+    """store_sync (a Celery producer) + drain_sync (the worker handed the role): the store,
+    the worker's first take (which brings the free turn along), and the release-and-take;
+    no JOIN."""
+    server = make_redis_server()
+    gate = inturn.Gate.from_url(server.url, namespace=f"rt{secrets.token_hex(3)}")
+    handled: list[object] = []
+    box = gate.mailbox("inbox", handler=lambda m: handled.append(m.payload), sweep_interval=None)
+    try:
+        for i in range(3):  # warm up
+            box.drain_sync(f"warm-{i}", box.store_sync(f"warm-{i}", i) or "")
+        monitor = Monitor(server.url)
+        monitor.start()
+        for i in range(MESSAGES):
+            token = box.store_sync(f"user-{i}", i)
+            assert token is not None
+            box.drain_sync(f"user-{i}", token)
+        seen = monitor.stop()
+    finally:
+        gate.close()
+    assert len(handled) == 3 + MESSAGES
+    scripts = [c for c in seen if c.split(" ")[0].upper() in ("EVALSHA", "EVAL")]
+    assert len(seen) == 3 * MESSAGES, [c[:60] for c in seen[:12]]
+    assert len(scripts) == 3 * MESSAGES
+    assert not [c for c in scripts if SHAS["join"][0] in c]
