@@ -176,15 +176,18 @@ class Mux:
                 try:
                     command = ("EVALSHA", sha, len(keys), *keys, *args)
                     reply = self._send(link, command, hold=hold)
-                    after = None if then is None else self._send(link, then)
+                    if then is None:  # the common case: no wrapper coroutine
+                        written = True
+                        return await reply
+                    after = self._send(link, then)
                     written = True
                     return await _both(reply, after)
                 except redis.exceptions.NoScriptError:
                     written = False
                     reply = self._send(link, ("EVAL", lua, len(keys), *keys, *args))
-                    after = None if then is None else self._send(link, then)
+                    later = None if then is None else self._send(link, then)
                     written = True
-                    return await _both(reply, after)
+                    return await _both(reply, later)
             except redis.exceptions.TimeoutError:
                 raise
             except (redis.exceptions.ConnectionError, OSError):

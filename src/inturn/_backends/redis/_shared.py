@@ -330,7 +330,8 @@ class Waiter:
     """JOIN said everyone ahead in the line is a waiter of this event loop."""
     alive_until: float = 0.0
     """Until when (monotonic) the server surely still counts this waiter alive."""
-    future: asyncio.Future[Grant] | None = None
+    future: asyncio.Future[object] | None = None
+    """Resolved (with the grant, None for a re-check, or TIME_UP) to wake the waiting task."""
     event: Signal | None = None
     grant: Grant | None = None
     seq: int = 0
@@ -352,9 +353,19 @@ def queued(waiter: Waiter, reply: Sequence[Any], sent: float) -> None:
         waiter.seq = int(reply[3])
 
 
+TIME_UP = object()
+"""The result of a waiter's future that its timer resolved (nobody woke it)."""
+
+
+def time_up(future: asyncio.Future[object]) -> None:
+    """A waiter's sleep ended without a wake-up."""
+    if not future.done():
+        future.set_result(TIME_UP)
+
+
 def wake(waiter: Waiter) -> None:
     if waiter.future is not None and not waiter.future.done():
-        waiter.future.set_result(waiter.grant)  # type: ignore[arg-type]
+        waiter.future.set_result(waiter.grant)
     if waiter.event is not None:
         waiter.event.set()
 
