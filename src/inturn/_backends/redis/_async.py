@@ -143,6 +143,8 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = (
             weakref.WeakKeyDictionary()
         )
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopState] | None = None
+        """The loop of the last ``_state()`` call and its state (dropped with the state)."""
         self._twin: SyncRedisBackend | None = None
         self._twin_lock = threading.Lock()
         _BACKENDS.add(self)
@@ -151,6 +153,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         """In a forked child: the parent's loops, listeners and connections are not ours
         (each loop the child runs makes its own, on a channel of its own)."""
         self._states = weakref.WeakKeyDictionary()
+        self._last = None
         self._twin_lock = threading.Lock()
 
     @classmethod
@@ -182,6 +185,9 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
 
     def _state(self) -> LoopState:
         loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0]() is loop:  # the loop of the last call: most calls
+            return last[1]
         state = self._states.get(loop)
         if state is None:
             client = self._client if self._client is not None else self._factory()
@@ -205,6 +211,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
                 client=client, scripts=scripts, channel=channel, mux=mux, nodes=nodes, calls=calls
             )
             self._states[loop] = state
+        self._last = (weakref.ref(loop), state)
         return state
 
     async def _close_state(self, state: LoopState) -> None:
@@ -250,6 +257,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
             await listen_until_closed(self._process, state)
         finally:
             self._states.pop(asyncio.get_running_loop(), None)
+            self._last = None
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._close_state(state))
 
@@ -554,6 +562,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         those loops (closed ones cannot be closed again).
         """
         state = self._states.pop(asyncio.get_running_loop(), None)
+        self._last = None
         if state is not None:
             state.closing = True
             listener = state.listener

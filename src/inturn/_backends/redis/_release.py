@@ -59,9 +59,8 @@ class Releases:
             # Not awaited, and sent at the end of this loop step: the woken waiter starts
             # first, and our next command (a JOIN, often) leaves in the same write. The
             # reply only confirms the grant, or refuses it, and then the new holder is told.
-            reply = mux.submit(SHAS["release"][0], keys, args, hold=True)
-            if reply is not None:
-                reply.add_done_callback(partial(self._handed_over, state, key, args, handed))
+            then = partial(self._handed_over, state, key, args, handed)
+            if mux.submit(SHAS["release"][0], keys, args, hold=True, then=then) is not None:
                 return
         try:
             reply = await self._run(state, "release", key, args, keys)

@@ -140,6 +140,9 @@ def holder_of(value: bytes | str | None, token: str) -> bool:
 
 # -- script arguments shared by both twins ----------------------------------------------
 
+TURN_KEYS_KEPT = 1024
+"""How many keys' KEYS lists a loop remembers (then it starts over)."""
+
 Call = tuple[str, list[str], list[Any]]
 """A script to run: its name, KEYS and ARGV."""
 
@@ -151,15 +154,22 @@ class Scripts:
     those of the user's slot (see ``KeySpace.fence_floor``, ``KeySpace.hint_set``).
     """
 
-    __slots__ = ("cluster", "keys")
+    __slots__ = ("_turn_keys", "cluster", "keys")
 
     def __init__(self, keys: KeySpace, *, cluster: bool) -> None:
         self.keys = keys
         self.cluster = cluster
+        self._turn_keys: dict[str, list[str]] = {}
 
     def turn_keys(self, key: str) -> list[str]:
-        """The KEYS of the turn scripts for ``key``."""
-        return self.keys.turn_keys(key, cluster=self.cluster)
+        """The KEYS of the turn scripts for ``key`` (remembered for the busy keys: a turn
+        asks twice; the caller must not change the list)."""
+        found = self._turn_keys.get(key)
+        if found is None:
+            if len(self._turn_keys) >= TURN_KEYS_KEPT:
+                self._turn_keys.clear()
+            found = self._turn_keys[key] = self.keys.turn_keys(key, cluster=self.cluster)
+        return found
 
     def hint_set(self, name: str, key: str) -> str:
         """The sweeper's hint set of mailbox ``name`` that holds ``key``."""
