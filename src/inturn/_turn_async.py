@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from functools import partial
@@ -215,17 +216,26 @@ class TurnRequest(_Request[Turn]):
             except BaseException as exc:  # cancellation too: the flow decides what follows
                 error = exc
 
-    async def _run(self, step: Step, asking: Asking) -> Grant | None:
+    def _run(self, step: Step, asking: Asking) -> Awaitable[Grant | None]:
+        """The awaitable that runs ``step``: a backend call itself when no deadline bounds
+        it (no frame of ours between the task and the backend's call)."""
         backend, key, token = self._runtime.backend, asking.key, asking.token
         if isinstance(step, Call):
             call = backend.join if step.op == "join" else backend.try_acquire
-            return await self._bounded(call(key, token, asking.lease), asking.deadline)
+            if asking.deadline.at == math.inf:
+                return call(key, token, asking.lease)
+            return self._bounded(call(key, token, asking.lease), asking.deadline)
         if isinstance(step, Wait):
+            waiting = backend.wait(key, token, step.seconds)
+            if asking.deadline.at == math.inf:
+                return waiting
             # The backend's wait honours the time left itself (and may report an outage
             # at the deadline); the bound, a moment later, only guards a hang.
-            return await self._bounded(
-                backend.wait(key, token, step.seconds), asking.deadline, grace=0.25, late=None
-            )
+            return self._bounded(waiting, asking.deadline, grace=0.25, late=None)
+        return self._run_other(step, asking)
+
+    async def _run_other(self, step: Step, asking: Asking) -> Grant | None:
+        backend, key, token = self._runtime.backend, asking.key, asking.token
         if isinstance(step, Pause):
             await asyncio.sleep(step.seconds)
             return None
