@@ -58,17 +58,20 @@ class InProcessMetrics:
         self._summaries: dict[str, Summary] = {}
 
     def count(self, name: str, value: float = 1.0, **labels: str) -> None:
-        series = _series(name, labels)
+        series = _series(name, labels) if labels else name
         with self._lock:
             self._counters[series] = self._counters.get(series, 0.0) + value
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        series = _series(name, labels)
+        series = _series(name, labels) if labels else name
         with self._lock:
-            summary = self._summaries.setdefault(series, Summary())
+            summary = self._summaries.get(series)
+            if summary is None:
+                summary = self._summaries[series] = Summary()
             summary.count += 1
             summary.sum += value
-            summary.max = max(summary.max, value)
+            if value > summary.max:
+                summary.max = value
 
     def snapshot(self) -> dict[str, float | Summary]:
         """Every series: counters as numbers, observations as :class:`Summary` copies."""

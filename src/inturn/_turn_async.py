@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from functools import partial
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ._backends.base import Confirmation, Grant
 from ._errors import BackendUnavailable, LeaseLost
@@ -44,6 +45,66 @@ __all__ = ["TurnRequest"]
 logger = logging.getLogger("inturn")
 
 T = TypeVar("T")
+
+
+class _Done(Generic[T]):
+    """A call that finished without waiting (see :func:`_begin`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+
+class _Begun(Generic[T]):
+    """A coroutine that ran up to its first wait; awaiting this runs the rest."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, T], first: object) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, None, T]:
+        coro, step = self._coro, self._first
+        while True:  # what ``await coro`` does, from its second step on
+            try:
+                sent = yield step
+            except BaseException as exc:
+                try:
+                    step = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+            else:
+                try:
+                    step = coro.send(sent)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+
+
+class _Failed(Generic[T]):
+    """A call that raised before its first wait: awaiting this raises it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __await__(self) -> Generator[Any, None, T]:
+        raise self.error
+
+
+def _begin(call: Coroutine[Any, Any, T]) -> _Done[T] | Awaitable[T]:
+    """Run a coroutine now, up to its first wait: a release or a leave writes its command
+    at once. Most finish without waiting (a release that hands the turn over in-process
+    does not await its reply): those are returned as done, and nothing bounds them."""
+    try:
+        first = call.send(None)
+    except StopIteration as done:
+        return _Done(done.value)
+    except BaseException as exc:
+        return _Failed(exc)
+    return _Begun(call, first)
 
 
 class TurnRequest(_Request[Turn]):
@@ -107,15 +168,16 @@ class TurnRequest(_Request[Turn]):
             self._handle.cancel()
         if self._renewing is not None:
             self._renewing.cancel()
+        turn._note_lapse()
+        turn._released = True
+        # The release leaves first (the next holder starts sooner); the bookkeeping follows
+        # (_unhold: the lapse is noted already, so only the mark, metrics and tracing).
+        hook = self._release_hook
+        call = _begin(hook(turn.key, turn._token) if hook is not None else self._release(turn))
         self._unhold(turn)
         try:
             release = partial(self._runtime.backend.release, turn.key, turn._token)
-            first: Callable[[], Awaitable[object]]
-            if self._release_hook is not None:
-                first = partial(self._release_hook, turn.key, turn._token)
-            else:
-                first = partial(self._release, turn)
-            await self._cleanup(first, release, "release")
+            await self._cleanup(call, release, "release")
         except asyncio.CancelledError:
             if not self._cancel_sent:
                 raise
@@ -154,24 +216,33 @@ class TurnRequest(_Request[Turn]):
             except BaseException as exc:  # cancellation too: the flow decides what follows
                 error = exc
 
-    async def _run(self, step: Step, asking: Asking) -> Grant | None:
+    def _run(self, step: Step, asking: Asking) -> Awaitable[Grant | None]:
+        """The awaitable that runs ``step``: a backend call itself when no deadline bounds
+        it (no frame of ours between the task and the backend's call)."""
         backend, key, token = self._runtime.backend, asking.key, asking.token
         if isinstance(step, Call):
             call = backend.join if step.op == "join" else backend.try_acquire
-            return await self._bounded(call(key, token, asking.lease), asking.deadline)
+            if asking.deadline.at == math.inf:
+                return call(key, token, asking.lease)
+            return self._bounded(call(key, token, asking.lease), asking.deadline)
         if isinstance(step, Wait):
+            waiting = backend.wait(key, token, step.seconds)
+            if asking.deadline.at == math.inf:
+                return waiting
             # The backend's wait honours the time left itself (and may report an outage
             # at the deadline); the bound, a moment later, only guards a hang.
-            return await self._bounded(
-                backend.wait(key, token, step.seconds), asking.deadline, grace=0.25, late=None
-            )
+            return self._bounded(waiting, asking.deadline, grace=0.25, late=None)
+        return self._run_other(step, asking)
+
+    async def _run_other(self, step: Step, asking: Asking) -> Grant | None:
+        backend, key, token = self._runtime.backend, asking.key, asking.token
         if isinstance(step, Pause):
             await asyncio.sleep(step.seconds)
             return None
         if isinstance(step, KeepLateGrant):
             # May overrun the deadline by LEAVE_GRACE at most.
             return await self._cleanup(
-                lambda: self._leave_once(token, keep=True),
+                _begin(self._leave_once(token, keep=True)),
                 lambda: self._leave_once(token, keep=False),
                 "leave the line",
                 limit=LEAVE_GRACE,
@@ -220,22 +291,25 @@ class TurnRequest(_Request[Turn]):
 
     async def _cleanup(
         self,
-        call: Callable[[], Awaitable[T]],
+        call: _Done[T] | Awaitable[T],
         retry: Callable[[], Awaitable[object]],
         what: str,
         *,
         limit: float = CLEANUP_TIMEOUT,
     ) -> T | None:
-        """Run a cleanup call to completion, even if this task is cancelled meanwhile.
+        """Run a cleanup call (begun with :func:`_begin`) to completion, even if this task
+        is cancelled meanwhile.
 
         Leaving and releasing are idempotent (they act only while the token is
         in line or holds the turn), so a call interrupted by cancellation, not
         done within ``limit`` seconds, or failed, is simply run again, whole, in
         a background task: ``retry``.
         """
+        if isinstance(call, _Done):  # it never waited: nothing to bound in time
+            return call.value
         try:
             async with asyncio.timeout(limit):
-                return await call()
+                return await call
         except asyncio.CancelledError:
             self._runtime.spawn(retry(), self._key, what)
             raise

@@ -38,8 +38,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -63,12 +62,14 @@ from ._keys import KeySpace
 from ._listener import listen_until_closed
 from ._mux import Mux
 from ._nodes import NodeMuxes, NotHere
+from ._release import Releases
 from ._shared import (
     CONNECT_TIMEOUT,
     SCRIPTS,
     SHAS,
     SOCKET_TIMEOUT,
     SUPERSEDE_KEEP,
+    TIME_UP,
     Call,
     LoopState,
     Outage,
@@ -76,12 +77,9 @@ from ._shared import (
     ReplicaWait,
     Scripts,
     Waiter,
-    after_release,
     alive_ms,
-    confirm,
     decode_claim,
     decode_grant,
-    hand_over,
     holder_of,
     idempotent,
     is_cluster,
@@ -89,8 +87,8 @@ from ._shared import (
     ms,
     queued,
     text,
+    time_up,
     unavailable,
-    wake,
 )
 from ._sync import SyncRedisBackend
 from ._urls import aclose_client, factories, masked, replica_wait, wait_options
@@ -112,7 +110,7 @@ if hasattr(os, "register_at_fork"):  # not on Windows
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RedisBackend(Mailboxes, RedisAdmin):
+class RedisBackend(Releases, Mailboxes, RedisAdmin):
     """The async Redis backend. See the module docstring for what it guarantees.
 
     ``client`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``;
@@ -145,6 +143,8 @@ class RedisBackend(Mailboxes, RedisAdmin):
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = (
             weakref.WeakKeyDictionary()
         )
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopState] | None = None
+        """The loop of the last ``_state()`` call and its state (dropped with the state)."""
         self._twin: SyncRedisBackend | None = None
         self._twin_lock = threading.Lock()
         _BACKENDS.add(self)
@@ -153,6 +153,7 @@ class RedisBackend(Mailboxes, RedisAdmin):
         """In a forked child: the parent's loops, listeners and connections are not ours
         (each loop the child runs makes its own, on a channel of its own)."""
         self._states = weakref.WeakKeyDictionary()
+        self._last = None
         self._twin_lock = threading.Lock()
 
     @classmethod
@@ -184,6 +185,9 @@ class RedisBackend(Mailboxes, RedisAdmin):
 
     def _state(self) -> LoopState:
         loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0]() is loop:  # the loop of the last call: most calls
+            return last[1]
         state = self._states.get(loop)
         if state is None:
             client = self._client if self._client is not None else self._factory()
@@ -207,6 +211,7 @@ class RedisBackend(Mailboxes, RedisAdmin):
                 client=client, scripts=scripts, channel=channel, mux=mux, nodes=nodes, calls=calls
             )
             self._states[loop] = state
+        self._last = (weakref.ref(loop), state)
         return state
 
     async def _close_state(self, state: LoopState) -> None:
@@ -252,6 +257,7 @@ class RedisBackend(Mailboxes, RedisAdmin):
             await listen_until_closed(self._process, state)
         finally:
             self._states.pop(asyncio.get_running_loop(), None)
+            self._last = None
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._close_state(state))
 
@@ -291,7 +297,7 @@ class RedisBackend(Mailboxes, RedisAdmin):
         keys = state.calls.turn_keys(key) if keys is None else keys
         if not state.subscribed.is_set():
             await self._in_order(state)
-        with map_errors(name):
+        try:
             runner = state.mux if state.mux is not None else state.nodes
             if runner is not None:
                 sha, lua = SHAS[name]
@@ -309,6 +315,9 @@ class RedisBackend(Mailboxes, RedisAdmin):
             if wait is not None:
                 wait.missed(name)
             return reply
+        except Exception:  # mapped here, not in a `with` around every call (the hot path)
+            with map_errors(name):
+                raise
 
     async def _script(
         self,
@@ -329,7 +338,10 @@ class RedisBackend(Mailboxes, RedisAdmin):
     # -- the Backend protocol -----------------------------------------------------------
 
     async def join(self, key: str, token: str, lease: float) -> Grant | None:
-        state = await self._listening()
+        state = self._state()
+        listener = state.listener
+        if listener is None or listener.done() or not state.subscribed.is_set():
+            state = await self._listening()
         loop = asyncio.get_running_loop()
         # Registered before the script is sent: the push can arrive before its reply, and
         # this loop's waiters of a key are listed in the order their JOINs were sent.
@@ -388,14 +400,18 @@ class RedisBackend(Mailboxes, RedisAdmin):
                 waiter.future = asyncio.get_running_loop().create_future()
                 waiter.next_check = 0.0
                 continue
-            # Awaited directly: a push resumes this task in one loop step. A timeout
-            # cancels the future; the next pass makes a fresh one (wakes come only from
-            # this loop's thread, so none can slip in between).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(sleep):
-                    await waiter.future
-            if waiter.future.cancelled():
-                waiter.future = asyncio.get_running_loop().create_future()
+            # Awaited directly: a push resumes this task in one loop step. A timer (cheaper
+            # than a timeout scope) resolves the future with TIME_UP; the next pass makes a
+            # fresh one (wakes come only from this loop's thread: none slips in between).
+            future = waiter.future
+            loop = asyncio.get_running_loop()
+            timer = loop.call_at(loop.time() + sleep, time_up, future)
+            try:
+                await future
+            finally:
+                timer.cancel()
+            if future.result() is TIME_UP:
+                waiter.future = loop.create_future()
 
     async def _refresh(
         self, state: LoopState, key: str, token: str, waiter: Waiter
@@ -422,75 +438,6 @@ class RedisBackend(Mailboxes, RedisAdmin):
     async def renew(self, key: str, token: str, lease: float) -> bool:
         reply = await self._run(self._state(), "renew", key, [token, ms(lease)])
         return bool(reply)
-
-    async def release(self, key: str, token: str, *, fence: int | None = None) -> None:
-        state = self._state()
-        sent = time.monotonic()
-        args: list[Any] = [token]
-        handed: Grant | None = None
-        keys = state.calls.turn_keys(key)
-        mux = state.mux if state.nodes is None else state.nodes.connected(keys)
-        solo = state.next_solo(key) if fence is not None and mux is not None else None
-        if fence is not None and solo is not None and mux is not None:
-            # Our own first waiter, with nobody from elsewhere ahead of it: start it now,
-            # with the next fence; the script confirms exactly this grant.
-            handed = hand_over(solo, fence, sent, asyncio.get_running_loop().create_future())
-            args += [solo[0], ms(solo[1].lease)]
-            # Not awaited, and sent at the end of this loop step: the woken waiter starts
-            # first, and our next command (a JOIN, often) leaves in the same write. The
-            # reply only confirms the grant, or refuses it, and then the new holder is told.
-            reply = mux.submit(SHAS["release"][0], keys, args, hold=True)
-            if reply is not None:
-                reply.add_done_callback(partial(self._handed_over, state, key, args, handed))
-                return
-        try:
-            reply = await self._run(state, "release", key, args, keys)
-        except BaseException:
-            if handed is not None:
-                confirm(handed, None)  # unknown: the new holder's renewal will tell
-            raise
-        self._released(state, reply, args, handed, sent)
-
-    def _released(
-        self,
-        state: LoopState,
-        reply: Sequence[Any],
-        args: list[Any],
-        handed: Grant | None,
-        sent: float,
-    ) -> None:
-        granted = after_release(self._process, state, reply, args, handed, sent)
-        if granted is not None:
-            wake(granted)
-
-    def _handed_over(
-        self,
-        state: LoopState,
-        key: str,
-        args: list[Any],
-        handed: Grant,
-        reply: asyncio.Future[Any],
-    ) -> None:
-        """The reply of a RELEASE that was not awaited."""
-        if not reply.cancelled() and reply.exception() is None:
-            self._released(state, reply.result(), args, handed, handed.granted_at)
-            return
-        # NOSCRIPT, or the connection dropped: again, with the EVAL fallback and the retries
-        # (a RELEASE that ran already confirms its grant again).
-        task = asyncio.ensure_future(self._release_again(state, key, args, handed))
-        state.tasks.add(task)
-        task.add_done_callback(state.tasks.discard)
-
-    async def _release_again(
-        self, state: LoopState, key: str, args: list[Any], handed: Grant
-    ) -> None:
-        try:
-            reply = await self._run(state, "release", key, args)
-        except Exception as exc:
-            confirm(handed, None)
-            logger.warning("inturn: release of key %r failed (%r); its lease will lapse", key, exc)
-            return
-        self._released(state, reply, args, handed, handed.granted_at)
 
     async def leave(self, key: str, token: str) -> Grant | None:
         state = self._state()
@@ -615,6 +562,7 @@ class RedisBackend(Mailboxes, RedisAdmin):
         those loops (closed ones cannot be closed again).
         """
         state = self._states.pop(asyncio.get_running_loop(), None)
+        self._last = None
         if state is not None:
             state.closing = True
             listener = state.listener

@@ -57,7 +57,7 @@ import redis.exceptions
 import redis.retry
 from redis.backoff import NoBackoff
 
-from ._replies import Pending, Replies, can_take_over
+from ._replies import Pending, Replies, Then, can_take_over
 
 _Pack = Callable[[tuple[Any, ...]], Any]
 _hiredis_pack: _Pack | None
@@ -176,15 +176,18 @@ class Mux:
                 try:
                     command = ("EVALSHA", sha, len(keys), *keys, *args)
                     reply = self._send(link, command, hold=hold)
-                    after = None if then is None else self._send(link, then)
+                    if then is None:  # the common case: no wrapper coroutine
+                        written = True
+                        return await reply
+                    after = self._send(link, then)
                     written = True
                     return await _both(reply, after)
                 except redis.exceptions.NoScriptError:
                     written = False
                     reply = self._send(link, ("EVAL", lua, len(keys), *keys, *args))
-                    after = None if then is None else self._send(link, then)
+                    later = None if then is None else self._send(link, then)
                     written = True
-                    return await _both(reply, after)
+                    return await _both(reply, later)
             except redis.exceptions.TimeoutError:
                 raise
             except (redis.exceptions.ConnectionError, OSError):
@@ -218,21 +221,33 @@ class Mux:
     # -- sending and reading ------------------------------------------------------------
 
     def submit(
-        self, sha: str, keys: Sequence[str], args: Sequence[Any], *, hold: bool = False
+        self,
+        sha: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        hold: bool = False,
+        then: Callable[[asyncio.Future[Any]], None] | None = None,
     ) -> asyncio.Future[Any] | None:
         """Send EVALSHA now and return the future of its reply (None when not connected).
 
         No retry and no EVAL fallback: the future fails with redis-py's exception.
         With ``hold``, the command leaves at the end of this loop step (with any
-        sent after it), so that tasks woken in this step run first.
+        sent after it), so that tasks woken in this step run first. ``then(future)``
+        runs as soon as the reply (or the failure) is in, in that same loop step.
         """
         link = self._link
         if link is None or link.dropped or self._awaiting_link:
             return None
-        return self._send(link, ("EVALSHA", sha, len(keys), *keys, *args), hold=hold)
+        return self._send(link, ("EVALSHA", sha, len(keys), *keys, *args), hold=hold, then=then)
 
     def _send(
-        self, link: _Link, command: tuple[Any, ...], *, hold: bool = False
+        self,
+        link: _Link,
+        command: tuple[Any, ...],
+        *,
+        hold: bool = False,
+        then: Callable[[asyncio.Future[Any]], None] | None = None,
     ) -> asyncio.Future[Any]:
         if link.dropped:
             raise redis.exceptions.ConnectionError("inturn: the connection was dropped")
@@ -244,7 +259,7 @@ class Mux:
             self._drop(link, error)
             raise error
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future() if then is None else Then(loop, then)
         # Registered and written with no await between: replies come back in this order.
         link.pending.append((future, loop.time()))
         if self._watch is None:

@@ -26,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover - hiredis is in the redis extra
     hiredis = None
 
-__all__ = ["Pending", "Replies", "can_take_over"]
+__all__ = ["Pending", "Replies", "Then", "can_take_over"]
 
 _MORE = object()
 """hiredis's answer when a reply needs more bytes."""
@@ -106,3 +106,36 @@ class Replies(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._on_lost(exc or redis.exceptions.ConnectionError("inturn: the server closed it"))
+
+
+class Then(asyncio.Future[Any]):
+    """A reply's future that runs ``then(future)`` the moment it is resolved: a done
+    callback would run one loop step later (a step more before the loop sleeps again)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, then: Callable[[asyncio.Future[Any]], None]
+    ) -> None:
+        super().__init__(loop=loop)
+        self._then = then
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        self._done()
+
+    def set_exception(self, exception: type | BaseException) -> None:
+        super().set_exception(exception)
+        self._done()
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        cancelled = super().cancel(msg)
+        if cancelled:
+            self._done()
+        return cancelled
+
+    def _done(self) -> None:
+        try:
+            self._then(self)
+        except Exception as exc:  # never into the reader: it would drop the connection
+            self.get_loop().call_exception_handler(
+                {"message": "inturn: a reply's handler failed", "exception": exc, "future": self}
+            )

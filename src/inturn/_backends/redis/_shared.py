@@ -140,6 +140,9 @@ def holder_of(value: bytes | str | None, token: str) -> bool:
 
 # -- script arguments shared by both twins ----------------------------------------------
 
+TURN_KEYS_KEPT = 1024
+"""How many keys' KEYS lists a loop remembers (then it starts over)."""
+
 Call = tuple[str, list[str], list[Any]]
 """A script to run: its name, KEYS and ARGV."""
 
@@ -151,15 +154,22 @@ class Scripts:
     those of the user's slot (see ``KeySpace.fence_floor``, ``KeySpace.hint_set``).
     """
 
-    __slots__ = ("cluster", "keys")
+    __slots__ = ("_turn_keys", "cluster", "keys")
 
     def __init__(self, keys: KeySpace, *, cluster: bool) -> None:
         self.keys = keys
         self.cluster = cluster
+        self._turn_keys: dict[str, list[str]] = {}
 
     def turn_keys(self, key: str) -> list[str]:
-        """The KEYS of the turn scripts for ``key``."""
-        return self.keys.turn_keys(key, cluster=self.cluster)
+        """The KEYS of the turn scripts for ``key`` (remembered for the busy keys: a turn
+        asks twice; the caller must not change the list)."""
+        found = self._turn_keys.get(key)
+        if found is None:
+            if len(self._turn_keys) >= TURN_KEYS_KEPT:
+                self._turn_keys.clear()
+            found = self._turn_keys[key] = self.keys.turn_keys(key, cluster=self.cluster)
+        return found
 
     def hint_set(self, name: str, key: str) -> str:
         """The sweeper's hint set of mailbox ``name`` that holds ``key``."""
@@ -346,7 +356,8 @@ class Waiter:
     """JOIN said everyone ahead in the line is a waiter of this event loop."""
     alive_until: float = 0.0
     """Until when (monotonic) the server surely still counts this waiter alive."""
-    future: asyncio.Future[Grant] | None = None
+    future: asyncio.Future[object] | None = None
+    """Resolved (with the grant, None for a re-check, or TIME_UP) to wake the waiting task."""
     event: Signal | None = None
     grant: Grant | None = None
     seq: int = 0
@@ -368,9 +379,19 @@ def queued(waiter: Waiter, reply: Sequence[Any], sent: float) -> None:
         waiter.seq = int(reply[3])
 
 
+TIME_UP = object()
+"""The result of a waiter's future that its timer resolved (nobody woke it)."""
+
+
+def time_up(future: asyncio.Future[object]) -> None:
+    """A waiter's sleep ended without a wake-up."""
+    if not future.done():
+        future.set_result(TIME_UP)
+
+
 def wake(waiter: Waiter) -> None:
     if waiter.future is not None and not waiter.future.done():
-        waiter.future.set_result(waiter.grant)  # type: ignore[arg-type]
+        waiter.future.set_result(waiter.grant)
     if waiter.event is not None:
         waiter.event.set()
 
