@@ -86,6 +86,8 @@ async def test_a_batch_comes_with_the_keys_turn_only_when_it_is_free(gate: intur
     assert done.first.turn is None
     assert not await b.is_held("busy", "t0")
     await b.release("busy", "holder")
+    done = await b.mb_take("bx", "busy", "r0", limit=1, lease=5.0, ack=True)  # m0 handled
+    assert done.messages == ()
 
     done = await b.mb_submit("bx", "u", "m1", token="r1", turn=("t1", 5.0), **args)
     assert done.status == SubmitStatus.DRAINER
@@ -139,3 +141,4 @@ async def test_a_batch_comes_with_the_keys_turn_only_when_it_is_free(gate: intur
     empty = await b.mb_take("bx", "v", "r2", limit=1, lease=5.0, ack=True, turn=("t6", 5.0))
     assert empty.messages == ()
     assert not empty.lost_role
+    assert await b.footprint() == 0  # every turn released, every box given up

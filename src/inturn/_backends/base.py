@@ -416,10 +416,8 @@ class Taken:
     ``retry_in``: seconds until the head may be retried (nothing was taken):
     the ``not_before`` of the last :meth:`MailboxBackend.mb_retry` lies ahead.
     ``turn``: the key's turn, granted in the same atomic step to the token the
-    caller named in its ``turn`` argument (see :meth:`MailboxBackend.mb_submit`
-    and :meth:`MailboxBackend.mb_release_take`); None when it was not asked for,
-    not granted, or the engine has no such fast path: the drainer then joins the
-    key's line as any other request.
+    caller named in its ``turn`` argument; None when not asked for, not granted,
+    or the engine has no such fast path (the drainer then joins the line).
     """
 
     messages: tuple[str, ...] = ()
@@ -476,11 +474,10 @@ class MailboxBackend(Protocol):
         the same atomic step, as ``Submitted.first``. An engine without that fast
         path returns ``first=None``.
 
-        ``turn`` (a token and its lease, with ``take > 0``): when that first take
-        got messages and the key's turn is free (no holder, nobody in its line),
-        the engine may grant the turn to this token in the same step, as
-        ``first.turn``: the new drainer then processes without joining the line.
-        The caller must release a granted turn it does not use.
+        ``turn`` (a token and its lease, with ``take > 0``): when that take got
+        messages and the key's turn is free (no holder, nobody in line), the engine
+        may grant the turn to this token in the same step (``first.turn``). The
+        caller releases a granted turn it does not use.
         """
         ...
 
