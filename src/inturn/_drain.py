@@ -101,6 +101,15 @@ class Drainer:
         """A fresh token and the lease to ask the key's turn for along with a take."""
         return new_token(), self._runtime.settings.first_lease
 
+    def _take_options(self, ack: bool, turn: tuple[str, float] | None) -> dict[str, Any]:
+        """The keyword arguments of a take (``mb_take``, ``mb_release_take``)."""
+        return {"limit": self.max_batch, "lease": self._lease, "ack": ack, "turn": turn}
+
+    def release_unused(self, key: str, turn_token: str) -> None:
+        """Release, in the background, a turn granted to ``turn_token`` that no request
+        will use (a call that may have granted it failed, or the turn was re-entered)."""
+        self._runtime.spawn(self._runtime.backend.release(key, turn_token), key, "release")
+
     def sync_store(self) -> SyncMailboxBackend:
         """The sync twin of the engine, as a mailbox store."""
         store = self._runtime.sync_backend
@@ -211,18 +220,12 @@ class Drainer:
         finally:
             renewal.stop()
             if (unused := _asked_turn(step)) is not None:
-                self._runtime.spawn(self._runtime.backend.release(key, unused), key, "release")
+                self.release_unused(key, unused)
 
     async def _step(self, step: DrainStep, key: str, token: str) -> Any:
         if isinstance(step, Take):
             return await self._store.mb_take(
-                self.name,
-                key,
-                token,
-                limit=self.max_batch,
-                lease=self._lease,
-                ack=step.ack,
-                turn=step.turn,
+                self.name, key, token, **self._take_options(step.ack, step.turn)
             )
         if isinstance(step, Debounce):
             await self._debounce(key)
@@ -242,7 +245,7 @@ class Drainer:
                 handled.ack = await self._process(key, token, step.texts, turn.fence)
         finally:
             if granted is not None and request._reused:  # not used: re-entered instead
-                self._runtime.spawn(self._runtime.backend.release(key, granted[0]), key, "release")
+                self.release_unused(key, granted[0])
         return handled
 
     async def _release_and_take(
@@ -252,20 +255,10 @@ class Drainer:
         ask = self.next_turn()
         try:
             handled.taken = await self._store.mb_release_take(
-                self.name,
-                turn_key,
-                token,
-                turn_token,
-                limit=self.max_batch,
-                lease=self._lease,
-                ack=handled.ack,
-                turn=ask,
+                self.name, turn_key, token, turn_token, **self._take_options(handled.ack, ask)
             )
         except BaseException:
-            # It may have run and granted the next turn, which nobody would use.
-            self._runtime.spawn(
-                self._runtime.backend.release(turn_key, ask[0]), turn_key, "release"
-            )
+            self.release_unused(turn_key, ask[0])  # it may have run and granted that turn
             raise
         handled.turn_token = ask[0]
 
@@ -392,15 +385,7 @@ class Drainer:
 
     def _step_sync(self, store: SyncMailboxBackend, step: DrainStep, key: str, token: str) -> Any:
         if isinstance(step, Take):
-            return store.mb_take(
-                self.name,
-                key,
-                token,
-                limit=self.max_batch,
-                lease=self._lease,
-                ack=step.ack,
-                turn=step.turn,
-            )
+            return store.mb_take(self.name, key, token, **self._take_options(step.ack, step.turn))
         if isinstance(step, Debounce):
             self._debounce_sync(store, key)
             return None
@@ -414,14 +399,7 @@ class Drainer:
             ask = self.next_turn()
             try:
                 handled.taken = store.mb_release_take(
-                    self.name,
-                    turn_key,
-                    token,
-                    turn_token,
-                    limit=self.max_batch,
-                    lease=self._lease,
-                    ack=handled.ack,
-                    turn=ask,
+                    self.name, turn_key, token, turn_token, **self._take_options(handled.ack, ask)
                 )
             except BaseException:
                 self.release_unused_sync(turn_key, ask[0])  # see _release_and_take

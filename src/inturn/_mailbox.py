@@ -236,7 +236,7 @@ class Mailbox:
                 done = await self._in_call_order(key, text, args)
         except BaseException:
             if args["turn"] is not None:  # it may have run and granted the turn: release it
-                self._runtime.spawn(self._runtime.backend.release(key, turn[0]), key, "release")
+                self._drainer.release_unused(key, turn[0])
             raise
         self._submitted(key, done)
         if self.sweep_interval is not None:
