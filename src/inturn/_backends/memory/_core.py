@@ -358,12 +358,17 @@ class MemoryCore:
     ) -> Taken:
         with self._lock:
             now = self._clock()
-            box = self._boxes.get(name)
-            if box is None or self._box_drainer(box, now) != token:
-                return Taken(lost_role=True)
-            return self._with_turn(
-                name[1], self._take(name, box, limit, now, lease, ack=ack), turn, now
-            )
+            taken = self._take_as(name, token, limit, now, lease, ack=ack)
+            return self._with_turn(name[1], taken, turn, now)
+
+    def _take_as(
+        self, name: tuple[str, str], token: str, limit: int, now: float, lease: float, *, ack: bool
+    ) -> Taken:
+        """:meth:`_take` if ``token`` is the box's drainer (lock held)."""
+        box = self._boxes.get(name)
+        if box is None or self._box_drainer(box, now) != token:
+            return Taken(lost_role=True)
+        return self._take(name, box, limit, now, lease, ack=ack)
 
     def _with_turn(
         self, key: str, taken: Taken, turn: tuple[str, float] | None, now: float
@@ -408,11 +413,7 @@ class MemoryCore:
         With ``turn``, a batch taken while nobody waits keeps the turn for that token."""
         with self._lock:
             now = self._clock()
-            box = self._boxes.get(name)
-            if box is None or self._box_drainer(box, now) != token:
-                taken = Taken(lost_role=True)
-            else:
-                taken = self._take(name, box, limit, now, lease, ack=ack)
+            taken = self._take_as(name, token, limit, now, lease, ack=ack)
             entry = self._keys.get(name[1])
             if entry is None or entry.holder != turn_token:
                 return taken
