@@ -15,6 +15,11 @@ def ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+def _turn_args(turn: tuple[str, float] | None) -> list[Any]:
+    """The ARGV a mailbox script takes, last, to grant the key's turn with a batch."""
+    return [] if turn is None else [turn[0], ms(turn[1])]
+
+
 TURN_KEYS_KEPT = 1024
 """How many keys' KEYS lists a loop remembers (then it starts over)."""
 
@@ -71,10 +76,8 @@ class Scripts:
         turn: tuple[str, float] | None = None,
     ) -> Call:
         keys = self.turn_keys(key) + self.keys.mailbox_keys(name, key) + self._hint(name, key)
-        args = [message, max_pending, "1" if drop_oldest else "0", token, ms(lease), key]
-        args += [take, repr(time.time())]
-        if turn is not None and take > 0:
-            args += [turn[0], ms(turn[1])]
+        args = [message, max_pending, "1" if drop_oldest else "0", token, ms(lease), key, take]
+        args += [repr(time.time()), *_turn_args(turn if take > 0 else None)]
         return "mb_submit", keys, args
 
     def _take(
@@ -95,8 +98,7 @@ class Scripts:
         turn: tuple[str, float] | None = None,
     ) -> Call:
         take_keys, args = self._take(name, key, token, limit, lease, ack)
-        if turn is not None:
-            args += [turn[0], ms(turn[1])]
+        args += _turn_args(turn)
         return "mb_take", self.turn_keys(key) + take_keys, args
 
     def mb_release_take(
@@ -111,9 +113,7 @@ class Scripts:
         turn: tuple[str, float] | None = None,
     ) -> Call:
         take_keys, take_args = self._take(name, key, token, limit, lease, ack)
-        args = [turn_token, *take_args]
-        if turn is not None:
-            args += [turn[0], ms(turn[1])]
+        args = [turn_token, *take_args, *_turn_args(turn)]
         return "mb_release_take", self.turn_keys(key) + take_keys, args
 
     def mb_retry(
