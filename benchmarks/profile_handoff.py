@@ -147,13 +147,6 @@ def _worker(
     out.put((index, turns, [t for _, t in pushes], stats, cpu[1] - cpu[0]))
 
 
-def _resp(*parts: str) -> bytes:
-    out = f"*{len(parts)}\r\n".encode()
-    for part in parts:
-        out += f"${len(part.encode())}\r\n{part}\r\n".encode()
-    return out
-
-
 def _link(port: int) -> Any:
     import socket
 
@@ -164,24 +157,28 @@ def _link(port: int) -> Any:
 
 def _ring_player(port: int, me: int, n: int, rounds: int, start: Any, out: Any) -> None:
     """Wait for the token on channel ring<me>, hold 2 ms, PUBLISH it to the next process."""
+    from hiredis import pack_command  # what inturn's own connections pack with
+
     sub, pub = _link(port), _link(port)
-    sub.sendall(_resp("SUBSCRIBE", f"ring{me}"))
+    sub.sendall(pack_command(("SUBSCRIBE", f"ring{me}")))
     sub.recv(1024)
     start.wait(timeout=60)
     if me == 0:
-        pub.sendall(_resp("PUBLISH", "ring1", repr(time.monotonic())))
+        pub.sendall(pack_command(("PUBLISH", "ring1", repr(time.monotonic()))))
         pub.recv(64)
     transits = []
     for _ in range(rounds):
         data = sub.recv(4096)
         transits.append(time.monotonic() - float(data.split(b"\r\n")[-2]))
         time.sleep(HOLD)
-        pub.sendall(_resp("PUBLISH", f"ring{(me + 1) % n}", repr(time.monotonic())))
+        pub.sendall(pack_command(("PUBLISH", f"ring{(me + 1) % n}", repr(time.monotonic()))))
         pub.recv(64)
     out.put(transits)
 
 
 def _floor(ctx: Any, port: int, processes: int, rounds: int = 150) -> None:
+    from hiredis import pack_command
+
     start, out = ctx.Barrier(processes), ctx.Queue()
     ring = [
         ctx.Process(target=_ring_player, args=(port, i, processes, rounds, start, out))
@@ -193,11 +190,11 @@ def _floor(ctx: Any, port: int, processes: int, rounds: int = 150) -> None:
     for proc in ring:
         proc.join(timeout=5)
         proc.kill()
-    probe, pings = _link(port), []
+    probe, pings, ping = _link(port), [], pack_command(("PING",))
     for _ in range(300):
         time.sleep(0.001)
         sent = time.monotonic()
-        probe.sendall(_resp("PING"))
+        probe.sendall(ping)
         probe.recv(64)
         pings.append(time.monotonic() - sent)
     probe.close()
