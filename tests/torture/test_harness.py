@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 
 from inturn._cli import main
 from inturn._torture import run as torture_run
+from inturn._torture import servers
 from inturn._torture.checker import check
 from inturn._torture.proxy import FaultProxy
 from inturn._torture.sink import FencedSink
@@ -107,3 +110,30 @@ def test_worker_spans_load_as_a_history(tmp_path: Path) -> None:
     recorder.close()
     (span,) = History.load(tmp_path / "w.history")
     assert (span.key, span.fence, span.worker) == ("k", 1, "w-t0")
+
+
+def test_spawn_starts_again_after_an_error_that_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = subprocess.Popen
+    failures = [errno.EFAULT, errno.EAGAIN]
+    calls: list[list[str]] = []
+
+    def flaky(args: list[str], **options: object) -> subprocess.Popen[bytes]:
+        calls.append(args)
+        if failures:
+            raise OSError(failures.pop(0), "fails this time only")
+        return real(args, **options)  # type: ignore[call-overload, no-any-return]
+
+    monkeypatch.setattr(subprocess, "Popen", flaky)
+    proc = servers.spawn(["true"], stdout=subprocess.DEVNULL)
+    assert proc.wait(timeout=10) == 0
+    assert len(calls) == 3
+
+    failures[:] = [errno.EFAULT] * 3
+    with pytest.raises(OSError, match="fails this time only"):
+        servers.spawn(["true"])
+    assert failures == []  # three tries in all, then the error
+
+    failures[:] = [errno.ENOENT, errno.EFAULT]
+    with pytest.raises(FileNotFoundError):
+        servers.spawn(["true"])
+    assert failures == [errno.EFAULT]  # a lasting error is not retried

@@ -31,6 +31,7 @@ from inturn._torture.servers import (
     HOST,
     PostgresServer,
     RedisServer,
+    spawn,
 )
 
 __all__ = [
@@ -149,7 +150,7 @@ class Lab:
         path = base.with_suffix(".json")
         path.write_text(json.dumps(cfg), encoding="utf-8")
         with open(base.with_suffix(".err"), "wb") as err:
-            proc = subprocess.Popen(
+            proc = spawn(
                 [sys.executable, "-m", "inturn._torture.worker", str(path)],
                 stdout=subprocess.PIPE,
                 stderr=err,

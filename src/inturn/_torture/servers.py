@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 __all__ = [
     "MissingServerBinary",
@@ -43,12 +44,19 @@ __all__ = [
     "ServerStartError",
     "free_port",
     "postgres_bindir",
+    "spawn",
 ]
 
 HOST: Final = "127.0.0.1"
 _PORT_ATTEMPTS: Final = 5
 _LOG_TAIL_CHARS: Final = 2000
 _PORT_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
+
+# Errors a process start can hit for a moment and not the next time. EFAULT was seen once in CI:
+# the execve of a redis-server (a binary that was there) failed in the vfork()ed child while the
+# torture lab's other threads ran. The child had exited, so starting again leaks nothing.
+_TRANSIENT_SPAWN: Final = frozenset({errno.EFAULT, errno.EAGAIN, errno.ENOMEM})
+_SPAWN_ATTEMPTS: Final = 3
 
 # Backstop for servers a test forgot to stop (or a run that was interrupted): id -> stop().
 _live: dict[int, Callable[[], None]] = {}
@@ -59,6 +67,19 @@ def _stop_all() -> None:
     for stop in list(_live.values()):
         with contextlib.suppress(Exception):
             stop()
+
+
+def spawn(args: list[str], **options: Any) -> subprocess.Popen[bytes]:
+    """`subprocess.Popen(args, **options)`, started again (up to three tries in all) when the
+    start fails with an error that is known to pass: EFAULT, EAGAIN or ENOMEM."""
+    for attempt in range(1, _SPAWN_ATTEMPTS + 1):
+        try:
+            return subprocess.Popen(args, **options)
+        except OSError as exc:
+            if exc.errno not in _TRANSIENT_SPAWN or attempt == _SPAWN_ATTEMPTS:
+                raise
+            time.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
 
 
 class ServerStartError(RuntimeError):
@@ -281,7 +302,7 @@ class RedisServer:
             "".join(f"{key} {_redis_conf_value(val)}\n" for key, val in directives.items())
         )
         self.log_path.unlink(missing_ok=True)
-        self._proc = subprocess.Popen(
+        self._proc = spawn(
             [self.binary, str(conf)],
             cwd=self.dir,
             stdin=subprocess.DEVNULL,
@@ -528,7 +549,7 @@ class RedisSentinel(RedisServer):
         args = [self.binary, str(conf)]
         if Path(self.binary).name != "redis-sentinel":
             args.append("--sentinel")
-        self._proc = subprocess.Popen(
+        self._proc = spawn(
             args,
             cwd=self.dir,
             stdin=subprocess.DEVNULL,
