@@ -17,7 +17,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from ._backends.base import Confirmation, Grant
+from ._backends.base import Confirmation, Confirming, Grant
 from ._errors import BackendUnavailable, LeaseLost
 from ._keys import shown
 from ._policy import Deadline, TurnSettings
@@ -193,6 +193,8 @@ class TurnRequest(_Request[Turn]):
         """Release. A turn that was handed over early first waits (a little) until its grant
         is confirmed, so that its release cannot overtake the one that granted it."""
         confirmation = turn._confirmation
+        if isinstance(confirmation, Confirming) and not confirmation.done():
+            confirmation.hurry()
         if isinstance(confirmation, asyncio.Future) and not confirmation.done():
             await asyncio.wait([confirmation], timeout=CONFIRM_WAIT)
         fence = turn._release_fence(self._settings.lease)

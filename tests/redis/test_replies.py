@@ -26,10 +26,10 @@ async def _replies(pending: Any, lost: list[BaseException]) -> Replies:
 @pytest.mark.parametrize("cut", range(1, len(STREAM)))
 async def test_replies_split_anywhere_resolve_their_calls_in_order(cut: int) -> None:
     loop = asyncio.get_running_loop()
-    pending: deque[tuple[asyncio.Future[Any], float]] = deque(
-        (loop.create_future(), 0.0) for _ in range(3)
+    pending: deque[tuple[asyncio.Future[Any], float, bool]] = deque(
+        (loop.create_future(), 0.0, False) for _ in range(3)
     )
-    futures = [f for f, _ in pending]
+    futures = [f for f, _, _ in pending]
     lost: list[BaseException] = []
     protocol = await _replies(pending, lost)
     protocol.data_received(STREAM[:cut])
@@ -51,7 +51,7 @@ async def test_a_reply_nobody_waits_for_drops_the_connection() -> None:
 
 async def test_bytes_that_are_not_resp_drop_the_connection() -> None:
     loop = asyncio.get_running_loop()
-    pending = deque([(loop.create_future(), 0.0)])
+    pending = deque([(loop.create_future(), 0.0, False)])
     lost: list[BaseException] = []
     protocol = await _replies(pending, lost)
     protocol.data_received(b"?garbage\r\n")

@@ -291,9 +291,11 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         *,
         wait: ReplicaWait | None = None,
         hold: bool = False,
+        lazy: bool = False,
     ) -> Any:
         """Run a script; with ``wait``, return once replicas have its write (see ReplicaWait);
-        with ``hold``, it leaves at the end of this loop step (``Mux.evalsha``)."""
+        with ``hold``, it leaves at the end of this loop step; ``lazy``: its reply may wait
+        unread until the loop wakes for something else (``Mux.evalsha``)."""
         keys = state.calls.turn_keys(key) if keys is None else keys
         if not state.subscribed.is_set():
             await self._in_order(state)
@@ -305,7 +307,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
                 resend = idempotent(name, args)
                 try:
                     reply = await runner.evalsha(
-                        sha, lua, keys, args, idempotent=resend, then=then, hold=hold
+                        sha, lua, keys, args, idempotent=resend, then=then, hold=hold, lazy=lazy
                     )
                 except NotHere:  # a Cluster master did not run it: redis-py finds the node
                     pass
@@ -346,11 +348,15 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         # Registered before the script is sent: the push can arrive before its reply, and
         # this loop's waiters of a key are listed in the order their JOINs were sent.
         waiter = Waiter(key, lease, future=loop.create_future())
+        # Behind a waiter of this loop's that still waits, the JOIN cannot be granted now:
+        # its reply can wait until the loop wakes anyway (it ends no holder's sleep early).
+        line = state.lines.get(key)
+        behind_ours = line is not None and any(w.grant is None for w in line.values())
         state.enlist(token, waiter)
         sent = time.monotonic()
         args = [token, ms(lease), alive_ms(lease), state.channel, "join"]
         try:
-            reply = await self._run(state, "join", key, args)
+            reply = await self._run(state, "join", key, args, lazy=behind_ours)
         except BaseException:
             state.forget(token)
             raise

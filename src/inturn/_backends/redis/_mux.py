@@ -142,11 +142,13 @@ class Mux:
         idempotent: bool = True,
         then: tuple[Any, ...] | None = None,
         hold: bool = False,
+        lazy: bool = False,
     ) -> Any:
         """Run a script by its SHA (loading it by EVAL when the server lacks it).
 
         ``hold``: send it at the end of this loop step, with the commands sent after
-        it (see :meth:`submit`): one write for the calls of many tasks.
+        it (see :meth:`submit`): one write for the calls of many tasks. ``lazy``: its
+        reply may wait unread until the loop wakes for something else (see ``_replies``).
 
         Raises redis-py's exceptions: ``ConnectionError`` (after the retries),
         ``TimeoutError`` and ``ResponseError``. A call that is not ``idempotent``
@@ -175,7 +177,7 @@ class Mux:
             try:
                 try:
                     command = ("EVALSHA", sha, len(keys), *keys, *args)
-                    reply = self._send(link, command, hold=hold)
+                    reply = self._send(link, command, hold=hold, lazy=lazy and then is None)
                     if then is None:  # the common case: no wrapper coroutine
                         written = True
                         return await reply
@@ -204,6 +206,8 @@ class Mux:
         link = self._link
         if link is not None:
             self._flush(link)
+            if link.replies is not None:
+                link.replies.wake()
             if link.pending and not link.dropped:
                 last = link.pending[-1][0]
                 with contextlib.suppress(Exception):
@@ -228,18 +232,27 @@ class Mux:
         *,
         hold: bool = False,
         then: Callable[[asyncio.Future[Any]], None] | None = None,
+        lazy: bool = False,
     ) -> asyncio.Future[Any] | None:
         """Send EVALSHA now and return the future of its reply (None when not connected).
 
         No retry and no EVAL fallback: the future fails with redis-py's exception.
         With ``hold``, the command leaves at the end of this loop step (with any
         sent after it), so that tasks woken in this step run first. ``then(future)``
-        runs as soon as the reply (or the failure) is in, in that same loop step.
+        runs as soon as the reply (or the failure) is in. A ``lazy`` reply may wait
+        unread until the loop wakes for something else (see ``_replies``).
         """
         link = self._link
         if link is None or link.dropped or self._awaiting_link:
             return None
-        return self._send(link, ("EVALSHA", sha, len(keys), *keys, *args), hold=hold, then=then)
+        command = ("EVALSHA", sha, len(keys), *keys, *args)
+        return self._send(link, command, hold=hold, then=then, lazy=lazy)
+
+    def catch_up(self) -> None:
+        """Read now the replies that arrived while reading waited (see ``_replies``)."""
+        link = self._link
+        if link is not None and link.replies is not None:
+            link.replies.catch_up()
 
     def _send(
         self,
@@ -248,6 +261,7 @@ class Mux:
         *,
         hold: bool = False,
         then: Callable[[asyncio.Future[Any]], None] | None = None,
+        lazy: bool = False,
     ) -> asyncio.Future[Any]:
         if link.dropped:
             raise redis.exceptions.ConnectionError("inturn: the connection was dropped")
@@ -260,8 +274,12 @@ class Mux:
             raise error
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future() if then is None else Then(loop, then)
+        replies = link.replies
+        if replies is not None and not lazy:
+            replies.wake()  # read as usual: its caller waits for the reply now
+            replies.urgent += 1
         # Registered and written with no await between: replies come back in this order.
-        link.pending.append((future, loop.time()))
+        link.pending.append((future, loop.time(), lazy))
         if self._watch is None:
             self._watch = loop.call_later(WATCH_EVERY, self._watchdog)
         pack = _hiredis_pack
@@ -289,6 +307,8 @@ class Mux:
         except BaseException as exc:
             self._drop(link, exc)
             raise
+        if link.replies is not None:
+            link.replies.settle()
 
     async def _connect(self) -> _Link:
         async with self._connecting:

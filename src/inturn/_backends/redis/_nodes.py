@@ -149,15 +149,16 @@ class NodeMuxes(_Routing):
         idempotent: bool,
         then: tuple[Any, ...] | None = None,
         hold: bool = False,
+        lazy: bool = False,
     ) -> Any:
-        """Run a script on its slot's master (``then``, ``hold``: see Mux.evalsha);
-        :class:`NotHere` when redis-py should."""
+        """Run a script on its slot's master (``then``, ``hold``, ``lazy``: see
+        Mux.evalsha); :class:`NotHere` when redis-py should."""
         if not self._client.nodes_manager.slots_cache:
             await self._client.initialize()
         with self._or_not_here(idempotent):
             mux = self._mux(keys)
             return await mux.evalsha(
-                sha, lua, keys, args, idempotent=idempotent, then=then, hold=hold
+                sha, lua, keys, args, idempotent=idempotent, then=then, hold=hold, lazy=lazy
             )
 
     async def members(self, set_of_slot: Sequence[str]) -> list[bytes]:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from inturn._backends.base import Grant
+from inturn._backends.base import Confirming, Grant
 
 from ._shared import SHAS, LoopState, ProcessChannel, after_release, confirm, hand_over, ms, wake
 
@@ -50,17 +50,22 @@ class Releases:
         handed: Grant | None = None
         keys = state.calls.turn_keys(key)
         mux = state.mux if state.nodes is None else state.nodes.connected(keys)
+        if mux is not None:
+            mux.catch_up()  # the line as the replies that came tell it
         solo = state.next_solo(key) if fence is not None and mux is not None else None
         if fence is not None and solo is not None and mux is not None:
             # Our own first waiter, with nobody from elsewhere ahead of it: start it now,
             # with the next fence; the script confirms exactly this grant.
-            handed = hand_over(solo, fence, sent, asyncio.get_running_loop().create_future())
+            confirmed = Confirming(asyncio.get_running_loop(), mux.catch_up)
+            handed = hand_over(solo, fence, sent, confirmed)
             args += [solo[0], ms(solo[1].lease)]
             # Not awaited, and sent at the end of this loop step: the woken waiter starts
             # first, and our next command (a JOIN, often) leaves in the same write. The
-            # reply only confirms the grant, or refuses it, and then the new holder is told.
+            # reply only confirms the grant, or refuses it, and then the new holder is told;
+            # it is lazy: it need not wake the loop (and so end the new holder's sleep late).
             then = partial(self._handed_over, state, key, args, handed)
-            if mux.submit(SHAS["release"][0], keys, args, hold=True, then=then) is not None:
+            confirming = mux.submit(SHAS["release"][0], keys, args, hold=True, then=then, lazy=True)
+            if confirming is not None:
                 return
         try:
             reply = await self._run(state, "release", key, args, keys)

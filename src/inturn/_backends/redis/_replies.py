@@ -9,12 +9,24 @@ handshaken it (TLS, ``unix://``, AUTH, the database, the protocol version all
 stay redis-py's): it parses with hiredis in ``data_received`` and resolves the
 caller's future there, so the caller runs in the next turn. An uncontended
 turn is two replies: four turns of the loop fewer.
+
+A reply nobody waits for at the moment (a *lazy* call: the confirmation of a
+release that already woke its next holder, the JOIN of a task that queues
+behind one of this loop's own) need not wake the loop. While every call in
+flight is lazy, :class:`Replies` stops reading (``settle``) and reads what came
+when the next urgent call is made, when a release looks at the line
+(``catch_up``), or after ``QUIET_FOR`` seconds at the latest. Why it matters: a
+reply that lands in the middle of a holder's ``await asyncio.sleep(...)`` wakes
+the loop, and the loop then sleeps the rest rounded up to whole milliseconds
+(epoll's unit), so each such reply stretched the holder's turn by a fraction of
+a millisecond.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -26,14 +38,18 @@ try:
 except ImportError:  # pragma: no cover - hiredis is in the redis extra
     hiredis = None
 
-__all__ = ["Pending", "Replies", "Then", "can_take_over"]
+__all__ = ["QUIET_FOR", "Pending", "Replies", "Then", "can_take_over"]
+
+QUIET_FOR = 0.1
+"""Seconds at most that lazy replies stay unread."""
+_CHUNK = 65536
 
 _MORE = object()
 """hiredis's answer when a reply needs more bytes."""
 
-Pending = collections.deque[tuple[asyncio.Future[Any], float]]
-"""Calls in flight on a connection, in send order: each caller's future and the loop time
-it was sent."""
+Pending = collections.deque[tuple[asyncio.Future[Any], float, bool]]
+"""Calls in flight on a connection, in send order: each caller's future, the loop time it
+was sent, and whether it is lazy (see the module docstring)."""
 
 
 def can_take_over(conn: Any) -> bool:
@@ -52,7 +68,11 @@ class Replies(asyncio.Protocol):
     """
 
     def __init__(
-        self, conn: Any, pending: Pending, on_lost: Callable[[BaseException], None]
+        self,
+        conn: Any,
+        pending: Pending,
+        on_lost: Callable[[BaseException], None],
+        transport: asyncio.Transport | None = None,
     ) -> None:
         self._pending = pending
         self._on_lost = on_lost
@@ -66,6 +86,15 @@ class Replies(asyncio.Protocol):
             options["errors"] = conn.encoder.encoding_errors
         self._reader = hiredis.Reader(**options)
         self._push = getattr(hiredis, "PushNotification", None)
+        self.urgent = 0
+        """Calls in flight that are not lazy (the sender counts them in)."""
+        self._transport = transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        # Only a plain socket can be read past its transport (TLS bytes need the transport).
+        plain = sock is not None and transport.get_extra_info("sslcontext") is None
+        self._fd = sock.fileno() if plain else -1
+        self._quiet: asyncio.TimerHandle | None = None
+        """While reading is paused: the timer that ends the pause."""
 
     @classmethod
     def take_over(
@@ -73,10 +102,11 @@ class Replies(asyncio.Protocol):
     ) -> Replies:
         """Read ``conn`` here from now on. Its writer still writes (keep a reference: the
         caller closes its transport); redis-py lets go of the connection."""
-        protocol = cls(conn, pending, on_lost)
+        transport = conn._writer.transport
+        protocol = cls(conn, pending, on_lost, transport)
         stream = conn._reader
         leftover = bytes(stream._buffer) if stream is not None else b""
-        conn._writer.transport.set_protocol(protocol)
+        transport.set_protocol(protocol)
         conn._writer = conn._reader = None  # not redis-py's to close any more
         if leftover:
             protocol.data_received(leftover)
@@ -89,7 +119,9 @@ class Replies(asyncio.Protocol):
             while (reply := reader.gets()) is not _MORE:
                 if self._push is not None and isinstance(reply, self._push):
                     continue  # a RESP3 push (client tracking, say): no call's reply
-                future = pending.popleft()[0]
+                future, _, lazy = pending.popleft()
+                if not lazy:
+                    self.urgent -= 1
                 if future.done():  # its caller was cancelled: the reply is dropped
                     continue
                 if isinstance(reply, redis.exceptions.ResponseError):
@@ -101,10 +133,46 @@ class Replies(asyncio.Protocol):
         except Exception as exc:
             self._on_lost(exc)
 
+    def settle(self) -> None:
+        """After a write: stop reading while every call in flight is lazy."""
+        transport = self._transport
+        if self.urgent or self._quiet is not None or self._fd < 0 or not self._pending:
+            return
+        assert transport is not None  # a readable fd came from it
+        transport.pause_reading()
+        self._quiet = asyncio.get_running_loop().call_later(QUIET_FOR, self.wake)
+
+    def catch_up(self) -> None:
+        """Take in the replies that have arrived (reading stays as it is)."""
+        if self._quiet is None:
+            return
+        try:
+            data = os.read(self._fd, _CHUNK)
+            while len(data) % _CHUNK == 0 and data:  # a full read: there may be more
+                data += os.read(self._fd, _CHUNK)
+        except OSError:  # nothing (more) for now, or a failure, which the transport reads
+            data = b""
+        if data:
+            self.data_received(data)
+
+    def wake(self) -> None:
+        """Read as the bytes come again, after taking in those that came."""
+        quiet = self._quiet
+        if quiet is None:
+            return
+        self.catch_up()
+        self._quiet = None
+        quiet.cancel()
+        if self._transport is not None:  # it paused: the fd came from it
+            self._transport.resume_reading()  # an end of the stream is the transport's to see
+
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._quiet is not None:
+            self._quiet.cancel()
+            self._quiet = None
         self._on_lost(exc or redis.exceptions.ConnectionError("inturn: the server closed it"))
 
 
