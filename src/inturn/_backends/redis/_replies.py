@@ -89,10 +89,12 @@ class Replies(asyncio.Protocol):
         self.urgent = 0
         """Calls in flight that are not lazy (the sender counts them in)."""
         self._transport = transport
-        sock = None if transport is None else transport.get_extra_info("socket")
-        # Only a plain socket can be read past its transport (TLS bytes need the transport).
-        plain = sock is not None and transport.get_extra_info("sslcontext") is None
-        self._fd = sock.fileno() if plain else -1
+        self._fd = -1
+        """The socket, when it can be read past its transport (TLS bytes need the transport)."""
+        if transport is not None and transport.get_extra_info("sslcontext") is None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                self._fd = sock.fileno()
         self._quiet: asyncio.TimerHandle | None = None
         """While reading is paused: the timer that ends the pause."""
 
@@ -144,27 +146,35 @@ class Replies(asyncio.Protocol):
 
     def catch_up(self) -> None:
         """Take in the replies that have arrived (reading stays as it is)."""
-        if self._quiet is None:
-            return
-        try:
-            data = os.read(self._fd, _CHUNK)
-            while len(data) % _CHUNK == 0 and data:  # a full read: there may be more
-                data += os.read(self._fd, _CHUNK)
-        except OSError:  # nothing (more) for now, or a failure, which the transport reads
-            data = b""
-        if data:
-            self.data_received(data)
+        if self._quiet is not None and self._pending:  # else reading, or nothing to read
+            self._take_in(self._arrived())
 
     def wake(self) -> None:
         """Read as the bytes come again, after taking in those that came."""
-        quiet = self._quiet
+        quiet, self._quiet = self._quiet, None
         if quiet is None:
             return
-        self.catch_up()
-        self._quiet = None
         quiet.cancel()
+        arrived = self._arrived()
         if self._transport is not None:  # it paused: the fd came from it
             self._transport.resume_reading()  # an end of the stream is the transport's to see
+        self._take_in(arrived)
+
+    def _arrived(self) -> bytes:
+        """What the socket holds now, read past the paused transport."""
+        chunks = []
+        try:
+            while chunk := os.read(self._fd, _CHUNK):
+                chunks.append(chunk)
+                if len(chunk) < _CHUNK:
+                    break
+        except OSError:  # nothing (more) for now, or a failure, which the transport reads
+            pass
+        return b"".join(chunks)
+
+    def _take_in(self, data: bytes) -> None:
+        if data:
+            self.data_received(data)
 
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost follows
