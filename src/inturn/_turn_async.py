@@ -17,7 +17,8 @@ from functools import partial
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from ._backends.base import Confirmation, Confirming, Grant
+from ._backends._confirming import Confirming
+from ._backends.base import Confirmation, Grant
 from ._errors import BackendUnavailable, LeaseLost
 from ._keys import shown
 from ._policy import Deadline, TurnSettings

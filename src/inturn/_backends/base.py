@@ -30,8 +30,6 @@ __all__ = [
     "Backend",
     "BoxState",
     "ClaimResult",
-    "Confirmation",
-    "Confirming",
     "DedupBackend",
     "Diagnostics",
     "Finding",
@@ -55,19 +53,6 @@ __all__ = [
 
 Confirmation = asyncio.Future[bool] | concurrent.futures.Future[bool]
 """How a grant handed over early learns whether the backend confirmed it."""
-
-
-class Confirming(asyncio.Future[bool]):
-    """An asyncio :data:`Confirmation` whose answer may have arrived unread (a backend
-    that reads lazy replies late): :meth:`hurry` has it read now."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, hurry: Callable[[], None]) -> None:
-        super().__init__(loop=loop)
-        self._hurry = hurry
-
-    def hurry(self) -> None:
-        """Read the answer now if it has come (the future is then done)."""
-        self._hurry()
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from inturn._backends.base import Confirming, Grant
+from inturn._backends._confirming import Confirming
+from inturn._backends.base import Grant
 
 from ._shared import SHAS, LoopState, ProcessChannel, after_release, confirm, hand_over, ms, wake
 
