@@ -120,3 +120,33 @@ def test_lazy_replies_are_read_within_the_backstop(redis_server: RedisServer) ->
             await gate.aclose()
 
     _run(main, selector)
+
+
+def test_a_holder_that_ends_at_once_does_not_wait_for_the_backstop(
+    redis_server: RedisServer,
+) -> None:
+    """A turn handed over in the loop is confirmed by a lazy reply. A holder whose body ends
+    before that reply came waits for it: the connection must then be read again at once,
+    or every such hand-over stalls until the backstop (QUIET_FOR)."""
+    selector = WatchedSelector()
+    turns = 4 * 50
+
+    async def main() -> float:
+        gate = inturn.Gate.from_url(redis_server.url, namespace=f"lazy{secrets.token_hex(3)}")
+
+        async def contender() -> None:
+            for _ in range(turns // 4):
+                async with gate.turn("user-3"):
+                    pass
+
+        try:
+            async with asyncio.timeout(120):
+                began = time.monotonic()
+                await asyncio.gather(*(contender() for _ in range(4)))
+                return time.monotonic() - began
+        finally:
+            await gate.aclose()
+
+    took = _run(main, selector)
+    # A stall per hand-over would take turns * QUIET_FOR (20 s); the turns take well under 1 s.
+    assert took < turns * QUIET_FOR / 4, took

@@ -248,11 +248,14 @@ class Mux:
         command = ("EVALSHA", sha, len(keys), *keys, *args)
         return self._send(link, command, hold=hold, then=then, lazy=lazy)
 
-    def catch_up(self) -> None:
-        """Read now the replies that arrived while reading waited (see ``_replies``)."""
-        link = self._link
-        if link is not None and link.replies is not None:
-            link.replies.catch_up()
+    def catch_up(self, *, resume: bool = False) -> None:
+        """Read now the replies that came while reading waited (see ``_replies``); with
+        ``resume``, read them as they come again (someone waits for one of them now)."""
+        replies = None if self._link is None else self._link.replies
+        if replies is not None and resume:
+            replies.hasten()
+        elif replies is not None:
+            replies.catch_up()
 
     def _send(
         self,

@@ -15,11 +15,11 @@ release that already woke its next holder, the JOIN of a task that queues
 behind one of this loop's own) need not wake the loop. While every call in
 flight is lazy, :class:`Replies` stops reading (``settle``) and reads what came
 when the next urgent call is made, when a release looks at the line
-(``catch_up``), or after ``QUIET_FOR`` seconds at the latest. Why it matters: a
-reply that lands in the middle of a holder's ``await asyncio.sleep(...)`` wakes
-the loop, and the loop then sleeps the rest rounded up to whole milliseconds
-(epoll's unit), so each such reply stretched the holder's turn by a fraction of
-a millisecond.
+(``catch_up``), or ``QUIET_FOR`` seconds after it last looked, at the latest.
+Why it matters: a reply that lands in the middle of a holder's ``await
+asyncio.sleep(...)`` wakes the loop, and the loop then sleeps the rest rounded
+up to whole milliseconds (epoll's unit), so each such reply stretched the
+holder's turn by a fraction of a millisecond.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ class Replies(asyncio.Protocol):
         self._push = getattr(hiredis, "PushNotification", None)
         self.urgent = 0
         """Calls in flight that are not lazy (the sender counts them in)."""
+        self._hastened = False
+        """Someone waits for a lazy reply now: read as usual until every call is answered."""
         self._transport = transport
         self._fd = -1
         """The socket, when it can be read past its transport (TLS bytes need the transport)."""
@@ -130,6 +132,8 @@ class Replies(asyncio.Protocol):
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
+            if not pending:
+                self._hastened = False
         except IndexError:
             self._on_lost(redis.exceptions.ConnectionError("inturn: unexpected reply"))
         except Exception as exc:
@@ -138,7 +142,9 @@ class Replies(asyncio.Protocol):
     def settle(self) -> None:
         """After a write: stop reading while every call in flight is lazy."""
         transport = self._transport
-        if self.urgent or self._quiet is not None or self._fd < 0 or not self._pending:
+        if self.urgent or self._hastened or self._quiet is not None or self._fd < 0:
+            return
+        if not self._pending:
             return
         assert transport is not None  # a readable fd came from it
         transport.pause_reading()
@@ -146,8 +152,23 @@ class Replies(asyncio.Protocol):
 
     def catch_up(self) -> None:
         """Take in the replies that have arrived (reading stays as it is)."""
-        if self._quiet is not None and self._pending:  # else reading, or nothing to read
-            self._take_in(self._arrived())
+        quiet = self._quiet
+        if quiet is None or not self._pending:  # reading, or nothing to read
+            return
+        # The backstop counts from the last catch-up: while releases keep catching up, it
+        # never fires (a timer would wake the loop in some holder's sleep, as a reply did).
+        quiet.cancel()
+        self._quiet = asyncio.get_running_loop().call_later(QUIET_FOR, self.wake)
+        data, ended = self._arrived()
+        self._take_in(data)
+        if ended:  # the transport is to see the end (or the failure) and report it
+            self.wake()
+
+    def hasten(self) -> None:
+        """Someone waits for a lazy reply now (it may not even have left yet): read the
+        replies as they come until every call in flight is answered."""
+        self._hastened = bool(self._pending)
+        self.wake()
 
     def wake(self) -> None:
         """Read as the bytes come again, after taking in those that came."""
@@ -155,22 +176,28 @@ class Replies(asyncio.Protocol):
         if quiet is None:
             return
         quiet.cancel()
-        arrived = self._arrived()
+        arrived, _ = self._arrived()
         if self._transport is not None:  # it paused: the fd came from it
             self._transport.resume_reading()  # an end of the stream is the transport's to see
         self._take_in(arrived)
 
-    def _arrived(self) -> bytes:
-        """What the socket holds now, read past the paused transport."""
+    def _arrived(self) -> tuple[bytes, bool]:
+        """What the socket holds now, read past the paused transport, and whether the
+        stream ended or failed (the transport then reads the end again, and reports it)."""
         chunks = []
+        ended = False
         try:
             while chunk := os.read(self._fd, _CHUNK):
                 chunks.append(chunk)
                 if len(chunk) < _CHUNK:
                     break
-        except OSError:  # nothing (more) for now, or a failure, which the transport reads
+            else:
+                ended = True
+        except BlockingIOError:  # nothing (more) for now
             pass
-        return b"".join(chunks)
+        except OSError:
+            ended = True
+        return b"".join(chunks), ended
 
     def _take_in(self, data: bytes) -> None:
         if data:
