@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - hiredis is in the redis extra
 __all__ = ["QUIET_FOR", "Pending", "Replies", "Then", "can_take_over"]
 
 QUIET_FOR = 0.1
-"""Seconds at most that lazy replies stay unread."""
+"""Seconds at most that lazy replies stay unread after the connection was last looked at."""
 _CHUNK = 65536
 
 _MORE = object()
