@@ -3,32 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from typing import Protocol
 
-__all__ = ["Confirming"]
+__all__ = ["Confirming", "Reader"]
+
+
+class Reader(Protocol):
+    """Where the answer comes from: a connection that may leave replies unread."""
+
+    def catch_up(self, *, resume: bool = False) -> None:
+        """Take in what has arrived; with ``resume``, read as the bytes come again."""
+        ...
 
 
 class Confirming(asyncio.Future[bool]):
     """An asyncio confirmation (see ``Grant.confirmed``) whose answer may have arrived
-    unread (a backend that reads lazy replies late): :meth:`hurry` has it read now.
+    unread on ``reader`` (it reads lazy replies late): :meth:`hurry` has it read now."""
 
-    ``catch_up`` takes in what has arrived; ``wake`` has the backend read as the bytes
-    come again (the answer is awaited now, and may still be on its way).
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        catch_up: Callable[[], None],
-        wake: Callable[[], None],
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, reader: Reader) -> None:
         super().__init__(loop=loop)
-        self._catch_up = catch_up
-        self._wake = wake
+        self._reader = reader
 
     def hurry(self) -> None:
         """Read the answer now if it has come (the future is then done); if it has not,
-        read it as soon as it comes."""
-        self._catch_up()
+        read it as soon as it comes (it is awaited now, and may still be on its way)."""
+        self._reader.catch_up()
         if not self.done():
-            self._wake()
+            self._reader.catch_up(resume=True)

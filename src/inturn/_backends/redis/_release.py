@@ -57,8 +57,7 @@ class Releases:
         if fence is not None and solo is not None and mux is not None:
             # Our own first waiter, with nobody from elsewhere ahead of it: start it now,
             # with the next fence; the script confirms exactly this grant.
-            loop = asyncio.get_running_loop()
-            confirmed = Confirming(loop, mux.catch_up, partial(mux.catch_up, resume=True))
+            confirmed = Confirming(asyncio.get_running_loop(), mux)
             handed = hand_over(solo, fence, sent, confirmed)
             args += [solo[0], ms(solo[1].lease)]
             # Not awaited, and sent at the end of this loop step: the woken waiter starts
