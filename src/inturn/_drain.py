@@ -197,8 +197,7 @@ class Drainer:
             while True:
                 try:
                     step = flow.send(reply)
-                except StopIteration:
-                    step = None
+                except StopIteration:  # ``step`` is None again: nothing left asked
                     return
                 retries: Retries | None = None  # made on a step's first failure only
                 while True:
@@ -360,8 +359,7 @@ class Drainer:
             while True:
                 try:
                     step = flow.send(reply)
-                except StopIteration:
-                    step = None
+                except StopIteration:  # ``step`` is None again: nothing left asked
                     return
                 retries: Retries | None = None
                 while True:

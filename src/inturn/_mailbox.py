@@ -472,7 +472,7 @@ class Mailbox:
             # The flag, not only the cancellation, ends the loop: asyncio (3.11) may drop a
             # cancel that lands as a call inside the sweep completes (``wait_for`` returns
             # the result instead), and the loop would then sweep on after aclose().
-            while self._sweeper is asyncio.current_task():
+            while True:
                 try:
                     await self.sweep()
                 except Exception:
