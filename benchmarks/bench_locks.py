@@ -67,7 +67,16 @@ Mode = Literal["async", "threads", "processes"]
 Flavor = Literal["sync", "async"]
 AsyncCM = Callable[[], AbstractAsyncContextManager[object]]
 SyncCM = Callable[[], AbstractContextManager[object]]
-Record = tuple[float, float, float]  # (asked, granted, released) on time.monotonic()
+Record = tuple[float, float, float, float]
+"""(asked, granted, released, joined) on time.monotonic(); joined: when the request was in
+the lock's line (inturn's ``turn.joined_at``), NaN for a lock that has no line."""
+
+
+def joined_at(held: object) -> float:
+    """When the request that got ``held`` was in line (NaN when the lock keeps no line)."""
+    joined = getattr(held, "joined_at", None)
+    return joined if isinstance(joined, float) else math.nan
+
 
 ALL: frozenset[Scenario] = frozenset({"cycle", "contention", "handoff"})
 LEASE = 30  # seconds: every lock gets a lease far longer than any hold here
@@ -625,12 +634,12 @@ async def _contend_async(
     records: list[Record] = []
     while (asked := time.monotonic()) < deadline:
         asking[index] = asked
-        async with make():
+        async with make() as held:
             granted = time.monotonic()
             asking[index] = 0.0
             await asyncio.sleep(hold)
             released = time.monotonic()
-        records.append((asked, granted, released))
+        records.append((asked, granted, released, joined_at(held)))
     return records
 
 
@@ -717,12 +726,12 @@ def _contend_sync(
         records: list[Record] = []
         while (asked := time.monotonic()) < deadline:
             asking[index] = asked
-            with make():
+            with make() as held:
                 granted = time.monotonic()
                 asking[index] = 0.0
                 time.sleep(plan.hold)
                 released = time.monotonic()
-            records.append((asked, granted, released))
+            records.append((asked, granted, released, joined_at(held)))
         return records
     except BaseException:
         start.barrier.abort()  # nobody waits 60 s for a contender that is gone

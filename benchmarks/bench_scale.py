@@ -276,6 +276,26 @@ def _usable_async(contender: bl.AsyncContender, target: bl.Target, skipped: list
 # -- 3. hand-off across processes ---------------------------------------------------------
 
 
+def fifo_breaches(by_grant: Sequence[bl.Record]) -> int | None:
+    """Grants that broke the FIFO promise, by the lock's own line: a request granted
+    while another that was in line before it asked (``joined`` before its ``asked``)
+    still waited. None for a lock that keeps no line (no ``joined`` stamps).
+
+    ``by_grant``: the records sorted by grant time. ``joined`` is stamped when the
+    JOIN's reply is in, later than the server put the request in line: a breach
+    counted here is a real one.
+    """
+    if not by_grant or any(math.isnan(r[3]) for r in by_grant):
+        return None
+    breaches = 0
+    later_joined = math.inf  # the earliest `joined` among the requests granted later
+    for rec in reversed(by_grant):
+        if later_joined < rec[0]:
+            breaches += 1
+        later_joined = min(later_joined, rec[3])
+    return breaches
+
+
 def handoff_stats(run: bl.ContentionRun, flavor: str) -> dict[str, Any]:
     """Hand-off latency and FIFO order from the holds that N processes recorded on one key."""
     flat = sorted((r for per in run.records for r in per), key=lambda r: r[1])
@@ -293,6 +313,7 @@ def handoff_stats(run: bl.ContentionRun, flavor: str) -> dict[str, Any]:
         later_min = min(later_min, rec[0])
     waits = [r[1] - r[0] for r in flat] + run.censored
     return {
+        "fifo_breaches": fifo_breaches(flat),
         "lock": run.name,
         "flavor": flavor,
         "processes": len(run.records),
@@ -1042,12 +1063,13 @@ def build_tables(report: Report, size: Size) -> list[bl.Table]:
                 "wait p99",
                 "Jain",
                 "overtaken %",
+                "FIFO breaches",
                 "overlaps",
             ],
         )
         for r in report.handoff:
             if r["error"] and not r.get("handoffs"):
-                t.rows.append([r["lock"], r["flavor"], "error", *["-"] * 8])
+                t.rows.append([r["lock"], r["flavor"], "error", *["-"] * 9])
                 t.notes.append(f"{r['lock']}: {r['error']}")
                 continue
             t.rows.append(
@@ -1062,6 +1084,7 @@ def build_tables(report: Report, size: Size) -> list[bl.Table]:
                     _f(r["wait_p99_ms"], 1),
                     _f(r["jain"], 3),
                     _f(r["overtaken_pct"], 1),
+                    "-" if r.get("fifo_breaches") is None else str(r["fifo_breaches"]),
                     str(r["overlaps"]),
                 ]
             )
@@ -1073,6 +1096,9 @@ def build_tables(report: Report, size: Size) -> list[bl.Table]:
             "p50 / PING: hand-off p50 over the PING p50 after 1 ms idle, same flavor (table 1)",
             "overtaken %: grants that went to a waiter while another who asked >1 ms earlier "
             "still waited (0 = FIFO)",
+            "FIFO breaches: grants that went to a request while another, already in the "
+            "lock's line (its JOIN answered) before that request asked, still waited; "
+            "inturn promises 0 (- : a lock without a line)",
         ]
         if flock:
             t.notes.append(f"flock (kernel lock, the bound): {_f(flock['acq_s'])} acq/s")

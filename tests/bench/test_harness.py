@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -18,26 +19,36 @@ import bench_locks  # noqa: E402
 import bench_scale  # noqa: E402
 
 
-def _run(rec: list[tuple[float, float, float]], window: float = 10.0) -> bench_locks.ContentionRun:
+def _run(rec: list[bench_locks.Record], window: float = 10.0) -> bench_locks.ContentionRun:
     plan = bench_scale.Size("t", 1, 1, 1, window, 2, 1, 1, 1, 1, 1).lock_plan()
     return bench_locks.ContentionRun("x", "inturn", "processes", [rec], [], 0.0, plan)
 
 
 def test_handoff_stats_measure_gaps_and_catch_an_overtaking_grant() -> None:
-    # (asked, granted, released); everyone waits before the first release.
-    fifo = [(0.0, 0.0, 1.0), (0.1, 1.002, 2.0), (0.2, 2.004, 3.0)]
+    # (asked, granted, released, joined); everyone waits before the first release.
+    fifo = [(0.0, 0.0, 1.0, 0.0), (0.1, 1.002, 2.0, 0.11), (0.2, 2.004, 3.0, 0.21)]
     stats = bench_scale.handoff_stats(_run(fifo), "sync")
     assert stats["handoffs"] == 2
     assert stats["handoff_p50_ms"] == pytest.approx(3.0)
     assert stats["overtaken_pct"] == 0
     assert stats["overlaps"] == 0
-    # The third asker is granted before the second, who asked 100 ms earlier.
-    barging = [(0.0, 0.0, 1.0), (0.2, 1.002, 2.0), (0.1, 2.004, 3.0)]
-    assert bench_scale.handoff_stats(_run(barging), "sync")["overtaken_pct"] == pytest.approx(
-        100 / 3
-    )
+    assert stats["fifo_breaches"] == 0
+    # The third asker is granted before the second, who asked 100 ms earlier and was in
+    # line before the third asked: overtaken, and a breach of the FIFO promise.
+    barging = [(0.0, 0.0, 1.0, 0.0), (0.2, 1.002, 2.0, 0.21), (0.1, 2.004, 3.0, 0.11)]
+    stats = bench_scale.handoff_stats(_run(barging), "sync")
+    assert stats["overtaken_pct"] == pytest.approx(100 / 3)
+    assert stats["fifo_breaches"] == 1
+    # Asked first, but in line only after the other asked: overtaken, not a breach.
+    late_join = [(0.0, 0.0, 1.0, 0.0), (0.2, 1.002, 2.0, 0.21), (0.1, 2.004, 3.0, 0.25)]
+    stats = bench_scale.handoff_stats(_run(late_join), "sync")
+    assert stats["overtaken_pct"] == pytest.approx(100 / 3)
+    assert stats["fifo_breaches"] == 0
+    # A lock without a line has no breaches to count.
+    no_line = [(0.0, 0.0, 1.0, math.nan), (0.1, 1.002, 2.0, math.nan)]
+    assert bench_scale.handoff_stats(_run(no_line), "sync")["fifo_breaches"] is None
     # A grant before the previous holder left is an overlap, not a hand-off.
-    overlapping = [(0.0, 0.0, 1.0), (0.1, 0.9, 2.0)]
+    overlapping = [(0.0, 0.0, 1.0, 0.0), (0.1, 0.9, 2.0, 0.1)]
     assert bench_scale.handoff_stats(_run(overlapping), "sync")["overlaps"] == 1
 
 
