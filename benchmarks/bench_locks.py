@@ -529,7 +529,7 @@ class ContentionStats:
         gaps = [b[1] - a[2] for a, b in itertools.pairwise(flat)]
         handoff = mean([gap for gap in gaps if gap >= 0])
         overlaps, released = 0, -math.inf
-        for _, granted, release in flat:
+        for _, granted, release, _ in flat:
             overlaps += granted < released
             released = max(released, release)
         return cls(
