@@ -100,6 +100,11 @@ class Plan:
     sync_mode: Mode
     long_hold: float = 0.0  # a second one-loop contention run with this hold (0: none)
 
+    def long_hold_plan(self) -> Plan:
+        """The plan of the long-hold run: a window long enough for about 300 turns, so
+        that one turn more or less moves the throughput by well under 1%."""
+        return replace(self, hold=self.long_hold, window=max(self.window, 300 * self.long_hold))
+
     @classmethod
     def make(cls, args: argparse.Namespace) -> Plan:
         quick: bool = args.quick
@@ -1084,7 +1089,7 @@ async def run_async_part(target: Target, plan: Plan, results: Results) -> None:
     results.cycles_async = await run_cycles_async(having("cycle"), target, plan)
     plans = [(plan, results.contention_async)]
     if plan.long_hold:
-        plans.append((replace(plan, hold=plan.long_hold), results.contention_async_long))
+        plans.append((plan.long_hold_plan(), results.contention_async_long))
     for each, into in plans:
         for contender in having("contention"):
             _progress(f"async: contention, {contender.name}, hold {each.hold * 1000:g} ms")
@@ -1401,7 +1406,7 @@ def build_tables(results: Results, target: Target, plan: Plan) -> list[Table]:
                     f"client, hold {plan.long_hold * 1000:g} ms (times in ms)",
                     results.contention_async_long,
                     target,
-                    replace(plan, hold=plan.long_hold),
+                    plan.long_hold_plan(),
                 )
             ]
             if results.contention_async_long
