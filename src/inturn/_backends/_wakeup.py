@@ -2,7 +2,8 @@
 
 The in-memory and PostgreSQL backends keep process-local lines whose waiters
 may sit in any event loop or thread of the process; whoever hands a waiter the
-turn calls :meth:`Wakeup.wake` from wherever it runs.
+turn calls :meth:`Wakeup.wake` from wherever it runs, and a backend that is
+closed calls :meth:`Wakeup.close` on the waiters it served.
 """
 
 from __future__ import annotations
@@ -11,7 +12,17 @@ import asyncio
 import contextlib
 import threading
 
-__all__ = ["Wakeup"]
+from inturn._errors import BackendUnavailable
+
+__all__ = ["Wakeup", "closed_while_waiting"]
+
+
+def closed_while_waiting(key: str) -> BackendUnavailable:
+    """What a turn still waiting in line gets when its gate is closed (every backend)."""
+    return BackendUnavailable(
+        f"the gate was closed while this request waited in line for key {key!r}",
+        transient=False,
+    )
 
 
 class Wakeup:
@@ -22,12 +33,14 @@ class Wakeup:
     consumed.
     """
 
-    __slots__ = ("_event", "_future", "_loop")
+    __slots__ = ("_event", "_future", "_loop", "closed")
 
     def __init__(self, *, sync: bool) -> None:
         self._event: threading.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._future: asyncio.Future[None] | None = None
+        self.closed = False
+        """Set by :meth:`close`: the backend that served this waiter was closed."""
         if sync:
             self._event = threading.Event()
         else:
@@ -49,6 +62,16 @@ class Wakeup:
         else:
             with contextlib.suppress(RuntimeError):  # a closed loop: its waiter is gone
                 self._loop.call_soon_threadsafe(self._resolve)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the waiter sleeps in (None for a thread)."""
+        return self._loop
+
+    def close(self) -> None:
+        """The backend was closed: mark the waiter and wake it (from any thread)."""
+        self.closed = True
+        self.wake()
 
     def rearm(self) -> None:
         """Forget a wake-up already consumed."""

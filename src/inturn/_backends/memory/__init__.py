@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from inturn._backends._wakeup import Wakeup, closed_while_waiting
 from inturn._backends.base import (
     ClaimResult,
     Diagnostics,
@@ -55,6 +56,7 @@ class MemoryBackend(MemoryAdmin):
         self._twin: SyncMemoryBackend | None = None
         self.namespace = namespace
         self._closing = _Once(on_close)
+        self._waits = _Waits(self._core)
 
     async def join(self, key: str, token: str, lease: float) -> Grant | None:
         return self._core.join(key, token, lease, sync=False)
@@ -64,14 +66,24 @@ class MemoryBackend(MemoryAdmin):
 
     async def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
         deadline = math.inf if timeout is None else time.monotonic() + timeout
-        while True:
-            waiter, grant, lapse_in = self._core.poll(token)
-            if waiter is None or grant is not None:
-                return grant
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            await waiter.signal.sleep(_finite(min(left, lapse_in)))
+        waiter, grant, lapse_in = self._core.poll(token)
+        if waiter is None or grant is not None:
+            return grant
+        waits = self._waits
+        waits.enter(token, key, waiter.signal)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                await waiter.signal.sleep(_finite(min(left, lapse_in)))
+                if waits.closed:
+                    waits.end(key, token)
+                waiter, grant, lapse_in = self._core.poll(token)
+                if waiter is None or grant is not None:
+                    return grant
+        finally:
+            waits.exit(token)
 
     async def renew(self, key: str, token: str, lease: float) -> bool:
         return self._core.renew(key, token, lease)
@@ -200,6 +212,9 @@ class MemoryBackend(MemoryAdmin):
         return self._twin
 
     async def aclose(self) -> None:
+        """End the waits in progress through this face (see :class:`_Waits`); the state is
+        given back once both faces are closed (other gates of the namespace share it)."""
+        self._waits.close()
         self._closing()
 
 
@@ -215,6 +230,7 @@ class SyncMemoryBackend:
         self._core = core
         self.namespace = namespace
         self._closing = _Once(None) if closing is None else closing
+        self._waits = _Waits(core)
 
     def join(self, key: str, token: str, lease: float) -> Grant | None:
         return self._core.join(key, token, lease, sync=True)
@@ -224,14 +240,24 @@ class SyncMemoryBackend:
 
     def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
         deadline = math.inf if timeout is None else time.monotonic() + timeout
-        while True:
-            waiter, grant, lapse_in = self._core.poll(token)
-            if waiter is None or grant is not None:
-                return grant
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            waiter.signal.sleep_sync(_finite(min(left, lapse_in)))
+        waiter, grant, lapse_in = self._core.poll(token)
+        if waiter is None or grant is not None:
+            return grant
+        waits = self._waits
+        waits.enter(token, key, waiter.signal)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                waiter.signal.sleep_sync(_finite(min(left, lapse_in)))
+                if waits.closed:
+                    waits.end(key, token)
+                waiter, grant, lapse_in = self._core.poll(token)
+                if waiter is None or grant is not None:
+                    return grant
+        finally:
+            waits.exit(token)
 
     def renew(self, key: str, token: str, lease: float) -> bool:
         return self._core.renew(key, token, lease)
@@ -353,7 +379,49 @@ class SyncMemoryBackend:
         return self._core.mb_dead_letters(name, limit)
 
     def close(self) -> None:
+        """End the threads' waits in progress (see :class:`_Waits`); see MemoryBackend.aclose."""
+        self._waits.close()
         self._closing()
+
+
+class _Waits:
+    """The waits in progress through one face, so that closing the face ends them.
+
+    Closing takes each waiter out of its line (a grant that raced in is released:
+    nobody will use it) and wakes it; its ``wait`` then raises
+    :func:`closed_while_waiting`; so does a wait that begins after the close (the
+    other calls go on working: nothing of ``memory://`` outlives the process). Safe
+    from any thread: a wait registers before it checks ``closed``, and the close sets
+    ``closed`` before it looks at the registered waits, so no wait is missed.
+    """
+
+    def __init__(self, core: MemoryCore) -> None:
+        self._core = core
+        self._waiting: dict[str, tuple[str, Wakeup]] = {}
+        self.closed = False
+
+    def enter(self, token: str, key: str, signal: Wakeup) -> None:
+        self._waiting[token] = (key, signal)
+        if self.closed:
+            self.end(key, token)
+
+    def exit(self, token: str) -> None:
+        self._waiting.pop(token, None)
+
+    def end(self, key: str, token: str) -> None:
+        """Take the token out of the line (idempotent) and raise for its wait."""
+        self._leave(key, token)
+        raise closed_while_waiting(key)
+
+    def _leave(self, key: str, token: str) -> None:
+        if self._core.leave(key, token) is not None:
+            self._core.release(key, token)
+
+    def close(self) -> None:
+        self.closed = True
+        for token, (key, signal) in list(self._waiting.items()):
+            self._leave(key, token)
+            signal.close()
 
 
 _DIAGNOSTICS = Diagnostics(

@@ -46,6 +46,7 @@ from ._aio import (
 from ._plan import MAX_CONNECTIONS, Plan
 from ._slots import CHECKS, HEALTHY_FOR, AsyncSlots, checks, left, turn_share
 from ._steps import (
+    CLOSE_WAIT,
     IDLE,
     Connect,
     Exhausted,
@@ -55,6 +56,7 @@ from ._steps import (
     Run,
     Sleep,
     Step,
+    closed_lock_waits,
     dead,
     map_errors,
 )
@@ -609,7 +611,18 @@ class PostgresBackend(PostgresAdmin):
 
     async def aclose(self) -> None:
         """Close this loop's pool and cancel listener (those of other loops close when
-        their loop ends)."""
+        their loop ends). This loop's waiters leave their lines first (at most CLOSE_WAIT
+        seconds) and their waits raise; a call made on this loop afterwards is refused."""
+        loop = asyncio.get_running_loop()
+        self._closed_on.add(loop)
+        closing = self._plan.lines.close_waiters(lambda waiter: waiter.loop is loop)
+        sent: set[str] = set()
+        for _ in range(round(CLOSE_WAIT / 0.01)):  # their flows leave, on their connections
+            if (conns := closed_lock_waits(self._plan.lines, closing, sent)) is None:
+                break
+            cancels = (conn.cancel_safe(timeout=CLOSE_WAIT) for conn in conns)
+            await asyncio.gather(*cancels, return_exceptions=True)
+            await asyncio.sleep(0.01)
         listener = self._listeners.pop(asyncio.get_running_loop(), None)
         if listener is not None and listener.task is not None:
             listener.task.cancel()

@@ -9,6 +9,7 @@ time. Every method here is a short critical section under one
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +141,20 @@ class LocalLines:
                 del self.lines[waiter.key]
         if head is not None:
             head.wake()
+
+    def close_waiters(self, mine: Callable[[Waiter], bool]) -> list[Waiter]:
+        """A face of the backend is closing: mark the waiters ``mine`` picks closed and wake
+        them; each one's wait then leaves its line and raises (see ``Plan.wait``)."""
+        with self.lock:
+            closing = [w for w in self.waiters.values() if mine(w)]
+        for waiter in closing:
+            waiter.close()
+        return closing
+
+    def still_waiting(self, closing: list[Waiter]) -> list[Waiter]:
+        """Those of ``closing`` still in a line."""
+        with self.lock:
+            return [w for w in closing if self.waiters.get(w.token) is w]
 
     def failed(self, key: str, error: BackendUnavailable) -> None:
         """The line's try to reach the server (its head's) failed: every waiter of the line

@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 import psycopg.errors
 
+from inturn._backends._wakeup import closed_while_waiting
 from inturn._backends.base import ClaimResult, Grant, ResumeStatus, SubmitStatus, Submitted, Taken
 from inturn._errors import BackendUnavailable, ConfigurationError
 
@@ -246,6 +247,8 @@ class Plan:
             return holding.grant if holding is not None else None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if waiter.closed:  # the face it waits through was closed: leave, and say so
+                yield from self._closed_wait(waiter)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 _raise_outage(self.lines.outage(key))  # the time ran out in an outage
@@ -253,15 +256,26 @@ class Plan:
             waiter.rearm()  # before the check: a wake from now on resolves the new sleep
             if self.lines.is_head(waiter):
                 try:
-                    return (yield from self._lock_wait(waiter, deadline))
+                    grant = yield from self._lock_wait(waiter, deadline)
                 except BackendUnavailable as exc:
+                    if waiter.closed:  # its lock wait was cut by the close
+                        yield from self._closed_wait(waiter)
                     self.lines.failed(key, exc)
                     raise
+                if waiter.closed:  # granted as the face closed: nobody will hold it
+                    yield from self._closed_wait(waiter)
+                return grant
             # Only the head talks to the server; the others share its outcome: while its
             # tries fail, each wait reports the failure (the caller rides it out or gives up,
             # as the head does), without a connection of its own.
             _raise_outage(self.lines.outage(key))
             yield Sleep(waiter, left)
+
+    def _closed_wait(self, waiter: Waiter) -> Flow[None]:
+        """Leave the line (releasing a grant that came meanwhile), then raise."""
+        if (yield from self.leave(waiter.key, waiter.token)) is not None:
+            yield from self.release(waiter.key, waiter.token)
+        raise closed_while_waiting(waiter.key)
 
     def _lock_wait(self, waiter: Waiter, deadline: float | None) -> Flow[Grant | None]:
         """The head waits in PostgreSQL's lock queue, bounded by the server's lock_timeout.
@@ -280,6 +294,8 @@ class Plan:
             try:
                 if conn.info.transaction_status == INERROR:  # a wait that failed: retried
                     yield On(conn, q.ROLLBACK)
+                if waiter.closed:  # not into the lock queue: wait() leaves the line
+                    return None
                 begun = conn.info.transaction_status == INTRANS
                 # The server's lock_timeout counts from this statement: what is left now,
                 # after taking a connection, not what was left when the wait began.

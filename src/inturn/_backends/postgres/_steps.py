@@ -22,9 +22,11 @@ from psycopg.pq import TransactionStatus
 
 from inturn._errors import BackendUnavailable
 
-from ._lines import Waiter
+from ._lines import LocalLines, Waiter
 
 __all__ = [
+    "ACTIVE",
+    "CLOSE_WAIT",
     "IDLE",
     "INERROR",
     "INTRANS",
@@ -37,16 +39,18 @@ __all__ = [
     "Run",
     "Sleep",
     "Step",
+    "closed_lock_waits",
     "cut",
     "dead",
     "map_errors",
     "quiet",
 ]
 
-IDLE, INTRANS, INERROR = (
+IDLE, INTRANS, INERROR, ACTIVE = (
     TransactionStatus.IDLE,
     TransactionStatus.INTRANS,
     TransactionStatus.INERROR,
+    TransactionStatus.ACTIVE,
 )
 TRANSPORT_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
 """What says "the server did not answer" (a lost connection, no free connection, a cancel)."""
@@ -168,3 +172,26 @@ def cut(conn: Any) -> None:
             sock.shutdown(socket.SHUT_RDWR)
         finally:
             sock.close()
+
+
+CLOSE_WAIT = 1.0
+"""Longest time (seconds) closing a face waits for its waiters to leave their lines."""
+
+
+def closed_lock_waits(lines: LocalLines, closing: list[Waiter], sent: set[str]) -> list[Any] | None:
+    """None once every closed waiter left its line. Else the connections to cancel: those
+    of closed heads that wait in PostgreSQL's lock queue (the statement then fails at once
+    and the server drops the lock request, so waiters of other processes are not held up
+    behind a closed one). Each once: ``sent`` keeps the tokens cancelled already."""
+    left = lines.still_waiting(closing)
+    if not left:
+        return None
+    conns = []
+    for waiter in left:
+        conn = waiter.conn
+        if waiter.token in sent or conn is None or dead(conn):
+            continue
+        if conn.info.transaction_status == ACTIVE:
+            sent.add(waiter.token)
+            conns.append(conn)
+    return conns

@@ -7,6 +7,7 @@ process wait in one FIFO line per key.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -31,6 +32,7 @@ from . import _sql as q
 from ._plan import MAX_CONNECTIONS, Plan
 from ._slots import HEALTHY_FOR, SyncSlots, checks, left, turn_share
 from ._steps import (
+    CLOSE_WAIT,
     IDLE,
     Connect,
     Exhausted,
@@ -40,6 +42,7 @@ from ._steps import (
     Run,
     Sleep,
     Step,
+    closed_lock_waits,
     cut,
     dead,
     map_errors,
@@ -440,7 +443,18 @@ class SyncPostgresBackend:
         return self._drive(self._plan.mb_dead_letters(name, limit))
 
     def close(self) -> None:
-        """Close the pool this twin made (an injected pool is its owner's to close)."""
+        """Close the pool this twin made (an injected pool is its owner's to close). The
+        threads' waiters leave their lines first (at most CLOSE_WAIT seconds) and their
+        waits raise."""
+        closing = self._plan.lines.close_waiters(lambda waiter: waiter.loop is None)
+        sent: set[str] = set()
+        for _ in range(round(CLOSE_WAIT / 0.01)):  # their threads leave, on their connections
+            if (conns := closed_lock_waits(self._plan.lines, closing, sent)) is None:
+                break
+            for conn in conns:
+                with contextlib.suppress(Exception):
+                    conn.cancel_safe(timeout=CLOSE_WAIT)
+            time.sleep(0.01)
         with self._lock:
             pool, self._pool = (self._pool, None) if self._owned else (None, self._pool)
         if pool is not None:

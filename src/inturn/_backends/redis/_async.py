@@ -39,6 +39,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import redis
@@ -47,6 +48,7 @@ import redis.asyncio.cluster
 import redis.asyncio.sentinel
 import redis.exceptions
 
+from inturn._backends._wakeup import closed_while_waiting
 from inturn._backends.base import (
     ClaimResult,
     Diagnostics,
@@ -58,6 +60,7 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 from . import _doctor
 from ._admin import RedisAdmin
 from ._boxes import Mailboxes
+from ._closing import closed_here, leave_at_close
 from ._keys import KeySpace
 from ._listener import listen_until_closed
 from ._mux import Mux
@@ -89,6 +92,7 @@ from ._shared import (
     text,
     time_up,
     unavailable,
+    wake,
 )
 from ._sync import SyncRedisBackend
 from ._urls import aclose_client, factories, masked, replica_wait, wait_options
@@ -145,6 +149,8 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         )
         self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopState] | None = None
         """The loop of the last ``_state()`` call and its state (dropped with the state)."""
+        self._closed_on: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        """Loops this backend was closed on: a call there is refused (see ``_state``)."""
         self._twin: SyncRedisBackend | None = None
         self._twin_lock = threading.Lock()
         _BACKENDS.add(self)
@@ -154,6 +160,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         (each loop the child runs makes its own, on a channel of its own)."""
         self._states = weakref.WeakKeyDictionary()
         self._last = None
+        self._closed_on = weakref.WeakSet()
         self._twin_lock = threading.Lock()
 
     @classmethod
@@ -190,6 +197,8 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
             return last[1]
         state = self._states.get(loop)
         if state is None:
+            if loop in self._closed_on:  # a call after aclose(): no new connections (a leak)
+                raise closed_here()
             client = self._client if self._client is not None else self._factory()
             scripts: dict[str, Any] = {}
             mux = nodes = None
@@ -256,6 +265,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         try:
             await listen_until_closed(self._process, state)
         finally:
+            self._closed_on.add(asyncio.get_running_loop())  # aclose(), or the loop ends
             self._states.pop(asyncio.get_running_loop(), None)
             self._last = None
             with contextlib.suppress(Exception):
@@ -374,13 +384,21 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         return decode_grant(reply, sent, lease) if reply[0] == 1 else None
 
     async def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
-        state = self._state()
+        try:
+            state = self._state()
+        except BackendUnavailable as exc:
+            if asyncio.get_running_loop() in self._closed_on:
+                raise closed_while_waiting(key) from exc
+            raise
         waiter = state.waiters.get(token)
         if waiter is None or waiter.future is None:
             raise RuntimeError(f"token {token!r} is not waiting for key {key!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         outage = Outage()
         while True:
+            if state.closing:  # aclose() took the token out of the line (see _closing)
+                state.forget(token)
+                raise closed_while_waiting(key)
             if waiter.grant is not None:
                 state.forget(token)
                 return waiter.grant
@@ -392,7 +410,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
                     waiter.next_check = outage.failed(exc, now, deadline)
                     continue
                 outage.ok()
-                if grant is not None:
+                if grant is not None and not state.closing:  # closing releases it
                     state.forget(token)
                     return grant
                 continue
@@ -446,7 +464,12 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         return bool(reply)
 
     async def leave(self, key: str, token: str) -> Grant | None:
-        state = self._state()
+        try:
+            state = self._state()
+        except BackendUnavailable:
+            if asyncio.get_running_loop() in self._closed_on:
+                return None  # closing this loop took its waiters out of their lines
+            raise
         waiter = state.forget(token)
         sent = time.monotonic()
         reply = await self._run(state, "leave", key, [token])
@@ -564,13 +587,20 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
     async def aclose(self) -> None:
         """Close this loop's listener and client (and the sync twin's).
 
-        The state of other event loops is dropped: their connections belong to
-        those loops (closed ones cannot be closed again).
+        This loop's waiters leave their lines first and their waits raise
+        BackendUnavailable (see ``_closing``); a call made on this loop afterwards
+        is refused. The state of other event loops is dropped: their connections
+        belong to those loops (closed ones cannot be closed again).
         """
-        state = self._states.pop(asyncio.get_running_loop(), None)
+        loop = asyncio.get_running_loop()
+        self._closed_on.add(loop)
+        state = self._states.pop(loop, None)
         self._last = None
         if state is not None:
             state.closing = True
+            for waiter in list(state.waiters.values()):
+                wake(waiter)  # each wait sees `closing` and raises
+            await leave_at_close(state.waiters, partial(self._run, state))
             listener = state.listener
             if listener is not None and not listener.done():
                 # It closes the client on its way out. A cancel that lands while

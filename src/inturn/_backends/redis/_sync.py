@@ -24,11 +24,13 @@ import redis
 import redis.cluster
 import redis.sentinel
 
+from inturn._backends._wakeup import closed_while_waiting
 from inturn._backends.base import ClaimResult, Grant, Statistics
 from inturn._errors import BackendUnavailable
 
 from . import _doctor
 from ._boxes import SyncMailboxes
+from ._closing import leave_at_close_sync
 from ._mux import SyncMux
 from ._nodes import NotHere, SyncNodeMuxes
 from ._pushes import SyncWakeups
@@ -127,6 +129,8 @@ class SyncRedisBackend(SyncMailboxes):
                 master=master,
             )
         self._stop = threading.Event()
+        self._closed = False
+        """Set by :meth:`close`: waits end (their tokens left their lines), leaves are done."""
         self._forked()
         self._pid = -1
         _TWINS.add(self)
@@ -370,11 +374,15 @@ class SyncRedisBackend(SyncMailboxes):
     def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
         with self._lock:
             waiter = self._line.waiters.get(token)
+        if self._closed:
+            self._closed_wait(key, token)
         if waiter is None or waiter.event is None:
             raise RuntimeError(f"token {token!r} is not waiting for key {key!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         outage = Outage()
         while True:
+            if self._closed:
+                self._closed_wait(key, token)
             if waiter.grant is not None:
                 with self._lock:
                     self._line.forget(token)
@@ -388,7 +396,7 @@ class SyncRedisBackend(SyncMailboxes):
                     waiter.next_check = outage.failed(exc, now, deadline)
                     continue
                 outage.ok()
-                if grant is not None:
+                if grant is not None and not self._closed:  # closing releases it
                     with self._lock:
                         self._line.forget(token)
                     return grant
@@ -402,6 +410,18 @@ class SyncRedisBackend(SyncMailboxes):
             if waiter.event.wait(sleep) and waiter.grant is None:
                 waiter.next_check = 0.0  # woken without a grant (reconnect): re-check now
 
+    def _closed_wait(self, key: str, token: str) -> None:
+        """The twin was closed while the token waited: :meth:`close` took it out of its line
+        (a wait that registered after that leaves now)."""
+        with self._lock:
+            late = self._line.forget(token)
+        if late is not None and self._mux is not None:
+            leave_at_close_sync({token: late}, self._run_bounded)
+        raise closed_while_waiting(key)
+
+    def _run_bounded(self, name: str, key: str, args: list[Any], timeout: float) -> Any:
+        return self._run(name, key, args, timeout=timeout)
+
     def _refresh(self, key: str, token: str, waiter: Waiter, limit: float | None) -> Grant | None:
         """Re-check a waiter on the server (REFRESH; JOIN again if declared dead).
 
@@ -412,6 +432,8 @@ class SyncRedisBackend(SyncMailboxes):
         with self._changing(key):
             sent = begun = time.monotonic()
             reply = self._run("refresh", key, [token, alive_ms(waiter.lease)], timeout=limit)
+            if reply[0] == -1 and self._closed:  # left by close(): not back into the line
+                return None
             if reply[0] == -1:  # declared dead: join again, at the end
                 with self._lock:
                     waiter.solo = False
@@ -454,6 +476,8 @@ class SyncRedisBackend(SyncMailboxes):
     def leave(self, key: str, token: str) -> Grant | None:
         with self._lock:
             waiter = self._line.forget(token)
+        if self._closed:  # close() took the threads' waiters out of their lines
+            return None
         sent = time.monotonic()
         with self._changing(key):
             reply = self._run("leave", key, [token])
@@ -516,6 +540,17 @@ class SyncRedisBackend(SyncMailboxes):
         return current is None or int(current) <= generation
 
     def close(self) -> None:
+        """Take the threads' waiters out of their lines (their waits raise; see
+        ``_closing``), then stop the listener thread and close the connections."""
+        self._closed = True
+        with self._lock:  # out of the local line now: their waits have nothing left to do
+            waiters = dict(self._line.waiters)
+            for token in waiters:
+                self._line.forget(token)
+        for waiter in waiters.values():
+            wake(waiter)
+        if not self._stop.is_set():
+            leave_at_close_sync(waiters, self._run_bounded)
         self._stop.set()
         self._again.set()  # a listener in its backoff ends now
         if self._mux is not None:

@@ -1,0 +1,87 @@
+"""What closing a Redis backend does to the turns still waiting in line.
+
+Closing (``gate.aclose()`` on an event loop, ``gate.close()`` for threads) takes
+each waiter it served out of its key's line on the server (``LEAVE``) before
+the connections go, so waiters of other processes move up now rather than when
+the dead waiter's liveness mark lapses. A grant that raced in for a waiter is
+released: its wait raises instead of returning it, so nobody will hold it. The
+whole is bounded (:data:`LEAVE_BOUND`); what does not fit lapses on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from inturn._errors import BackendUnavailable
+
+from ._shared import Waiter
+
+__all__ = ["LEAVE_BOUND", "closed_here", "leave_at_close", "leave_at_close_sync"]
+
+logger = logging.getLogger("inturn")
+
+LEAVE_BOUND = 0.5
+"""Longest time (seconds) closing spends taking its waiters out of their lines."""
+
+
+def closed_here() -> BackendUnavailable:
+    """A call on an event loop the backend was closed on (it would open connections anew)."""
+    return BackendUnavailable(
+        "the Redis backend was closed on this event loop (gate.aclose(), or the loop is "
+        "shutting down)",
+        transient=False,
+    )
+
+
+def _pending(waiters: dict[str, Waiter]) -> list[tuple[str, Waiter, bool]]:
+    """Snapshot: (token, waiter, whether its JOIN's reply had come). A waiter whose JOIN
+    is still in flight may be granted by that JOIN: its caller then holds the turn, so a
+    grant found for it is not released."""
+    return [(token, w, w.alive_until > 0.0) for token, w in list(waiters.items())]
+
+
+async def leave_at_close(
+    waiters: dict[str, Waiter], run: Callable[[str, str, list[Any]], Awaitable[Any]]
+) -> None:
+    """LEAVE every waiter (``run(script, key, args)``), at most LEAVE_BOUND seconds."""
+    pending = _pending(waiters)
+    if not pending:
+        return
+
+    async def leave(token: str, waiter: Waiter, joined: bool) -> None:
+        reply = await run("leave", waiter.key, [token])
+        if reply[0] == 1 and joined:
+            await run("release", waiter.key, [token])
+
+    try:
+        async with asyncio.timeout(LEAVE_BOUND):
+            done = await asyncio.gather(*(leave(*p) for p in pending), return_exceptions=True)
+    except TimeoutError:
+        done = [TimeoutError("no answer")]
+    failed = [d for d in done if isinstance(d, BaseException)]
+    if failed:
+        logger.debug("inturn: closing could not take waiters out of their lines: %r", failed[0])
+
+
+def leave_at_close_sync(
+    waiters: dict[str, Waiter], run: Callable[[str, str, list[Any], float], Any]
+) -> None:
+    """The thread twin: ``run(script, key, args, timeout)``, one after another, at most
+    LEAVE_BOUND seconds in all (a thread cannot wait for its calls together)."""
+    until = time.monotonic() + LEAVE_BOUND
+    for token, waiter, joined in _pending(waiters):
+        left = until - time.monotonic()
+        if left <= 0:
+            logger.debug("inturn: closing left some waiters in their lines (out of time)")
+            return
+        try:
+            reply = run("leave", waiter.key, [token], left)
+            if reply[0] == 1 and joined:
+                run("release", waiter.key, [token], max(0.05, until - time.monotonic()))
+        except Exception as exc:
+            logger.debug("inturn: closing could not take a waiter out of its line: %r", exc)
+            return
