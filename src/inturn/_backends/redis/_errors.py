@@ -105,6 +105,8 @@ def map_errors(what: str) -> Iterator[None]:
     """
     try:
         yield
+    except BackendUnavailable:  # said already (a ConnectionError too): unchanged
+        raise
     except _TRANSPORT_ERRORS as exc:
         raise unavailable(exc, what) from exc
     except redis.exceptions.ResponseError as exc:

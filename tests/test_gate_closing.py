@@ -1,0 +1,233 @@
+"""Closing a gate while turns wait in line: the waits end at once, with a clear error.
+
+On every backend, from coroutines (``await gate.aclose()``) and threads (``gate.close()``):
+each waiter raises ``BackendUnavailable(transient=False)`` naming its key, well before any
+timeout; a turn held at that moment leaves its block without an error; the closed gate's
+waiters leave the server's line, so a waiter of another gate on the same key gets the turn
+as soon as the holder releases; and the Redis backend opens no connection on a loop it was
+closed on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+
+import inturn
+from tests.servers import RedisServer
+
+WAITERS = 3
+ENDED_WITHIN = 2.0
+"""Seconds within which every waiter must have ended after the close began (on an idle
+machine it takes milliseconds; the waiters' own timeouts are far longer)."""
+
+
+def _gate(request: pytest.FixtureRequest, backend: str, namespace: str) -> inturn.Gate:
+    if backend == "memory":
+        return inturn.Gate.from_url("memory://", namespace=namespace)
+    fixture = "redis_url" if backend == "redis" else "postgres_dsn"
+    return inturn.Gate.from_url(request.getfixturevalue(fixture), namespace=namespace)
+
+
+def _check_closed_error(error: BaseException | None, key: str) -> None:
+    assert isinstance(error, inturn.BackendUnavailable), repr(error)
+    assert error.transient is False
+    assert "closed while" in str(error), str(error)
+    assert repr(key) in str(error), str(error)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis", "postgres"])
+async def test_async_waiters_end_when_the_gate_closes(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    gate = _gate(request, backend, f"c{secrets.token_hex(4)}")
+    held, let_go = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with gate.turn("k"):
+            held.set()
+            await let_go.wait()
+
+    async def wait() -> None:
+        async with gate.turn("k", timeout=30):
+            raise AssertionError("granted after the gate closed")
+
+    holder = asyncio.ensure_future(hold())
+    await asyncio.wait_for(held.wait(), 10)
+    waiters = [asyncio.ensure_future(wait()) for _ in range(WAITERS)]
+    await asyncio.sleep(0.3)  # all in line
+    assert not any(w.done() for w in waiters)
+    began = time.monotonic()
+    await gate.aclose()
+    done, _ = await asyncio.wait(waiters, timeout=ENDED_WITHIN + 3)
+    ended = time.monotonic() - began
+    assert len(done) == WAITERS, f"{WAITERS - len(done)} waiters still waiting"
+    assert ended < ENDED_WITHIN, f"the waiters ended {ended:.2f}s after the close began"
+    for waiter in waiters:
+        _check_closed_error(waiter.exception(), "k")
+    let_go.set()  # the holder's body ran on; leaving its block raises nothing
+    await asyncio.wait_for(holder, 10)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis", "postgres"])
+def test_thread_waiters_end_when_the_gate_closes(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    gate = _gate(request, backend, f"c{secrets.token_hex(4)}")
+    held, let_go = threading.Event(), threading.Event()
+    outcomes: dict[str, BaseException | None] = {}
+
+    def run(name: str, body: Callable[[], None], timeout: float | None) -> None:
+        try:
+            with gate.turn_sync("k", timeout=timeout):
+                body()
+        except BaseException as exc:
+            outcomes[name] = exc
+        else:
+            outcomes[name] = None
+
+    def granted_late() -> None:
+        raise AssertionError("granted after the gate closed")
+
+    def holding() -> None:
+        held.set()
+        let_go.wait(30)
+
+    holder = threading.Thread(target=run, args=("holder", holding, None), daemon=True)
+    holder.start()
+    assert held.wait(10)
+    waiters = [
+        threading.Thread(target=run, args=(f"w{i}", granted_late, 30), daemon=True)
+        for i in range(WAITERS)
+    ]
+    for thread in waiters:
+        thread.start()
+    time.sleep(0.5)  # all in line
+    assert not outcomes
+    began = time.monotonic()
+    gate.close()
+    for thread in waiters:
+        thread.join(began + ENDED_WITHIN + 3 - time.monotonic())
+    ended = time.monotonic() - began
+    assert all(not t.is_alive() for t in waiters), "a waiter still waits"
+    assert ended < ENDED_WITHIN, f"the waiters ended {ended:.2f}s after the close began"
+    for i in range(WAITERS):
+        _check_closed_error(outcomes[f"w{i}"], "k")
+    let_go.set()
+    holder.join(10)
+    assert not holder.is_alive()
+    assert outcomes["holder"] is None, repr(outcomes["holder"])
+    asyncio.run(gate.aclose())
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_a_waiter_of_another_gate_is_not_held_up_by_the_closed_gates_waiters(
+    request: pytest.FixtureRequest, backend: str, mode: str
+) -> None:
+    """The closed gate's waiters were ahead of it: they left the server's line, so it gets
+    the turn as soon as the holder releases (not when their liveness or lease lapses)."""
+    namespace = f"c{secrets.token_hex(4)}"
+    closing, other = _gate(request, backend, namespace), _gate(request, backend, namespace)
+    let_go = asyncio.Event()
+    try:
+        async with other.turn("k") as held:  # the holder: released below
+            waiters: list[asyncio.Future[None]] = []
+            for _ in range(WAITERS):
+                waiters.append(asyncio.ensure_future(_wait_in(closing, mode, let_go)))
+                await asyncio.sleep(0.1)  # in line in this order, ahead of `later`
+            later = asyncio.ensure_future(_granted_after(other))
+            await asyncio.sleep(0.3)
+            assert held.fence
+            assert not later.done()
+            if mode == "async":
+                await closing.aclose()
+            else:
+                await asyncio.to_thread(closing.close)
+            await asyncio.wait(waiters, timeout=ENDED_WITHIN + 3)
+            for waiter in waiters:
+                assert waiter.done()
+                _check_closed_error(waiter.exception(), "k")
+            released = time.monotonic()
+        granted = await asyncio.wait_for(later, 15)
+        assert granted - released < ENDED_WITHIN, f"granted {granted - released:.2f}s late"
+    finally:
+        let_go.set()
+        await closing.aclose()
+        await other.aclose()
+
+
+async def _wait_in(gate: inturn.Gate, mode: str, let_go: asyncio.Event) -> None:
+    """Wait for the turn of "k" (a task or a thread); a granted turn is held until let go."""
+    if mode == "async":
+        async with gate.turn("k", timeout=30):
+            await let_go.wait()
+        return
+
+    def in_thread() -> None:
+        with gate.turn_sync("k", timeout=30):
+            while not let_go.is_set():
+                time.sleep(0.05)
+
+    await asyncio.to_thread(in_thread)
+
+
+async def _granted_after(gate: inturn.Gate) -> float:
+    async with gate.turn("k", timeout=30):
+        return time.monotonic()
+
+
+def _clients(server: RedisServer) -> int:
+    """Connections to ``server`` besides the one asking."""
+    with redis.Redis.from_url(server.url) as admin:
+        return len(admin.client_list()) - 1
+
+
+async def test_redis_refuses_calls_on_a_loop_it_was_closed_on(
+    make_redis_server: Callable[[], RedisServer],
+) -> None:
+    """After aclose(), nothing on that loop opens a connection: the holder's release, the
+    waiters' cleanups and any later call (refused with a clear error). Other loops go on."""
+    server = make_redis_server()
+    gate = inturn.Gate.from_url(server.url, namespace="closing")
+    held, let_go = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with gate.turn("k"):
+            held.set()
+            await let_go.wait()
+
+    async def wait() -> None:
+        async with gate.turn("k", timeout=30):
+            pass
+
+    holder = asyncio.ensure_future(hold())
+    await asyncio.wait_for(held.wait(), 10)
+    waiters = [asyncio.ensure_future(wait()) for _ in range(WAITERS)]
+    await asyncio.sleep(0.3)
+    await gate.aclose()
+    let_go.set()
+    await asyncio.wait_for(holder, 10)  # its release is refused (a WARNING), not an error
+    await asyncio.wait(waiters, timeout=5)
+    for waiter in waiters:
+        _check_closed_error(waiter.exception(), "k")
+    await asyncio.sleep(0.3)  # the cleanups in the background have run
+    assert await asyncio.to_thread(_clients, server) == 0
+    with pytest.raises(inturn.BackendUnavailable, match="closed on this event loop") as caught:
+        await gate.is_busy("k")
+    assert caught.value.transient is False
+    assert await asyncio.to_thread(_clients, server) == 0
+
+    async def elsewhere() -> bool:  # another event loop of the process: served as before
+        async with gate.turn("other"):
+            busy = await gate.is_busy("other")
+        await gate.aclose()
+        return busy
+
+    assert await asyncio.to_thread(asyncio.run, elsewhere()) is True
