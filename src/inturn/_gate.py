@@ -334,7 +334,19 @@ class Gate:
         return await self.backend.diagnose()
 
     async def aclose(self) -> None:
-        """Stop mailboxes, wait (at most a second) for pending cleanups, close the backend(s)."""
+        """Stop mailboxes, wait (at most a second) for pending cleanups, close the backend(s).
+
+        Turns still waiting in line through this gate (on this event loop, and in
+        threads once the sync side was used) stop waiting at once: each leaves the
+        key's line and raises :class:`~inturn.BackendUnavailable` (``transient``
+        False) saying the gate was closed while it waited for that key. A turn held
+        now runs its body to the end and leaving its block raises nothing; on
+        PostgreSQL and ``memory://`` the exit still ends the turn, on Redis (whose
+        connections are closed) it logs a WARNING and the turn ends when its lease
+        runs out. Finish or cancel the turns first for a clean hand-over. Later
+        calls on this event loop raise BackendUnavailable (Redis, PostgreSQL);
+        other event loops keep theirs.
+        """
         for box in self._mailboxes.values():
             await box.aclose()
         await self._runtime.finish_background()
@@ -344,7 +356,13 @@ class Gate:
 
     def close(self) -> None:
         """Close the sync side: wait for sync drains, close the sync backend (for programs
-        that never run an event loop)."""
+        that never run an event loop).
+
+        Threads waiting in line through this gate stop waiting at once, as with
+        :meth:`aclose`: each raises :class:`~inturn.BackendUnavailable` naming its key.
+        A thread holding a turn finishes its block without an error; on Redis its
+        release is refused (a WARNING) and the turn ends when its lease runs out.
+        """
         for box in self._mailboxes.values():
             if not box.is_async:
                 box.close()

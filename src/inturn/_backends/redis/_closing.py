@@ -20,7 +20,13 @@ from inturn._errors import BackendUnavailable
 
 from ._shared import Waiter
 
-__all__ = ["LEAVE_BOUND", "closed_here", "leave_at_close", "leave_at_close_sync"]
+__all__ = [
+    "LEAVE_BOUND",
+    "closed_for_threads",
+    "closed_here",
+    "leave_at_close",
+    "leave_at_close_sync",
+]
 
 logger = logging.getLogger("inturn")
 
@@ -33,6 +39,14 @@ def closed_here() -> BackendUnavailable:
     return BackendUnavailable(
         "the Redis backend was closed on this event loop (gate.aclose(), or the loop is "
         "shutting down)",
+        transient=False,
+    )
+
+
+def closed_for_threads() -> BackendUnavailable:
+    """A thread's call after ``gate.close()`` (the sync twin's connections are closed)."""
+    return BackendUnavailable(
+        "the Redis backend was closed for threads (gate.close() or gate.aclose())",
         transient=False,
     )
 

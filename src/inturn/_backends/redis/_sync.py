@@ -30,7 +30,7 @@ from inturn._errors import BackendUnavailable
 
 from . import _doctor
 from ._boxes import SyncMailboxes
-from ._closing import leave_at_close_sync
+from ._closing import closed_for_threads, leave_at_close_sync
 from ._mux import SyncMux
 from ._nodes import NotHere, SyncNodeMuxes
 from ._pushes import SyncWakeups
@@ -159,6 +159,8 @@ class SyncRedisBackend(SyncMailboxes):
         self._wakeups: SyncWakeups | None = None
 
     def _listening(self) -> None:
+        if self._closed:  # its listener is gone for good: refuse rather than time out
+            raise closed_for_threads()
         with self._lock:
             if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
                 self._pid = os.getpid()  # threads do not survive fork: start our own
@@ -453,6 +455,8 @@ class SyncRedisBackend(SyncMailboxes):
         return bool(self._run("renew", key, [token, ms(lease)]))
 
     def release(self, key: str, token: str, *, fence: int | None = None) -> None:
+        if self._closed:  # a turn held across close(): its lease lapses on the server
+            raise closed_for_threads()
         sent = time.monotonic()
         args: list[Any] = [token]
         handed: Grant | None = None
