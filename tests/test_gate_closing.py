@@ -126,7 +126,7 @@ def test_thread_waiters_end_when_the_gate_closes(
     asyncio.run(gate.aclose())
 
 
-@pytest.mark.parametrize("backend", ["redis", "postgres"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "postgres"])
 @pytest.mark.parametrize("mode", ["async", "sync"])
 async def test_a_waiter_of_another_gate_is_not_held_up_by_the_closed_gates_waiters(
     request: pytest.FixtureRequest, backend: str, mode: str
