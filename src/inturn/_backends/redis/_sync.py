@@ -414,10 +414,10 @@ class SyncRedisBackend(SyncMailboxes):
 
     def _closed_wait(self, key: str, token: str) -> None:
         """The twin was closed while the token waited: :meth:`close` took it out of its line
-        (a wait that registered after that leaves now)."""
+        (a waiter that registered after that leaves now, if the connections still serve)."""
         with self._lock:
             late = self._line.forget(token)
-        if late is not None and self._mux is not None:
+        if late is not None:
             leave_at_close_sync({token: late}, self._run_bounded)
         raise closed_while_waiting(key)
 
