@@ -28,11 +28,14 @@ ENDED_WITHIN = 2.0
 machine it takes milliseconds; the waiters' own timeouts are far longer)."""
 
 
-def _gate(request: pytest.FixtureRequest, backend: str, namespace: str) -> inturn.Gate:
+def _gate(
+    request: pytest.FixtureRequest, backend: str, namespace: str, lease: float = 30.0
+) -> inturn.Gate:
     if backend == "memory":
-        return inturn.Gate.from_url("memory://", namespace=namespace)
+        return inturn.Gate.from_url("memory://", namespace=namespace, lease=lease)
     fixture = "redis_url" if backend == "redis" else "postgres_dsn"
-    return inturn.Gate.from_url(request.getfixturevalue(fixture), namespace=namespace)
+    url = request.getfixturevalue(fixture)
+    return inturn.Gate.from_url(url, namespace=namespace, lease=lease)
 
 
 def _check_closed_error(error: BaseException | None, key: str) -> None:
@@ -163,6 +166,63 @@ async def test_a_waiter_of_another_gate_is_not_held_up_by_the_closed_gates_waite
         await other.aclose()
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis", "postgres"])
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_a_turn_held_across_the_close_ends_when_its_block_exits(
+    request: pytest.FixtureRequest, backend: str, mode: str
+) -> None:
+    """Its body runs on after the close; leaving the block raises nothing and ends the turn,
+    so a waiter of another gate gets it then, not when the lease (20 s) runs out."""
+    namespace = f"c{secrets.token_hex(4)}"
+    closing = _gate(request, backend, namespace, lease=20)
+    other = _gate(request, backend, namespace, lease=20)
+    held, let_go = threading.Event(), threading.Event()
+    exits: list[BaseException | None] = []
+
+    def body() -> None:
+        held.set()
+        assert let_go.wait(30)
+
+    async def hold_async() -> None:
+        async with closing.turn("k"):
+            await asyncio.to_thread(body)
+
+    def hold_sync() -> None:
+        with closing.turn_sync("k"):
+            body()
+
+    async def hold() -> None:
+        try:
+            await (hold_async() if mode == "async" else asyncio.to_thread(hold_sync))
+        except BaseException as exc:
+            exits.append(exc)
+        else:
+            exits.append(None)
+
+    try:
+        holder = asyncio.ensure_future(hold())
+        assert await asyncio.to_thread(held.wait, 10)
+        later = asyncio.ensure_future(_granted_after(other))
+        await asyncio.sleep(0.3)
+        assert not later.done()
+        if mode == "async":
+            await closing.aclose()
+        else:
+            await asyncio.to_thread(closing.close)
+        await asyncio.sleep(0.2)
+        assert not later.done()  # the holder still holds: its body runs on
+        let_go.set()
+        await asyncio.wait_for(holder, 10)
+        released = time.monotonic()
+        assert exits == [None], repr(exits)
+        granted = await asyncio.wait_for(later, 25)
+        assert granted - released < ENDED_WITHIN, f"granted {granted - released:.2f}s late"
+    finally:
+        let_go.set()
+        await closing.aclose()
+        await other.aclose()
+
+
 async def _wait_in(gate: inturn.Gate, mode: str, let_go: asyncio.Event) -> None:
     """Wait for the turn of "k" (a task or a thread); a granted turn is held until let go."""
     if mode == "async":
@@ -192,8 +252,9 @@ def _clients(server: RedisServer) -> int:
 async def test_redis_refuses_calls_on_a_loop_it_was_closed_on(
     make_redis_server: Callable[[], RedisServer],
 ) -> None:
-    """After aclose(), nothing on that loop opens a connection: the holder's release, the
-    waiters' cleanups and any later call (refused with a clear error). Other loops go on."""
+    """After aclose(), nothing on that loop keeps a connection open: the holder's release
+    goes over a connection of its own, closed after it; the waiters' cleanups open none; a
+    later call is refused with a clear error. Other loops go on."""
     server = make_redis_server()
     gate = inturn.Gate.from_url(server.url, namespace="closing")
     held, let_go = asyncio.Event(), asyncio.Event()
@@ -213,12 +274,15 @@ async def test_redis_refuses_calls_on_a_loop_it_was_closed_on(
     await asyncio.sleep(0.3)
     await gate.aclose()
     let_go.set()
-    await asyncio.wait_for(holder, 10)  # its release is refused (a WARNING), not an error
+    await asyncio.wait_for(holder, 10)  # released on a connection of its own
     await asyncio.wait(waiters, timeout=5)
     for waiter in waiters:
         _check_closed_error(waiter.exception(), "k")
     await asyncio.sleep(0.3)  # the cleanups in the background have run
     assert await asyncio.to_thread(_clients, server) == 0
+    owner = gate.backend._process.keys.turn_keys("k")[0]  # type: ignore[attr-defined]
+    with redis.Redis.from_url(server.url) as admin:  # the release did end the turn
+        assert admin.exists(owner) == 0
     with pytest.raises(inturn.BackendUnavailable, match="closed on this event loop") as caught:
         await gate.is_busy("k")
     assert caught.value.transient is False

@@ -340,11 +340,11 @@ class Gate:
         threads once the sync side was used) stop waiting at once: each leaves the
         key's line and raises :class:`~inturn.BackendUnavailable` (``transient``
         False) saying the gate was closed while it waited for that key. A turn held
-        now runs its body to the end and leaving its block raises nothing; on
-        PostgreSQL and ``memory://`` the exit still ends the turn, on Redis (whose
-        connections are closed) it logs a WARNING and the turn ends when its lease
-        runs out. Finish or cancel the turns first for a clean hand-over. Later
-        calls on this event loop raise BackendUnavailable (Redis, PostgreSQL);
+        now runs its body to the end; leaving its block raises nothing and ends the
+        turn (on Redis over a connection of its own, closed right after), so the
+        next waiter gets it then. On Redis its lease is no longer renewed: a body
+        that runs on past the lease loses the turn, as after any failed renewal.
+        Later calls on this event loop raise BackendUnavailable (Redis, PostgreSQL);
         other event loops keep theirs.
         """
         for box in self._mailboxes.values():
@@ -360,8 +360,8 @@ class Gate:
 
         Threads waiting in line through this gate stop waiting at once, as with
         :meth:`aclose`: each raises :class:`~inturn.BackendUnavailable` naming its key.
-        A thread holding a turn finishes its block without an error; on Redis its
-        release is refused (a WARNING) and the turn ends when its lease runs out.
+        A thread holding a turn finishes its block without an error, and the exit
+        ends the turn.
         """
         for box in self._mailboxes.values():
             if not box.is_async:

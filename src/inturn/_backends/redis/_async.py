@@ -60,7 +60,7 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 from . import _doctor
 from ._admin import RedisAdmin
 from ._boxes import Mailboxes
-from ._closing import closed_here, leave_at_close
+from ._closing import closed_here, leave_at_close, release_after_close
 from ._keys import KeySpace
 from ._listener import listen_until_closed
 from ._mux import Mux
@@ -583,6 +583,17 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
                 client, self._process, owned=self._sync_client is None, wait=self._wait
             )
         return self._twin
+
+    async def _release_after_close(self, key: str, token: str) -> bool:
+        """Release a turn held across ``aclose()`` on this loop, on a connection of its own
+        (False: the backend was not closed on this loop)."""
+        if asyncio.get_running_loop() not in self._closed_on:
+            return False
+        owned = self._client is None
+        client = self._factory() if owned else self._client
+        calls = Scripts(self._process.keys, cluster=is_cluster(client))
+        await release_after_close(client, owned=owned, calls=calls, key=key, token=token)
+        return True
 
     async def aclose(self) -> None:
         """Close this loop's listener and client (and the sync twin's).

@@ -6,6 +6,10 @@ the connections go, so waiters of other processes move up now rather than when
 the dead waiter's liveness mark lapses. A grant that raced in for a waiter is
 released: its wait raises instead of returning it, so nobody will hold it. The
 whole is bounded (:data:`LEAVE_BOUND`); what does not fit lapses on the server.
+
+A turn *held* across the close still releases when its block exits: on a
+connection of its own, closed right after (:func:`release_after_close`), so the
+next waiter gets the turn then, not when the lease runs out.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import Any
 
 from inturn._errors import BackendUnavailable
 
-from ._shared import Waiter
+from ._errors import map_errors
+from ._shared import SCRIPTS, Scripts, Waiter
+from ._urls import aclose_client, close_client
 
 __all__ = [
     "LEAVE_BOUND",
@@ -26,6 +32,8 @@ __all__ = [
     "closed_here",
     "leave_at_close",
     "leave_at_close_sync",
+    "release_after_close",
+    "release_after_close_sync",
 ]
 
 logger = logging.getLogger("inturn")
@@ -99,3 +107,32 @@ def leave_at_close_sync(
         except Exception as exc:
             logger.debug("inturn: closing could not take a waiter out of its line: %r", exc)
             return
+
+
+async def release_after_close(
+    client: Any, *, owned: bool, calls: Scripts, key: str, token: str
+) -> None:
+    """Release ``token``'s turn after the backend was closed on this event loop: one
+    plain RELEASE through ``client`` (a redis-py asyncio client; ``owned``: made for this
+    call, and closed after it). The script hands the turn on as any release does."""
+    try:
+        with map_errors("release"):
+            await client.register_script(SCRIPTS["release"])(
+                keys=calls.turn_keys(key), args=[token]
+            )
+    finally:
+        if owned:
+            await aclose_client(client)
+
+
+def release_after_close_sync(
+    client: Any, *, owned: bool, calls: Scripts, key: str, token: str
+) -> None:
+    """The thread twin of :func:`release_after_close`: ``client`` is the closed twin's
+    own (``owned``: its connections are closed again after the call)."""
+    try:
+        with map_errors("release"):
+            client.register_script(SCRIPTS["release"])(keys=calls.turn_keys(key), args=[token])
+    finally:
+        if owned:
+            close_client(client)

@@ -18,6 +18,7 @@ from typing import Any
 
 from inturn._backends._confirming import Confirming
 from inturn._backends.base import Grant
+from inturn._errors import BackendUnavailable
 
 from ._shared import SHAS, LoopState, ProcessChannel, after_release, confirm, hand_over, ms, wake
 
@@ -44,8 +45,16 @@ class Releases:
     ) -> Any:
         raise NotImplementedError
 
+    async def _release_after_close(self, key: str, token: str) -> bool:
+        raise NotImplementedError
+
     async def release(self, key: str, token: str, *, fence: int | None = None) -> None:
-        state = self._state()
+        try:
+            state = self._state()
+        except BackendUnavailable:  # closed on this loop: a turn held across aclose()
+            if await self._release_after_close(key, token):
+                return
+            raise
         sent = time.monotonic()
         args: list[Any] = [token]
         handed: Grant | None = None

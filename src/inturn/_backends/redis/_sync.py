@@ -30,7 +30,7 @@ from inturn._errors import BackendUnavailable
 
 from . import _doctor
 from ._boxes import SyncMailboxes
-from ._closing import closed_for_threads, leave_at_close_sync
+from ._closing import closed_for_threads, leave_at_close_sync, release_after_close_sync
 from ._mux import SyncMux
 from ._nodes import NotHere, SyncNodeMuxes
 from ._pushes import SyncWakeups
@@ -131,6 +131,8 @@ class SyncRedisBackend(SyncMailboxes):
         self._stop = threading.Event()
         self._closed = False
         """Set by :meth:`close`: waits end (their tokens left their lines), leaves are done."""
+        self._after_close = threading.Lock()
+        """One release after close at a time (each closes the client's connections again)."""
         self._forked()
         self._pid = -1
         _TWINS.add(self)
@@ -455,8 +457,12 @@ class SyncRedisBackend(SyncMailboxes):
         return bool(self._run("renew", key, [token, ms(lease)]))
 
     def release(self, key: str, token: str, *, fence: int | None = None) -> None:
-        if self._closed:  # a turn held across close(): its lease lapses on the server
-            raise closed_for_threads()
+        if self._closed:  # a turn held across close(): released on a connection of its own
+            with self._after_close:
+                release_after_close_sync(
+                    self._client, owned=self._owned, calls=self._calls, key=key, token=token
+                )
+            return
         sent = time.monotonic()
         args: list[Any] = [token]
         handed: Grant | None = None
