@@ -3,7 +3,7 @@
     python -m benchmarks [NAME ...] [--quick | --tiny] [--out PATH] [--img-dir DIR] [--no-plots]
 
 NAME is any of: locks, mailbox, scale, footprint, pgbouncer, celery, bot. Without names,
-``--quick`` runs locks, mailbox, scale and footprint (about 2.5 minutes on an idle 2-core
+``--quick`` runs locks, mailbox, scale and footprint (about 3.5 minutes on an idle 2-core
 machine), the full mode runs every one of them (about an hour: the footprint run alone takes
 1,000,000 keys through Redis and 100,000 through PostgreSQL), and ``--tiny`` runs the
 scale benchmark's seconds-long smoke mode (what the test suite runs). Each benchmark runs as
@@ -338,7 +338,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(NAMES)}")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="about 2.5 minutes on 2 cores")
+    size.add_argument("--quick", action="store_true", help="about 3.5 minutes on 2 cores")
     size.add_argument(
         "--tiny", action="store_true", help="seconds: the scale benchmark's smoke run"
     )
