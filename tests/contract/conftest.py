@@ -25,8 +25,9 @@ MODES = ["async", "sync"]
 
 
 def make_gate(request: pytest.FixtureRequest, backend: str, **options: float) -> inturn.Gate:
-    if backend == "memory":
-        return inturn.Gate.from_url("memory://", **options)  # type: ignore[arg-type]
+    if backend == "memory":  # a namespace of its own: memory:// state is per namespace
+        namespace = f"t{secrets.token_hex(4)}"
+        return inturn.Gate.from_url("memory://", namespace=namespace, **options)  # type: ignore[arg-type]
     if backend == "redis":
         url = request.getfixturevalue("redis_url")
         namespace = f"t{secrets.token_hex(4)}"

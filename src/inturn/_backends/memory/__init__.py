@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 from inturn._backends._wakeup import Wakeup, closed_while_waiting
 from inturn._backends.base import (
@@ -65,25 +65,16 @@ class MemoryBackend(MemoryAdmin):
         return self._core.try_acquire(key, token, lease)
 
     async def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        waiter, grant, lapse_in = self._core.poll(token)
-        if waiter is None or grant is not None:
-            return grant
-        waits = self._waits
-        waits.enter(token, key, waiter.signal)
+        flow = self._waits.flow(key, token, timeout)
         try:
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                await waiter.signal.sleep(_finite(min(left, lapse_in)))
-                if waits.closed:
-                    waits.end(key, token)
-                waiter, grant, lapse_in = self._core.poll(token)
-                if waiter is None or grant is not None:
-                    return grant
+                signal, seconds = next(flow)
+                await signal.sleep(seconds)
+        except StopIteration as done:
+            grant: Grant | None = done.value
+            return grant
         finally:
-            waits.exit(token)
+            flow.close()
 
     async def renew(self, key: str, token: str, lease: float) -> bool:
         return self._core.renew(key, token, lease)
@@ -239,25 +230,16 @@ class SyncMemoryBackend:
         return self._core.try_acquire(key, token, lease)
 
     def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        waiter, grant, lapse_in = self._core.poll(token)
-        if waiter is None or grant is not None:
-            return grant
-        waits = self._waits
-        waits.enter(token, key, waiter.signal)
+        flow = self._waits.flow(key, token, timeout)
         try:
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                waiter.signal.sleep_sync(_finite(min(left, lapse_in)))
-                if waits.closed:
-                    waits.end(key, token)
-                waiter, grant, lapse_in = self._core.poll(token)
-                if waiter is None or grant is not None:
-                    return grant
+                signal, seconds = next(flow)
+                signal.sleep_sync(seconds)
+        except StopIteration as done:
+            grant: Grant | None = done.value
+            return grant
         finally:
-            waits.exit(token)
+            flow.close()
 
     def renew(self, key: str, token: str, lease: float) -> bool:
         return self._core.renew(key, token, lease)
@@ -399,6 +381,31 @@ class _Waits:
         self._core = core
         self._waiting: dict[str, tuple[str, Wakeup]] = {}
         self.closed = False
+
+    def flow(
+        self, key: str, token: str, timeout: float | None
+    ) -> Generator[tuple[Wakeup, float | None], None, Grant | None]:
+        """A wait, for both faces: yields (signal, seconds) for each sleep; returns the
+        grant, or None when ``timeout`` passed (raises once the face was closed)."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        core = self._core
+        waiter, grant, lapse_in = core.poll(token)
+        if waiter is None or grant is not None:
+            return grant
+        self.enter(token, key, waiter.signal)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                yield waiter.signal, _finite(min(left, lapse_in))
+                if self.closed:
+                    self.end(key, token)
+                waiter, grant, lapse_in = core.poll(token)
+                if waiter is None or grant is not None:
+                    return grant
+        finally:
+            self.exit(token)
 
     def enter(self, token: str, key: str, signal: Wakeup) -> None:
         self._waiting[token] = (key, signal)
