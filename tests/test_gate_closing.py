@@ -45,12 +45,12 @@ def _check_closed_error(error: BaseException | None, key: str) -> None:
     assert repr(key) in str(error), str(error)
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis", "postgres"])
-async def test_async_waiters_end_when_the_gate_closes(
-    request: pytest.FixtureRequest, backend: str
-) -> None:
-    gate = _gate(request, backend, f"c{secrets.token_hex(4)}")
-    held, let_go = asyncio.Event(), asyncio.Event()
+async def _holder_and_waiters(
+    gate: inturn.Gate, let_go: asyncio.Event
+) -> tuple[asyncio.Future[None], list[asyncio.Future[None]]]:
+    """A task holding "k" until ``let_go``, and WAITERS tasks in line behind it (timeout
+    30 s; a grant to one of them fails it)."""
+    held = asyncio.Event()
 
     async def hold() -> None:
         async with gate.turn("k"):
@@ -65,6 +65,16 @@ async def test_async_waiters_end_when_the_gate_closes(
     await asyncio.wait_for(held.wait(), 10)
     waiters = [asyncio.ensure_future(wait()) for _ in range(WAITERS)]
     await asyncio.sleep(0.3)  # all in line
+    return holder, waiters
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis", "postgres"])
+async def test_async_waiters_end_when_the_gate_closes(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    gate = _gate(request, backend, f"c{secrets.token_hex(4)}")
+    let_go = asyncio.Event()
+    holder, waiters = await _holder_and_waiters(gate, let_go)
     assert not any(w.done() for w in waiters)
     began = time.monotonic()
     await gate.aclose()
@@ -257,21 +267,8 @@ async def test_redis_refuses_calls_on_a_loop_it_was_closed_on(
     later call is refused with a clear error. Other loops go on."""
     server = make_redis_server()
     gate = inturn.Gate.from_url(server.url, namespace="closing")
-    held, let_go = asyncio.Event(), asyncio.Event()
-
-    async def hold() -> None:
-        async with gate.turn("k"):
-            held.set()
-            await let_go.wait()
-
-    async def wait() -> None:
-        async with gate.turn("k", timeout=30):
-            pass
-
-    holder = asyncio.ensure_future(hold())
-    await asyncio.wait_for(held.wait(), 10)
-    waiters = [asyncio.ensure_future(wait()) for _ in range(WAITERS)]
-    await asyncio.sleep(0.3)
+    let_go = asyncio.Event()
+    holder, waiters = await _holder_and_waiters(gate, let_go)
     await gate.aclose()
     let_go.set()
     await asyncio.wait_for(holder, 10)  # released on a connection of its own
