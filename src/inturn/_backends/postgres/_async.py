@@ -46,6 +46,7 @@ from ._aio import (
 from ._plan import MAX_CONNECTIONS, Plan
 from ._slots import CHECKS, HEALTHY_FOR, AsyncSlots, checks, left, turn_share
 from ._steps import (
+    CLOSE_STEP,
     CLOSE_WAIT,
     IDLE,
     Connect,
@@ -616,13 +617,10 @@ class PostgresBackend(PostgresAdmin):
         loop = asyncio.get_running_loop()
         self._closed_on.add(loop)
         closing = self._plan.lines.close_waiters(lambda waiter: waiter.loop is loop)
-        sent: set[str] = set()
-        for _ in range(round(CLOSE_WAIT / 0.01)):  # their flows leave, on their connections
-            if (conns := closed_lock_waits(self._plan.lines, closing, sent)) is None:
-                break
+        for conns in closed_lock_waits(self._plan.lines, closing):  # they leave, on their own
             cancels = (conn.cancel_safe(timeout=CLOSE_WAIT) for conn in conns)
             await asyncio.gather(*cancels, return_exceptions=True)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(CLOSE_STEP)
         listener = self._listeners.pop(asyncio.get_running_loop(), None)
         if listener is not None and listener.task is not None:
             listener.task.cancel()

@@ -26,6 +26,7 @@ from ._lines import LocalLines, Waiter
 
 __all__ = [
     "ACTIVE",
+    "CLOSE_STEP",
     "CLOSE_WAIT",
     "IDLE",
     "INERROR",
@@ -178,20 +179,27 @@ CLOSE_WAIT = 1.0
 """Longest time (seconds) closing a face waits for its waiters to leave their lines."""
 
 
-def closed_lock_waits(lines: LocalLines, closing: list[Waiter], sent: set[str]) -> list[Any] | None:
-    """None once every closed waiter left its line. Else the connections to cancel: those
-    of closed heads that wait in PostgreSQL's lock queue (the statement then fails at once
-    and the server drops the lock request, so waiters of other processes are not held up
-    behind a closed one). Each once: ``sent`` keeps the tokens cancelled already."""
-    left = lines.still_waiting(closing)
-    if not left:
-        return None
-    conns = []
-    for waiter in left:
-        conn = waiter.conn
-        if waiter.token in sent or conn is None or dead(conn):
-            continue
-        if conn.info.transaction_status == ACTIVE:
-            sent.add(waiter.token)
-            conns.append(conn)
-    return conns
+CLOSE_STEP = 0.01
+"""Seconds between two looks at the closed waiters while they leave."""
+
+
+def closed_lock_waits(lines: LocalLines, closing: list[Waiter]) -> Iterator[list[Any]]:
+    """While a closed waiter is still in its line (at most CLOSE_WAIT seconds: the caller
+    sleeps CLOSE_STEP between two rounds), the connections to cancel now: those of
+    closed heads that wait in PostgreSQL's lock queue (the statement then fails at once
+    and the server drops the lock request, so waiters of other processes are not held
+    up behind a closed one). Each connection once."""
+    sent: set[str] = set()
+    for _ in range(round(CLOSE_WAIT / CLOSE_STEP)):
+        left = lines.still_waiting(closing)
+        if not left:
+            return
+        conns = []
+        for waiter in left:
+            conn = waiter.conn
+            if waiter.token in sent or conn is None or dead(conn):
+                continue
+            if conn.info.transaction_status == ACTIVE:
+                sent.add(waiter.token)
+                conns.append(conn)
+        yield conns

@@ -32,6 +32,7 @@ from . import _sql as q
 from ._plan import MAX_CONNECTIONS, Plan
 from ._slots import HEALTHY_FOR, SyncSlots, checks, left, turn_share
 from ._steps import (
+    CLOSE_STEP,
     CLOSE_WAIT,
     IDLE,
     Connect,
@@ -447,14 +448,11 @@ class SyncPostgresBackend:
         threads' waiters leave their lines first (at most CLOSE_WAIT seconds) and their
         waits raise."""
         closing = self._plan.lines.close_waiters(lambda waiter: waiter.loop is None)
-        sent: set[str] = set()
-        for _ in range(round(CLOSE_WAIT / 0.01)):  # their threads leave, on their connections
-            if (conns := closed_lock_waits(self._plan.lines, closing, sent)) is None:
-                break
+        for conns in closed_lock_waits(self._plan.lines, closing):  # they leave, on their own
             for conn in conns:
                 with contextlib.suppress(Exception):
                     conn.cancel_safe(timeout=CLOSE_WAIT)
-            time.sleep(0.01)
+            time.sleep(CLOSE_STEP)
         with self._lock:
             pool, self._pool = (self._pool, None) if self._owned else (None, self._pool)
         if pool is not None:

@@ -191,6 +191,8 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
     # -- per-loop state -------------------------------------------------------------
 
     def _state(self) -> LoopState:
+        """This loop's state, made on first use; raises BackendUnavailable (only) when the
+        backend was closed on this loop."""
         loop = asyncio.get_running_loop()
         last = self._last
         if last is not None and last[0]() is loop:  # the loop of the last call: most calls
@@ -386,10 +388,8 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
     async def wait(self, key: str, token: str, timeout: float | None) -> Grant | None:
         try:
             state = self._state()
-        except BackendUnavailable as exc:
-            if asyncio.get_running_loop() in self._closed_on:
-                raise closed_while_waiting(key) from exc
-            raise
+        except BackendUnavailable as exc:  # closed on this loop (see _state)
+            raise closed_while_waiting(key) from exc
         waiter = state.waiters.get(token)
         if waiter is None or waiter.future is None:
             raise RuntimeError(f"token {token!r} is not waiting for key {key!r}")
@@ -466,10 +466,8 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
     async def leave(self, key: str, token: str) -> Grant | None:
         try:
             state = self._state()
-        except BackendUnavailable:
-            if asyncio.get_running_loop() in self._closed_on:
-                return None  # closing this loop took its waiters out of their lines
-            raise
+        except BackendUnavailable:  # closed on this loop: closing took its waiters out of line
+            return None
         waiter = state.forget(token)
         sent = time.monotonic()
         reply = await self._run(state, "leave", key, [token])
@@ -584,16 +582,12 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
             )
         return self._twin
 
-    async def _release_after_close(self, key: str, token: str) -> bool:
-        """Release a turn held across ``aclose()`` on this loop, on a connection of its own
-        (False: the backend was not closed on this loop)."""
-        if asyncio.get_running_loop() not in self._closed_on:
-            return False
+    async def _release_after_close(self, key: str, token: str) -> None:
+        """Release a turn held across ``aclose()`` on this loop, on a connection of its own."""
         owned = self._client is None
         client = self._factory() if owned else self._client
         calls = Scripts(self._process.keys, cluster=is_cluster(client))
         await release_after_close(client, owned=owned, calls=calls, key=key, token=token)
-        return True
 
     async def aclose(self) -> None:
         """Close this loop's listener and client (and the sync twin's).

@@ -45,16 +45,15 @@ class Releases:
     ) -> Any:
         raise NotImplementedError
 
-    async def _release_after_close(self, key: str, token: str) -> bool:
+    async def _release_after_close(self, key: str, token: str) -> None:
         raise NotImplementedError
 
     async def release(self, key: str, token: str, *, fence: int | None = None) -> None:
         try:
             state = self._state()
-        except BackendUnavailable:  # closed on this loop: a turn held across aclose()
-            if await self._release_after_close(key, token):
-                return
-            raise
+        except BackendUnavailable:  # closed on this loop (``_state``): held across aclose()
+            await self._release_after_close(key, token)
+            return
         sent = time.monotonic()
         args: list[Any] = [token]
         handed: Grant | None = None
