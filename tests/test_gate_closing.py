@@ -159,10 +159,7 @@ async def test_a_waiter_of_another_gate_is_not_held_up_by_the_closed_gates_waite
             await asyncio.sleep(0.3)
             assert held.fence
             assert not later.done()
-            if mode == "async":
-                await closing.aclose()
-            else:
-                await asyncio.to_thread(closing.close)
+            await _close(closing, mode)
             await asyncio.wait(waiters, timeout=ENDED_WITHIN + 3)
             for waiter in waiters:
                 assert waiter.done()
@@ -215,10 +212,7 @@ async def test_a_turn_held_across_the_close_ends_when_its_block_exits(
         later = asyncio.ensure_future(_granted_after(other))
         await asyncio.sleep(0.3)
         assert not later.done()
-        if mode == "async":
-            await closing.aclose()
-        else:
-            await asyncio.to_thread(closing.close)
+        await _close(closing, mode)
         await asyncio.sleep(0.2)
         assert not later.done()  # the holder still holds: its body runs on
         let_go.set()
@@ -231,6 +225,14 @@ async def test_a_turn_held_across_the_close_ends_when_its_block_exits(
         let_go.set()
         await closing.aclose()
         await other.aclose()
+
+
+async def _close(gate: inturn.Gate, mode: str) -> None:
+    """Close the gate's side that ``mode`` uses: aclose() for tasks, close() for threads."""
+    if mode == "async":
+        await gate.aclose()
+    else:
+        await asyncio.to_thread(gate.close)
 
 
 async def _wait_in(gate: inturn.Gate, mode: str, let_go: asyncio.Event) -> None:
