@@ -350,8 +350,9 @@ class Gate:
         for box in self._mailboxes.values():
             await box.aclose()
         await self._runtime.finish_background()
-        if self._runtime.has_sync_backend:
-            self.sync_backend.close()
+        twin = self._runtime.close_sync_side()
+        if twin is not None:
+            twin.close()
         await self.backend.aclose()
 
     def close(self) -> None:
@@ -361,13 +362,16 @@ class Gate:
         Threads waiting in line through this gate stop waiting at once, as with
         :meth:`aclose`: each raises :class:`~inturn.BackendUnavailable` naming its key.
         A thread holding a turn finishes its block without an error, and the exit
-        ends the turn.
+        ends the turn. The sync side is closed even if no thread had used it yet: one
+        made for a thread that asks later is made closed (on Redis its requests are
+        refused; PostgreSQL opens a new pool).
         """
         for box in self._mailboxes.values():
             if not box.is_async:
                 box.close()
-        if self._runtime.has_sync_backend:
-            self.sync_backend.close()
+        twin = self._runtime.close_sync_side()
+        if twin is not None:
+            twin.close()
 
     async def __aenter__(self) -> Gate:
         return self

@@ -224,6 +224,8 @@ class Runtime:
         an outage (a failover) instead of failing at once."""
         self._sync_backend = sync_backend
         self._twin_lock = threading.Lock()
+        self._sync_closed = False
+        """Set by :meth:`close_sync_side` (guarded by ``_twin_lock``)."""
         self._background: set[asyncio.Future[Any]] = set()
         self._probes: list[BusyProbe] = []
 
@@ -233,13 +235,19 @@ class Runtime:
         if self._sync_backend is None:
             with self._twin_lock:  # threads may race to their first turn_sync
                 if self._sync_backend is None:
-                    self._sync_backend = self.backend.sync_twin()
+                    twin = self.backend.sync_twin()
+                    if self._sync_closed:  # made after the gate closed: as closed as before
+                        twin.close()
+                    self._sync_backend = twin
         return self._sync_backend
 
-    @property
-    def has_sync_backend(self) -> bool:
-        """True once the sync twin exists (closing need not make one)."""
-        return self._sync_backend is not None
+    def close_sync_side(self) -> SyncBackend | None:
+        """Mark the sync side closed and return the twin to close, if one was made (a
+        twin made later, by a thread that asks after the close, is closed as it is made:
+        a thread racing the close must not get a twin that nobody will ever close)."""
+        with self._twin_lock:
+            self._sync_closed = True
+            return self._sync_backend
 
     def granted(self, key: str, fence: int, waited: float) -> None:
         """Count a grant and how long it waited (log it at DEBUG, trace the wait)."""
