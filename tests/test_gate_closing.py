@@ -294,3 +294,97 @@ async def test_redis_refuses_calls_on_a_loop_it_was_closed_on(
         return busy
 
     assert await asyncio.to_thread(asyncio.run, elsewhere()) is True
+
+
+RACING_ROUNDS = 20
+RACING_THREADS = 6
+
+
+def _racing_round(gate: inturn.Gate, key: str, close_after: float) -> list[BaseException | None]:
+    """RACING_THREADS threads ask for ``key`` (held elsewhere) at once while ``gate`` closes
+    ``close_after`` seconds later; returns how each ended (None: it got the turn)."""
+    start = threading.Barrier(RACING_THREADS + 1)
+    outcomes: list[BaseException | None] = []
+
+    def ask() -> None:
+        start.wait(10)
+        try:
+            with gate.turn_sync(key, timeout=30):
+                pass
+        except BaseException as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+
+    threads = [threading.Thread(target=ask, daemon=True) for _ in range(RACING_THREADS)]
+    for thread in threads:
+        thread.start()
+    start.wait(10)
+    time.sleep(close_after)
+    began = time.monotonic()
+    gate.close()
+    for thread in threads:
+        thread.join(ENDED_WITHIN + 3)
+    ended = time.monotonic() - began
+    assert all(not t.is_alive() for t in threads), "a thread still waits"
+    assert ended < ENDED_WITHIN, f"the threads ended {ended:.2f}s after the close began"
+    return outcomes
+
+
+def test_threads_joining_as_the_gate_closes_leave_nobody_in_the_redis_line(
+    redis_url: str,
+) -> None:
+    """A JOIN still on its way when close() takes the waiters out of their lines may reach
+    Redis after closing's LEAVE: that thread leaves again, so nobody of the closed gate
+    stays in line (a waiter of another gate would wait behind it until it lapsed)."""
+    namespace = f"c{secrets.token_hex(4)}"
+    holder = inturn.Gate.from_url(redis_url, namespace=namespace)
+    left: list[int] = []
+    try:
+        for round_ in range(RACING_ROUNDS):
+            gate = inturn.Gate.from_url(redis_url, namespace=namespace)
+            with gate.turn_sync("warm-up"):  # the threads' side is connected and listening
+                pass
+            key = f"k{round_}"
+            with holder.turn_sync(key):
+                outcomes = _racing_round(gate, key, close_after=0.0005 * (round_ % 4))
+                stats = holder.sync_backend.statistics(key)
+                left.append(stats.keys[0].waiting if stats.keys else 0)
+            for outcome in outcomes:  # the key was held: nobody got it
+                assert isinstance(outcome, inturn.BackendUnavailable), repr(outcome)
+                assert outcome.transient is False
+    finally:
+        holder.close()
+    assert sum(left) == 0, f"tokens left in line per round: {left}"
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_thread_that_asks_after_the_close_is_refused(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    """The threads' side made after close() (nobody had used it before) is closed too: a
+    thread that asks then fails at once instead of waiting in line through a side that
+    nobody will ever close."""
+    namespace = f"c{secrets.token_hex(4)}"
+    holder, gate = _gate(request, backend, namespace), _gate(request, backend, namespace)
+    try:
+        gate.close()
+        outcome: list[BaseException | None] = []
+
+        def ask() -> None:  # in a thread of its own: this one, holding "k", would re-enter
+            try:
+                with gate.turn_sync("k", timeout=ENDED_WITHIN + 3):
+                    outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        with holder.turn_sync("k"):
+            began = time.monotonic()
+            thread = threading.Thread(target=ask, daemon=True)
+            thread.start()
+            thread.join(ENDED_WITHIN + 5)
+            assert time.monotonic() - began < ENDED_WITHIN, "it waited in line"
+        assert isinstance(outcome[0], inturn.BackendUnavailable), repr(outcome[0])
+        assert outcome[0].transient is False
+    finally:
+        holder.close()

@@ -126,13 +126,21 @@ async def release_after_close(
 
 
 def release_after_close_sync(
-    client: Any, *, owned: bool, calls: Scripts, key: str, token: str
+    client: Any, *, owned: bool, calls: Scripts, key: str, token: str, leave: bool = False
 ) -> None:
     """The thread twin of :func:`release_after_close`: ``client`` is the closed twin's
-    own (``owned``: its connections are closed again after the call)."""
+    own (``owned``: its connections are closed again after the call). With ``leave``,
+    take the token out of the key's line first, and release only a grant that found it.
+
+    Leaving serves a thread whose JOIN was on its way while the twin closed: closing's
+    own LEAVE may have reached the server before that JOIN, which then put the token
+    in line, where nobody waits for it any more."""
+    keys = calls.turn_keys(key)
     try:
-        with map_errors("release"):
-            client.register_script(SCRIPTS["release"])(keys=calls.turn_keys(key), args=[token])
+        with map_errors("leave" if leave else "release"):
+            if leave and client.register_script(SCRIPTS["leave"])(keys=keys, args=[token])[0] != 1:
+                return  # not in line, or left now: nothing held
+            client.register_script(SCRIPTS["release"])(keys=keys, args=[token])
     finally:
         if owned:
             close_client(client)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import os
 import secrets
 import threading
@@ -66,6 +67,8 @@ from ._shared import (
     wake,
 )
 from ._urls import close_client
+
+logger = logging.getLogger("inturn")
 
 __all__ = ["SyncRedisBackend"]
 
@@ -363,10 +366,14 @@ class SyncRedisBackend(SyncMailboxes):
         finally:
             with self._lock:
                 self._line.changing(key, -1)
-                if reply and reply[0] != 1:
+                closed = self._closed  # read under the lock close() takes the waiters with
+                if reply and reply[0] != 1 and not closed:
                     self._record_place(token, waiter, reply, sent)
-                else:  # granted at once, or failed
+                else:  # granted at once, failed, or the twin closed meanwhile
                     self._line.forget(token)
+            if closed and not (reply and reply[0] == 1):  # a granted JOIN is held
+                # This JOIN may have reached the server after closing's LEAVE.
+                self._closed_wait(key, token, again=True)
         return decode_grant(reply, sent, lease) if reply[0] == 1 else None
 
     def try_acquire(self, key: str, token: str, lease: float) -> Grant | None:
@@ -414,13 +421,18 @@ class SyncRedisBackend(SyncMailboxes):
             if waiter.event.wait(sleep) and waiter.grant is None:
                 waiter.next_check = 0.0  # woken without a grant (reconnect): re-check now
 
-    def _closed_wait(self, key: str, token: str) -> None:
-        """The twin was closed while the token waited: :meth:`close` took it out of its line
-        (a waiter that registered after that leaves now, if the connections still serve)."""
+    def _closed_wait(self, key: str, token: str, *, again: bool = False) -> None:
+        """The twin was closed while the token waited: :meth:`close` took the waiters it
+        saw out of their lines. One it did not see, or (``again``) one whose JOIN was on
+        its way and may have reached the server after closing's LEAVE, leaves now, on a
+        connection of its own (a grant that found it is released). Then the wait raises."""
         with self._lock:
             late = self._line.forget(token)
-        if late is not None:
-            leave_at_close_sync({token: late}, self._run_bounded)
+        if late is not None or again:
+            try:
+                self._after_close_call(key, token, leave=True)
+            except BackendUnavailable as exc:
+                logger.debug("inturn: closing could not take a waiter out of its line: %r", exc)
         raise closed_while_waiting(key)
 
     def _run_bounded(self, name: str, key: str, args: list[Any], timeout: float) -> Any:
@@ -453,15 +465,24 @@ class SyncRedisBackend(SyncMailboxes):
                 self._record_place(token, waiter, reply, sent)
         return None
 
+    def _after_close_call(self, key: str, token: str, *, leave: bool = False) -> None:
+        """Release (``leave``: leave the line, or release a grant found) after close()."""
+        with self._after_close:
+            release_after_close_sync(
+                self._client,
+                owned=self._owned,
+                calls=self._calls,
+                key=key,
+                token=token,
+                leave=leave,
+            )
+
     def renew(self, key: str, token: str, lease: float) -> bool:
         return bool(self._run("renew", key, [token, ms(lease)]))
 
     def release(self, key: str, token: str, *, fence: int | None = None) -> None:
         if self._closed:  # a turn held across close(): released on a connection of its own
-            with self._after_close:
-                release_after_close_sync(
-                    self._client, owned=self._owned, calls=self._calls, key=key, token=token
-                )
+            self._after_close_call(key, token)
             return
         sent = time.monotonic()
         args: list[Any] = [token]
