@@ -20,6 +20,7 @@ import pytest
 import redis
 
 import inturn
+from tests.redis.test_keys_and_cluster import cluster_url
 from tests.servers import RedisServer
 
 WAITERS = 3
@@ -33,8 +34,10 @@ def _gate(
 ) -> inturn.Gate:
     if backend == "memory":
         return inturn.Gate.from_url("memory://", namespace=namespace, lease=lease)
-    fixture = "redis_url" if backend == "redis" else "postgres_dsn"
-    url = request.getfixturevalue(fixture)
+    if backend == "cluster":
+        url = cluster_url(request.getfixturevalue("redis_cluster"))
+    else:
+        url = request.getfixturevalue("redis_url" if backend == "redis" else "postgres_dsn")
     return inturn.Gate.from_url(url, namespace=namespace, lease=lease)
 
 
@@ -68,7 +71,7 @@ async def _holder_and_waiters(
     return holder, waiters
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis", "postgres"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "cluster", "postgres"])
 async def test_async_waiters_end_when_the_gate_closes(
     request: pytest.FixtureRequest, backend: str
 ) -> None:
@@ -88,7 +91,7 @@ async def test_async_waiters_end_when_the_gate_closes(
     await asyncio.wait_for(holder, 10)
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis", "postgres"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "cluster", "postgres"])
 def test_thread_waiters_end_when_the_gate_closes(
     request: pytest.FixtureRequest, backend: str
 ) -> None:
@@ -331,24 +334,25 @@ def _racing_round(gate: inturn.Gate, key: str, close_after: float) -> list[BaseE
     return outcomes
 
 
+@pytest.mark.parametrize("backend", ["redis", "cluster"])
 def test_threads_joining_as_the_gate_closes_leave_nobody_in_the_redis_line(
-    redis_url: str,
+    request: pytest.FixtureRequest, backend: str
 ) -> None:
     """A JOIN still on its way when close() takes the waiters out of their lines may reach
     Redis after closing's LEAVE: that thread leaves again, so nobody of the closed gate
     stays in line (a waiter of another gate would wait behind it until it lapsed)."""
     namespace = f"c{secrets.token_hex(4)}"
-    holder = inturn.Gate.from_url(redis_url, namespace=namespace)
+    holder = _gate(request, backend, namespace)
     left: list[int] = []
     try:
         for round_ in range(RACING_ROUNDS):
-            gate = inturn.Gate.from_url(redis_url, namespace=namespace)
+            gate = _gate(request, backend, namespace)
             with gate.turn_sync("warm-up"):  # the threads' side is connected and listening
                 pass
             key = f"k{round_}"
             with holder.turn_sync(key):
                 outcomes = _racing_round(gate, key, close_after=0.0005 * (round_ % 4))
-                stats = holder.sync_backend.statistics(key)
+                stats = holder.sync_backend.statistics(key)  # type: ignore[attr-defined]
                 left.append(stats.keys[0].waiting if stats.keys else 0)
             for outcome in outcomes:  # the key was held: nobody got it
                 assert isinstance(outcome, inturn.BackendUnavailable), repr(outcome)
