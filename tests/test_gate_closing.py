@@ -392,3 +392,57 @@ def test_a_thread_that_asks_after_the_close_is_refused(
         assert outcome[0].transient is False
     finally:
         holder.close()
+
+
+@pytest.mark.parametrize("backend", ["redis", "cluster"])
+async def test_requests_on_a_gate_still_connecting_end_when_it_closes(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    """Tasks whose first request waits for the loop's wake-up channel to be subscribed
+    (nothing is in line yet) also end at the close, with the same non-transient error,
+    instead of waiting out the connect timeout (5 s)."""
+    namespace = f"c{secrets.token_hex(4)}"
+    holder, gate = _gate(request, backend, namespace), _gate(request, backend, namespace)
+
+    async def ask() -> None:
+        async with gate.turn("k", timeout=30):
+            raise AssertionError("granted after the gate closed")
+
+    try:
+        async with holder.turn("k"):
+            asking = [asyncio.ensure_future(ask()) for _ in range(WAITERS)]
+            for _ in range(3):  # each is now waiting for the subscription (a round trip away)
+                await asyncio.sleep(0)
+            began = time.monotonic()
+            await gate.aclose()
+            done, _ = await asyncio.wait(asking, timeout=ENDED_WITHIN + 8)
+            ended = time.monotonic() - began
+        assert len(done) == WAITERS, f"{WAITERS - len(done)} still waiting"
+        assert ended < ENDED_WITHIN, f"they ended {ended:.2f}s after the close began"
+        for task in asking:
+            error = task.exception()
+            assert isinstance(error, inturn.BackendUnavailable), repr(error)
+            assert error.transient is False
+            assert "closed" in str(error), str(error)
+    finally:
+        await holder.aclose()
+
+
+@pytest.mark.parametrize("backend", ["redis", "cluster"])
+def test_threads_on_a_gate_still_connecting_end_when_it_closes(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    """The thread twin: threads whose first request waits for the wake-up channel end at
+    the close too."""
+    namespace = f"c{secrets.token_hex(4)}"
+    holder, gate = _gate(request, backend, namespace), _gate(request, backend, namespace)
+    try:
+        with holder.turn_sync("k"):
+            outcomes = _racing_round(gate, "k", close_after=0.0)
+        assert len(outcomes) == RACING_THREADS
+        for outcome in outcomes:
+            assert isinstance(outcome, inturn.BackendUnavailable), repr(outcome)
+            assert outcome.transient is False
+            assert "closed" in str(outcome), str(outcome)
+    finally:
+        holder.close()

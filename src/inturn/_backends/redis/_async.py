@@ -251,6 +251,8 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
                     await settled.wait()
             except TimeoutError as exc:
                 raise unavailable(state.broken or exc, "subscribe") from state.broken
+            if state.closing:  # aclose() ended the wait (see aclose)
+                raise closed_here()
             if not state.subscribed.is_set():
                 broken = state.broken or ConnectionError("the wake-up channel dropped")
                 what = "subscribe" if state.ever_subscribed else "connect"
@@ -292,6 +294,8 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await state.settled.wait()  # the event the JOINs wait on: same order
+        if state.closing:  # aclose() ended the wait (see aclose)
+            raise closed_here()
 
     async def _run(
         self,
@@ -603,6 +607,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         self._last = None
         if state is not None:
             state.closing = True
+            state.settle()  # calls waiting for the first subscription raise now, too
             for waiter in list(state.waiters.values()):
                 wake(waiter)  # each wait sees `closing` and raises
             await leave_at_close(state.waiters, partial(self._run, state))
