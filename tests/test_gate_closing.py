@@ -362,7 +362,7 @@ def test_threads_joining_as_the_gate_closes_leave_nobody_in_the_redis_line(
     assert sum(left) == 0, f"tokens left in line per round: {left}"
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "postgres"])
 def test_a_thread_that_asks_after_the_close_is_refused(
     request: pytest.FixtureRequest, backend: str
 ) -> None:
@@ -428,14 +428,19 @@ async def test_requests_on_a_gate_still_connecting_end_when_it_closes(
         await holder.aclose()
 
 
-@pytest.mark.parametrize("backend", ["redis", "cluster"])
-def test_threads_on_a_gate_still_connecting_end_when_it_closes(
-    request: pytest.FixtureRequest, backend: str
+@pytest.mark.parametrize("backend", ["redis", "cluster", "postgres"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_threads_racing_the_close_end_when_it_closes(
+    request: pytest.FixtureRequest, backend: str, warm: bool
 ) -> None:
-    """The thread twin: threads whose first request waits for the wake-up channel end at
-    the close too."""
+    """Threads that ask as the gate closes end at once, whether their first request still
+    waits for the gate to connect (Redis: the wake-up channel; PostgreSQL: the pool) or
+    the gate was in use (``warm``), and none goes on through connections made anew."""
     namespace = f"c{secrets.token_hex(4)}"
     holder, gate = _gate(request, backend, namespace), _gate(request, backend, namespace)
+    if warm:
+        with gate.turn_sync("warm-up"):
+            pass
     try:
         with holder.turn_sync("k"):
             outcomes = _racing_round(gate, "k", close_after=0.0)

@@ -363,8 +363,9 @@ class Gate:
         :meth:`aclose`: each raises :class:`~inturn.BackendUnavailable` naming its key.
         A thread holding a turn finishes its block without an error, and the exit
         ends the turn. The sync side is closed even if no thread had used it yet: one
-        made for a thread that asks later is made closed (on Redis its requests are
-        refused; PostgreSQL opens a new pool).
+        made for a thread that asks later is made closed, and a request racing the close
+        or made after it raises BackendUnavailable (``transient`` False) on Redis and
+        PostgreSQL instead of opening connections nobody would close.
         """
         for box in self._mailboxes.values():
             if not box.is_async:

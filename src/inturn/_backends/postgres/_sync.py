@@ -117,6 +117,8 @@ class SyncPostgresBackend:
         )
         """Each connection out of a pool: that pool, its turns' share, whether a turn has it."""
         self._healthy_at = float("-inf")
+        self._closed = False
+        """Set by :meth:`close`: no pool is made any more (threads' calls are refused)."""
         self._reached = False
         """A connection of ours was made once: from then on the pool connects by itself."""
         self._probe_done = threading.Condition()
@@ -198,6 +200,11 @@ class SyncPostgresBackend:
             raise error
 
     def _pool_here(self) -> tuple[Any, SyncSlots]:
+        if self._closed:  # a request racing close(), or made after it: no new pool to leak
+            raise BackendUnavailable(
+                "the PostgreSQL backend was closed for threads (gate.close() or gate.aclose())",
+                transient=False,
+            )
         if self._pool is None and not self._reached and self._owned:
             self._probe()
         with self._lock:
@@ -219,7 +226,7 @@ class SyncPostgresBackend:
     def _getconn(self, until: float | None, *, turn: bool = False, quick: bool = False) -> Any:
         """A connection of the pool: for a turn, first a place in the turns' share (FIFO;
         ``quick``: only if free now); see :class:`._steps.Connect`. Remembers where it came
-        from: it goes back there, even after a close() made a new pool."""
+        from: it goes back there, even after that pool was closed."""
         pool, slots = self._pool_here()
         if turn and quick and not slots.take_now():
             raise Exhausted
@@ -446,7 +453,8 @@ class SyncPostgresBackend:
     def close(self) -> None:
         """Close the pool this twin made (an injected pool is its owner's to close). The
         threads' waiters leave their lines first (at most CLOSE_WAIT seconds) and their
-        waits raise."""
+        waits raise. Later calls are refused (a closed twin makes no new pool)."""
+        self._closed = True
         closing = self._plan.lines.close_waiters(lambda waiter: waiter.loop is None)
         for conns in closed_lock_waits(self._plan.lines, closing):  # they leave, on their own
             for conn in conns:
