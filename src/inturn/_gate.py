@@ -345,7 +345,7 @@ class Gate:
         next waiter gets it then. On Redis its lease is no longer renewed: a body
         that runs on past the lease loses the turn, as after any failed renewal.
         Later calls on this event loop raise BackendUnavailable (Redis, PostgreSQL);
-        other event loops keep theirs.
+        other event loops keep theirs. The threads' side is closed too (see :meth:`close`).
         """
         for box in self._mailboxes.values():
             await box.aclose()
