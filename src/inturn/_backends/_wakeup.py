@@ -14,13 +14,31 @@ import threading
 
 from inturn._errors import BackendUnavailable
 
-__all__ = ["Wakeup", "closed_while_waiting"]
+__all__ = ["Wakeup", "closed_for_threads", "closed_on_loop", "closed_while_waiting"]
 
 
 def closed_while_waiting(key: str) -> BackendUnavailable:
     """What a turn still waiting in line gets when its gate is closed (every backend)."""
     return BackendUnavailable(
         f"the gate was closed while this request waited in line for key {key!r}",
+        transient=False,
+    )
+
+
+def closed_on_loop(engine: str) -> BackendUnavailable:
+    """A call on an event loop the ``engine`` backend was closed on (it would otherwise
+    open connections that nobody closes)."""
+    return BackendUnavailable(
+        f"the {engine} backend was closed on this event loop (gate.aclose(), or the loop is "
+        "shutting down)",
+        transient=False,
+    )
+
+
+def closed_for_threads(engine: str) -> BackendUnavailable:
+    """A thread's call after the ``engine`` backend's threads' side was closed."""
+    return BackendUnavailable(
+        f"the {engine} backend was closed for threads (gate.close() or gate.aclose())",
         transient=False,
     )
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg_pool
 
+from inturn._backends._wakeup import closed_on_loop
 from inturn._backends.base import (
     ClaimResult,
     Diagnostics,
@@ -197,11 +198,7 @@ class PostgresBackend(PostgresAdmin):
         loop = asyncio.get_running_loop()
         entry = self._pools.get(loop)
         if entry is None and loop in self._closed_on:
-            raise BackendUnavailable(
-                "the PostgreSQL backend was closed on this event loop (gate.aclose(), or the"
-                " loop is shutting down)",
-                transient=False,
-            )
+            raise closed_on_loop("PostgreSQL")
         if entry is None and self._pool is not None:
             entry = self._pools[loop] = LoopPool(self._pool, AsyncSlots(self._share))
             entry.ready.set()

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg_pool
 
+from inturn._backends._wakeup import closed_for_threads
 from inturn._backends.base import (
     ClaimResult,
     Diagnostics,
@@ -201,10 +202,7 @@ class SyncPostgresBackend:
 
     def _pool_here(self) -> tuple[Any, SyncSlots]:
         if self._closed:  # a request racing close(), or made after it: no new pool to leak
-            raise BackendUnavailable(
-                "the PostgreSQL backend was closed for threads (gate.close() or gate.aclose())",
-                transient=False,
-            )
+            raise closed_for_threads("PostgreSQL")
         if self._pool is None and not self._reached and self._owned:
             self._probe()
         with self._lock:

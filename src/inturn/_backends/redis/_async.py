@@ -48,7 +48,7 @@ import redis.asyncio.cluster
 import redis.asyncio.sentinel
 import redis.exceptions
 
-from inturn._backends._wakeup import closed_while_waiting
+from inturn._backends._wakeup import closed_on_loop, closed_while_waiting
 from inturn._backends.base import (
     ClaimResult,
     Diagnostics,
@@ -60,7 +60,7 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 from . import _doctor
 from ._admin import RedisAdmin
 from ._boxes import Mailboxes
-from ._closing import closed_here, leave_at_close, release_after_close
+from ._closing import leave_at_close, release_after_close
 from ._keys import KeySpace
 from ._listener import listen_until_closed
 from ._mux import Mux
@@ -200,7 +200,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         state = self._states.get(loop)
         if state is None:
             if loop in self._closed_on:  # a call after aclose(): no new connections (a leak)
-                raise closed_here()
+                raise closed_on_loop("Redis")
             client = self._client if self._client is not None else self._factory()
             scripts: dict[str, Any] = {}
             mux = nodes = None
@@ -252,7 +252,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
             except TimeoutError as exc:
                 raise unavailable(state.broken or exc, "subscribe") from state.broken
             if state.closing:  # aclose() ended the wait (see aclose)
-                raise closed_here()
+                raise closed_on_loop("Redis")
             if not state.subscribed.is_set():
                 broken = state.broken or ConnectionError("the wake-up channel dropped")
                 what = "subscribe" if state.ever_subscribed else "connect"
@@ -295,7 +295,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await state.settled.wait()  # the event the JOINs wait on: same order
         if state.closing:  # aclose() ended the wait (see aclose)
-            raise closed_here()
+            raise closed_on_loop("Redis")
 
     async def _run(
         self,

@@ -20,16 +20,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from inturn._errors import BackendUnavailable
-
 from ._errors import map_errors
 from ._shared import SCRIPTS, Scripts, Waiter
 from ._urls import aclose_client, close_client
 
 __all__ = [
     "LEAVE_BOUND",
-    "closed_for_threads",
-    "closed_here",
     "leave_at_close",
     "leave_at_close_sync",
     "release_after_close",
@@ -40,23 +36,6 @@ logger = logging.getLogger("inturn")
 
 LEAVE_BOUND = 0.5
 """Longest time (seconds) closing spends taking its waiters out of their lines."""
-
-
-def closed_here() -> BackendUnavailable:
-    """A call on an event loop the backend was closed on (it would open connections anew)."""
-    return BackendUnavailable(
-        "the Redis backend was closed on this event loop (gate.aclose(), or the loop is "
-        "shutting down)",
-        transient=False,
-    )
-
-
-def closed_for_threads() -> BackendUnavailable:
-    """A thread's call after ``gate.close()`` (the sync twin's connections are closed)."""
-    return BackendUnavailable(
-        "the Redis backend was closed for threads (gate.close() or gate.aclose())",
-        transient=False,
-    )
 
 
 def _pending(waiters: dict[str, Waiter]) -> list[tuple[str, Waiter, bool]]:

@@ -25,13 +25,13 @@ import redis
 import redis.cluster
 import redis.sentinel
 
-from inturn._backends._wakeup import closed_while_waiting
+from inturn._backends._wakeup import closed_for_threads, closed_while_waiting
 from inturn._backends.base import ClaimResult, Grant, Statistics
 from inturn._errors import BackendUnavailable
 
 from . import _doctor
 from ._boxes import SyncMailboxes
-from ._closing import closed_for_threads, leave_at_close_sync, release_after_close_sync
+from ._closing import leave_at_close_sync, release_after_close_sync
 from ._mux import SyncMux
 from ._nodes import NotHere, SyncNodeMuxes
 from ._pushes import SyncWakeups
@@ -165,7 +165,7 @@ class SyncRedisBackend(SyncMailboxes):
 
     def _listening(self) -> None:
         if self._closed:  # its listener is gone for good: refuse rather than time out
-            raise closed_for_threads()
+            raise closed_for_threads("Redis")
         with self._lock:
             if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
                 self._pid = os.getpid()  # threads do not survive fork: start our own
