@@ -174,8 +174,7 @@ async def test_a_waiter_of_another_gate_is_not_held_up_by_the_closed_gates_waite
                 assert waiter.done()
                 _check_closed_error(waiter.exception(), "k")
             released = time.monotonic()
-        granted = await asyncio.wait_for(later, 15)
-        assert granted - released < ENDED_WITHIN, f"granted {granted - released:.2f}s late"
+        await _granted_soon_after(later, released, timeout=15)
     finally:
         let_go.set()
         await closing.aclose()
@@ -228,8 +227,7 @@ async def test_a_turn_held_across_the_close_ends_when_its_block_exits(
         await asyncio.wait_for(holder, 10)
         released = time.monotonic()
         assert exits == [None], repr(exits)
-        granted = await asyncio.wait_for(later, 25)
-        assert granted - released < ENDED_WITHIN, f"granted {granted - released:.2f}s late"
+        await _granted_soon_after(later, released, timeout=25)
     finally:
         let_go.set()
         await closing.aclose()
@@ -262,6 +260,14 @@ async def _wait_in(gate: inturn.Gate, mode: str, let_go: asyncio.Event) -> None:
 async def _granted_after(gate: inturn.Gate) -> float:
     async with gate.turn("k", timeout=30):
         return time.monotonic()
+
+
+async def _granted_soon_after(
+    later: asyncio.Future[float], released: float, timeout: float
+) -> None:
+    """``later`` (a :func:`_granted_after`) got the turn within ENDED_WITHIN of ``released``."""
+    granted = await asyncio.wait_for(later, timeout)
+    assert granted - released < ENDED_WITHIN, f"granted {granted - released:.2f}s late"
 
 
 def _clients(server: RedisServer) -> int:
