@@ -21,7 +21,8 @@ import redis
 import redis.asyncio
 
 import inturn
-from inturn._backends.redis._mux import Mux, SyncMux, sha1
+from inturn._backends.redis._mux import Mux, sha1
+from inturn._backends.redis._mux_sync import SyncMux
 from inturn.testing import History, check_history
 from tests.servers import RedisServer
 

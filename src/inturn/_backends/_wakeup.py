@@ -11,10 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Callable
 
 from inturn._errors import BackendUnavailable
 
-__all__ = ["Wakeup", "closed_for_threads", "closed_on_loop", "closed_while_waiting"]
+__all__ = [
+    "Wakeup",
+    "closed_for_threads",
+    "closed_on_loop",
+    "closed_while_waiting",
+    "raise_if_closing",
+]
 
 
 def closed_while_waiting(key: str) -> BackendUnavailable:
@@ -41,6 +48,17 @@ def closed_for_threads(engine: str) -> BackendUnavailable:
         f"the {engine} backend was closed for threads (gate.close() or gate.aclose())",
         transient=False,
     )
+
+
+def raise_if_closing(
+    exc: Exception, closing: bool, closed: Callable[[], BackendUnavailable]
+) -> None:
+    """Raise ``closed()`` (chained to ``exc``) for a call that failed once closing had
+    begun: the close cut its connection, and what that made the client library raise
+    (a dropped socket can surface as a TypeError from deep in a parser) is not the
+    caller's to read. A closed error already raised passes unchanged."""
+    if closing and not (isinstance(exc, BackendUnavailable) and not exc.transient):
+        raise closed() from exc
 
 
 class Wakeup:

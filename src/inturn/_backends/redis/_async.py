@@ -48,7 +48,7 @@ import redis.asyncio.cluster
 import redis.asyncio.sentinel
 import redis.exceptions
 
-from inturn._backends._wakeup import closed_on_loop, closed_while_waiting
+from inturn._backends._wakeup import closed_while_waiting, raise_if_closing
 from inturn._backends.base import (
     ClaimResult,
     Diagnostics,
@@ -60,7 +60,7 @@ from inturn._errors import BackendUnavailable, ConfigurationError
 from . import _doctor
 from ._admin import RedisAdmin
 from ._boxes import Mailboxes
-from ._closing import leave_at_close, release_after_close
+from ._closing import CLOSED_ON_LOOP, client_call, leave_at_close, release_after_close
 from ._keys import KeySpace
 from ._listener import listen_until_closed
 from ._mux import Mux
@@ -200,7 +200,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         state = self._states.get(loop)
         if state is None:
             if loop in self._closed_on:  # a call after aclose(): no new connections (a leak)
-                raise closed_on_loop("Redis")
+                raise CLOSED_ON_LOOP()
             client = self._client if self._client is not None else self._factory()
             scripts: dict[str, Any] = {}
             mux = nodes = None
@@ -231,6 +231,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
             await state.mux.aclose()
         if state.nodes is not None:
             await state.nodes.aclose()
+        state.closed = True  # a client call still in flight closes it again as it ends
         if self._client is None:
             await aclose_client(state.client)
 
@@ -252,7 +253,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
             except TimeoutError as exc:
                 raise unavailable(state.broken or exc, "subscribe") from state.broken
             if state.closing:  # aclose() ended the wait (see aclose)
-                raise closed_on_loop("Redis")
+                raise CLOSED_ON_LOOP()
             if not state.subscribed.is_set():
                 broken = state.broken or ConnectionError("the wake-up channel dropped")
                 what = "subscribe" if state.ever_subscribed else "connect"
@@ -295,7 +296,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await state.settled.wait()  # the event the JOINs wait on: same order
         if state.closing:  # aclose() ended the wait (see aclose)
-            raise closed_on_loop("Redis")
+            raise CLOSED_ON_LOOP()
 
     async def _run(
         self,
@@ -333,9 +334,16 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
             if wait is not None:
                 wait.missed(name)
             return reply
-        except Exception:  # mapped here, not in a `with` around every call (the hot path)
+        except Exception as exc:  # mapped here, not in a `with` around every call (hot path)
+            raise_if_closing(exc, state.closing, CLOSED_ON_LOOP)
             with map_errors(name):
                 raise
+
+    def _calling(
+        self, what: str, state: LoopState | None = None
+    ) -> contextlib.AbstractAsyncContextManager[LoopState]:
+        """A call through this loop's client: see :func:`client_call`."""
+        return client_call(state or self._state(), what, owned=self._client is None)
 
     async def _script(
         self,
@@ -481,32 +489,33 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
 
     async def is_held(self, key: str, token: str) -> bool:
         owner = self._process.keys.turn_keys(key)[0]
-        with map_errors("is_held"):
-            return holder_of(await self._state().client.get(owner), token)
+        async with self._calling("is_held") as state:
+            return holder_of(await state.client.get(owner), token)
 
     async def is_busy(self, key: str) -> bool:
         owner, line, _, _ = self._process.keys.turn_keys(key)
-        with map_errors("is_busy"):
-            return bool(await self._state().client.exists(owner, line))
+        async with self._calling("is_busy") as state:
+            return bool(await state.client.exists(owner, line))
 
     async def footprint(self) -> int:
         keys = self._process.keys
         count = 0
-        with map_errors("footprint"):
-            async for name in self._state().client.scan_iter(match=keys.prefix + "*", count=1000):
+        async with self._calling("footprint") as state:
+            async for name in state.client.scan_iter(match=keys.prefix + "*", count=1000):
                 count += keys.is_turn_state(text(name))
         return count
 
     async def statistics(self, key: str | None = None, *, limit: int = 1000) -> Statistics:
         """See :meth:`Backend.statistics`: a SCAN of the namespace (of every Cluster master)."""
-        return await _doctor.statistics(self._state().client, self._process.keys, key, limit)
+        async with self._calling("statistics") as state:
+            return await _doctor.statistics(state.client, self._process.keys, key, limit)
 
     async def diagnose(self) -> Diagnostics:
         """See :meth:`Backend.diagnose` (version, eviction policy, persistence, rights)."""
-        client = self._state().client
-        server = masked(self._url) if self._url else _doctor.server_of(client)
         wait = self._wait.replicas if self._wait is not None else 0
-        return await _doctor.diagnose(client, server, wait=wait)
+        async with self._calling("diagnose") as state:
+            server = masked(self._url) if self._url else _doctor.server_of(state.client)
+            return await _doctor.diagnose(state.client, server, wait=wait)
 
     # -- dedup and newest-call-wins -----------------------------------------------------
 
@@ -543,8 +552,8 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
 
     async def is_newest(self, key: str, scope: str, generation: int) -> bool:
         counter = self._process.keys.supersede_keys(key, scope)[0]
-        with map_errors("is_newest"):
-            current = await self._state().client.get(counter)
+        async with self._calling("is_newest") as state:
+            current = await state.client.get(counter)
         return current is None or int(current) <= generation
 
     async def start_running(
@@ -555,7 +564,7 @@ class RedisBackend(Releases, Mailboxes, RedisAdmin):
         running = self._process.keys.supersede_keys(key, scope)[1]
         value = f"{token}|{state.channel}"
         try:
-            with map_errors("start_running"):
+            async with self._calling("start_running", state):
                 await state.client.set(running, value, px=ms(SUPERSEDE_KEEP))
         except BaseException:
             state.cancels.pop(token, None)

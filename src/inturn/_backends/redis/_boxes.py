@@ -15,6 +15,7 @@ loop a call waits one loop step more.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -30,7 +31,6 @@ from ._shared import (
     LoopState,
     ProcessChannel,
     Scripts,
-    map_errors,
     text,
     wake,
 )
@@ -87,6 +87,11 @@ class Mailboxes:
     _process: ProcessChannel
 
     def _state(self) -> LoopState:
+        raise NotImplementedError
+
+    def _calling(
+        self, what: str, state: LoopState | None = None
+    ) -> contextlib.AbstractAsyncContextManager[LoopState]:
         raise NotImplementedError
 
     async def _script(
@@ -197,13 +202,13 @@ class Mailboxes:
 
     async def mb_pending(self, name: str, key: str) -> int:
         queue = self._process.keys.mailbox_keys(name, key)[0]
-        with map_errors("mb_pending"):
-            return int(await self._state().client.llen(queue))
+        async with self._calling("mb_pending") as state:
+            return int(await state.client.llen(queue))
 
     async def mb_draining(self, name: str, key: str) -> bool:
         role = self._process.keys.mailbox_keys(name, key)[2]
-        with map_errors("mb_draining"):
-            return bool(await self._state().client.exists(role))
+        async with self._calling("mb_draining") as state:
+            return bool(await state.client.exists(role))
 
     async def mb_hint(self, name: str, key: str, present: bool) -> None:
         """A key's hint is added by MB_SUBMIT and dropped by the take that empties its
@@ -211,8 +216,7 @@ class Mailboxes:
         drop the hint of a queue found empty by the sweeper."""
         if present:
             return
-        state = self._state()
-        with map_errors("mb_hint"):
+        async with self._calling("mb_hint") as state:
             await state.client.srem(state.calls.hint_set(name, key), key)
             if state.calls.cluster:  # and from the single set an older version kept
                 await state.client.srem(self._process.keys.mailbox_index(name)[0], key)
@@ -220,9 +224,8 @@ class Mailboxes:
     async def mb_hinted(self, name: str) -> list[str]:
         """The members of every hint set of ``name`` (on a Cluster, one per slot: read in
         one pipeline per node)."""
-        state = self._state()
-        sets = state.calls.hint_sets(name)
-        with map_errors("mb_hinted"):
+        async with self._calling("mb_hinted") as state:
+            sets = state.calls.hint_sets(name)
             if len(sets) == 1:
                 return sorted(text(k) for k in await state.client.smembers(sets[0]))
             if state.nodes is not None:  # a Cluster: one call per master, and the old set
@@ -243,8 +246,8 @@ class Mailboxes:
 
     async def mb_dead_letters(self, name: str, limit: int) -> list[str]:
         dead = self._process.keys.mailbox_index(name)[1]
-        with map_errors("mb_dead_letters"):
-            return [text(e) for e in await self._state().client.lrange(dead, 0, limit - 1)]
+        async with self._calling("mb_dead_letters") as state:
+            return [text(e) for e in await state.client.lrange(dead, 0, limit - 1)]
 
 
 class SyncMailboxes:
@@ -258,6 +261,9 @@ class SyncMailboxes:
     _nodes: SyncNodeMuxes | None
 
     def _script(self, call: Call, key: str, *, durable: bool = False) -> Any:
+        raise NotImplementedError
+
+    def _calling(self, what: str) -> contextlib.AbstractContextManager[None]:
         raise NotImplementedError
 
     def mb_submit(
@@ -344,18 +350,18 @@ class SyncMailboxes:
         return bool(self._script(self._calls.mb_renew(name, key, token, lease), key))
 
     def mb_pending(self, name: str, key: str) -> int:
-        with map_errors("mb_pending"):
+        with self._calling("mb_pending"):
             return int(self._client.llen(self._process.keys.mailbox_keys(name, key)[0]))
 
     def mb_draining(self, name: str, key: str) -> bool:
-        with map_errors("mb_draining"):
+        with self._calling("mb_draining"):
             return bool(self._client.exists(self._process.keys.mailbox_keys(name, key)[2]))
 
     def mb_hint(self, name: str, key: str, present: bool) -> None:
         """See ``Mailboxes.mb_hint``: only a sweeper's drop is left to do."""
         if present:
             return
-        with map_errors("mb_hint"):
+        with self._calling("mb_hint"):
             self._client.srem(self._calls.hint_set(name, key), key)
             if self._calls.cluster:
                 self._client.srem(self._process.keys.mailbox_index(name)[0], key)
@@ -363,7 +369,7 @@ class SyncMailboxes:
     def mb_hinted(self, name: str) -> list[str]:
         """See ``Mailboxes.mb_hinted``."""
         sets = self._calls.hint_sets(name)
-        with map_errors("mb_hinted"):
+        with self._calling("mb_hinted"):
             if len(sets) == 1:
                 return sorted(text(k) for k in self._client.smembers(sets[0]))
             if self._nodes is not None:  # a Cluster: one call per master, and the old set
@@ -383,5 +389,5 @@ class SyncMailboxes:
 
     def mb_dead_letters(self, name: str, limit: int) -> list[str]:
         dead = self._process.keys.mailbox_index(name)[1]
-        with map_errors("mb_dead_letters"):
+        with self._calling("mb_dead_letters"):
             return [text(e) for e in self._client.lrange(dead, 0, limit - 1)]

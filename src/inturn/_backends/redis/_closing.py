@@ -10,22 +10,37 @@ whole is bounded (:data:`LEAVE_BOUND`); what does not fit lapses on the server.
 A turn *held* across the close still releases when its block exits: on a
 connection of its own, closed right after (:func:`release_after_close`), so the
 next waiter gets the turn then, not when the lease runs out.
+
+A call already under way when the close begins fails with the closed error, not
+with whatever the cut connection made redis-py raise; one through the client's own
+connections (:func:`client_call` on an event loop, :class:`SharedClient` for
+threads) is counted, so that a connection it took or made as the close ran is
+closed when the last of them ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
 from typing import Any
 
+from inturn._backends._wakeup import closed_for_threads, closed_on_loop, raise_if_closing
+
 from ._errors import map_errors
-from ._shared import SCRIPTS, Scripts, Waiter
+from ._shared import SCRIPTS, LoopState, Scripts, Waiter
 from ._urls import aclose_client, close_client
 
 __all__ = [
+    "CLOSED_FOR_THREADS",
+    "CLOSED_ON_LOOP",
     "LEAVE_BOUND",
+    "SharedClient",
+    "client_call",
     "leave_at_close",
     "leave_at_close_sync",
     "release_after_close",
@@ -36,6 +51,10 @@ logger = logging.getLogger("inturn")
 
 LEAVE_BOUND = 0.5
 """Longest time (seconds) closing spends taking its waiters out of their lines."""
+CLOSED_ON_LOOP = partial(closed_on_loop, "Redis")
+"""The error of a call on an event loop the backend was closed on."""
+CLOSED_FOR_THREADS = partial(closed_for_threads, "Redis")
+"""The error of a thread's call once the threads' side was closed."""
 
 
 def _pending(waiters: dict[str, Waiter]) -> list[tuple[str, Waiter, bool]]:
@@ -123,3 +142,81 @@ def release_after_close_sync(
     finally:
         if owned:
             close_client(client)
+
+
+@contextlib.asynccontextmanager
+async def client_call(state: LoopState, what: str, *, owned: bool) -> AsyncIterator[LoopState]:
+    """:func:`map_errors` for a call through a loop's redis-py client (not its pipelined
+    connection), and the ``aclose()`` it may race.
+
+    Begun before the close and failed after it, the call raises the closed error. A
+    connection it took or made anew once the close had closed the client's would stay
+    open: the last such call to end closes the client again (``owned``: made here).
+    """
+    state.client_calls += 1
+    try:
+        with map_errors(what):
+            yield state
+    except Exception as exc:
+        raise_if_closing(exc, state.closing, CLOSED_ON_LOOP)
+        raise
+    finally:
+        state.client_calls -= 1
+        if state.closed and owned and not state.client_calls:
+            with contextlib.suppress(Exception):
+                await aclose_client(state.client)
+
+
+class SharedClient:
+    """A sync twin's redis-py client, shared by its threads (the calls that do not go
+    through its SyncMux), and closing it under them.
+
+    Once the twin is ``closing()``, a call is refused; one begun before and failed
+    after raises the closed error (see :func:`raise_if_closing`). A connection that a
+    call took or made anew after :meth:`close` closed the client's would stay open:
+    the last such call to end closes them again (``owned``: the client was made here).
+    """
+
+    def __init__(self, client: Any, *, owned: bool, closing: Callable[[], bool]) -> None:
+        self._client = client
+        self._owned = owned
+        self._closing = closing
+        self._lock = threading.Lock()
+        """Guards the two below; one release after close at a time (each closes the
+        client's connections again)."""
+        self._calls = 0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def calling(self, what: str) -> Iterator[None]:
+        """:func:`map_errors` for a call through the client, and the close it may race."""
+        if self._closing():
+            raise CLOSED_FOR_THREADS()
+        with self._lock:
+            self._calls += 1
+        try:
+            with map_errors(what):
+                yield
+        except Exception as exc:
+            raise_if_closing(exc, self._closing(), CLOSED_FOR_THREADS)
+            raise
+        finally:
+            with self._lock:
+                self._calls -= 1
+                if self._closed and not self._calls:
+                    with contextlib.suppress(Exception):
+                        close_client(self._client)
+
+    def release_after_close(self, calls: Scripts, key: str, token: str, *, leave: bool) -> None:
+        """:func:`release_after_close_sync` through this client, one at a time."""
+        with self._lock:
+            release_after_close_sync(
+                self._client, owned=self._owned, calls=calls, key=key, token=token, leave=leave
+            )
+
+    def close(self) -> None:
+        """Close the client's connections, if they are ours (not under a call)."""
+        if self._owned:
+            with self._lock:
+                self._closed = True
+                close_client(self._client)

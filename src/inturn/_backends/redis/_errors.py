@@ -12,7 +12,7 @@ import redis.exceptions
 
 from inturn._errors import BackendUnavailable
 
-__all__ = ["map_errors", "unavailable", "unknown_host"]
+__all__ = ["ClientClosed", "map_errors", "unavailable", "unknown_host"]
 
 _TRANSPORT_ERRORS = (
     redis.exceptions.ConnectionError,
@@ -23,6 +23,14 @@ _TRANSPORT_ERRORS = (
     redis.exceptions.TryAgainError,
     OSError,
 )
+
+
+class ClientClosed(redis.exceptions.ConnectionError):
+    """A call on connections closed with the backend. It is not sent again, nor handed to
+    redis-py's own client (that would connect anew, and nobody would close it)."""
+
+    def __init__(self) -> None:
+        super().__init__("inturn: the client was closed")
 
 
 def unavailable(exc: BaseException, what: str) -> BackendUnavailable:
@@ -107,6 +115,8 @@ def map_errors(what: str) -> Iterator[None]:
         yield
     except BackendUnavailable:  # said already (a ConnectionError too): unchanged
         raise
+    except ClientClosed as exc:
+        raise BackendUnavailable(f"the Redis backend was closed ({what})", transient=False) from exc
     except _TRANSPORT_ERRORS as exc:
         raise unavailable(exc, what) from exc
     except redis.exceptions.ResponseError as exc:

@@ -29,7 +29,9 @@ import redis
 import redis.asyncio
 import redis.exceptions
 
-from inturn._backends.redis._mux import Mux, SyncMux, sha1
+from inturn._backends.redis._errors import ClientClosed
+from inturn._backends.redis._mux import Mux, sha1
+from inturn._backends.redis._mux_sync import SyncMux
 
 __all__ = ["NodeMuxes", "NotHere", "SyncNodeMuxes"]
 
@@ -91,6 +93,7 @@ class _Routing:
         self._lock = threading.Lock()
         self.redirected = 0
         """Calls handed to redis-py's cluster client (a redirection, a node gone)."""
+        self._closed = False
 
     @contextlib.contextmanager
     def _or_not_here(self, idempotent: bool) -> Iterator[None]:
@@ -98,6 +101,8 @@ class _Routing:
         :class:`NotHere`."""
         try:
             yield
+        except ClientClosed:  # closed with the backend: not for redis-py to connect anew
+            raise
         except _REFUSED as exc:
             raise self._not_here(exc) from exc
         except _BROKEN as exc:
@@ -125,6 +130,8 @@ class NodeMuxes(_Routing):
     def _mux_of(self, node: Any) -> Mux:
         mux = self._muxes.get(node.name)
         if mux is None:
+            if self._closed:  # a call that began before aclose(): no new connection
+                raise ClientClosed()
             pool = redis.asyncio.ConnectionPool(
                 connection_class=node.connection_class, max_connections=4, **node.connection_kwargs
             )
@@ -175,6 +182,7 @@ class NodeMuxes(_Routing):
 
     async def aclose(self) -> None:
         """Close every master's connection (after the replies in flight, see Mux.aclose)."""
+        self._closed = True
         muxes, self._muxes = list(self._muxes.values()), {}
         for mux in muxes:
             with contextlib.suppress(Exception):
@@ -198,6 +206,8 @@ class SyncNodeMuxes(_Routing):
         if mux is None:
             with self._lock:
                 mux = self._muxes.get(node.name)
+                if mux is None and self._closed:  # a call that raced close(): no new one
+                    raise ClientClosed()
                 if mux is None:
                     pool = node.redis_connection.connection_pool
                     mux = SyncMux(pool, size=self._size, wait=self._wait, preload=self._preload)
@@ -234,6 +244,7 @@ class SyncNodeMuxes(_Routing):
     def close(self) -> None:
         """Close every master's idle connections (see SyncMux.close)."""
         with self._lock:
+            self._closed = True
             muxes, self._muxes = list(self._muxes.values()), {}
         for mux in muxes:
             with contextlib.suppress(Exception):

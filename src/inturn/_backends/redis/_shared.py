@@ -352,6 +352,11 @@ class LoopState(Lines):
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     """Releases sent again in the background (their first reply was lost)."""
     closing: bool = False
+    """Set by ``aclose()`` as it begins."""
+    closed: bool = False
+    """Set once ``aclose()`` closes the connections (see ``_closing.client_call``)."""
+    client_calls: int = 0
+    """Calls in flight through ``client`` (not the pipelined connection)."""
 
     def settle(self) -> None:
         """The listener's attempt ended (``subscribed`` or ``broken`` says how): wake

@@ -25,14 +25,14 @@ import redis
 import redis.cluster
 import redis.sentinel
 
-from inturn._backends._wakeup import closed_for_threads, closed_while_waiting
+from inturn._backends._wakeup import closed_while_waiting, raise_if_closing
 from inturn._backends.base import ClaimResult, Grant, Statistics
 from inturn._errors import BackendUnavailable
 
 from . import _doctor
 from ._boxes import SyncMailboxes
-from ._closing import leave_at_close_sync, release_after_close_sync
-from ._mux import SyncMux
+from ._closing import CLOSED_FOR_THREADS, SharedClient, leave_at_close_sync
+from ._mux_sync import SyncMux
 from ._nodes import NotHere, SyncNodeMuxes
 from ._pushes import SyncWakeups
 from ._shared import (
@@ -66,7 +66,6 @@ from ._shared import (
     unavailable,
     wake,
 )
-from ._urls import close_client
 
 logger = logging.getLogger("inturn")
 
@@ -74,6 +73,8 @@ __all__ = ["SyncRedisBackend"]
 
 _TWINS: weakref.WeakSet[SyncRedisBackend] = weakref.WeakSet()
 """Every sync twin of this process: a forked child remakes their per-process state."""
+LISTENER_ENDS = 1.0
+"""Seconds close() waits at most for the listener thread to end."""
 
 
 def _after_fork_in_child() -> None:
@@ -107,7 +108,6 @@ class SyncRedisBackend(SyncMailboxes):
         self._client = client
         self._wait = wait
         self._process = process
-        self._owned = owned
         self._calls = Scripts(process.keys, cluster=is_cluster(client))
         self._scripts: dict[str, Any] = {}
         """redis-py Script objects, on a Cluster only (elsewhere the SyncMux runs the scripts)."""
@@ -134,8 +134,8 @@ class SyncRedisBackend(SyncMailboxes):
         self._stop = threading.Event()
         self._closed = False
         """Set by :meth:`close`: waits end (their tokens left their lines), leaves are done."""
-        self._after_close = threading.Lock()
-        """One release after close at a time (each closes the client's connections again)."""
+        self._shared = SharedClient(client, owned=owned, closing=lambda: self._closed)
+        """The client's own connections, as threads share them and close() closes them."""
         self._forked()
         self._pid = -1
         _TWINS.add(self)
@@ -165,7 +165,7 @@ class SyncRedisBackend(SyncMailboxes):
 
     def _listening(self) -> None:
         if self._closed:  # its listener is gone for good: refuse rather than time out
-            raise closed_for_threads("Redis")
+            raise CLOSED_FOR_THREADS()
         with self._lock:
             if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
                 self._pid = os.getpid()  # threads do not survive fork: start our own
@@ -179,10 +179,14 @@ class SyncRedisBackend(SyncMailboxes):
         # As in the async backend: learn the outcome of an attempt made since asking
         # (asking for one now if the last failed), shared by the threads that ask.
         with self._settled:
+            if self._closed:  # read under the lock close() ends these waits with
+                raise CLOSED_FOR_THREADS()
             seen = self._attempts
             if self._broken is not None:
                 self._again.set()
             self._settled.wait_for(lambda: self._attempts > seen, CONNECT_TIMEOUT)
+        if self._closed:  # close() ended the wait
+            raise CLOSED_FOR_THREADS()
         if not self._subscribed.is_set():
             broken = self._broken or TimeoutError("no answer")
             what = "subscribe" if self._ever_subscribed else "connect"
@@ -230,7 +234,9 @@ class SyncRedisBackend(SyncMailboxes):
                 wakeups.subscribe(self._channel, CONNECT_TIMEOUT)
                 if not process.checked_eviction:
                     try:
-                        policy = _doctor.policy_of(self._client.config_get("maxmemory-policy"))
+                        with self._calling("config get"):
+                            reply = self._client.config_get("maxmemory-policy")
+                        policy = _doctor.policy_of(reply)
                     except Exception:  # CONFIG may be disabled (managed Redis)
                         policy = None
                     _doctor.warn_eviction(process, policy)
@@ -297,29 +303,37 @@ class SyncRedisBackend(SyncMailboxes):
         redis-py's client runs it, after a redirection);
         ``wait``: return once replicas have its write (see ReplicaWait)."""
         keys = self._calls.turn_keys(key) if keys is None else keys
-        with map_errors(name):
-            runner = self._mux if self._mux is not None else self._nodes
-            if runner is not None:
-                sha, lua = SHAS[name]
-                then = None if wait is None else wait.command()
-                try:
-                    reply = runner.evalsha(
-                        sha,
-                        lua,
-                        keys,
-                        args,
-                        timeout=timeout,
-                        idempotent=idempotent(name, args),
-                        then=then,
-                    )
-                except NotHere:  # a Cluster master did not run it: redis-py finds the node
-                    pass
-                else:
-                    return reply if wait is None else wait.checked(reply, name)
-            reply = self._scripts[name](keys=keys, args=args)
-            if wait is not None:
-                wait.missed(name)
-            return reply
+        try:
+            with map_errors(name):
+                runner = self._mux if self._mux is not None else self._nodes
+                if runner is not None:
+                    sha, lua = SHAS[name]
+                    then = None if wait is None else wait.command()
+                    try:
+                        reply = runner.evalsha(
+                            sha,
+                            lua,
+                            keys,
+                            args,
+                            timeout=timeout,
+                            idempotent=idempotent(name, args),
+                            then=then,
+                        )
+                    except NotHere:  # a Cluster master did not run it: redis-py finds the node
+                        pass
+                    else:
+                        return reply if wait is None else wait.checked(reply, name)
+                reply = self._scripts[name](keys=keys, args=args)
+                if wait is not None:
+                    wait.missed(name)
+                return reply
+        except Exception as exc:
+            raise_if_closing(exc, self._closed, CLOSED_FOR_THREADS)
+            raise
+
+    def _calling(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """A call through the client's own connections: see :meth:`SharedClient.calling`."""
+        return self._shared.calling(what)
 
     def _script(self, call: Call, key: str, *, durable: bool = False) -> Any:
         """Run a script whose KEYS and ARGV :class:`Scripts` built (``durable``: see
@@ -467,15 +481,7 @@ class SyncRedisBackend(SyncMailboxes):
 
     def _after_close_call(self, key: str, token: str, *, leave: bool = False) -> None:
         """Release (``leave``: leave the line, or release a grant found) after close()."""
-        with self._after_close:
-            release_after_close_sync(
-                self._client,
-                owned=self._owned,
-                calls=self._calls,
-                key=key,
-                token=token,
-                leave=leave,
-            )
+        self._shared.release_after_close(self._calls, key, token, leave=leave)
 
     def renew(self, key: str, token: str, lease: float) -> bool:
         return bool(self._run("renew", key, [token, ms(lease)]))
@@ -517,17 +523,17 @@ class SyncRedisBackend(SyncMailboxes):
         return None
 
     def is_held(self, key: str, token: str) -> bool:
-        with map_errors("is_held"):
+        with self._calling("is_held"):
             return holder_of(self._client.get(self._process.keys.turn_keys(key)[0]), token)
 
     def is_busy(self, key: str) -> bool:
         owner, line, _, _ = self._process.keys.turn_keys(key)
-        with map_errors("is_busy"):
+        with self._calling("is_busy"):
             return bool(self._client.exists(owner, line))
 
     def footprint(self) -> int:
         keys = self._process.keys
-        with map_errors("footprint"):
+        with self._calling("footprint"):
             return sum(
                 1
                 for name in self._client.scan_iter(match=keys.prefix + "*", count=1000)
@@ -536,7 +542,8 @@ class SyncRedisBackend(SyncMailboxes):
 
     def statistics(self, key: str | None = None, *, limit: int = 1000) -> Statistics:
         """See :meth:`RedisBackend.statistics`."""
-        return _doctor.statistics_sync(self._client, self._process.keys, key, limit)
+        with self._calling("statistics"):
+            return _doctor.statistics_sync(self._client, self._process.keys, key, limit)
 
     # -- dedup and newest-call-wins -----------------------------------------------------
 
@@ -566,7 +573,7 @@ class SyncRedisBackend(SyncMailboxes):
         return int(self._script(self._calls.supersede(key, scope, cancel_running), key))
 
     def is_newest(self, key: str, scope: str, generation: int) -> bool:
-        with map_errors("is_newest"):
+        with self._calling("is_newest"):
             current = self._client.get(self._process.keys.supersede_keys(key, scope)[0])
         return current is None or int(current) <= generation
 
@@ -584,6 +591,9 @@ class SyncRedisBackend(SyncMailboxes):
             leave_at_close_sync(waiters, self._run_bounded)
         self._stop.set()
         self._again.set()  # a listener in its backoff ends now
+        with self._settled:  # so do the threads waiting for the first subscription
+            self._attempts += 1
+            self._settled.notify_all()
         if self._mux is not None:
             self._mux.close()
         if self._nodes is not None:
@@ -591,5 +601,7 @@ class SyncRedisBackend(SyncMailboxes):
         wakeups = self._wakeups
         if wakeups is not None:  # wakes the listener's blocked read: it sees _stop and ends
             wakeups.close()
-        if self._owned:
-            close_client(self._client)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(LISTENER_ENDS)  # its connection (one it was making, too) is closed
+        self._shared.close()
