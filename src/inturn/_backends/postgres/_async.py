@@ -15,12 +15,13 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
 
-from inturn._backends._wakeup import closed_on_loop
+from inturn._backends._wakeup import closed_on_loop, raise_if_closing
 from inturn._backends.base import (
     ClaimResult,
     Diagnostics,
@@ -66,6 +67,8 @@ from ._sync import SyncPostgresBackend
 from ._urls import CONNECT_TIMEOUT, connect_failure, connection_kwargs, masked, parse_url
 
 __all__ = ["PostgresBackend"]
+
+_CLOSED_ON_LOOP = partial(closed_on_loop, "PostgreSQL")
 
 T = TypeVar("T")
 logger = logging.getLogger("inturn")
@@ -170,6 +173,10 @@ class PostgresBackend(PostgresAdmin):
                 step = flow.send(answer) if error is None else flow.throw(error)
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
+            except Exception as exc:  # aclose() closed the pool, or cancelled, under the call
+                closing = asyncio.get_running_loop() in self._closed_on
+                raise_if_closing(exc, closing, _CLOSED_ON_LOOP)
+                raise
             finally:
                 error = None
             try:
@@ -198,7 +205,7 @@ class PostgresBackend(PostgresAdmin):
         loop = asyncio.get_running_loop()
         entry = self._pools.get(loop)
         if entry is None and loop in self._closed_on:
-            raise closed_on_loop("PostgreSQL")
+            raise _CLOSED_ON_LOOP()
         if entry is None and self._pool is not None:
             entry = self._pools[loop] = LoopPool(self._pool, AsyncSlots(self._share))
             entry.ready.set()

@@ -11,12 +11,13 @@ import contextlib
 import threading
 import time
 import weakref
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
 
-from inturn._backends._wakeup import closed_for_threads
+from inturn._backends._wakeup import closed_for_threads, raise_if_closing
 from inturn._backends.base import (
     ClaimResult,
     Diagnostics,
@@ -57,6 +58,8 @@ WAIT_GRACE = 0.5
 server's own lock_timeout answers well before, unless the link is dead)."""
 
 __all__ = ["SyncPostgresBackend"]
+
+_CLOSED = partial(closed_for_threads, "PostgreSQL")
 
 T = TypeVar("T")
 
@@ -139,6 +142,9 @@ class SyncPostgresBackend:
                 step = flow.send(answer) if error is None else flow.throw(error)
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
+            except Exception as exc:  # close() closed the pool, or cancelled, under the call
+                raise_if_closing(exc, self._closed, _CLOSED)
+                raise
             finally:
                 error = None
             try:
@@ -202,7 +208,7 @@ class SyncPostgresBackend:
 
     def _pool_here(self) -> tuple[Any, SyncSlots]:
         if self._closed:  # a request racing close(), or made after it: no new pool to leak
-            raise closed_for_threads("PostgreSQL")
+            raise _CLOSED()
         if self._pool is None and not self._reached and self._owned:
             self._probe()
         with self._lock:
