@@ -11,6 +11,8 @@ closed on.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import itertools
 import secrets
 import threading
 import time
@@ -458,3 +460,106 @@ def test_threads_racing_the_close_end_when_it_closes(
             assert "closed" in str(outcome), str(outcome)
     finally:
         holder.close()
+
+
+CALLING_ROUNDS = 16
+CALLING = 4
+"""Threads (or tasks) calling while the gate closes, in each round."""
+
+
+def _calling_gate(
+    request: pytest.FixtureRequest, backend: str, server: RedisServer | None
+) -> tuple[inturn.Gate, inturn.Mailbox]:
+    namespace = f"c{secrets.token_hex(4)}"
+    if server is not None:  # a server of the test's own: its connections can be counted
+        gate = inturn.Gate.from_url(server.url, namespace=namespace)
+    else:
+        gate = _gate(request, backend, namespace)
+    return gate, gate.mailbox("inbox", handler=_ignore)
+
+
+def _ignore(message: object) -> None:
+    """A mailbox handler (nothing is submitted)."""
+
+
+def _check_refused(errors: Sequence[BaseException], server: RedisServer | None) -> None:
+    """Each caller ended with the non-transient closed error; on a server of the test's
+    own, no connection stayed open."""
+    assert len(errors) == CALLING
+    for error in errors:
+        assert isinstance(error, inturn.BackendUnavailable), repr(error)
+        assert error.transient is False, repr(error)
+        assert "closed" in str(error), str(error)
+    if server is not None:
+        assert _clients(server) == 0
+
+
+def _call_until_refused(
+    gate: inturn.Gate, mailbox: inturn.Mailbox, n: int, start: threading.Barrier
+) -> BaseException:
+    """Thread ``n``: turns of its own keys (each checked on the server with
+    ``turn.check()``) and a mailbox's queue length, over and over; returns the error
+    that ended it (the close, at the latest the first call after it)."""
+    start.wait(10)
+    try:
+        for i in itertools.count():
+            with gate.turn_sync(f"t{n}.{i % 3}", timeout=10) as turn:
+                turn.check()
+            mailbox.pending_sync(f"t{n}")
+    except BaseException as exc:
+        return exc
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("backend", ["redis", "cluster", "postgres"])
+def test_calls_of_threads_racing_the_close_fail_only_with_the_closed_error(
+    request: pytest.FixtureRequest, make_redis_server: Callable[[], RedisServer], backend: str
+) -> None:
+    """Threads busy with turns (and ``turn.check()``) and a mailbox's queue length while
+    the gate closes: whatever call the close cuts short, or comes after it, fails with
+    the non-transient closed error, never with what a cut connection made the client
+    library raise; and on Redis no connection stays open once close() returned."""
+    server = make_redis_server() if backend == "redis" else None
+    for round_ in range(CALLING_ROUNDS):
+        gate, mailbox = _calling_gate(request, backend, server)
+        start = threading.Barrier(CALLING + 1)
+        with concurrent.futures.ThreadPoolExecutor(CALLING) as pool:
+            calls = [
+                pool.submit(_call_until_refused, gate, mailbox, n, start) for n in range(CALLING)
+            ]
+            start.wait(10)
+            time.sleep(0.002 * (round_ % 6))  # cold (the first turns connecting) to warm
+            gate.close()
+            done, _ = concurrent.futures.wait(calls, timeout=ENDED_WITHIN + 3)
+            assert len(done) == CALLING, "a thread still calls"
+        _check_refused([call.result() for call in calls], server)
+
+
+async def _acall_until_refused(gate: inturn.Gate, mailbox: inturn.Mailbox, n: int) -> None:
+    """Task ``n``: as :func:`_call_until_refused`, plus ``gate.is_busy``; raises the error
+    that ended it."""
+    for i in itertools.count():
+        async with gate.turn(f"t{n}.{i % 3}", timeout=10) as turn:
+            await turn.check()
+        await mailbox.pending(f"t{n}")
+        await gate.is_busy(f"t{n}.0")
+
+
+@pytest.mark.parametrize("backend", ["redis", "cluster", "postgres"])
+async def test_calls_of_tasks_racing_the_close_fail_only_with_the_closed_error(
+    request: pytest.FixtureRequest, make_redis_server: Callable[[], RedisServer], backend: str
+) -> None:
+    """The same with tasks of one event loop and ``await gate.aclose()``: no call ends with
+    another error, and no connection a call took or made as the close ran stays open."""
+    server = make_redis_server() if backend == "redis" else None
+    for round_ in range(CALLING_ROUNDS):
+        gate, mailbox = _calling_gate(request, backend, server)
+        calls = [
+            asyncio.ensure_future(_acall_until_refused(gate, mailbox, n)) for n in range(CALLING)
+        ]
+        await asyncio.sleep(0.002 * (round_ % 6))
+        await gate.aclose()
+        done, _ = await asyncio.wait(calls, timeout=ENDED_WITHIN + 3)
+        assert len(done) == CALLING, "a task still calls"
+        errors = [call.exception() for call in calls]
+        _check_refused([e for e in errors if e is not None], server)

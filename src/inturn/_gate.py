@@ -344,8 +344,10 @@ class Gate:
         turn (on Redis over a connection of its own, closed right after), so the
         next waiter gets it then. On Redis its lease is no longer renewed: a body
         that runs on past the lease loses the turn, as after any failed renewal.
-        Later calls on this event loop raise BackendUnavailable (Redis, PostgreSQL);
-        other event loops keep theirs. The threads' side is closed too (see :meth:`close`).
+        Later calls on this event loop raise BackendUnavailable (Redis, PostgreSQL),
+        and so do calls the close cuts short (``transient`` False, whatever the cut
+        connection raised); other event loops keep theirs. The threads' side is closed
+        too (see :meth:`close`).
         """
         for box in self._mailboxes.values():
             await box.aclose()
@@ -365,7 +367,8 @@ class Gate:
         ends the turn. The sync side is closed even if no thread had used it yet: one
         made for a thread that asks later is made closed, and a request racing the close
         or made after it raises BackendUnavailable (``transient`` False) on Redis and
-        PostgreSQL instead of opening connections nobody would close.
+        PostgreSQL instead of opening connections nobody would close; so does any
+        thread's call the close cuts short.
         """
         for box in self._mailboxes.values():
             if not box.is_async:
