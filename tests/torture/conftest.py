@@ -25,6 +25,7 @@ PG_IN_CI = {
     "first_burst",
     "hostile_input",
     "long_partition",
+    "close_under_load",
 }
 CI_CASES = [
     (name, backend)

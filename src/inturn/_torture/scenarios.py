@@ -359,6 +359,36 @@ def fork_gate(lab: Lab, backend: str, rng: random.Random) -> Outcome:
         return out
 
 
+CLOSE_WITHIN = 5.0
+"""Seconds a gate's close may take with callers waiting, holding and asking (the waiters
+leave their lines in at most 0.5 s on Redis, 1 s on PostgreSQL)."""
+
+
+@scenario("close_under_load")
+def close_under_load(lab: Lab, backend: str, rng: random.Random) -> Outcome:
+    """Gates closed over and over while their tasks and threads wait, hold and ask, with
+    other processes contending for the same keys: no overlap; every call that a close ends
+    fails with the closed error, never another; no close is slow; no key is left wedged."""
+    t0 = time.monotonic()
+    with _backend(lab, backend, "close_under_load") as (run_, _, _):
+        procs = [run_.spawn("c0", "closing", duration=3.0, hold=0.05)]
+        run_.ready(*procs)
+        procs += _turn_workers(run_, 2, 3.0, hold=0.05, tasks=2)
+        lab.wait(procs, 40)
+        out = _outcome("close_under_load", backend, Expect(exclusion=True), run_, t0)
+        mine = [r for r in run_.records() if r["worker"] == "c0"]
+        odd = [r for r in mine if r["t"] == "error" and r["type"] != "TurnTimeout"]
+        if odd:
+            kinds = sorted({f"{r['type']}: {r['message'][:80]}" for r in odd})
+            out.notes.append(f"BREACH {len(odd)} call(s) ended by a close raised {kinds}")
+        closes = [r["seconds"] for r in mine if r["t"] == "close"]
+        if not closes or not any(r["t"] == "closed" for r in mine):
+            out.notes.append(f"BREACH no close ended a call ({len(closes)} closes)")
+        elif max(closes) > CLOSE_WITHIN:
+            out.notes.append(f"BREACH a close took {max(closes):.1f} s")
+        return _liveness(run_, out)
+
+
 HOSTILE_KEYS = [
     "nul\x00key",
     "{brace",

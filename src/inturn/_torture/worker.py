@@ -6,7 +6,8 @@ line, written and flushed at once so a SIGKILLed worker leaves what it did. Reco
 - ``span``: a turn as it ran (key, fence, asked, joined, start, end, worker) plus ``lost``
   (``turn.lost`` set by the end) and ``refused`` (the sink refused one of its writes); the
   spans alone also go to ``<out>.history`` in :meth:`inturn.testing.History.dump`'s format;
-- ``error``: a call that raised (type and message);
+- ``error``: a call that raised (type and message); ``closed``: one that a gate's close
+  ended with the closed error (mode ``closing``), and ``close``: how long that close took;
 - ``submitted``: a message whose ``submit`` returned (acknowledged), ``submit_error`` one
   whose submit raised; ``handled``: a handler call (message id, fence, accepted by the sink).
 
@@ -14,7 +15,8 @@ Modes: ``turns`` (async tasks or, with ``sync``, threads, over ``keys``), ``mail
 ``per_key`` messages per key and handle what this process drains), ``recover`` (sweep and
 drain a mailbox until every key is empty), ``burst`` (a fresh process asks 5 times per key at
 once; spans carry the call index), ``fork`` (a gate made and used before ``os.fork()``, then
-both processes contend).
+both processes contend), ``closing`` (gates made and closed over and over while their tasks
+and threads ask, hold and wait).
 """
 
 from __future__ import annotations
@@ -85,6 +87,22 @@ class Recorder:
         self._history.close()
 
 
+def _span(rec: Recorder, key: str, turn: Any, start: float, refused: bool, task: int) -> None:
+    """Record a turn as it ran, ending now (see the module docstring)."""
+    rec.write(
+        "span",
+        key=key,
+        fence=turn.fence,
+        asked=turn.asked_at,
+        joined=turn.joined_at,
+        start=start,
+        end=time.monotonic(),
+        lost=turn.lost.is_set(),
+        refused=refused,
+        task=task,
+    )
+
+
 def _gate(cfg: dict[str, Any]) -> Any:
     import inturn
 
@@ -106,7 +124,7 @@ async def _turns_async(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
 
     async def one(n: int, key: str) -> None:
         sink = sinks[n]
-        start = end = 0.0
+        start = 0.0
         refused = False
         called = time.monotonic()
         try:
@@ -123,19 +141,7 @@ async def _turns_async(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
                     await asyncio.sleep(rng.random() * hold)
                     refused |= not sink.write(key, turn.fence, rec.worker)
                 finally:
-                    end = time.monotonic()
-                    rec.write(
-                        "span",
-                        key=key,
-                        fence=turn.fence,
-                        asked=turn.asked_at,
-                        joined=turn.joined_at,
-                        start=start,
-                        end=end,
-                        lost=turn.lost.is_set(),
-                        refused=refused,
-                        task=n,
-                    )
+                    _span(rec, key, turn, start, refused, n)
         except asyncio.CancelledError:
             raise
         except (inturn.InturnError, OSError) as exc:
@@ -186,18 +192,7 @@ def _turns_sync(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
                     refused = not sink.write(key, turn.fence, rec.worker)
                     time.sleep(rng.random() * hold)
                     refused |= not sink.write(key, turn.fence, rec.worker)
-                    rec.write(
-                        "span",
-                        key=key,
-                        fence=turn.fence,
-                        asked=turn.asked_at,
-                        joined=turn.joined_at,
-                        start=start,
-                        end=time.monotonic(),
-                        lost=turn.lost.is_set(),
-                        refused=refused,
-                        task=n,
-                    )
+                    _span(rec, key, turn, start, refused, n)
             except (inturn.InturnError, OSError) as exc:
                 rec.write(
                     "error",
@@ -315,21 +310,110 @@ async def _burst(cfg: dict[str, Any], rec: Recorder, gate: Any) -> None:
             start = time.monotonic()
             refused = not sink.write(key, turn.fence, rec.worker)
             await asyncio.sleep(0.001)
-            rec.write(
-                "span",
-                key=key,
-                fence=turn.fence,
-                asked=turn.asked_at,
-                joined=turn.joined_at,
-                start=start,
-                end=time.monotonic(),
-                lost=turn.lost.is_set(),
-                refused=refused,
-                task=index,
-            )
+            _span(rec, key, turn, start, refused, index)
 
     await asyncio.gather(*(call(k, i) for k in cfg["keys"] for i in range(5)))
     await gate.aclose()
+
+
+CLOSING_TASKS = 3
+CLOSING_THREADS = 2
+
+
+class _Closer:
+    """Mode ``closing``: until ``duration``, a new gate whose tasks and threads ask for turns
+    of ``keys`` (a body writes to the sink, asks ``turn.check()``, and writes again at most
+    ``hold`` later), closed with
+    ``aclose()`` after 0.05-0.4 s whatever they are doing. A call that the close ends with
+    the closed error is a ``closed`` record, anything else an ``error``; each close a
+    ``close`` record."""
+
+    def __init__(self, cfg: dict[str, Any], rec: Recorder) -> None:
+        self.cfg, self.rec = cfg, rec
+        self.keys: list[str] = cfg["keys"]
+        self.hold = cfg.get("hold", 0.05)
+        self.timeout = cfg.get("timeout", 3.0)
+        self.rng = random.Random(cfg.get("seed", os.getpid()))
+        self.sinks = [FencedSink(cfg["sink"]) for _ in range(CLOSING_TASKS)]
+        """The tasks' (a thread opens its own: SQLite connections stay in their thread)."""
+
+    async def run(self) -> None:
+        deadline = time.monotonic() + self.cfg.get("duration", 3.0)
+        while time.monotonic() < deadline:
+            if not await self.round(_gate(self.cfg)):
+                return
+
+    async def round(self, gate: Any) -> bool:
+        """One gate, closed under its callers; False if a caller outlived the close."""
+        closing = threading.Event()
+        tasks = [asyncio.ensure_future(self.task(gate, closing, n)) for n in range(CLOSING_TASKS)]
+        threads = [
+            threading.Thread(target=self.thread, args=(gate, closing, n), daemon=True)
+            for n in range(CLOSING_TASKS, CLOSING_TASKS + CLOSING_THREADS)
+        ]
+        for t in threads:
+            t.start()
+        await asyncio.sleep(self.rng.uniform(0.05, 0.4))
+        began = time.monotonic()
+        closing.set()
+        await gate.aclose()  # the threads' side too
+        self.rec.write("close", seconds=time.monotonic() - began)
+        _, hung = await asyncio.wait(tasks, timeout=10)
+        for t in threads:
+            await asyncio.to_thread(t.join, 10)
+        if hung or any(t.is_alive() for t in threads):
+            self.rec.write("error", key="", type="Hung", message="a caller outlived the close")
+            return False
+        return True
+
+    async def task(self, gate: Any, closing: threading.Event, n: int) -> None:
+        while not closing.is_set():
+            key, called = self.rng.choice(self.keys), time.monotonic()
+            try:
+                async with gate.turn(key, timeout=self.timeout) as turn:
+                    start = time.monotonic()
+                    refused = not self.sinks[n].write(key, turn.fence, self.rec.worker)
+                    await turn.check()  # a call through the client, as the close may cut it
+                    await asyncio.sleep(self.rng.random() * self.hold)
+                    refused |= not self.sinks[n].write(key, turn.fence, self.rec.worker)
+                    _span(self.rec, key, turn, start, refused, n)
+            except Exception as exc:
+                if self.ended(key, exc, called):
+                    return
+
+    def thread(self, gate: Any, closing: threading.Event, n: int) -> None:
+        rng, sink = random.Random(n), FencedSink(self.cfg["sink"])
+        try:
+            while not closing.is_set():
+                key, called = rng.choice(self.keys), time.monotonic()
+                try:
+                    with gate.turn_sync(key, timeout=self.timeout) as turn:
+                        start = time.monotonic()
+                        refused = not sink.write(key, turn.fence, self.rec.worker)
+                        turn.check()
+                        time.sleep(rng.random() * self.hold)
+                        refused |= not sink.write(key, turn.fence, self.rec.worker)
+                        _span(self.rec, key, turn, start, refused, n)
+                except Exception as exc:
+                    if self.ended(key, exc, called):
+                        return
+        finally:
+            sink.close()
+
+    def ended(self, key: str, exc: Exception, called: float) -> bool:
+        """Record how a call ended; True when the close ended it."""
+        import inturn
+
+        closed = isinstance(exc, inturn.BackendUnavailable) and not exc.transient
+        closed = closed and "closed" in str(exc)
+        self.rec.write(
+            "closed" if closed else "error",
+            key=key,
+            type=type(exc).__name__,
+            message=str(exc)[:200],
+            elapsed=time.monotonic() - called,
+        )
+        return closed
 
 
 def _fork(cfg: dict[str, Any], rec: Recorder) -> None:
@@ -379,6 +463,9 @@ def main(config_path: str) -> None:
             await _recover(cfg, rec, gate)
         elif mode == "burst":
             await _burst(cfg, rec, gate)
+        elif mode == "closing":
+            await gate.aclose()  # each round makes a gate of its own
+            await _Closer(cfg, rec).run()
         else:
             raise SystemExit(f"unknown mode {mode!r}")
 
