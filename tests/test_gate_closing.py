@@ -38,6 +38,8 @@ def _gate(
         return inturn.Gate.from_url("memory://", namespace=namespace, lease=lease)
     if backend == "cluster":
         url = cluster_url(request.getfixturevalue("redis_cluster"))
+    elif backend == "sentinel":
+        url = request.getfixturevalue("redis_sentinel").url
     else:
         url = request.getfixturevalue("redis_url" if backend == "redis" else "postgres_dsn")
     return inturn.Gate.from_url(url, namespace=namespace, lease=lease)
@@ -84,7 +86,7 @@ async def _holder_and_waiters(
     return holder, waiters
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis", "cluster", "postgres"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "cluster", "sentinel", "postgres"])
 async def test_async_waiters_end_when_the_gate_closes(
     request: pytest.FixtureRequest, backend: str
 ) -> None:
@@ -99,7 +101,7 @@ async def test_async_waiters_end_when_the_gate_closes(
     await asyncio.wait_for(holder, 10)
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis", "cluster", "postgres"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "cluster", "sentinel", "postgres"])
 def test_thread_waiters_end_when_the_gate_closes(
     request: pytest.FixtureRequest, backend: str
 ) -> None:
@@ -183,7 +185,7 @@ async def test_a_waiter_of_another_gate_is_not_held_up_by_the_closed_gates_waite
         await other.aclose()
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis", "postgres"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "sentinel", "postgres"])
 @pytest.mark.parametrize("mode", ["async", "sync"])
 async def test_a_turn_held_across_the_close_ends_when_its_block_exits(
     request: pytest.FixtureRequest, backend: str, mode: str
@@ -511,7 +513,7 @@ def _call_until_refused(
     raise AssertionError("unreachable")
 
 
-@pytest.mark.parametrize("backend", ["redis", "cluster", "postgres"])
+@pytest.mark.parametrize("backend", ["redis", "cluster", "sentinel", "postgres"])
 def test_calls_of_threads_racing_the_close_fail_only_with_the_closed_error(
     request: pytest.FixtureRequest, make_redis_server: Callable[[], RedisServer], backend: str
 ) -> None:
@@ -545,7 +547,7 @@ async def _acall_until_refused(gate: inturn.Gate, mailbox: inturn.Mailbox, n: in
         await gate.is_busy(f"t{n}.0")
 
 
-@pytest.mark.parametrize("backend", ["redis", "cluster", "postgres"])
+@pytest.mark.parametrize("backend", ["redis", "cluster", "sentinel", "postgres"])
 async def test_calls_of_tasks_racing_the_close_fail_only_with_the_closed_error(
     request: pytest.FixtureRequest, make_redis_server: Callable[[], RedisServer], backend: str
 ) -> None:
