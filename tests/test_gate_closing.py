@@ -559,7 +559,7 @@ async def test_calls_of_tasks_racing_the_close_fail_only_with_the_closed_error(
         calls = [
             asyncio.ensure_future(_acall_until_refused(gate, mailbox, n)) for n in range(CALLING)
         ]
-        await asyncio.sleep(0.002 * (round_ % 6))
+        await asyncio.sleep(0.002 * (round_ % 8))
         await gate.aclose()
         done, _ = await asyncio.wait(calls, timeout=ENDED_WITHIN + 3)
         assert len(done) == CALLING, "a task still calls"
