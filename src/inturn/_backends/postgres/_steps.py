@@ -53,7 +53,14 @@ IDLE, INTRANS, INERROR, ACTIVE = (
     TransactionStatus.INERROR,
     TransactionStatus.ACTIVE,
 )
-TRANSPORT_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
+TRANSPORT_ERRORS = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg_pool.PoolTimeout,
+    # The server ended a session idle in a transaction past its lease (how it enforces one):
+    # a lost connection, though its class is not an OperationalError.
+    psycopg.errors.IdleInTransactionSessionTimeout,
+)
 """What says "the server did not answer" (a lost connection, no free connection, a cancel)."""
 
 
