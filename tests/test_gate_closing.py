@@ -45,9 +45,16 @@ def _gate(
     return inturn.Gate.from_url(url, namespace=namespace, lease=lease)
 
 
-def _check_closed_error(error: BaseException | None, key: str) -> None:
+def _check_closed(error: BaseException | None) -> None:
+    """The error of a call the close ended or refused: BackendUnavailable, not transient,
+    saying the gate (or backend) was closed."""
     assert isinstance(error, inturn.BackendUnavailable), repr(error)
-    assert error.transient is False
+    assert error.transient is False, repr(error)
+    assert "closed" in str(error), str(error)
+
+
+def _check_closed_error(error: BaseException | None, key: str) -> None:
+    _check_closed(error)
     assert "closed while" in str(error), str(error)
     assert repr(key) in str(error), str(error)
 
@@ -431,10 +438,7 @@ async def test_requests_on_a_gate_still_connecting_end_when_it_closes(
                 await asyncio.sleep(0)
             await _aclose_and_wait(gate, asking)
         for task in asking:
-            error = task.exception()
-            assert isinstance(error, inturn.BackendUnavailable), repr(error)
-            assert error.transient is False
-            assert "closed" in str(error), str(error)
+            _check_closed(task.exception())
     finally:
         await holder.aclose()
 
@@ -457,9 +461,7 @@ def test_threads_racing_the_close_end_when_it_closes(
             outcomes = _racing_round(gate, "k", close_after=0.0)
         assert len(outcomes) == RACING_THREADS
         for outcome in outcomes:
-            assert isinstance(outcome, inturn.BackendUnavailable), repr(outcome)
-            assert outcome.transient is False
-            assert "closed" in str(outcome), str(outcome)
+            _check_closed(outcome)
     finally:
         holder.close()
 
@@ -489,9 +491,7 @@ def _check_refused(errors: Sequence[BaseException], server: RedisServer | None) 
     own, no connection stayed open."""
     assert len(errors) == CALLING
     for error in errors:
-        assert isinstance(error, inturn.BackendUnavailable), repr(error)
-        assert error.transient is False, repr(error)
-        assert "closed" in str(error), str(error)
+        _check_closed(error)
     if server is not None:
         assert _clients(server) == 0
 
